@@ -1,0 +1,160 @@
+"""The one exception tree of virtio-lm.
+
+Every error virtio-lm raises on purpose derives from :class:`VirtioLmError`.
+Errors raised because of something else keep it as ``__cause__``
+(``raise X(...) from exc``).  This module imports nothing of ours, so every
+layer may use it (``wire`` and ``memory`` included).
+
+::
+
+    VirtioLmError
+     +-- WireError                      bytes that do not decode / values that do not encode
+     |    +-- ShortBufferError          fewer bytes than the layout needs
+     |    +-- TrailingDataError         bytes left over after a fixed-size layout
+     |    +-- ReservedFieldError        a reserved field that is not zero
+     |    +-- EnumValueError            a value outside the field's enum
+     |    +-- FieldValueError           a value out of the field's range / rules
+     +-- MemoryAccessError              DMA or CPU access outside a memory region
+     +-- VirtqueueError                 a driver's ring content the device refuses
+     |    +-- DescriptorLoopError       chain revisits a descriptor / too long
+     |    +-- DescriptorIndexError      next index >= queue size
+     |    +-- DescriptorAddressError    addr+len overflows or leaves memory
+     |    +-- ChainLengthError          total chain length > 2**32 - 1
+     |    +-- IndirectDescriptorError   nested table, INDIRECT with NEXT, bad table length
+     |    +-- DescriptorOrderError      readable descriptor after a writable one
+     |    +-- AvailIndexError           avail idx more than queue size ahead
+     +-- TransportError                 register access the PCI model refuses
+     +-- DriverError                    a host-side driver could not do what was asked
+          +-- DeviceNeedsResetError     the device set NEEDS_RESET or FAILED
+          +-- CommandTimeoutError       a control command was never completed
+
+Later layers add their own subtrees (control commands, device state images,
+migration) under :class:`VirtioLmError` and draw them here.
+"""
+
+from __future__ import annotations
+
+
+class VirtioLmError(Exception):
+    """Base of every error virtio-lm raises on purpose."""
+
+
+# --------------------------------------------------------------------------- wire
+class WireError(VirtioLmError):
+    """Bytes that do not decode, or values that do not encode.
+
+    ``layout`` names the structure, ``field`` the field (or ``None``).
+    """
+
+    def __init__(self, layout: str, field: str | None, message: str) -> None:
+        self.layout = layout
+        self.field = field
+        where = f"{layout}.{field}" if field else layout
+        super().__init__(f"{where}: {message}")
+
+
+class ShortBufferError(WireError):
+    def __init__(self, layout: str, field: str | None, needed: int, got: int) -> None:
+        self.needed = needed
+        self.got = got
+        super().__init__(layout, field, f"needs {needed} bytes, got {got}")
+
+
+class TrailingDataError(WireError):
+    def __init__(self, layout: str, expected: int, got: int) -> None:
+        self.expected = expected
+        self.got = got
+        super().__init__(layout, None, f"fixed size {expected} bytes, got {got} ({got - expected} trailing)")
+
+
+class ReservedFieldError(WireError):
+    def __init__(self, layout: str, field: str, value: int) -> None:
+        self.value = value
+        super().__init__(layout, field, f"reserved field must be 0, got {value:#x}")
+
+
+class EnumValueError(WireError):
+    def __init__(self, layout: str, field: str, value: int, allowed: object) -> None:
+        self.value = value
+        self.allowed = allowed
+        super().__init__(layout, field, f"value {value} is not one of {allowed}")
+
+
+class FieldValueError(WireError):
+    def __init__(self, layout: str, field: str | None, value: object, rule: str) -> None:
+        self.value = value
+        self.rule = rule
+        super().__init__(layout, field, f"value {value!r} breaks rule: {rule}")
+
+
+# --------------------------------------------------------------------------- memory
+class MemoryAccessError(VirtioLmError):
+    """An access outside a memory region, or whose address + length overflows."""
+
+    def __init__(self, region: str, addr: int, length: int, size: int) -> None:
+        self.region = region
+        self.addr = addr
+        self.length = length
+        self.size = size
+        super().__init__(
+            f"{region}: access [{addr:#x}, +{length:#x}) outside memory of size {size:#x}"
+        )
+
+
+# --------------------------------------------------------------------------- virtqueue
+class VirtqueueError(VirtioLmError):
+    """Ring content written by a driver that the device refuses.
+
+    The device side catches these, sets NEEDS_RESET and stops the queue; they
+    never escape into a device's processing loop.
+    """
+
+    def __init__(self, queue: str, message: str) -> None:
+        self.queue = queue
+        super().__init__(f"{queue}: {message}")
+
+
+class DescriptorLoopError(VirtqueueError):
+    pass
+
+
+class DescriptorIndexError(VirtqueueError):
+    pass
+
+
+class DescriptorAddressError(VirtqueueError):
+    pass
+
+
+class ChainLengthError(VirtqueueError):
+    pass
+
+
+class IndirectDescriptorError(VirtqueueError):
+    pass
+
+
+class DescriptorOrderError(VirtqueueError):
+    pass
+
+
+class AvailIndexError(VirtqueueError):
+    pass
+
+
+# --------------------------------------------------------------------------- transport
+class TransportError(VirtioLmError):
+    """A register access or transport operation the PCI function model refuses."""
+
+
+# --------------------------------------------------------------------------- drivers
+class DriverError(VirtioLmError):
+    """A host-side or guest-side driver could not complete what was asked."""
+
+
+class DeviceNeedsResetError(DriverError):
+    """The device reported NEEDS_RESET or FAILED in its status."""
+
+
+class CommandTimeoutError(DriverError):
+    """A command placed on a queue was not completed in time."""

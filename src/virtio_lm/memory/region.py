@@ -1,0 +1,296 @@
+"""Memory that CPUs and devices read and write: the single DMA path.
+
+A :class:`Memory` is one contiguous mmap of ``size`` bytes addressed from 0
+(guest-physical addresses for a VM's memory, bus addresses for a host's PF
+driver memory).  Backing is anonymous, a memfd (so a second process can map
+the same pages from the fd) or a file.
+
+Nobody writes the mapping directly.  Every write names its
+:class:`Writer` -- the CPU (the VM's own stores, logged like a hypervisor's
+dirty log) or a device (whose ``tracker`` the PF sets while the proposal's
+dirty page tracking is on) -- and the memory calls the writer's sinks with the
+pages touched, after the bytes are in place.  A device gets a :class:`MemoryPort`
+bound to its writer and never sees the raw mapping, so its writes cannot
+escape tracking.  Reads are free.
+
+Every access is bounds-checked first; an access outside the memory or whose
+``addr + length`` overflows raises :class:`MemoryAccessError` and touches
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from virtio_lm.errors import MemoryAccessError
+from virtio_lm.memory.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyLog, DirtySink
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Writer:
+    """Who writes: the CPU or one device.  Holds the sinks told of each write."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.bytes_written = 0
+
+    def sinks(self) -> tuple[DirtySink, ...]:  # overridden
+        return ()
+
+    def written(self, first_page: int, last_page: int, nbytes: int) -> None:
+        self.bytes_written += nbytes
+        for sink in self.sinks():
+            sink.mark(first_page, last_page)
+
+
+class CpuWriter(Writer):
+    """The VM's own stores; ``log`` is the hypervisor-style dirty log."""
+
+    def __init__(self, name: str, num_pages: int) -> None:
+        super().__init__(name)
+        self.log = DirtyLog(num_pages)
+
+    def sinks(self) -> tuple[DirtySink, ...]:
+        return (self.log,)
+
+
+class DeviceWriter(Writer):
+    """A device's DMA writes.  ``tracker`` is set while dirty tracking runs."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.tracker: DirtySink | None = None
+
+    def sinks(self) -> tuple[DirtySink, ...]:
+        t = self.tracker
+        return (t,) if t is not None else ()
+
+
+class Memory:
+    """A bounds-checked, write-logged mmap region."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        name: str = "memory",
+        backing: str = "anon",
+        path: str | os.PathLike[str] | None = None,
+        fd: int | None = None,
+    ) -> None:
+        """Create (or map) ``size`` bytes.
+
+        ``backing`` is ``"anon"`` (private to this process), ``"memfd"``
+        (a new memfd, shareable via :attr:`fd`), ``"file"`` (``path``,
+        created or extended to ``size``) or ``"fd"`` (map an existing shared
+        fd, e.g. a memfd received from another process).
+        """
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"memory size must be a positive multiple of {PAGE_SIZE}, got {size}")
+        self.name = name
+        self.size = size
+        self.num_pages = size >> PAGE_SHIFT
+        self.fd: int | None = None
+        self._own_fd = False
+        if backing == "anon":
+            self._mm = mmap.mmap(-1, size)
+        elif backing == "memfd":
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            self._own_fd = True
+            os.ftruncate(self.fd, size)
+            self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        elif backing == "file":
+            if path is None:
+                raise ValueError("backing='file' needs path")
+            self.fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._own_fd = True
+            if os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, size)
+            self._mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        elif backing == "fd":
+            if fd is None:
+                raise ValueError("backing='fd' needs fd")
+            if os.fstat(fd).st_size < size:
+                raise ValueError(f"fd {fd} is smaller than {size} bytes")
+            self.fd = fd
+            self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        else:
+            raise ValueError(f"unknown backing {backing!r}")
+        self._rw = np.frombuffer(self._mm, dtype=np.uint8)
+        self._ro = self._rw.view()
+        self._ro.flags.writeable = False
+        self._atomic = threading.Lock()
+        self.cpu = MemoryPort(self, CpuWriter(f"{name}.cpu", self.num_pages))
+
+    # ------------------------------------------------------------------ checks
+    def check(self, addr: int, length: int) -> None:
+        """Raise :class:`MemoryAccessError` unless ``[addr, addr+length)`` is inside."""
+        if addr < 0 or length < 0 or addr + length > self.size:
+            raise MemoryAccessError(self.name, addr, length, self.size)
+
+    def contains(self, addr: int, length: int) -> bool:
+        return 0 <= addr and 0 <= length and addr + length <= self.size
+
+    # ------------------------------------------------------------------ reads
+    def read(self, addr: int, length: int) -> bytes:
+        self.check(addr, length)
+        return self._mm[addr : addr + length]
+
+    def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
+        n = len(buf)
+        self.check(addr, n)
+        memoryview(buf).cast("B")[:] = memoryview(self._mm)[addr : addr + n]
+
+    @property
+    def array(self) -> np.ndarray:
+        """Read-only numpy view of the whole memory (uint8)."""
+        return self._ro
+
+    # ------------------------------------------------------------------ writes
+    def write(self, addr: int, data: Buffer, writer: Writer) -> None:
+        n = len(data)
+        self.check(addr, n)
+        if n == 0:
+            return
+        self._mm[addr : addr + n] = data
+        writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
+
+    def fill(self, addr: int, length: int, value: int, writer: Writer) -> None:
+        self.check(addr, length)
+        if length == 0:
+            return
+        self._rw[addr : addr + length] = value
+        writer.written(addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT, length)
+
+    @contextlib.contextmanager
+    def modify(self, addr: int, length: int, writer: Writer) -> Iterator[np.ndarray]:
+        """A writable numpy view of ``[addr, addr+length)``; pages marked on exit."""
+        self.check(addr, length)
+        view = self._rw[addr : addr + length]
+        try:
+            yield view
+        finally:
+            if length:
+                writer.written(addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT, length)
+
+    def atomic_or(self, addr: int, data: Buffer, writer: Writer) -> None:
+        """OR ``data`` into memory, atomic against :meth:`atomic_fetch_and_clear`."""
+        n = len(data)
+        self.check(addr, n)
+        if n == 0:
+            return
+        with self._atomic:
+            cur = self._rw[addr : addr + n]
+            np.bitwise_or(cur, np.frombuffer(data, dtype=np.uint8), out=cur)
+        writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
+
+    def atomic_store_byte(self, addr: int, value: int, writer: Writer) -> None:
+        """Store one byte, atomic against :meth:`atomic_fetch_and_clear`."""
+        self.check(addr, 1)
+        with self._atomic:
+            self._rw[addr] = value
+        writer.written(addr >> PAGE_SHIFT, addr >> PAGE_SHIFT, 1)
+
+    def atomic_fetch_and_clear(self, addr: int, length: int, writer: Writer) -> np.ndarray:
+        """Return a copy of ``[addr, addr+length)`` and zero it, atomically."""
+        self.check(addr, length)
+        with self._atomic:
+            out = self._rw[addr : addr + length].copy()
+            self._rw[addr : addr + length] = 0
+        if length:
+            writer.written(addr >> PAGE_SHIFT, (addr + length - 1) >> PAGE_SHIFT, length)
+        return out
+
+    # ------------------------------------------------------------------ scans
+    def zero_pages(self, first_page: int = 0, count: int | None = None) -> np.ndarray:
+        """Boolean array: which of pages ``first_page..first_page+count-1`` are all zero."""
+        if count is None:
+            count = self.num_pages - first_page
+        self.check(first_page << PAGE_SHIFT, count << PAGE_SHIFT)
+        words = self._ro[first_page << PAGE_SHIFT : (first_page + count) << PAGE_SHIFT].view(np.uint64)
+        return ~words.reshape(count, PAGE_SIZE // 8).any(axis=1)
+
+    def page(self, page: int) -> np.ndarray:
+        """Read-only view of one page."""
+        self.check(page << PAGE_SHIFT, PAGE_SIZE)
+        return self._ro[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT]
+
+    # ------------------------------------------------------------------ ports
+    def device_port(self, name: str) -> "MemoryPort":
+        """A port for one device's DMA; its writer's ``tracker`` starts unset."""
+        return MemoryPort(self, DeviceWriter(name))
+
+    def close(self) -> None:
+        del self._ro, self._rw
+        self._mm.close()
+        if self._own_fd and self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "Memory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Memory({self.name!r}, size={self.size:#x})"
+
+
+class MemoryPort:
+    """Memory as one writer sees it: what devices and queues are handed.
+
+    Reads and writes go to :attr:`memory`; every write is attributed to
+    :attr:`writer`.  This is the object virtqueue functions take as their
+    memory parameter.
+    """
+
+    __slots__ = ("memory", "writer")
+
+    def __init__(self, memory: Memory, writer: Writer) -> None:
+        self.memory = memory
+        self.writer = writer
+
+    @property
+    def size(self) -> int:
+        return self.memory.size
+
+    def check(self, addr: int, length: int) -> None:
+        self.memory.check(addr, length)
+
+    def contains(self, addr: int, length: int) -> bool:
+        return self.memory.contains(addr, length)
+
+    def read(self, addr: int, length: int) -> bytes:
+        return self.memory.read(addr, length)
+
+    def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
+        self.memory.readinto(addr, buf)
+
+    def write(self, addr: int, data: Buffer) -> None:
+        self.memory.write(addr, data, self.writer)
+
+    def fill(self, addr: int, length: int, value: int = 0) -> None:
+        self.memory.fill(addr, length, value, self.writer)
+
+    def modify(self, addr: int, length: int) -> contextlib.AbstractContextManager[np.ndarray]:
+        return self.memory.modify(addr, length, self.writer)
+
+    def atomic_or(self, addr: int, data: Buffer) -> None:
+        self.memory.atomic_or(addr, data, self.writer)
+
+    def atomic_store_byte(self, addr: int, value: int) -> None:
+        self.memory.atomic_store_byte(addr, value, self.writer)
+
+    def atomic_fetch_and_clear(self, addr: int, length: int) -> np.ndarray:
+        return self.memory.atomic_fetch_and_clear(addr, length, self.writer)
+
+    def __repr__(self) -> str:
+        return f"MemoryPort({self.memory.name!r}, writer={self.writer.name!r})"
