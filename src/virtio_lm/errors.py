@@ -24,8 +24,13 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- DescriptorOrderError      readable descriptor after a writable one
      |    +-- AvailIndexError           avail idx more than queue size ahead
      +-- TransportError                 register access the PCI model refuses
+     |    +-- RegisterAccessError       unknown offset, wrong width, read-only, value too wide
+     |    +-- StatusTransitionError     device_status write that adds bits out of order
+     |    +-- QueueSetupError           queue register write the queue rules refuse
+     |    +-- FunctionNumberError       VF number outside 1..NumVFs, SR-IOV enable misuse
      +-- DriverError                    a host-side driver could not do what was asked
           +-- DeviceNeedsResetError     the device set NEEDS_RESET or FAILED
+          +-- FeaturesNotAcceptedError  FEATURES_OK did not stick
           +-- CommandTimeoutError       a control command was never completed
 
 Later layers add their own subtrees (control commands, device state images,
@@ -147,6 +152,24 @@ class TransportError(VirtioLmError):
     """A register access or transport operation the PCI function model refuses."""
 
 
+class RegisterAccessError(TransportError):
+    """An access to an unknown offset, at the wrong width, to a read-only
+    register, or with a value wider than the register."""
+
+
+class StatusTransitionError(TransportError):
+    """A device_status write that clears bits or adds them out of order."""
+
+
+class QueueSetupError(TransportError):
+    """A queue register write the queue rules refuse (bad size, enabled queue,
+    invalid ring addresses, queue_enable=0, non-existent queue)."""
+
+
+class FunctionNumberError(TransportError):
+    """A VF number outside 1..NumVFs, or an SR-IOV enable/disable misuse."""
+
+
 # --------------------------------------------------------------------------- drivers
 class DriverError(VirtioLmError):
     """A host-side or guest-side driver could not complete what was asked."""
@@ -154,6 +177,10 @@ class DriverError(VirtioLmError):
 
 class DeviceNeedsResetError(DriverError):
     """The device reported NEEDS_RESET or FAILED in its status."""
+
+
+class FeaturesNotAcceptedError(DriverError):
+    """The device did not keep FEATURES_OK after the driver wrote its features."""
 
 
 class CommandTimeoutError(DriverError):
