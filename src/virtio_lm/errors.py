@@ -23,6 +23,8 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- IndirectDescriptorError   nested table, INDIRECT with NEXT, bad table length
      |    +-- DescriptorOrderError      readable descriptor after a writable one
      |    +-- AvailIndexError           avail idx more than queue size ahead
+     |    +-- RingAddressError          a ring part the device must access is outside memory
+     |    +-- ChainSpaceError           device read/write beyond a chain's readable/writable part
      +-- TransportError                 register access the PCI model refuses
      |    +-- RegisterAccessError       unknown offset, wrong width, read-only, value too wide
      |    +-- StatusTransitionError     device_status write that adds bits out of order
@@ -32,6 +34,9 @@ layer may use it (``wire`` and ``memory`` included).
           +-- DeviceNeedsResetError     the device set NEEDS_RESET or FAILED
           +-- FeaturesNotAcceptedError  FEATURES_OK did not stick
           +-- CommandTimeoutError       a control command was never completed
+          +-- AllocationError           driver memory allocator full / bad free
+          +-- QueueFullError            not enough free descriptors for a chain
+          +-- UsedRingError             the device put something invalid on the used ring
 
 Later layers add their own subtrees (control commands, device state images,
 migration) under :class:`VirtioLmError` and draw them here.
@@ -147,6 +152,14 @@ class AvailIndexError(VirtqueueError):
     pass
 
 
+class RingAddressError(VirtqueueError):
+    """A ring part (descriptor table, avail or used ring) the device must access is outside memory."""
+
+
+class ChainSpaceError(VirtqueueError):
+    """A device read or write beyond the readable / writable part of a chain."""
+
+
 # --------------------------------------------------------------------------- transport
 class TransportError(VirtioLmError):
     """A register access or transport operation the PCI function model refuses."""
@@ -185,3 +198,15 @@ class FeaturesNotAcceptedError(DriverError):
 
 class CommandTimeoutError(DriverError):
     """A command placed on a queue was not completed in time."""
+
+
+class AllocationError(DriverError):
+    """A driver's memory allocator has no free range big enough, or was asked to free a bad address."""
+
+
+class QueueFullError(DriverError):
+    """Not enough free descriptors on a driver queue for the chain asked for."""
+
+
+class UsedRingError(DriverError):
+    """The device put something invalid on the used ring (bad head id, idx too far ahead)."""
