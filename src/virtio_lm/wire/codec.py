@@ -12,7 +12,10 @@ Per-field rules come from dataclass field metadata:
 * ``enum_field(E)``   -- the raw value must be a member of the IntEnum ``E``;
                          the decoded attribute is the enum member;
 * ``flags_field(F)``  -- an IntFlag; unknown bits are refused unless
-                         ``allow_unknown=True``.
+                         ``allow_unknown=True`` (on decode and on encode).
+
+A ``Ns`` code is a fixed byte string of exactly ``N`` bytes (a MAC address,
+an id string); as a ``reserved()`` field it must be all zero and reads as 0.
 
 This module (and the rest of :mod:`virtio_lm.wire`) is the only place in the
 project that calls :mod:`struct`.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import struct
 from typing import Any, Callable, ClassVar, Self, TypeVar
 
@@ -72,18 +76,26 @@ def _flag_mask(flag_type: type[enum.IntFlag]) -> int:
 
 
 class _Field:
-    __slots__ = ("name", "reserved", "enum", "flags", "unknown_ok", "bits")
+    __slots__ = ("name", "reserved", "enum", "flags", "unknown_ok", "bits", "nbytes")
 
-    def __init__(self, f: dataclasses.Field[Any], bits: int) -> None:
+    def __init__(self, f: dataclasses.Field[Any], bits: int, nbytes: int) -> None:
         self.name = f.name
         self.reserved = bool(f.metadata.get(_RESERVED))
         self.enum = f.metadata.get(_ENUM)
         self.flags = f.metadata.get(_FLAGS)
         self.unknown_ok = bool(f.metadata.get(_FLAGS_UNKNOWN_OK))
         self.bits = bits
+        self.nbytes = nbytes  # > 0 only for an ``Ns`` byte-string field
 
 
 _BITS = {"B": 8, "b": 8, "H": 16, "h": 16, "I": 32, "i": 32, "Q": 64, "q": 64}
+_TOKEN = re.compile(r"(\d*)([A-Za-z?])")
+
+
+def _is_zero(value: Any) -> bool:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return not any(bytes(value))
+    return value == 0
 
 
 def layout(fmt: str) -> Callable[[type[T]], type[T]]:
@@ -97,11 +109,23 @@ def layout(fmt: str) -> Callable[[type[T]], type[T]]:
 
     def wrap(cls: type[T]) -> type[T]:
         s = struct.Struct(fmt)
-        codes = [c for c in fmt[1:] if not c.isdigit() and c not in "x"]
+        tokens = _TOKEN.findall(fmt[1:])
+        if "".join(n + c for n, c in tokens) != fmt[1:]:
+            raise TypeError(f"{cls.__name__}: cannot parse format {fmt!r}")
+        codes: list[tuple[str, int]] = []
+        for count, code in tokens:
+            if code == "x":
+                continue
+            if code == "s":
+                codes.append((code, int(count or 1)))
+            elif count:
+                raise TypeError(f"{cls.__name__}: repeat counts only for 's' and 'x' in {fmt!r}")
+            else:
+                codes.append((code, 0))
         fields = dataclasses.fields(cls)  # type: ignore[arg-type]
         if len(codes) != len(fields):
             raise TypeError(f"{cls.__name__}: {len(fields)} fields but format {fmt!r} has {len(codes)}")
-        infos = [_Field(f, _BITS.get(c, 0)) for f, c in zip(fields, codes)]
+        infos = [_Field(f, _BITS.get(c, 0), n) for f, (c, n) in zip(fields, codes)]
         name = cls.__name__
         has_pad = "x" in fmt
 
@@ -109,8 +133,9 @@ def layout(fmt: str) -> Callable[[type[T]], type[T]]:
             out: list[Any] = []
             for info, v in zip(infos, values):
                 if info.reserved:
-                    if v != 0:
-                        raise ReservedFieldError(name, info.name, v)
+                    if not _is_zero(v):
+                        raise ReservedFieldError(name, info.name, le_int(v) if info.nbytes else v)
+                    v = 0
                 elif info.enum is not None:
                     try:
                         v = info.enum(v)
@@ -129,8 +154,19 @@ def layout(fmt: str) -> Callable[[type[T]], type[T]]:
             values = []
             for info in infos:
                 v = getattr(self, info.name)
-                if info.reserved and v != 0:
-                    raise ReservedFieldError(name, info.name, v)
+                if info.reserved and not _is_zero(v):
+                    raise ReservedFieldError(name, info.name, le_int(v) if info.nbytes else v)
+                if info.nbytes:
+                    if info.reserved:
+                        v = bytes(info.nbytes)
+                    if not isinstance(v, (bytes, bytearray, memoryview)) or len(v) != info.nbytes:
+                        raise FieldValueError(name, info.name, v, f"exactly {info.nbytes} bytes")
+                    values.append(bytes(v))
+                    continue
+                if info.flags is not None and not info.unknown_ok and int(v) & ~_flag_mask(info.flags):
+                    raise FieldValueError(
+                        name, info.name, v, f"only bits of {info.flags.__name__} may be set"
+                    )
                 if info.enum is not None:
                     try:
                         info.enum(v)
@@ -143,6 +179,8 @@ def layout(fmt: str) -> Callable[[type[T]], type[T]]:
 
         @classmethod  # type: ignore[misc]
         def unpack_from(klass: type[Self], buf: bytes | bytearray | memoryview, offset: int = 0) -> Self:
+            if offset < 0:
+                raise FieldValueError(name, None, offset, "offset must not be negative")
             if len(buf) - offset < s.size:
                 raise ShortBufferError(name, None, s.size, max(0, len(buf) - offset))
             values = s.unpack_from(buf, offset)
