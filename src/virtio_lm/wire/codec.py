@@ -2,9 +2,10 @@
 
 Every byte layout in virtio-lm is a frozen dataclass decorated with
 :func:`layout`, which binds it to a :mod:`struct` format (always ``<``) and
-gives it ``SIZE``, ``encode()``, ``decode()`` (exact size), ``decode_from()``
-(a prefix; returns the value and the bytes consumed) and ``unpack_from()``
-(at an offset, no length check beyond the prefix).
+gives it ``SIZE``, ``FIELDS`` (name, offset, size of each field),
+``OFFSETS`` (name -> offset), ``encode()``, ``decode()`` (exact size),
+``decode_from()`` (a prefix; returns the value and the bytes consumed) and
+``unpack_from()`` (at an offset, no length check beyond the prefix).
 
 Per-field rules come from dataclass field metadata:
 
@@ -126,6 +127,15 @@ def layout(fmt: str) -> Callable[[type[T]], type[T]]:
         if len(codes) != len(fields):
             raise TypeError(f"{cls.__name__}: {len(fields)} fields but format {fmt!r} has {len(codes)}")
         infos = [_Field(f, _BITS.get(c, 0), n) for f, (c, n) in zip(fields, codes)]
+        # (name, offset, size) of every field, from the packed ("<") format
+        field_table: list[tuple[str, int, int]] = []
+        pos = 0
+        fi = iter(fields)
+        for count, code in tokens:
+            width = struct.calcsize("<" + count + code)
+            if code != "x":
+                field_table.append((next(fi).name, pos, width))
+            pos += width
         name = cls.__name__
         has_pad = "x" in fmt
 
@@ -201,6 +211,8 @@ def layout(fmt: str) -> Callable[[type[T]], type[T]]:
 
         cls.SIZE = s.size  # type: ignore[attr-defined]
         cls.FORMAT = fmt  # type: ignore[attr-defined]
+        cls.FIELDS = tuple(field_table)  # type: ignore[attr-defined]
+        cls.OFFSETS = {n: o for n, o, _ in field_table}  # type: ignore[attr-defined]
         cls.encode = encode  # type: ignore[attr-defined]
         cls.unpack_from = unpack_from  # type: ignore[attr-defined]
         cls.decode = decode  # type: ignore[attr-defined]
@@ -215,6 +227,8 @@ class Layout:
 
     SIZE: ClassVar[int]
     FORMAT: ClassVar[str]
+    FIELDS: ClassVar[tuple[tuple[str, int, int], ...]]  # (name, offset, size)
+    OFFSETS: ClassVar[dict[str, int]]
 
     def encode(self) -> bytes:  # pragma: no cover - provided by @layout
         raise NotImplementedError
