@@ -1,0 +1,487 @@
+"""Device side of a split virtqueue (virtio 1.x, 2.7).
+
+A :class:`Virtqueue` holds what the transport configured (size, the three
+ring addresses, negotiated ring features) and the device's shadow state
+(``last_avail_idx``, ``used_idx``, the used index last signalled).  Every
+ring access goes through the :class:`~virtio_lm.memory.MemoryPort` passed
+in, so reads are bounds-checked and the device's writes (used elements, used
+idx, avail_event, data written into buffers) reach its dirty tracker.
+
+Ring content is written by the driver and is untrusted.  :meth:`Virtqueue.pop`
+walks a chain with every step checked; anything malformed raises one of the
+:class:`~virtio_lm.errors.VirtqueueError` subclasses internally, which marks
+the queue ``broken``, is handed to ``on_error`` (the transport sets
+NEEDS_RESET) and makes ``pop`` return ``None`` from then on.  Nothing of it
+escapes to the device's processing loop, and a walk always ends: a direct
+chain visits each of ``size`` descriptors at most once, an indirect table
+each of its entries at most once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from virtio_lm.errors import (
+    AvailIndexError,
+    ChainLengthError,
+    ChainSpaceError,
+    DescriptorAddressError,
+    DescriptorIndexError,
+    DescriptorLoopError,
+    DescriptorOrderError,
+    FieldValueError,
+    IndirectDescriptorError,
+    MemoryAccessError,
+    RingAddressError,
+    VirtqueueError,
+)
+from virtio_lm.memory.region import MemoryPort
+from virtio_lm.wire.codec import read_u16, u16
+from virtio_lm.wire.ring import (
+    AVAIL_ALIGN,
+    DESC_ALIGN,
+    DESC_SIZE,
+    MAX_QUEUE_SIZE,
+    USED_ALIGN,
+    AvailFlags,
+    DescFlags,
+    UsedFlags,
+    VirtqDesc,
+    VirtqUsedElem,
+    avail_entry_offset,
+    avail_event_offset,
+    avail_ring_size,
+    check_queue_size,
+    desc_table_size,
+    need_event,
+    used_elem_offset,
+    used_event_offset,
+    used_ring_size,
+)
+
+U16 = 0xFFFF
+U32_MAX = 0xFFFF_FFFF
+U64_LIMIT = 1 << 64
+
+#: Largest indirect table accepted, in entries.  The spec bounds a chain by
+#: the queue size for direct chains only; Linux builds indirect tables longer
+#: than the queue, so the bound is the largest queue size (a 512 KiB table),
+#: which keeps every walk finite and small.
+MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
+
+_NEXT = int(DescFlags.NEXT)
+_WRITE = int(DescFlags.WRITE)
+_INDIRECT = int(DescFlags.INDIRECT)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One guest-memory buffer of a chain."""
+
+    addr: int
+    len: int
+
+
+def _scatter_plan(segments: tuple[Segment, ...], offset: int, length: int) -> Iterable[tuple[int, int, int]]:
+    """Yield ``(addr, data_offset, n)`` pieces covering ``length`` bytes from ``offset``."""
+    pos = 0
+    done = 0
+    for seg in segments:
+        if done >= length:
+            break
+        seg_end = pos + seg.len
+        if seg_end > offset:
+            start = max(offset, pos) - pos
+            n = min(seg.len - start, length - done)
+            if n > 0:
+                yield seg.addr + start, done, n
+                done += n
+        pos = seg_end
+
+
+@dataclass(frozen=True)
+class DescriptorChain:
+    """A chain taken from the avail ring, split into its readable and writable parts."""
+
+    head: int
+    readable: tuple[Segment, ...]
+    writable: tuple[Segment, ...]
+    avail_idx: int
+    readable_len: int
+    writable_len: int
+    queue: str = ""
+    indirect: bool = False
+
+    def read(self, port: MemoryPort) -> bytes:
+        """All readable bytes, concatenated."""
+        if len(self.readable) == 1:
+            s = self.readable[0]
+            return port.read(s.addr, s.len)
+        return b"".join(port.read(s.addr, s.len) for s in self.readable)
+
+    def read_range(self, port: MemoryPort, offset: int, length: int) -> bytes:
+        """``length`` bytes of the readable part from ``offset``."""
+        if offset < 0 or length < 0 or offset + length > self.readable_len:
+            raise ChainSpaceError(
+                self.queue,
+                f"read of [{offset}, +{length}) beyond the readable part ({self.readable_len} bytes)",
+            )
+        out = bytearray(length)
+        for addr, at, n in _scatter_plan(self.readable, offset, length):
+            out[at : at + n] = port.read(addr, n)
+        return bytes(out)
+
+    def write(self, port: MemoryPort, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Scatter ``data`` into the writable part from ``offset``; returns bytes written."""
+        length = len(data)
+        if offset < 0 or offset + length > self.writable_len:
+            raise ChainSpaceError(
+                self.queue,
+                f"write of [{offset}, +{length}) beyond the writable part ({self.writable_len} bytes)",
+            )
+        view = memoryview(data).cast("B")
+        for addr, at, n in _scatter_plan(self.writable, offset, length):
+            port.write(addr, view[at : at + n])
+        return length
+
+
+def _noop_error(exc: VirtqueueError) -> None:
+    return None
+
+
+def _noop() -> None:
+    return None
+
+
+class Virtqueue:
+    """Device side of one split virtqueue.  Functions take the memory port as a parameter."""
+
+    def __init__(self, index: int, max_size: int, *, name: str = "") -> None:
+        check_queue_size(max_size)
+        self.index = index
+        self.max_size = max_size
+        self.name = name or f"queue{index}"
+        self.on_error: Callable[[VirtqueueError], None] = _noop_error
+        self.interrupt: Callable[[], None] = _noop
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Back to unconfigured: size = max_size, addresses 0, indices 0, not broken."""
+        self.size = self.max_size
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.enabled = False
+        self.event_idx = False
+        self.indirect_desc = True
+        self._last_avail_idx = 0
+        self._avail_cache: int | None = None
+        self.used_idx = 0
+        #: used idx at the last interrupt (EVENT_IDX), or None when unknown
+        #: (after reset/restore: the next notify_driver() interrupts).
+        self.signalled_used: int | None = None
+        #: chains were pushed since the last notify_driver() decision
+        self.pending_notify = False
+        self.notifications = True
+        self.broken = False
+        self.error: VirtqueueError | None = None
+
+    @property
+    def last_avail_idx(self) -> int:
+        """Next avail index the device will take (u16 free-running)."""
+        return self._last_avail_idx
+
+    @last_avail_idx.setter
+    def last_avail_idx(self, value: int) -> None:
+        self._last_avail_idx = value & U16
+        self._avail_cache = None  # re-read the driver's idx on the next pop
+
+    def check_config(self, port: MemoryPort) -> None:
+        """Refuse a configuration the device cannot run: bad size, misaligned or outside memory."""
+        size = self.size
+        if not (1 <= size <= self.max_size) or size & (size - 1):
+            raise FieldValueError(self.name, "size", size, f"a power of two in 1..{self.max_size}")
+        parts = (
+            ("desc_addr", self.desc_addr, DESC_ALIGN, desc_table_size(size)),
+            ("avail_addr", self.avail_addr, AVAIL_ALIGN, avail_ring_size(size, self.event_idx)),
+            ("used_addr", self.used_addr, USED_ALIGN, used_ring_size(size, self.event_idx)),
+        )
+        for field, addr, align, length in parts:
+            if addr % align:
+                raise FieldValueError(self.name, field, addr, f"aligned to {align}")
+            port.check(addr, length)
+
+    # ------------------------------------------------------------------ errors
+    def _fail(self, exc: VirtqueueError) -> None:
+        self.broken = True
+        self.error = exc
+        self.on_error(exc)
+
+    # ------------------------------------------------------------------ avail side
+    def _read_avail_idx(self, port: MemoryPort) -> int:
+        try:
+            return read_u16(port.read(self.avail_addr + 2, 2))
+        except MemoryAccessError as exc:
+            raise RingAddressError(self.name, f"avail ring at {self.avail_addr:#x} outside memory") from exc
+
+    def avail_idx(self, port: MemoryPort) -> int:
+        """The driver's ``avail->idx``."""
+        return read_u16(port.read(self.avail_addr + 2, 2))
+
+    def has_available(self, port: MemoryPort) -> bool:
+        """Whether the driver has made a chain available that the device has not taken."""
+        if self.broken or not self.enabled:
+            return False
+        try:
+            return self._read_avail_idx(port) != self._last_avail_idx
+        except VirtqueueError as exc:
+            self._fail(exc)
+            return False
+
+    def _fresh_avail(self, port: MemoryPort) -> int:
+        idx = self._read_avail_idx(port)
+        ahead = (idx - self._last_avail_idx) & U16
+        if ahead > self.size:
+            raise AvailIndexError(
+                self.name,
+                f"avail idx {idx} is {ahead} entries ahead of last_avail_idx {self._last_avail_idx} "
+                f"(queue size {self.size})",
+            )
+        self._avail_cache = idx
+        return idx
+
+    def pop(self, port: MemoryPort) -> DescriptorChain | None:
+        """Take the next available chain, or ``None``.  Never raises on driver input."""
+        if self.broken or not self.enabled:
+            return None
+        try:
+            last = self._last_avail_idx
+            if self._avail_cache is None or self._avail_cache == last:
+                if self._fresh_avail(port) == last:
+                    return None
+            try:
+                head = read_u16(port.read(self.avail_addr + avail_entry_offset(last % self.size), 2))
+            except MemoryAccessError as exc:
+                raise RingAddressError(self.name, "avail ring outside memory") from exc
+            if head >= self.size:
+                raise DescriptorIndexError(
+                    self.name, f"avail ring entry {last} names head {head} >= queue size {self.size}"
+                )
+            chain = self._walk(port, head, last)
+            self._last_avail_idx = (last + 1) & U16
+            if self.event_idx and self.notifications:
+                self._write_avail_event(port, self._last_avail_idx)
+            return chain
+        except VirtqueueError as exc:
+            self._fail(exc)
+            return None
+
+    def pop_all(self, port: MemoryPort) -> list[DescriptorChain]:
+        """Every chain available now (stops at the first malformed one)."""
+        out = []
+        while (chain := self.pop(port)) is not None:
+            out.append(chain)
+        return out
+
+    def _walk(self, port: MemoryPort, head: int, avail_idx: int) -> DescriptorChain:
+        name = self.name
+        mem_size = port.size
+        readable: list[Segment] = []
+        writable: list[Segment] = []
+        rlen = 0
+        wlen = 0
+        table: bytes | None = None  # the indirect table, once entered
+        table_len = self.size
+        desc_base = self.desc_addr
+        seen: set[int] = set()
+        idx = head
+        where = "descriptor table"
+        while True:
+            if idx >= table_len:
+                raise DescriptorIndexError(name, f"next index {idx} >= {where} size {table_len}")
+            if idx in seen:
+                raise DescriptorLoopError(name, f"chain from head {head} revisits {where} entry {idx}")
+            seen.add(idx)
+            if table is None:
+                try:
+                    raw = port.read(desc_base + DESC_SIZE * idx, DESC_SIZE)
+                except MemoryAccessError as exc:
+                    raise RingAddressError(name, "descriptor table outside memory") from exc
+                d = VirtqDesc.unpack_from(raw)
+            else:
+                d = VirtqDesc.unpack_from(table, DESC_SIZE * idx)
+            flags = int(d.flags)
+            addr = d.addr
+            length = d.len
+            if flags & _INDIRECT:
+                if table is not None:
+                    raise IndirectDescriptorError(name, f"indirect descriptor {idx} inside an indirect table")
+                if not self.indirect_desc:
+                    raise IndirectDescriptorError(
+                        name, f"descriptor {idx} is INDIRECT but VIRTIO_F_INDIRECT_DESC is not negotiated"
+                    )
+                if flags & _NEXT:
+                    raise IndirectDescriptorError(name, f"descriptor {idx} has both INDIRECT and NEXT")
+                if length == 0 or length % DESC_SIZE:
+                    raise IndirectDescriptorError(
+                        name, f"indirect table length {length} is not a non-zero multiple of {DESC_SIZE}"
+                    )
+                if length // DESC_SIZE > MAX_INDIRECT_ENTRIES:
+                    raise IndirectDescriptorError(
+                        name, f"indirect table of {length // DESC_SIZE} entries > {MAX_INDIRECT_ENTRIES}"
+                    )
+                if addr + length >= U64_LIMIT or addr + length > mem_size:
+                    raise DescriptorAddressError(
+                        name, f"indirect table [{addr:#x}, +{length:#x}) outside memory"
+                    )
+                table = port.read(addr, length)
+                table_len = length // DESC_SIZE
+                seen = set()
+                idx = 0
+                where = "indirect table"
+                continue
+            end = addr + length
+            if end >= U64_LIMIT:
+                raise DescriptorAddressError(name, f"descriptor {idx}: {addr:#x} + {length:#x} overflows u64")
+            if end > mem_size:
+                raise DescriptorAddressError(
+                    name, f"descriptor {idx}: buffer [{addr:#x}, +{length:#x}) outside memory"
+                )
+            if flags & _WRITE:
+                writable.append(Segment(addr, length))
+                wlen += length
+            else:
+                if writable:
+                    raise DescriptorOrderError(
+                        name, f"readable {where} entry {idx} after a writable one in chain {head}"
+                    )
+                readable.append(Segment(addr, length))
+                rlen += length
+            if rlen + wlen > U32_MAX:
+                raise ChainLengthError(name, f"chain from head {head} is longer than 2**32 - 1 bytes")
+            if not flags & _NEXT:
+                break
+            idx = d.next
+        return DescriptorChain(
+            head=head,
+            readable=tuple(readable),
+            writable=tuple(writable),
+            avail_idx=avail_idx,
+            readable_len=rlen,
+            writable_len=wlen,
+            queue=name,
+            indirect=table is not None,
+        )
+
+    # ------------------------------------------------------------------ used side
+    def push(self, port: MemoryPort, head: int, written: int) -> None:
+        """Return chain ``head`` with ``written`` bytes: used element first, then used idx."""
+        self.push_many(port, ((head, written),))
+
+    def push_many(self, port: MemoryPort, items: Iterable[tuple[int, int]]) -> None:
+        """Return several chains: all used elements, then one used idx update."""
+        if not 0 <= self.used_idx <= U16:
+            raise FieldValueError(self.name, "used_idx", self.used_idx, "a u16")
+        idx = self.used_idx
+        start = idx
+        size = self.size
+        base = self.used_addr
+        try:
+            for head, written in items:
+                if not 0 <= head < size:
+                    raise FieldValueError(self.name, "head", head, f"< queue size {size}")
+                port.write(base + used_elem_offset(idx % size), VirtqUsedElem(head, written).encode())
+                idx = (idx + 1) & U16
+            if idx == start:
+                return
+            port.write(base + 2, u16(idx))
+        except MemoryAccessError as exc:
+            err = RingAddressError(self.name, f"used ring at {base:#x} outside memory")
+            err.__cause__ = exc
+            self._fail(err)
+            return
+        self.used_idx = idx
+        self.pending_notify = True
+        # If the used idx ran so far past the last signalled value that u16
+        # arithmetic can no longer tell, forget it (the next notify interrupts).
+        if self.signalled_used is not None:
+            pushed = (idx - start) & U16
+            since = (idx - self.signalled_used) & U16
+            if since < pushed or since >= 0x8000:
+                self.signalled_used = None
+
+    def used_event(self, port: MemoryPort) -> int:
+        """The driver's ``used_event`` (meaningful with EVENT_IDX)."""
+        return read_u16(port.read(self.avail_addr + used_event_offset(self.size), 2))
+
+    def notify_driver(self, port: MemoryPort) -> bool:
+        """Raise the queue's interrupt if the driver wants one for what was pushed since the last one."""
+        if not self.enabled:
+            return False
+        if not self.pending_notify:
+            return False  # nothing returned since the last interrupt decision
+        self.pending_notify = False
+        new = self.used_idx
+        old = self.signalled_used
+        try:
+            if self.event_idx:
+                self.signalled_used = new
+                if old is not None and not need_event(self.used_event(port), new, old):
+                    return False
+            else:
+                self.signalled_used = new
+                flags = read_u16(port.read(self.avail_addr, 2))
+                if flags & AvailFlags.NO_INTERRUPT:
+                    return False
+        except MemoryAccessError as exc:
+            err = RingAddressError(self.name, f"avail ring at {self.avail_addr:#x} outside memory")
+            err.__cause__ = exc
+            self._fail(err)
+            return False
+        self.interrupt()
+        return True
+
+    # ------------------------------------------------------------------ driver notifications
+    def _write_avail_event(self, port: MemoryPort, value: int) -> None:
+        try:
+            port.write(self.used_addr + avail_event_offset(self.size), u16(value & U16))
+        except MemoryAccessError as exc:
+            raise RingAddressError(self.name, f"used ring at {self.used_addr:#x} outside memory") from exc
+
+    def set_notification(self, port: MemoryPort, enabled: bool) -> None:
+        """Ask the driver to notify (or not).
+
+        Without EVENT_IDX this is the used ring's NO_NOTIFY flag.  With it,
+        ``avail_event``: enabled -> the driver's current avail idx (notify on
+        the next chain added); disabled -> ``last_avail_idx - 1``, an index
+        the driver cannot step over before the device takes more, so no
+        notification comes.  After enabling, the device must look at the
+        avail ring again: chains added before the write are not notified.
+        """
+        self.notifications = enabled
+        try:
+            if self.event_idx:
+                if enabled:
+                    self._write_avail_event(port, self._read_avail_idx(port))
+                else:
+                    self._write_avail_event(port, self._last_avail_idx - 1)
+            else:
+                try:
+                    flags = read_u16(port.read(self.used_addr, 2))
+                    if enabled:
+                        flags &= ~int(UsedFlags.NO_NOTIFY)
+                    else:
+                        flags |= int(UsedFlags.NO_NOTIFY)
+                    port.write(self.used_addr, u16(flags & U16))
+                except MemoryAccessError as exc:
+                    raise RingAddressError(self.name, f"used ring at {self.used_addr:#x} outside memory") from exc
+        except VirtqueueError as exc:
+            self._fail(exc)
+
+    def __repr__(self) -> str:
+        return (
+            f"Virtqueue({self.name!r}, size={self.size}, enabled={self.enabled}, "
+            f"last_avail={self._last_avail_idx}, used={self.used_idx}, broken={self.broken})"
+        )
