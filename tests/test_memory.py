@@ -292,3 +292,30 @@ def test_dirty_log_concurrent_mark_and_collect_lose_nothing():
     t.join()
     collected |= log.collect()
     assert collected.all()
+
+
+def test_bus_master_off_refuses_every_access_and_writes_nothing(mem):
+    from virtio_lm.errors import DmaDisabledError
+
+    port = mem.device_port("vf1")
+    rec = Recorder()
+    port.writer.tracker = rec
+    port.bus_master = False
+    before = mem.array.copy()
+    for op in (
+        lambda: port.write(0, b"x"),
+        lambda: port.read(0, 1),
+        lambda: port.readinto(0, bytearray(1)),
+        lambda: port.fill(0, 1, 1),
+        lambda: port.atomic_or(0, b"\x01"),
+        lambda: port.atomic_store_byte(0, 1),
+        lambda: port.atomic_fetch_and_clear(0, 1),
+        lambda: port.modify(0, 1),
+    ):
+        with pytest.raises(DmaDisabledError) as e:
+            op()
+        assert e.value.port == "vf1"
+    assert np.array_equal(mem.array, before) and rec.pages == set()
+    port.bus_master = True
+    port.write(0, b"x")
+    assert rec.pages == {0}

@@ -15,6 +15,7 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- EnumValueError            a value outside the field's enum
      |    +-- FieldValueError           a value out of the field's range / rules
      +-- MemoryAccessError              DMA or CPU access outside a memory region
+     +-- DmaDisabledError               a device DMA while its bus mastering is off (QUIESCED/FREEZED)
      +-- VirtqueueError                 a driver's ring content the device refuses
      |    +-- DescriptorLoopError       chain revisits a descriptor / too long
      |    +-- DescriptorIndexError      next index >= queue size
@@ -31,12 +32,17 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- QueueSetupError           queue register write the queue rules refuse
      |    +-- FunctionNumberError       VF number outside 1..NumVFs, SR-IOV enable misuse
      +-- DriverError                    a host-side driver could not do what was asked
-          +-- DeviceNeedsResetError     the device set NEEDS_RESET or FAILED
-          +-- FeaturesNotAcceptedError  FEATURES_OK did not stick
-          +-- CommandTimeoutError       a control command was never completed
-          +-- AllocationError           driver memory allocator full / bad free
-          +-- QueueFullError            not enough free descriptors for a chain
-          +-- UsedRingError             the device put something invalid on the used ring
+     |    +-- DeviceNeedsResetError     the device set NEEDS_RESET or FAILED
+     |    +-- FeaturesNotAcceptedError  FEATURES_OK did not stick
+     |    +-- CommandTimeoutError       a control command was never completed
+     |    +-- AllocationError           driver memory allocator full / bad free
+     |    +-- QueueFullError            not enough free descriptors for a chain
+     |    +-- UsedRingError             the device put something invalid on the used ring
+     +-- StateTransitionError           SET_STATE the VF state machine refuses (ack ERR)
+     |    +-- StalePlanError            a planned transition applied after the state moved on
+     +-- TrackingError                  dirty page tracking set-up or report refused
+          +-- MapTableError             push map segment outside host memory / overlapping / none
+          +-- DirtyReportError          a dirty report marking pages past the VM's memory
 
 Later layers add their own subtrees (control commands, device state images,
 migration) under :class:`VirtioLmError` and draw them here.
@@ -109,6 +115,22 @@ class MemoryAccessError(VirtioLmError):
         super().__init__(
             f"{region}: access [{addr:#x}, +{length:#x}) outside memory of size {size:#x}"
         )
+
+
+class DmaDisabledError(VirtioLmError):
+    """A device tried to master a transaction (DMA) while it may not.
+
+    A VF in QUIESCED or FREEZED masters no transaction; its memory port has
+    bus mastering off and refuses every access.  Seeing this error means a
+    device model broke the contract.
+    """
+
+    def __init__(self, port: str, op: str, addr: int, length: int) -> None:
+        self.port = port
+        self.op = op
+        self.addr = addr
+        self.length = length
+        super().__init__(f"{port}: DMA {op} of {length} bytes at {addr:#x} with bus mastering off")
 
 
 # --------------------------------------------------------------------------- virtqueue
@@ -210,3 +232,40 @@ class QueueFullError(DriverError):
 
 class UsedRingError(DriverError):
     """The device put something invalid on the used ring (bad head id, idx too far ahead)."""
+
+
+# --------------------------------------------------------------------------- VF state machine
+class StateTransitionError(VirtioLmError):
+    """A SET_STATE the VF state machine refuses (the PF acks ERR); the state is unchanged.
+
+    ``state`` is the VF's current state, ``requested`` the state asked for
+    (both :class:`virtio_lm.wire.ctrl.VfState` values).
+    """
+
+    def __init__(self, state: object, requested: object, message: str | None = None) -> None:
+        self.state = state
+        self.requested = requested
+        super().__init__(message or f"VF state {_name(state)} -> {_name(requested)} is not allowed")
+
+
+class StalePlanError(StateTransitionError):
+    """A planned transition applied after the VF's state moved on (an FLR or another
+    transition came between plan and apply); nothing was changed."""
+
+
+# --------------------------------------------------------------------------- dirty tracking
+class TrackingError(VirtioLmError):
+    """Dirty page tracking that cannot be set up, or a dirty report that cannot be used."""
+
+
+class MapTableError(TrackingError):
+    """A push-mode map table the device refuses: no segment, a segment outside the
+    PF driver's memory, or segments that overlap."""
+
+
+class DirtyReportError(TrackingError):
+    """A dirty report (bitmap / bytemap) marking a page past the memory it describes."""
+
+
+def _name(v: object) -> str:
+    return getattr(v, "name", None) or repr(v)

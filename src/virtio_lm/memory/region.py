@@ -28,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from virtio_lm.errors import MemoryAccessError
+from virtio_lm.errors import DmaDisabledError, MemoryAccessError
 from virtio_lm.memory.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyLog, DirtySink
 
 Buffer = bytes | bytearray | memoryview
@@ -249,14 +249,21 @@ class MemoryPort:
 
     Reads and writes go to :attr:`memory`; every write is attributed to
     :attr:`writer`.  This is the object virtqueue functions take as their
-    memory parameter.
+    memory parameter.  :attr:`bus_master` is the function's bus-master
+    enable: while it is off (a VF in QUIESCED or FREEZED) every access
+    through the port raises :class:`DmaDisabledError` and touches nothing.
     """
 
-    __slots__ = ("memory", "writer")
+    __slots__ = ("memory", "writer", "bus_master")
 
     def __init__(self, memory: Memory, writer: Writer) -> None:
         self.memory = memory
         self.writer = writer
+        self.bus_master = True
+
+    def _gate(self, op: str, addr: int, length: int) -> None:
+        if not self.bus_master:
+            raise DmaDisabledError(self.writer.name, op, addr, length)
 
     @property
     def size(self) -> int:
@@ -269,27 +276,35 @@ class MemoryPort:
         return self.memory.contains(addr, length)
 
     def read(self, addr: int, length: int) -> bytes:
+        self._gate("read", addr, length)
         return self.memory.read(addr, length)
 
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
+        self._gate("read", addr, len(buf))
         self.memory.readinto(addr, buf)
 
     def write(self, addr: int, data: Buffer) -> None:
+        self._gate("write", addr, len(data))
         self.memory.write(addr, data, self.writer)
 
     def fill(self, addr: int, length: int, value: int = 0) -> None:
+        self._gate("write", addr, length)
         self.memory.fill(addr, length, value, self.writer)
 
     def modify(self, addr: int, length: int) -> contextlib.AbstractContextManager[np.ndarray]:
+        self._gate("write", addr, length)
         return self.memory.modify(addr, length, self.writer)
 
     def atomic_or(self, addr: int, data: Buffer) -> None:
+        self._gate("write", addr, len(data))
         self.memory.atomic_or(addr, data, self.writer)
 
     def atomic_store_byte(self, addr: int, value: int) -> None:
+        self._gate("write", addr, 1)
         self.memory.atomic_store_byte(addr, value, self.writer)
 
     def atomic_fetch_and_clear(self, addr: int, length: int) -> np.ndarray:
+        self._gate("write", addr, length)
         return self.memory.atomic_fetch_and_clear(addr, length, self.writer)
 
     def __repr__(self) -> str:
