@@ -38,11 +38,15 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- AllocationError           driver memory allocator full / bad free
      |    +-- QueueFullError            not enough free descriptors for a chain
      |    +-- UsedRingError             the device put something invalid on the used ring
+     |    +-- ControlCommandError       the PF acked a control command with VIRTIO_CTRL_ERR
      +-- StateTransitionError           SET_STATE the VF state machine refuses (ack ERR)
      |    +-- StalePlanError            a planned transition applied after the state moved on
      +-- TrackingError                  dirty page tracking set-up or report refused
-          +-- MapTableError             push map segment outside host memory / overlapping / none
-          +-- DirtyReportError          a dirty report marking pages past the VM's memory
+     |    +-- MapTableError             push map segment outside host memory / overlapping / none
+     |    +-- DirtyReportError          a dirty report marking pages past the VM's memory
+     +-- CommandRefusedError            the PF refuses a control command (it acks ERR)
+     +-- StateImageError                a restored state image whose content the device refuses
+     +-- DeviceBusyError                back-end I/O did not settle in time (FREEZE)
 
 Later layers add their own subtrees (control commands, device state images,
 migration) under :class:`VirtioLmError` and draw them here.
@@ -269,3 +273,54 @@ class DirtyReportError(TrackingError):
 
 def _name(v: object) -> str:
     return getattr(v, "name", None) or repr(v)
+
+
+# --------------------------------------------------------------------------- PF control path
+class CommandRefusedError(VirtioLmError):
+    """The PF refuses a control command; the dispatcher acks it VIRTIO_CTRL_ERR.
+
+    ``command`` names the command, ``func_id`` the VF (or None), ``state``
+    the VF's state when refused (or None), ``reason`` why.
+    """
+
+    def __init__(self, command: str, func_id: int | None, state: object, reason: str) -> None:
+        self.command = command
+        self.func_id = func_id
+        self.state = state
+        self.reason = reason
+        where = f" VF {func_id}" if func_id is not None else ""
+        st = f" in state {getattr(state, 'name', state)}" if state is not None else ""
+        super().__init__(f"{command}{where}{st}: {reason}")
+
+
+class StateImageError(VirtioLmError):
+    """A saved device state whose content the restoring device refuses.
+
+    ``record`` names the record (e.g. ``"queue[1]"``), ``reason`` the rule.
+    """
+
+    def __init__(self, record: str, reason: str) -> None:
+        self.record = record
+        self.reason = reason
+        super().__init__(f"state image {record}: {reason}")
+
+
+class DeviceBusyError(VirtioLmError):
+    """Back-end I/O did not settle within the time allowed (a FREEZE that cannot complete)."""
+
+
+class ControlCommandError(DriverError):
+    """The PF acked a control command with VIRTIO_CTRL_ERR.
+
+    ``command`` is the command's name, ``func_id`` the VF, ``state`` the VF's
+    state as the driver read it back after the error (None if unknown).
+    """
+
+    def __init__(self, command: str, func_id: int | None, state: object, detail: str = "") -> None:
+        self.command = command
+        self.func_id = func_id
+        self.state = state
+        where = f" for VF {func_id}" if func_id is not None else ""
+        st = f" (VF state {getattr(state, 'name', state)})" if state is not None else ""
+        extra = f": {detail}" if detail else ""
+        super().__init__(f"{command}{where} failed with VIRTIO_CTRL_ERR{st}{extra}")
