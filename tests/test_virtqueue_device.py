@@ -444,3 +444,36 @@ def test_random_chains_device_sees_exactly_what_driver_added(chains, start, even
         data = b"".join(pair.mem.read(s.addr, s.len) for s in w)
         assert data[:written] == bytes([token]) * written
     assert pair.dq.num_free() == 16 and pair.dq.in_flight() == 0
+
+
+class RecordingPort:
+    """A MemoryPort stand-in that records the order of writes."""
+
+    def __init__(self, port) -> None:
+        self._port = port
+        self.writes: list[tuple[int, int]] = []
+        self.size = port.size
+
+    def read(self, addr: int, length: int) -> bytes:
+        return self._port.read(addr, length)
+
+    def check(self, addr: int, length: int) -> None:
+        self._port.check(addr, length)
+
+    def write(self, addr: int, data) -> None:
+        self.writes.append((addr, len(data)))
+        self._port.write(addr, data)
+
+
+def test_push_writes_used_element_before_used_idx():
+    pair = Pair()
+    pair.dq.add([pair.buffer(b"x")], [])
+    pair.dq.add([pair.buffer(b"y")], [])
+    pair.dq.publish()
+    rec = RecordingPort(pair.port)
+    a, b = pair.vq.pop_all(rec)
+    pair.vq.push_many(rec, [(a.head, 1), (b.head, 2)])
+    used = pair.dq.used_addr
+    assert rec.writes == [(used + 4, 8), (used + 12, 8), (used + 2, 2)]
+    pair.vq.push(rec, a.head, 0)
+    assert rec.writes[-2:] == [(used + 4 + 16, 8), (used + 2, 2)]
