@@ -1,0 +1,562 @@
+"""One virtio-PCI function, driven through its registers.
+
+:class:`VirtioPciFunction` models what a driver sees of a virtio PCI device:
+
+* the ``virtio_pci_common_cfg`` registers at their spec offsets
+  (:meth:`common_read` / :meth:`common_write`, 1/2/4-byte accesses at each
+  register's natural width; a 64-bit queue address may be accessed as one
+  8-byte access or as its 32-bit low and high halves);
+* one doorbell per queue (:meth:`notify`; ``queue_notify_off`` reads the
+  queue index);
+* the ISR status byte (:meth:`isr_read`, read-to-clear: bit 0 queue
+  interrupt, bit 1 configuration change);
+* the device-specific configuration (:meth:`device_config_read` /
+  :meth:`device_config_write`, naturally aligned 1/2/4/8-byte accesses,
+  delegated to the :class:`~virtio_lm.pci.device.VirtioDevice`);
+* interrupts, delivered to :attr:`on_interrupt` with the *source*: the queue
+  index, or :data:`CONFIG_INTERRUPT` (-1) for a configuration change.  The
+  MSI-X vector the driver programmed for that source is kept in
+  :attr:`config_msix_vector` / :attr:`queue_msix_vectors` (see
+  :meth:`msix_vector`).  The ISR is updated whether or not a vector is set
+  (MSI-X enable is not modelled).
+
+Every access the function refuses raises a :class:`TransportError` subclass
+and changes nothing.  The one exception to "refuse loudly" is FEATURES_OK:
+as the spec prescribes, a feature set the device does not accept is
+signalled by FEATURES_OK not sticking in ``device_status``.
+
+Device status
+-------------
+``STATUS_TRANSITIONS`` is the table of every legal device_status write
+(keyed by the current driver-visible status and the value written, with
+DEVICE_NEEDS_RESET masked out on both sides: that bit belongs to the device
+and only a reset clears it).  Bits are added in the spec's order
+ACKNOWLEDGE -> DRIVER -> FEATURES_OK -> DRIVER_OK; ACKNOWLEDGE|DRIVER may be
+written at once, FEATURES_OK and DRIVER_OK each need their own write (the
+driver must read FEATURES_OK back in between).  FAILED may be added in any
+state; after FAILED only a reset is accepted.  Writing 0 resets from any
+state; rewriting the current value is a no-op.  Every other write raises
+:class:`StatusTransitionError` and leaves the status as it was.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from typing import Callable
+
+from virtio_lm.errors import (
+    QueueSetupError,
+    RegisterAccessError,
+    StatusTransitionError,
+    TransportError,
+    VirtioLmError,
+    VirtqueueError,
+)
+from virtio_lm.memory import MemoryPort
+from virtio_lm.pci.device import VirtioDevice
+from virtio_lm.virtqueue.device import Virtqueue
+from virtio_lm.wire.codec import int_le, le_int
+from virtio_lm.wire.features import DeviceStatus, Feature, bit
+from virtio_lm.wire.pci import COMMON_CFG, COMMON_CFG_BY_NAME, Access, IsrBits, VIRTIO_MSI_NO_VECTOR, lookup
+
+__all__ = [
+    "CONFIG_INTERRUPT",
+    "STATUS_LADDER",
+    "STATUS_TRANSITIONS",
+    "StatusAction",
+    "VirtioPciFunction",
+]
+
+#: the source passed to ``on_interrupt`` for a configuration-change interrupt
+CONFIG_INTERRUPT = -1
+
+_U32 = 0xFFFF_FFFF
+FEATURE_INDIRECT_DESC = bit(Feature.INDIRECT_DESC)
+FEATURE_EVENT_IDX = bit(Feature.EVENT_IDX)
+FEATURE_VERSION_1 = bit(Feature.VERSION_1)
+FEATURE_SR_IOV = bit(Feature.SR_IOV)
+
+ACK = int(DeviceStatus.ACKNOWLEDGE)
+DRV = int(DeviceStatus.DRIVER)
+FOK = int(DeviceStatus.FEATURES_OK)
+DOK = int(DeviceStatus.DRIVER_OK)
+NEEDS_RESET = int(DeviceStatus.DEVICE_NEEDS_RESET)
+FAILED = int(DeviceStatus.FAILED)
+DRIVER_BITS = ACK | DRV | FOK | DOK | FAILED
+
+
+class StatusAction(enum.Enum):
+    """What a legal device_status write does."""
+
+    RESET = "reset"              # 0 written: device reset
+    NOOP = "noop"                # the current value rewritten
+    SET = "set"                  # ACKNOWLEDGE / DRIVER added
+    FEATURES_OK = "features_ok"  # FEATURES_OK added: negotiate (may not stick)
+    DRIVER_OK = "driver_ok"      # DRIVER_OK added: activate the device
+    FAIL = "fail"                # FAILED added: the driver gave up
+
+
+#: the driver-visible status values the machine passes through, in order
+STATUS_LADDER: tuple[int, ...] = (0, ACK, ACK | DRV, ACK | DRV | FOK, ACK | DRV | FOK | DOK)
+
+_FORWARD: dict[tuple[int, int], StatusAction] = {
+    (0, ACK): StatusAction.SET,
+    (0, ACK | DRV): StatusAction.SET,
+    (ACK, ACK | DRV): StatusAction.SET,
+    (ACK | DRV, ACK | DRV | FOK): StatusAction.FEATURES_OK,
+    (ACK | DRV | FOK, ACK | DRV | FOK | DOK): StatusAction.DRIVER_OK,
+}
+
+
+def _build_status_table() -> dict[tuple[int, int], StatusAction]:
+    table: dict[tuple[int, int], StatusAction] = dict(_FORWARD)
+    for s in STATUS_LADDER:
+        table[(s, s)] = StatusAction.NOOP
+        table[(s, s | FAILED)] = StatusAction.FAIL
+        table[(s | FAILED, s | FAILED)] = StatusAction.NOOP
+    for s in STATUS_LADDER:
+        table[(s, 0)] = StatusAction.RESET
+        table[(s | FAILED, 0)] = StatusAction.RESET
+    return table
+
+
+#: (current driver-visible status, value written with NEEDS_RESET masked) -> action.
+#: Pairs not in the table are refused with StatusTransitionError.
+STATUS_TRANSITIONS: dict[tuple[int, int], StatusAction] = _build_status_table()
+
+
+class _Reg(enum.Enum):
+    DEVICE_FEATURE_SELECT = "device_feature_select"
+    DEVICE_FEATURE = "device_feature"
+    DRIVER_FEATURE_SELECT = "driver_feature_select"
+    DRIVER_FEATURE = "driver_feature"
+    CONFIG_MSIX_VECTOR = "config_msix_vector"
+    NUM_QUEUES = "num_queues"
+    DEVICE_STATUS = "device_status"
+    CONFIG_GENERATION = "config_generation"
+    QUEUE_SELECT = "queue_select"
+    QUEUE_SIZE = "queue_size"
+    QUEUE_MSIX_VECTOR = "queue_msix_vector"
+    QUEUE_ENABLE = "queue_enable"
+    QUEUE_NOTIFY_OFF = "queue_notify_off"
+    QUEUE_DESC = "queue_desc"
+    QUEUE_DRIVER = "queue_driver"
+    QUEUE_DEVICE = "queue_device"
+    QUEUE_NOTIF_CONFIG_DATA = "queue_notif_config_data"
+    QUEUE_RESET = "queue_reset"
+
+
+_REG_BY_NAME = {r.value: r for r in _Reg}
+assert set(_REG_BY_NAME) == set(COMMON_CFG_BY_NAME), "wire.pci.COMMON_CFG and _Reg disagree"
+_READ_ONLY = frozenset(_REG_BY_NAME[f.name] for f in COMMON_CFG if f.access is Access.RO)
+_WIDE = {f.offset: _REG_BY_NAME[f.name] for f in COMMON_CFG if f.width == 8}
+ISR_QUEUE = int(IsrBits.QUEUE)
+ISR_CONFIG = int(IsrBits.CONFIG)
+_QUEUE_ADDR = {
+    _Reg.QUEUE_DESC: "desc_addr",
+    _Reg.QUEUE_DRIVER: "avail_addr",
+    _Reg.QUEUE_DEVICE: "used_addr",
+}
+
+
+class VirtioPciFunction:
+    """One PCI function exposing a :class:`VirtioDevice` through virtio_pci_common_cfg."""
+
+    #: feature bits the transport adds to / removes from the device's offer
+    _transport_offer: int = 0
+    _transport_mask: int = FEATURE_SR_IOV  # only an SR-IOV PF offers VIRTIO_F_SR_IOV
+
+    def __init__(self, device: VirtioDevice, port: MemoryPort, *, name: str) -> None:
+        if not isinstance(device, VirtioDevice):
+            raise TypeError(f"device must be a VirtioDevice, got {type(device).__name__}")
+        self.name = name
+        self.device = device
+        self.port = port
+        self.queues: list[Virtqueue] = [
+            Virtqueue(i, device.queue_max_size, name=f"{name}.q{i}") for i in range(device.num_queues)
+        ]
+        self.on_interrupt: Callable[[int], None] = _no_interrupt
+        # register state
+        self.status = 0
+        self.driver_features = 0
+        self.negotiated = 0
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.queue_select = 0
+        self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
+        self.queue_msix_vectors = [VIRTIO_MSI_NO_VECTOR] * len(self.queues)
+        self.config_generation = 0
+        self._isr = 0
+        # diagnostics
+        self.features_refusal: str | None = None  # why the last FEATURES_OK did not stick
+        self.needs_reset_reason: str | None = None
+        self.notifies_ignored = 0
+        self.interrupt_counts: dict[int, int] = {}
+        self.reset_count = 0
+        self.flr_count = 0
+        self._lock = threading.RLock()      # register accesses
+        self._irq_lock = threading.Lock()   # ISR and the device-owned status bit
+        for q in self.queues:
+            self._wire_queue(q)
+        device.bind(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, status={self.status:#04x})"
+
+    # ================================================================== features
+    def offered_features(self) -> int:
+        """The 64 feature bits this function offers (device_feature)."""
+        return (self.device.offered_features() & ~self._transport_mask | self._transport_offer) & (
+            (1 << 64) - 1
+        )
+
+    def has_feature(self, bit_mask: int) -> bool:
+        """Whether every bit of ``bit_mask`` was negotiated."""
+        return self.negotiated & bit_mask == bit_mask
+
+    # ================================================================== common cfg
+    def _lookup(self, offset: int, width: int) -> tuple[_Reg, str | None]:
+        """(register, part): part None for a whole register, "lo"/"hi" for a
+        32-bit half of a 64-bit queue address.  An 8-byte access at the start
+        of a 64-bit register is taken as both halves at once."""
+        if isinstance(offset, bool) or not isinstance(offset, int) or isinstance(width, bool) or not isinstance(width, int):
+            raise RegisterAccessError(f"{self.name}: offset and width must be ints")
+        if width == 8 and offset in _WIDE:
+            return _WIDE[offset], None
+        acc = lookup(offset, width, COMMON_CFG)
+        reg = _REG_BY_NAME[acc.field.name]
+        if acc.field.width == 8:
+            return reg, "hi" if acc.shift else "lo"
+        return reg, None
+
+    def common_read(self, offset: int, width: int) -> int:
+        """Read the common_cfg register at ``offset`` with a ``width``-byte access."""
+        reg, part = self._lookup(offset, width)
+        with self._lock:
+            value = self._read_reg(reg)
+        if part == "lo":
+            return value & _U32
+        if part == "hi":
+            return value >> 32
+        return value
+
+    def common_write(self, offset: int, width: int, value: int) -> None:
+        """Write ``value`` to the common_cfg register at ``offset`` with a ``width``-byte access."""
+        reg, part = self._lookup(offset, width)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << (8 * width)):
+            raise RegisterAccessError(
+                f"{self.name}: value {value!r} does not fit a {width}-byte write to {reg.value}"
+            )
+        if reg in _READ_ONLY:
+            raise RegisterAccessError(f"{self.name}: {reg.value} is read-only")
+        with self._lock:
+            self._write_reg(reg, part, value)
+
+    # ------------------------------------------------------------------ reads
+    def _selected(self) -> Virtqueue | None:
+        qs = self.queue_select
+        return self.queues[qs] if qs < len(self.queues) else None
+
+    def _read_reg(self, reg: _Reg) -> int:
+        if reg is _Reg.DEVICE_FEATURE_SELECT:
+            return self.device_feature_select
+        if reg is _Reg.DEVICE_FEATURE:
+            return _window(self.offered_features(), self.device_feature_select)
+        if reg is _Reg.DRIVER_FEATURE_SELECT:
+            return self.driver_feature_select
+        if reg is _Reg.DRIVER_FEATURE:
+            return _window(self.driver_features, self.driver_feature_select)
+        if reg is _Reg.CONFIG_MSIX_VECTOR:
+            return self.config_msix_vector
+        if reg is _Reg.NUM_QUEUES:
+            return len(self.queues)
+        if reg is _Reg.DEVICE_STATUS:
+            return self.status
+        if reg is _Reg.CONFIG_GENERATION:
+            return self.config_generation
+        if reg is _Reg.QUEUE_SELECT:
+            return self.queue_select
+        if reg in (_Reg.QUEUE_NOTIF_CONFIG_DATA, _Reg.QUEUE_RESET):
+            return 0  # NOTIF_CONFIG_DATA and RING_RESET are never offered
+        q = self._selected()
+        if q is None:
+            return 0  # a non-existent queue: size 0 tells the driver it is not there
+        if reg is _Reg.QUEUE_SIZE:
+            return q.size
+        if reg is _Reg.QUEUE_MSIX_VECTOR:
+            return self.queue_msix_vectors[q.index]
+        if reg is _Reg.QUEUE_ENABLE:
+            return 1 if q.enabled else 0
+        if reg is _Reg.QUEUE_NOTIFY_OFF:
+            return q.index
+        return int(getattr(q, _QUEUE_ADDR[reg]))
+
+    # ------------------------------------------------------------------ writes
+    def _write_reg(self, reg: _Reg, part: str | None, value: int) -> None:
+        if reg is _Reg.DEVICE_FEATURE_SELECT:
+            self.device_feature_select = value
+        elif reg is _Reg.DRIVER_FEATURE_SELECT:
+            self.driver_feature_select = value
+        elif reg is _Reg.DRIVER_FEATURE:
+            self._write_driver_feature(value)
+        elif reg is _Reg.CONFIG_MSIX_VECTOR:
+            self.config_msix_vector = value
+        elif reg is _Reg.DEVICE_STATUS:
+            self._write_status(value)
+        elif reg is _Reg.QUEUE_SELECT:
+            self.queue_select = value
+        elif reg is _Reg.QUEUE_RESET:
+            raise RegisterAccessError(f"{self.name}: queue_reset needs VIRTIO_F_RING_RESET, never offered")
+        else:
+            self._write_queue_reg(reg, part, value)
+
+    def _write_driver_feature(self, value: int) -> None:
+        sel = self.driver_feature_select
+        if self.status & FOK:
+            raise RegisterAccessError(f"{self.name}: driver_feature written after FEATURES_OK")
+        if sel > 1:
+            if value:
+                raise RegisterAccessError(
+                    f"{self.name}: driver_feature_select {sel} has no feature bits; wrote {value:#x}"
+                )
+            return
+        shift = 32 * sel
+        self.driver_features = (self.driver_features & ~(_U32 << shift)) | (value << shift)
+
+    def _write_queue_reg(self, reg: _Reg, part: str | None, value: int) -> None:
+        q = self._selected()
+        if q is None:
+            raise QueueSetupError(
+                f"{self.name}: {reg.value} written with queue_select {self.queue_select}, "
+                f"but the function has {len(self.queues)} queues"
+            )
+        if reg is _Reg.QUEUE_MSIX_VECTOR:
+            self.queue_msix_vectors[q.index] = value
+            return
+        if reg is _Reg.QUEUE_ENABLE:
+            self._enable_queue(q, value)
+            return
+        if q.enabled:
+            raise QueueSetupError(f"{self.name}: queue {q.index} is enabled; {reg.value} is frozen")
+        if reg is _Reg.QUEUE_SIZE:
+            if value == 0 or value & (value - 1) or value > q.max_size:
+                raise QueueSetupError(
+                    f"{self.name}: queue {q.index} size {value} is not a power of two <= {q.max_size}"
+                )
+            q.size = value
+            return
+        attr = _QUEUE_ADDR[reg]
+        cur = int(getattr(q, attr))
+        if part == "lo":
+            value = (cur & ~_U32) | value
+        elif part == "hi":
+            value = (cur & _U32) | (value << 32)
+        setattr(q, attr, value)
+
+    def _enable_queue(self, q: Virtqueue, value: int) -> None:
+        if value != 1:
+            raise QueueSetupError(
+                f"{self.name}: queue_enable {value} refused (only 1 may be written; "
+                "a queue is disabled by a device reset)"
+            )
+        if q.enabled:
+            return
+        if not self.status & FOK or self.status & FAILED:
+            raise QueueSetupError(f"{self.name}: queue {q.index} enabled before FEATURES_OK")
+        try:
+            q.check_config(self.port)
+        except VirtioLmError as exc:
+            raise QueueSetupError(f"{self.name}: queue {q.index} has an invalid ring: {exc}") from exc
+        q.enabled = True
+
+    # ------------------------------------------------------------------ status
+    def _write_status(self, value: int) -> None:
+        cur = self.status & DRIVER_BITS
+        new = value & ~NEEDS_RESET
+        action = STATUS_TRANSITIONS.get((cur, new))
+        if action is None:
+            raise StatusTransitionError(
+                f"{self.name}: device_status {cur:#04x} -> {new:#04x} is not a legal transition"
+            )
+        if action is StatusAction.RESET:
+            self._reset()
+        elif action is StatusAction.NOOP:
+            pass
+        elif action is StatusAction.FEATURES_OK:
+            reason = self._check_features(self.driver_features)
+            self.features_refusal = reason
+            if reason is None:
+                self.negotiated = self.driver_features
+                for q in self.queues:
+                    q.event_idx = bool(self.negotiated & FEATURE_EVENT_IDX)
+                    q.indirect_desc = bool(self.negotiated & FEATURE_INDIRECT_DESC)
+                self._set_driver_bits(new)
+        elif action is StatusAction.DRIVER_OK:
+            self._set_driver_bits(new)
+            self.device.activate(self)
+        else:  # SET, FAIL
+            self._set_driver_bits(new)
+
+    def _set_driver_bits(self, bits: int) -> None:
+        with self._irq_lock:
+            self.status = bits | (self.status & NEEDS_RESET)
+
+    def _check_features(self, features: int) -> str | None:
+        unoffered = features & ~self.offered_features()
+        if unoffered:
+            return f"driver accepted features the device does not offer: {_bits(unoffered)}"
+        if not features & FEATURE_VERSION_1:
+            return "driver did not accept VIRTIO_F_VERSION_1"
+        return self.device.validate_features(features)
+
+    # ================================================================== reset / FLR
+    def _reset(self) -> None:
+        self.device.reset()
+        for q in self.queues:
+            q.reset()
+            q.event_idx = False
+            q.indirect_desc = False
+            self._wire_queue(q)
+        with self._irq_lock:
+            self.status = 0
+            self._isr = 0
+        self.driver_features = 0
+        self.negotiated = 0
+        self.device_feature_select = 0
+        self.driver_feature_select = 0
+        self.queue_select = 0
+        self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
+        self.queue_msix_vectors = [VIRTIO_MSI_NO_VECTOR] * len(self.queues)
+        self.features_refusal = None
+        self.needs_reset_reason = None
+        self.reset_count += 1
+
+    def reset(self) -> None:
+        """Device reset, as a write of 0 to device_status."""
+        with self._lock:
+            self._reset()
+
+    def flr(self) -> None:
+        """Function level reset: everything a device reset clears, from any state."""
+        with self._lock:
+            self._reset()
+            self.config_generation = 0
+            self.flr_count += 1
+
+    # ================================================================== notify / interrupts
+    def notify(self, queue: int) -> None:
+        """The driver's doorbell for ``queue``.
+
+        Delivered to the device only after DRIVER_OK, on an enabled queue, and
+        not after FAILED; otherwise counted in :attr:`notifies_ignored`.
+        """
+        if not isinstance(queue, int) or not 0 <= queue < len(self.queues):
+            raise RegisterAccessError(f"{self.name}: notify for non-existent queue {queue!r}")
+        st = self.status
+        if not st & DOK or st & FAILED or not self.queues[queue].enabled:
+            self.notifies_ignored += 1
+            return
+        self.device.queue_notify(self, queue)
+
+    def isr_read(self) -> int:
+        """Read the ISR status byte; reading clears it."""
+        with self._irq_lock:
+            value, self._isr = self._isr, 0
+        return value
+
+    def msix_vector(self, source: int) -> int:
+        """The MSI-X vector programmed for an interrupt source (queue index or CONFIG_INTERRUPT)."""
+        if source == CONFIG_INTERRUPT:
+            return self.config_msix_vector
+        return self.queue_msix_vectors[source]
+
+    def queue_interrupt(self, queue: int) -> None:
+        """Raise the used-buffer interrupt of ``queue``."""
+        with self._irq_lock:
+            self._isr |= ISR_QUEUE
+            self.interrupt_counts[queue] = self.interrupt_counts.get(queue, 0) + 1
+        self.on_interrupt(queue)
+
+    def _config_interrupt(self) -> None:
+        # the spec: no configuration notification before DRIVER_OK
+        if not self.status & DOK:
+            return
+        with self._irq_lock:
+            self._isr |= ISR_CONFIG
+            self.interrupt_counts[CONFIG_INTERRUPT] = self.interrupt_counts.get(CONFIG_INTERRUPT, 0) + 1
+        self.on_interrupt(CONFIG_INTERRUPT)
+
+    def config_changed(self) -> None:
+        """The device changed its configuration: bump config_generation, notify."""
+        with self._irq_lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+        self._config_interrupt()
+
+    def set_needs_reset(self, reason: object = None) -> None:
+        """The device hit an error it cannot recover from: DEVICE_NEEDS_RESET + config interrupt."""
+        with self._irq_lock:
+            already = bool(self.status & NEEDS_RESET)
+            self.status |= NEEDS_RESET
+            if not already:
+                self.needs_reset_reason = None if reason is None else str(reason)
+        if not already:
+            self._config_interrupt()
+
+    @property
+    def needs_reset(self) -> bool:
+        return bool(self.status & NEEDS_RESET)
+
+    def _wire_queue(self, q: Virtqueue) -> None:
+        index = q.index
+
+        def on_error(exc: VirtqueueError) -> None:
+            self.set_needs_reset(exc)
+
+        def interrupt() -> None:
+            self.queue_interrupt(index)
+
+        q.on_error = on_error
+        q.interrupt = interrupt
+
+    # ================================================================== device config
+    def _check_config_access(self, offset: int, width: int) -> None:
+        if not isinstance(offset, int) or not isinstance(width, int) or width not in (1, 2, 4, 8):
+            raise RegisterAccessError(f"{self.name}: device config access width {width!r} is not 1, 2, 4 or 8")
+        size = self.device.config_size
+        if offset < 0 or offset + width > size:
+            raise RegisterAccessError(
+                f"{self.name}: device config access [{offset:#x}, +{width}) outside {size} bytes"
+            )
+        if offset % width:
+            raise RegisterAccessError(
+                f"{self.name}: device config access at {offset:#x} is not aligned to its width {width}"
+            )
+
+    def device_config_read(self, offset: int, width: int) -> int:
+        """Read ``width`` bytes of device-specific configuration at ``offset``."""
+        self._check_config_access(offset, width)
+        data = self.device.config_read(offset, width)
+        if len(data) != width:
+            raise TransportError(f"{self.name}: device returned {len(data)} config bytes, wanted {width}")
+        return le_int(data)
+
+    def device_config_write(self, offset: int, width: int, value: int) -> None:
+        """Write ``width`` bytes of device-specific configuration at ``offset``."""
+        self._check_config_access(offset, width)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < (1 << (8 * width)):
+            raise RegisterAccessError(f"{self.name}: value {value!r} does not fit a {width}-byte config write")
+        with self._lock:
+            self.device.config_write(offset, int_le(value, width))
+
+
+def _window(features: int, select: int) -> int:
+    return (features >> (32 * select)) & _U32 if select < 2 else 0
+
+
+def _bits(mask: int) -> str:
+    return ", ".join(str(b) for b in range(mask.bit_length()) if mask >> b & 1)
+
+
+def _no_interrupt(source: int) -> None:
+    return None

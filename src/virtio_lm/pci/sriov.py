@@ -1,0 +1,129 @@
+"""An SR-IOV physical function and its virtual functions.
+
+:class:`SriovPF` is a :class:`~virtio_lm.pci.function.VirtioPciFunction` (the
+PF's own virtio device: the PF issue gives it a control queue) that also
+models the SR-IOV capability: ``total_vfs`` VFs at most, ``num_vfs`` enabled.
+
+* :meth:`enable_vfs` creates the VFs, numbered 1..n (PCIe VF numbering, the
+  proposal's ``func_id``).  Each VF is its own
+  :class:`~virtio_lm.pci.function.VirtioPciFunction` with its own common
+  configuration, queues and MemoryPort: VFs DMA into the memory of the VM
+  they are assigned to, which is not the PF's memory, so the factory returns
+  both the device model and the port.
+* :meth:`disable_vfs` removes them all (each is reset first).  As in PCIe,
+  NumVFs cannot change while VFs are enabled: disable first.
+* :meth:`flr_vf` resets one VF only and then tells the FLR listeners
+  (the PF control path moves that VF's migration state machine to INIT).
+* :meth:`flr` resets the PF itself; like a PCIe PF FLR it clears VF Enable,
+  so every VF disappears first.
+
+Only the PF offers VIRTIO_F_SR_IOV (bit 37); a VF never does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from virtio_lm.errors import FunctionNumberError
+from virtio_lm.memory import MemoryPort
+from virtio_lm.pci.device import VirtioDevice
+from virtio_lm.pci.function import FEATURE_SR_IOV, VirtioPciFunction
+
+__all__ = ["SriovPF", "VfFactory"]
+
+#: factory(vf_number) -> (the VF's device model, the VF's DMA port)
+VfFactory = Callable[[int], tuple[VirtioDevice, MemoryPort]]
+
+
+class SriovPF(VirtioPciFunction):
+    """A PF with the SR-IOV capability."""
+
+    _transport_offer = FEATURE_SR_IOV
+    _transport_mask = 0
+
+    def __init__(self, device: VirtioDevice, port: MemoryPort, *, name: str, total_vfs: int) -> None:
+        if isinstance(total_vfs, bool) or not isinstance(total_vfs, int) or not 1 <= total_vfs <= 0xFFFF:
+            raise FunctionNumberError(f"{name}: total_vfs {total_vfs!r} is not in 1..65535")
+        super().__init__(device, port, name=name)
+        self.total_vfs = total_vfs
+        self._vfs: list[VirtioPciFunction] = []
+        self._flr_listeners: list[Callable[[int], None]] = []
+        self._sriov_listeners: list[Callable[[int], None]] = []
+
+    # ------------------------------------------------------------------ VFs
+    @property
+    def num_vfs(self) -> int:
+        return len(self._vfs)
+
+    @property
+    def vfs(self) -> tuple[VirtioPciFunction, ...]:
+        """The enabled VFs; ``vfs[n - 1]`` is VF ``n``."""
+        return tuple(self._vfs)
+
+    def enable_vfs(self, n: int, factory: VfFactory) -> list[VirtioPciFunction]:
+        """Create VFs 1..n, each from ``factory(vf_number)``; returns them."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.total_vfs:
+            raise FunctionNumberError(f"{self.name}: cannot enable {n!r} VFs (TotalVFs {self.total_vfs})")
+        if self._vfs:
+            raise FunctionNumberError(
+                f"{self.name}: {len(self._vfs)} VFs are enabled; disable them before changing NumVFs"
+            )
+        created: list[VirtioPciFunction] = []
+        for number in range(1, n + 1):
+            device, port = factory(number)
+            if not isinstance(port, MemoryPort):
+                raise TypeError(f"VF factory returned {type(port).__name__} for the port, not a MemoryPort")
+            created.append(VirtioPciFunction(device, port, name=self.vf_name(number)))
+        self._vfs = created
+        for cb in list(self._sriov_listeners):
+            cb(n)
+        return list(created)
+
+    def disable_vfs(self) -> None:
+        """Clear VF Enable: every VF is reset and removed."""
+        if not self._vfs:
+            return
+        for vf in self._vfs:
+            vf.flr()
+        self._vfs = []
+        for cb in list(self._sriov_listeners):
+            cb(0)
+
+    def vf_name(self, number: int) -> str:
+        return f"{self.name}.vf{number}"
+
+    def vf(self, number: int) -> VirtioPciFunction:
+        """VF ``number`` (1..num_vfs)."""
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= len(self._vfs):
+            raise FunctionNumberError(
+                f"{self.name}: VF number {number!r} is not in 1..{len(self._vfs)} (NumVFs)"
+            )
+        return self._vfs[number - 1]
+
+    def vf_number(self, fn: VirtioPciFunction) -> int:
+        """The number of VF ``fn`` (1-based)."""
+        for i, vf in enumerate(self._vfs, start=1):
+            if vf is fn:
+                return i
+        raise FunctionNumberError(f"{self.name}: {fn!r} is not one of its VFs")
+
+    # ------------------------------------------------------------------ FLR
+    def add_flr_listener(self, cb: Callable[[int], None]) -> None:
+        """``cb(vf_number)`` is called after each VF FLR."""
+        self._flr_listeners.append(cb)
+
+    def add_sriov_listener(self, cb: Callable[[int], None]) -> None:
+        """``cb(num_vfs)`` is called after VFs are enabled (n) or disabled (0)."""
+        self._sriov_listeners.append(cb)
+
+    def flr_vf(self, number: int) -> None:
+        """Function level reset of VF ``number`` only; then the FLR listeners."""
+        vf = self.vf(number)
+        vf.flr()
+        for cb in list(self._flr_listeners):
+            cb(number)
+
+    def flr(self) -> None:
+        """FLR of the PF: VF Enable clears (all VFs go), then the PF resets."""
+        self.disable_vfs()
+        super().flr()
