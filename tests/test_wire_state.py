@@ -31,7 +31,7 @@ def sample() -> bytes:
             (RecordType.FUNCTION, FunctionRecord(1 << 32 | 1 << 37, 1 << 32, 0x0F, 1, 0xFFFF, 2, 0).encode()),
             (RecordType.QUEUE, QueueRecord(0, 256, 1, 1, 0xFFFF, 0x1000, 0x2000, 0x3000, 10, 9, 9).encode()),
             (RecordType.CONFIG, b"\x00" * 60),
-            (RecordType.INFLIGHT, InflightHeader(0, 5, 9).encode() + b"req"),
+            (RecordType.INFLIGHT, InflightHeader(0, 5, 9, 1, 3).encode() + b"req"),
             (0x101, b"device-specific"),
         ],
     )
@@ -41,7 +41,7 @@ def test_layout_sizes():
     assert ImageHeader.SIZE == 32
     assert FunctionRecord.SIZE == 28
     assert QueueRecord.SIZE == 40
-    assert InflightHeader.SIZE == 8
+    assert InflightHeader.SIZE == 12
 
 
 def test_header_bytes():
@@ -182,3 +182,27 @@ def test_state_image_helpers():
     img = StateImage(1)
     img.add(RecordType.CONFIG, b"c")
     assert img.of_type(RecordType.CONFIG)[0].payload == b"c"
+
+
+def _inflight(payload: bytes) -> bytes:
+    body = (4).to_bytes(2, "little") + b"\x00\x00" + len(payload).to_bytes(4, "little") + payload
+    return _rebuild(body, 1)
+
+
+def test_inflight_data_len_mismatch_refused():
+    with pytest.raises(FieldValueError) as e:
+        decode_image(_inflight(InflightHeader(0, 1, 1, 1, 5).encode() + b"abc"))
+    assert "data_len" in e.value.field
+
+
+def test_inflight_done_flag_out_of_range_refused():
+    with pytest.raises(FieldValueError) as e:
+        decode_image(_inflight(InflightHeader(0, 1, 1, 2, 0).encode()))
+    assert "done" in e.value.field
+
+
+def test_inflight_pad_nonzero_refused():
+    raw = bytearray(InflightHeader(0, 1, 1, 0, 0).encode())
+    raw[7] = 1
+    with pytest.raises(FieldValueError):
+        decode_image(_inflight(bytes(raw)))

@@ -110,14 +110,24 @@ QUEUE_FLAG_SIGNALLED_VALID = 1
 QUEUE_FLAG_BROKEN = 2
 
 
-@layout("<HHI")
+@layout("<HHHBxI")
 @dataclass(frozen=True, slots=True)
 class InflightHeader:
-    """Opening of an INFLIGHT record: which chain, taken at which avail index."""
+    """An INFLIGHT record (12 bytes, then ``data_len`` bytes of data).
+
+    A chain the device took from the avail ring (at ``avail_idx``) and has
+    not returned on the used ring.  ``done`` 0: not executed (re-executed
+    from the descriptors in guest memory after restore); 1: executed, its
+    completion held in the device: ``data`` is what will be written into the
+    chain's writable part, then the chain is returned with ``used_len =
+    data_len``.
+    """
 
     queue: int
     head: int
     avail_idx: int
+    done: int
+    data_len: int
 
 
 @dataclass(frozen=True)
@@ -204,7 +214,14 @@ def decode_image(buf: bytes | bytearray | memoryview) -> StateImage:
             if fixed is not None:
                 fixed.decode(payload)  # exact size and reserved fields
             elif rtype is RecordType.INFLIGHT:
-                InflightHeader.unpack_from(payload, 0)
+                ih = InflightHeader.unpack_from(payload, 0)
+                if ih.done not in (0, 1):
+                    raise FieldValueError("InflightHeader", f"{where}.done", ih.done, "0 or 1")
+                if ih.data_len != len(payload) - InflightHeader.SIZE:
+                    raise FieldValueError(
+                        "InflightHeader", f"{where}.data_len", ih.data_len,
+                        f"equals the {len(payload) - InflightHeader.SIZE} data bytes that follow",
+                    )
         image.records.append(Record(rh.type, payload))
     if off != len(body):
         raise TrailingDataError("StateImage.records", off, len(body))
