@@ -1,0 +1,285 @@
+"""Device dirty page trackers: push/pull x bitmap/bytemap (sans-I/O).
+
+One tracker per VF while tracking runs; the PF installs it as the VF's
+``vf_port.writer.tracker``, so every DMA write of the VF reaches
+:meth:`DirtyTracker.mark` (a :class:`~virtio_lm.memory.DirtySink`: pages
+``first..last`` inclusive, called after the bytes are in guest memory).
+
+Map layouts (page = guest-physical address >> 12):
+
+* bitmap: page ``p`` is bit ``p & 7`` (LSB first) of byte ``p >> 3`` -- KVM's layout;
+* bytemap: page ``p`` is byte ``p``; 1 = dirty, 0 = clean.
+
+**Push** (:class:`PushTracker`): the map lives in the PF driver's host memory,
+given as ``(addr, len)`` segments (the decoded START map table) that are
+concatenated in order.  The tracker writes it only through the PF's own
+:class:`~virtio_lm.memory.MemoryPort` with ``atomic_or`` -- atomic against the
+driver's ``atomic_fetch_and_clear``, so a mark racing with a collection lands
+in this collection or the next, never nowhere.  ``capacity_pages`` is the
+map's total bytes x 8 (bitmap) or x 1 (bytemap).
+
+**Pull** (:class:`PullTracker`): the map lives in the device; capacity is
+``2**log_max_pages`` (what IDENTIFY reports).  :meth:`PullTracker.snapshot`
+(GET_DIRTY_REPORT_SIZE) atomically takes the map and starts a fresh one, and
+returns it trimmed to the bytes covering the last dirty page (empty when
+nothing is dirty; bytes past it are clean).  Storage grows with the highest
+page marked, so a large capacity costs nothing until used.
+
+**Fail-safe**: a write to a page ``>= capacity_pages`` cannot be recorded.  It is
+never dropped silently: push sets every bit/byte of the map at once, pull
+makes the next snapshot all ones over the whole capacity; ``overflow_events``
+counts such ``mark`` calls.  ``marks`` counts every page passed to ``mark``.
+A push tracker whose map write is refused (the PF's bus mastering is off)
+counts it in ``write_errors`` and sets the whole map on the next write that
+gets through.
+
+Reports to page arrays: :func:`report_to_pages` (any length; bytes past the
+report are clean; marks past ``num_pages`` raise :class:`DirtyReportError`,
+or with ``strict=False`` make every page dirty).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Sequence
+
+import numpy as np
+
+from virtio_lm.errors import DirtyReportError, DmaDisabledError, MapTableError
+from virtio_lm.memory import MemoryPort, pack_bitmap, unpack_bitmap
+from virtio_lm.wire.ctrl import TrackMode
+
+__all__ = [
+    "MAX_REPORT_BYTES",
+    "DirtyTracker",
+    "PullTracker",
+    "PushTracker",
+    "bitmap_range",
+    "make_tracker",
+    "max_log_pages",
+    "report_to_pages",
+]
+
+#: A pull snapshot's length travels in GET_DIRTY_REPORT_SIZE's ``le32 len``.
+MAX_REPORT_BYTES = (1 << 32) - 1
+_INITIAL_PULL_PAGES = 1 << 12
+
+
+def max_log_pages(mode: TrackMode) -> int:
+    """Largest ``log_max_pages`` whose full map still fits a ``le32`` report length."""
+    return 34 if TrackMode(mode).is_bitmap else 31
+
+
+def bitmap_range(first_page: int, last_page: int) -> tuple[int, np.ndarray]:
+    """``(first byte, bytes)`` of a KVM-layout bitmap with exactly pages first..last set."""
+    b0, b1 = first_page >> 3, last_page >> 3
+    out = np.full(b1 - b0 + 1, 0xFF, dtype=np.uint8)
+    out[0] &= (0xFF << (first_page & 7)) & 0xFF
+    out[-1] &= 0xFF >> (7 - (last_page & 7))
+    return b0, out
+
+
+class DirtyTracker:
+    """Common part: mode, capacity, statistics, argument checks."""
+
+    def __init__(self, mode: TrackMode, capacity_pages: int) -> None:
+        self.mode = TrackMode(mode)
+        self.capacity_pages = capacity_pages
+        self.marks = 0
+        self.overflow_events = 0
+        self._lock = threading.Lock()
+
+    def mark(self, first_page: int, last_page: int) -> None:
+        """Record pages ``first_page..last_page`` (inclusive) as written."""
+        if first_page < 0 or last_page < first_page:
+            raise ValueError(f"bad page range {first_page}..{last_page}")
+        with self._lock:
+            self.marks += last_page - first_page + 1
+            overflow = last_page >= self.capacity_pages
+            if overflow:
+                self.overflow_events += 1
+            self._record(first_page, last_page, overflow)
+
+    def _record(self, first_page: int, last_page: int, overflow: bool) -> None:  # called under _lock
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.mode.cli_name}, capacity={self.capacity_pages} pages, "
+            f"marks={self.marks}, overflow_events={self.overflow_events})"
+        )
+
+
+class PushTracker(DirtyTracker):
+    """Push bitmap / bytemap: the map is in the PF driver's host memory.
+
+    ``pf_port`` is the PF's MemoryPort onto that memory; ``segments`` the map's
+    ``(addr, len)`` pieces in order.  Raises :class:`MapTableError` for no
+    segment, a zero-length segment, one outside the memory, or overlapping
+    segments (two pages would share a map position).
+    """
+
+    def __init__(self, mode: TrackMode, pf_port: MemoryPort, segments: Sequence[tuple[int, int]]) -> None:
+        mode = TrackMode(mode)
+        if not mode.is_push:
+            raise ValueError(f"{mode.name} is not a push mode")
+        segs = [(int(a), int(n)) for a, n in segments]
+        if not segs:
+            raise MapTableError("push map table has no segment")
+        for i, (addr, length) in enumerate(segs):
+            if length <= 0:
+                raise MapTableError(f"map segment {i} has length {length}")
+            if not pf_port.contains(addr, length):
+                raise MapTableError(
+                    f"map segment {i} [{addr:#x}, +{length:#x}) is outside PF memory of size {pf_port.size:#x}"
+                )
+        by_addr = sorted(range(len(segs)), key=lambda i: segs[i][0])
+        for i, j in zip(by_addr, by_addr[1:]):
+            if segs[i][0] + segs[i][1] > segs[j][0]:
+                raise MapTableError(f"map segments {i} and {j} overlap")
+        self.pf_port = pf_port
+        self.segments = segs
+        self._starts: list[int] = []
+        total = 0
+        for _, length in segs:
+            self._starts.append(total)
+            total += length
+        self.map_bytes = total
+        self.write_errors = 0
+        self._pending_all = False
+        super().__init__(mode, total * 8 if mode.is_bitmap else total)
+
+    def _or_map(self, offset: int, data: np.ndarray) -> None:
+        """OR ``data`` into the concatenated map at byte ``offset`` (one atomic op per segment)."""
+        end = offset + len(data)
+        k = bisect.bisect_right(self._starts, offset) - 1
+        while k < len(self.segments) and self._starts[k] < end:
+            s_addr, s_len = self.segments[k]
+            s0 = self._starts[k]
+            lo, hi = max(offset, s0), min(end, s0 + s_len)
+            self.pf_port.atomic_or(s_addr + (lo - s0), data[lo - offset : hi - offset].tobytes())
+            k += 1
+
+    def _fill_all(self) -> None:
+        value = 0xFF if self.mode.is_bitmap else 0x01
+        for addr, length in self.segments:
+            self.pf_port.atomic_or(addr, bytes([value]) * length)
+
+    def _record(self, first_page: int, last_page: int, overflow: bool) -> None:
+        try:
+            if self._pending_all or overflow:
+                self._pending_all = True
+                self._fill_all()
+                self._pending_all = False
+                return
+            if self.mode.is_bitmap:
+                b0, data = bitmap_range(first_page, last_page)
+            else:
+                b0, data = first_page, np.ones(last_page - first_page + 1, dtype=np.uint8)
+            self._or_map(b0, data)
+        except DmaDisabledError:
+            # The map cannot be written now: remember that the whole map must be set.
+            self.write_errors += 1
+            self._pending_all = True
+
+
+class PullTracker(DirtyTracker):
+    """Pull bitmap / bytemap: the map is inside the device, ``2**log_max_pages`` pages."""
+
+    def __init__(self, mode: TrackMode, log_max_pages: int) -> None:
+        mode = TrackMode(mode)
+        if mode.is_push:
+            raise ValueError(f"{mode.name} is not a pull mode")
+        if not 0 <= log_max_pages <= max_log_pages(mode):
+            raise ValueError(
+                f"log_max_pages {log_max_pages} out of 0..{max_log_pages(mode)} (report length is le32)"
+            )
+        super().__init__(mode, 1 << log_max_pages)
+        self.log_max_pages = log_max_pages
+        self._map = np.zeros(min(self.capacity_pages, _INITIAL_PULL_PAGES), dtype=np.uint8)
+        self._overflow = False
+
+    def _record(self, first_page: int, last_page: int, overflow: bool) -> None:
+        if overflow:
+            self._overflow = True
+            return
+        if last_page >= len(self._map):
+            grown = np.zeros(min(self.capacity_pages, max(last_page + 1, 2 * len(self._map))), dtype=np.uint8)
+            grown[: len(self._map)] = self._map
+            self._map = grown
+        self._map[first_page : last_page + 1] = 1
+
+    def snapshot(self) -> bytes:
+        """Take the current map, start a fresh one, return it trimmed (see module doc)."""
+        with self._lock:
+            taken, overflow = self._map, self._overflow
+            self._map = np.zeros(len(taken), dtype=np.uint8)
+            self._overflow = False
+        if overflow:
+            pages = np.ones(self.capacity_pages, dtype=bool)
+        else:
+            nz = np.flatnonzero(taken)
+            if len(nz) == 0:
+                return b""
+            pages = taken[: int(nz[-1]) + 1].astype(bool)
+        if self.mode.is_bitmap:
+            return pack_bitmap(pages).tobytes()
+        return pages.astype(np.uint8).tobytes()
+
+
+def make_tracker(
+    mode: TrackMode,
+    *,
+    pf_port: MemoryPort | None = None,
+    segments: Sequence[tuple[int, int]] | None = None,
+    log_max_pages: int | None = None,
+) -> PushTracker | PullTracker:
+    """The tracker for ``mode``: push modes need ``pf_port`` and ``segments``, pull modes ``log_max_pages``."""
+    mode = TrackMode(mode)
+    if mode.is_push:
+        if pf_port is None or segments is None:
+            raise ValueError(f"{mode.name} needs pf_port and segments")
+        return PushTracker(mode, pf_port, segments)
+    if log_max_pages is None:
+        raise ValueError(f"{mode.name} needs log_max_pages")
+    return PullTracker(mode, log_max_pages)
+
+
+def report_to_pages(
+    report: bytes | bytearray | memoryview | np.ndarray,
+    num_pages: int,
+    *,
+    bitmap: bool,
+    strict: bool = True,
+) -> np.ndarray:
+    """A bitmap / bytemap report of any length -> bool array of ``num_pages`` pages.
+
+    Pages past the end of the report are clean.  Bytemap: any non-zero byte is
+    dirty.  A report marking a page ``>= num_pages`` (a set bit past
+    ``num_pages``, or a non-zero byte past it) cannot be mapped: with
+    ``strict`` it raises :class:`DirtyReportError`; without, every page is
+    reported dirty (the report is inconsistent, so assume the worst).  Extra
+    bytes that are all zero are accepted.
+    """
+    if num_pages < 0:
+        raise ValueError(f"num_pages {num_pages} < 0")
+    raw = np.frombuffer(report, dtype=np.uint8) if not isinstance(report, np.ndarray) else report.astype(np.uint8, copy=False)
+    pages = np.zeros(num_pages, dtype=bool)
+    if bitmap:
+        need = (num_pages + 7) // 8
+        head = raw[:need]
+        got = unpack_bitmap(head, min(num_pages, len(head) * 8))
+        pages[: len(got)] = got
+        beyond = raw[need:].any() or (len(head) == need and num_pages & 7 and head[-1] >> (num_pages & 7))
+    else:
+        head = raw[:num_pages]
+        pages[: len(head)] = head != 0
+        beyond = raw[num_pages:].any()
+    if beyond:
+        if strict:
+            raise DirtyReportError(
+                f"{'bitmap' if bitmap else 'bytemap'} report of {len(raw)} bytes marks a page past the {num_pages} pages it describes"
+            )
+        pages[:] = True
+    return pages

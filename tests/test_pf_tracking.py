@@ -1,0 +1,472 @@
+"""Dirty trackers: exactly the pages marked are reported, under races too, and overflow is fail-safe."""
+
+from __future__ import annotations
+
+import random
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from virtio_lm.errors import DirtyReportError, MapTableError, TrackingError
+from virtio_lm.memory import Memory
+from virtio_lm.pf.tracking import (
+    PullTracker,
+    PushTracker,
+    bitmap_range,
+    make_tracker,
+    max_log_pages,
+    report_to_pages,
+)
+from virtio_lm.wire.ctrl import TrackMode
+
+PUSH_MODES = [TrackMode.PUSH_BITMAP, TrackMode.PUSH_BYTEMAP]
+PULL_MODES = [TrackMode.PULL_BITMAP, TrackMode.PULL_BYTEMAP]
+HOST_SIZE = 8 * 4096
+
+
+# --------------------------------------------------------------------------- rigs
+class PushRig:
+    """A push tracker over a host memory, collected like a driver: test-and-clear per segment."""
+
+    def __init__(self, mode, segments, tracker_cls=PushTracker):
+        self.host = Memory(HOST_SIZE, name="pf-host")
+        self.pf_port = self.host.device_port("pf")
+        self.segments = segments
+        self.tracker = tracker_cls(mode, self.pf_port, segments)
+        self.bitmap = mode.is_bitmap
+
+    def collect(self) -> np.ndarray:
+        raw = np.concatenate([self.host.cpu.atomic_fetch_and_clear(a, n) for a, n in self.segments])
+        return report_to_pages(raw, self.tracker.capacity_pages, bitmap=self.bitmap)
+
+    def stray_writes(self) -> int:
+        """Non-zero host bytes outside the map segments (must stay 0)."""
+        mask = np.ones(HOST_SIZE, dtype=bool)
+        for a, n in self.segments:
+            mask[a : a + n] = False
+        return int(np.count_nonzero(self.host.array[mask]))
+
+    def close(self):
+        self.host.close()
+
+
+class PullRig:
+    def __init__(self, mode, log_max_pages, tracker_cls=PullTracker):
+        self.tracker = tracker_cls(mode, log_max_pages)
+        self.bitmap = mode.is_bitmap
+        self.reports: list[bytes] = []
+
+    def collect(self) -> np.ndarray:
+        rep = self.tracker.snapshot()
+        self.reports.append(rep)
+        return report_to_pages(rep, self.tracker.capacity_pages, bitmap=self.bitmap)
+
+    def stray_writes(self) -> int:
+        return 0
+
+    def close(self):
+        pass
+
+
+def assert_exact(marked: np.ndarray, reported: np.ndarray) -> None:
+    """The checker: reported pages == marked pages, none missing, none extra."""
+    missing = np.flatnonzero(marked & ~reported)
+    extra = np.flatnonzero(reported & ~marked)
+    assert len(missing) == 0 and len(extra) == 0, f"missing {missing[:10]}, extra {extra[:10]}"
+
+
+def run_rounds(rig, rounds) -> None:
+    """Mark each round's ranges, collect, check exactness; also the pull trim rule."""
+    cap = rig.tracker.capacity_pages
+    for ranges in rounds:
+        marked = np.zeros(cap, dtype=bool)
+        for first, last in ranges:
+            rig.tracker.mark(first, last)
+            marked[first : last + 1] = True
+        assert rig.stray_writes() == 0
+        assert_exact(marked, rig.collect())
+        if isinstance(rig, PullRig):
+            nz = np.flatnonzero(marked)
+            want_len = 0 if len(nz) == 0 else rig.tracker.mode.map_bytes(int(nz[-1]) + 1)
+            assert len(rig.reports[-1]) == want_len
+
+
+# --------------------------------------------------------------------------- strategies
+@st.composite
+def segment_layouts(draw):
+    """1..5 segments of odd lengths (first one often 3 bytes), placed in host memory in random order."""
+    n = draw(st.integers(1, 5))
+    lens = draw(st.lists(st.integers(1, 40), min_size=n, max_size=n))
+    if draw(st.booleans()):
+        lens[0] = 3
+    order = draw(st.permutations(range(n)))
+    addr = draw(st.integers(0, 64))
+    placed: dict[int, int] = {}
+    for i in order:
+        placed[i] = addr
+        addr += lens[i] + draw(st.integers(0, 300))
+    return [(placed[i], lens[i]) for i in range(n)]
+
+
+def ranges_within(cap: int):
+    edge = st.sampled_from(sorted({0, 1, 7, 8, 9, 15, 16, cap // 2, cap - 9, cap - 8, cap - 2, cap - 1} & set(range(cap)) or {0}))
+    page = st.one_of(st.integers(0, cap - 1), edge)
+    return st.tuples(page, page).map(lambda t: (min(t), max(t)))
+
+
+@st.composite
+def push_case(draw):
+    segs = draw(segment_layouts())
+    mode = draw(st.sampled_from(PUSH_MODES))
+    cap = sum(n for _, n in segs) * (8 if mode.is_bitmap else 1)
+    rounds = draw(st.lists(st.lists(ranges_within(cap), max_size=12), min_size=1, max_size=4))
+    return mode, segs, rounds
+
+
+@st.composite
+def pull_case(draw):
+    mode = draw(st.sampled_from(PULL_MODES))
+    log = draw(st.integers(0, 13))
+    cap = 1 << log
+    rounds = draw(st.lists(st.lists(ranges_within(cap), max_size=12), min_size=1, max_size=4))
+    return mode, log, rounds
+
+
+# --------------------------------------------------------------------------- exactness
+@settings(max_examples=150, deadline=None)
+@given(push_case())
+def test_push_reports_exactly_the_marked_pages(case):
+    mode, segs, rounds = case
+    rig = PushRig(mode, segs)
+    try:
+        run_rounds(rig, rounds)
+        assert rig.tracker.overflow_events == 0
+        assert rig.tracker.marks == sum(l - f + 1 for r in rounds for f, l in r)
+    finally:
+        rig.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(pull_case())
+def test_pull_reports_exactly_the_marked_pages(case):
+    mode, log, rounds = case
+    rig = PullRig(mode, log)
+    run_rounds(rig, rounds)
+    assert rig.tracker.overflow_events == 0
+    assert rig.tracker.marks == sum(l - f + 1 for r in rounds for f, l in r)
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES)
+def test_push_map_layout_across_segments(mode):
+    """A 3-byte first segment: page 24 (bitmap) / page 3 (bytemap) is the second segment's first byte."""
+    segs = [(4096 + 100, 3), (10, 5)]
+    rig = PushRig(mode, segs)
+    try:
+        first = 3 * 8 if mode.is_bitmap else 3
+        rig.tracker.mark(first - 1, first + 1)
+        if mode.is_bitmap:
+            assert rig.host.read(4096 + 100 + 2, 1) == b"\x80"  # page 23: bit 7 of byte 2
+            assert rig.host.read(10, 1) == b"\x03"  # pages 24, 25: bits 0, 1 of byte 3
+        else:
+            assert rig.host.read(4096 + 100 + 2, 1) == b"\x01"
+            assert rig.host.read(10, 2) == b"\x01\x01"
+        assert rig.stray_writes() == 0
+    finally:
+        rig.close()
+
+
+def test_bitmap_range_kvm_layout():
+    b0, data = bitmap_range(3, 17)
+    assert b0 == 0 and data.tobytes() == bytes([0xF8, 0xFF, 0x03])
+    b0, data = bitmap_range(9, 9)
+    assert b0 == 1 and data.tobytes() == b"\x02"
+
+
+def test_pull_snapshot_trimmed_and_fresh():
+    t = PullTracker(TrackMode.PULL_BITMAP, 12)
+    assert t.snapshot() == b""
+    t.mark(9, 9)
+    assert t.snapshot() == b"\x00\x02"
+    assert t.snapshot() == b""
+    t = PullTracker(TrackMode.PULL_BYTEMAP, 12)
+    t.mark(2, 3)
+    assert t.snapshot() == b"\x00\x00\x01\x01"
+
+
+def test_pull_storage_grows_to_capacity():
+    t = PullTracker(TrackMode.PULL_BYTEMAP, 20)
+    t.mark((1 << 20) - 1, (1 << 20) - 1)
+    rep = t.snapshot()
+    assert len(rep) == 1 << 20 and rep[-1] == 1 and rep.count(1) == 1
+
+
+# --------------------------------------------------------------------------- negative control
+class LossyPush(PushTracker):
+    """Ignores every 10th mark."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._n = 0
+
+    def mark(self, first_page, last_page):
+        self._n += 1
+        if self._n % 10:
+            super().mark(first_page, last_page)
+
+
+class LossyPull(PullTracker):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self._n = 0
+
+    def mark(self, first_page, last_page):
+        self._n += 1
+        if self._n % 10:
+            super().mark(first_page, last_page)
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES + PULL_MODES)
+def test_checker_catches_a_lossy_tracker(mode):
+    # distinct single pages so the 10th mark is not covered by another one
+    rounds = [[(p, p) for p in range(0, 40, 2)]]
+    rig = PushRig(mode, [(3, 3), (100, 20)], LossyPush) if mode.is_push else PullRig(mode, 10, LossyPull)
+    try:
+        with pytest.raises(AssertionError, match="missing"):
+            run_rounds(rig, rounds)
+    finally:
+        rig.close()
+
+
+# --------------------------------------------------------------------------- concurrency
+def _race(rig, seed: int, n_marks: int = 3000) -> None:
+    cap = rig.tracker.capacity_pages
+    rng = random.Random(seed)
+    marked = np.zeros(cap, dtype=bool)
+    union = np.zeros(cap, dtype=bool)
+    done = threading.Event()
+
+    def marker():
+        for _ in range(n_marks):
+            f = rng.randrange(cap)
+            l = min(cap - 1, f + rng.randrange(4))  # short ranges over a big map: most pages marked once
+            rig.tracker.mark(f, l)
+            marked[f : l + 1] = True
+        done.set()
+
+    collections = 0
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        th = threading.Thread(target=marker)
+        th.start()
+        while True:  # collect at least once while the marker may still run
+            union |= rig.collect()
+            collections += 1
+            if done.is_set():
+                break
+        th.join()
+    finally:
+        sys.setswitchinterval(old)
+    union |= rig.collect()
+    assert_exact(marked, union)
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES)
+def test_push_concurrent_marks_and_collections_lose_nothing(mode):
+    rig = PushRig(mode, [(20000 + 7, 3), (11, 9000), (9100, 9000)])
+    try:
+        _race(rig, seed=int(mode))
+        assert rig.stray_writes() == 0
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("mode", PULL_MODES)
+def test_pull_concurrent_marks_and_snapshots_lose_nothing(mode):
+    _race(PullRig(mode, 14), seed=int(mode))
+
+
+# --------------------------------------------------------------------------- fail-safe
+@pytest.mark.parametrize("mode", PUSH_MODES)
+def test_push_overflow_sets_whole_map(mode):
+    rig = PushRig(mode, [(5, 3), (200, 4)])
+    try:
+        cap = rig.tracker.capacity_pages
+        rig.tracker.mark(2, 2)
+        rig.tracker.mark(cap - 1, cap + 3)  # partly beyond the map
+        assert rig.tracker.overflow_events == 1
+        assert rig.collect().all()
+        assert not rig.collect().any()  # one report, then back to exact tracking
+        rig.tracker.mark(cap + 100, cap + 100)
+        assert rig.tracker.overflow_events == 2
+        assert rig.collect().all()
+        assert rig.tracker.marks == 1 + 5 + 1
+        assert rig.stray_writes() == 0
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("mode", PULL_MODES)
+@pytest.mark.parametrize("log", [0, 2, 3, 10])
+def test_pull_overflow_next_snapshot_all_dirty(mode, log):
+    t = PullTracker(mode, log)
+    cap = 1 << log
+    t.mark(0, 0)
+    t.mark(cap, cap)
+    assert t.overflow_events == 1
+    rep = t.snapshot()
+    assert len(rep) == mode.map_bytes(cap)
+    assert report_to_pages(rep, cap, bitmap=mode.is_bitmap).all()
+    assert t.snapshot() == b""
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES)
+def test_push_map_write_refused_then_whole_map_set(mode):
+    rig = PushRig(mode, [(5, 3), (200, 4)])
+    try:
+        rig.pf_port.bus_master = False
+        rig.tracker.mark(1, 1)  # cannot reach the map: not dropped silently
+        assert rig.tracker.write_errors == 1
+        assert not rig.collect().any()
+        rig.pf_port.bus_master = True
+        rig.tracker.mark(2, 2)
+        assert rig.collect().all()
+        rig.tracker.mark(3, 3)
+        assert np.flatnonzero(rig.collect()).tolist() == [3]
+    finally:
+        rig.close()
+
+
+# --------------------------------------------------------------------------- map table errors
+@pytest.fixture
+def host_port():
+    host = Memory(HOST_SIZE, name="pf-host")
+    yield host.device_port("pf")
+    host.close()
+
+
+def test_map_table_empty(host_port):
+    with pytest.raises(MapTableError, match="no segment"):
+        PushTracker(TrackMode.PUSH_BITMAP, host_port, [])
+
+
+def test_map_table_zero_length_segment(host_port):
+    with pytest.raises(MapTableError, match="length 0"):
+        PushTracker(TrackMode.PUSH_BITMAP, host_port, [(0, 8), (64, 0)])
+
+
+def test_map_table_segment_past_memory_end(host_port):
+    with pytest.raises(MapTableError, match="outside"):
+        PushTracker(TrackMode.PUSH_BYTEMAP, host_port, [(HOST_SIZE - 4, 5)])
+
+
+def test_map_table_segment_address_beyond_memory(host_port):
+    with pytest.raises(MapTableError, match="outside"):
+        PushTracker(TrackMode.PUSH_BYTEMAP, host_port, [(0, 4), (1 << 63, 16)])
+
+
+def test_map_table_overlapping_segments(host_port):
+    with pytest.raises(MapTableError, match="overlap"):
+        PushTracker(TrackMode.PUSH_BITMAP, host_port, [(100, 10), (0, 4), (105, 2)])
+
+
+def test_map_table_error_is_tracking_error_and_writes_nothing(host_port):
+    with pytest.raises(TrackingError):
+        PushTracker(TrackMode.PUSH_BITMAP, host_port, [(0, 8), (HOST_SIZE, 1)])
+    assert not host_port.memory.array.any()
+
+
+def test_capacity_pages(host_port):
+    assert PushTracker(TrackMode.PUSH_BITMAP, host_port, [(0, 3), (10, 5)]).capacity_pages == 64
+    assert PushTracker(TrackMode.PUSH_BYTEMAP, host_port, [(0, 3), (10, 5)]).capacity_pages == 8
+    assert PullTracker(TrackMode.PULL_BITMAP, 7).capacity_pages == 128
+
+
+# --------------------------------------------------------------------------- factory / arguments
+def test_make_tracker(host_port):
+    assert isinstance(make_tracker(TrackMode.PUSH_BYTEMAP, pf_port=host_port, segments=[(0, 4)]), PushTracker)
+    t = make_tracker(TrackMode.PULL_BITMAP, log_max_pages=5)
+    assert isinstance(t, PullTracker) and t.mode is TrackMode.PULL_BITMAP
+    with pytest.raises(ValueError):
+        make_tracker(TrackMode.PUSH_BITMAP, log_max_pages=5)
+    with pytest.raises(ValueError):
+        make_tracker(TrackMode.PULL_BYTEMAP, pf_port=host_port, segments=[(0, 4)])
+
+
+def test_wrong_kind_of_mode(host_port):
+    with pytest.raises(ValueError):
+        PushTracker(TrackMode.PULL_BITMAP, host_port, [(0, 4)])
+    with pytest.raises(ValueError):
+        PullTracker(TrackMode.PUSH_BITMAP, 4)
+
+
+@pytest.mark.parametrize("mode", PULL_MODES)
+def test_pull_log_max_pages_bounds(mode):
+    PullTracker(mode, max_log_pages(mode))  # allocates lazily: cheap
+    with pytest.raises(ValueError):
+        PullTracker(mode, max_log_pages(mode) + 1)
+    with pytest.raises(ValueError):
+        PullTracker(mode, -1)
+    assert mode.map_bytes(1 << max_log_pages(mode)) <= (1 << 32) - 1 < mode.map_bytes(1 << (max_log_pages(mode) + 1))
+
+
+def test_mark_bad_range():
+    t = PullTracker(TrackMode.PULL_BYTEMAP, 4)
+    with pytest.raises(ValueError):
+        t.mark(5, 4)
+    with pytest.raises(ValueError):
+        t.mark(-1, 0)
+    assert t.marks == 0
+
+
+# --------------------------------------------------------------------------- report_to_pages
+def test_report_shorter_than_memory_rest_clean():
+    assert np.flatnonzero(report_to_pages(b"\x81", 20, bitmap=True)).tolist() == [0, 7]
+    assert np.flatnonzero(report_to_pages(b"\x00\x01", 20, bitmap=False)).tolist() == [1]
+    assert not report_to_pages(b"", 20, bitmap=True).any()
+
+
+def test_report_longer_with_zero_tail_ok():
+    assert np.flatnonzero(report_to_pages(b"\x01\x00\x00", 3, bitmap=True)).tolist() == [0]
+    assert np.flatnonzero(report_to_pages(b"\x00\x00\x01\x00\x00", 3, bitmap=False)).tolist() == [2]
+
+
+def test_report_bitmap_byte_past_memory_dirty():
+    with pytest.raises(DirtyReportError):
+        report_to_pages(b"\x01\x00\x04", 16, bitmap=True)
+
+
+def test_report_bitmap_padding_bit_past_memory_dirty():
+    with pytest.raises(DirtyReportError):
+        report_to_pages(b"\x00\x08", 11, bitmap=True)  # page 11 in a 11-page memory
+    assert report_to_pages(b"\x00\x04", 11, bitmap=True)[10]
+
+
+def test_report_bytemap_byte_past_memory_dirty():
+    with pytest.raises(DirtyReportError):
+        report_to_pages(b"\x00\x00\x00\x01", 3, bitmap=False)
+
+
+def test_report_not_strict_means_all_dirty():
+    assert report_to_pages(b"\x00\x00\x00\x01", 3, bitmap=False, strict=False).all()
+    assert report_to_pages(b"\x00\x08", 11, bitmap=True, strict=False).all()
+
+
+def test_report_bytemap_any_nonzero_is_dirty():
+    assert np.flatnonzero(report_to_pages(b"\x00\x02\xff", 3, bitmap=False)).tolist() == [1, 2]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.booleans(), max_size=100), st.integers(0, 8))
+def test_report_roundtrip(pages, extra):
+    arr = np.array(pages, dtype=bool)
+    n = len(arr) + extra
+    want = np.zeros(n, dtype=bool)
+    want[: len(arr)] = arr
+    bm = np.packbits(arr, bitorder="little").tobytes()
+    assert (report_to_pages(bm, n, bitmap=True) == want).all()
+    assert (report_to_pages(arr.astype(np.uint8).tobytes(), n, bitmap=False) == want).all()
