@@ -477,3 +477,14 @@ def test_push_writes_used_element_before_used_idx():
     assert rec.writes == [(used + 4, 8), (used + 12, 8), (used + 2, 2)]
     pair.vq.push(rec, a.head, 0)
     assert rec.writes[-2:] == [(used + 4 + 16, 8), (used + 2, 2)]
+
+
+def test_push_refuses_bad_head_or_length_without_publishing():
+    from virtio_lm.errors import FieldValueError
+
+    pair = Pair()
+    with pytest.raises(FieldValueError):
+        pair.vq.push(pair.port, 8, 0)
+    with pytest.raises(FieldValueError):
+        pair.vq.push(pair.port, 0, 1 << 32)
+    assert pair.vq.used_idx == 0 and pair.dq.used_idx() == 0

@@ -37,7 +37,7 @@ from virtio_lm.errors import (
     VirtqueueError,
 )
 from virtio_lm.memory.region import MemoryPort
-from virtio_lm.wire.codec import read_u16, u16
+from virtio_lm.wire.codec import read_u16, read_u32, read_u64, u16, u32
 from virtio_lm.wire.ring import (
     AVAIL_ALIGN,
     DESC_ALIGN,
@@ -47,8 +47,6 @@ from virtio_lm.wire.ring import (
     AvailFlags,
     DescFlags,
     UsedFlags,
-    VirtqDesc,
-    VirtqUsedElem,
     avail_entry_offset,
     avail_event_offset,
     avail_ring_size,
@@ -304,17 +302,19 @@ class Virtqueue:
             if idx in seen:
                 raise DescriptorLoopError(name, f"chain from head {head} revisits {where} entry {idx}")
             seen.add(idx)
+            # struct virtq_desc (wire.ring.VirtqDesc), read field by field: this is the hot path
             if table is None:
                 try:
                     raw = port.read(desc_base + DESC_SIZE * idx, DESC_SIZE)
                 except MemoryAccessError as exc:
                     raise RingAddressError(name, "descriptor table outside memory") from exc
-                d = VirtqDesc.unpack_from(raw)
+                off = 0
             else:
-                d = VirtqDesc.unpack_from(table, DESC_SIZE * idx)
-            flags = int(d.flags)
-            addr = d.addr
-            length = d.len
+                raw = table
+                off = DESC_SIZE * idx
+            addr = read_u64(raw, off)
+            length = read_u32(raw, off + 8)
+            flags = read_u16(raw, off + 12)
             if flags & _INDIRECT:
                 if table is not None:
                     raise IndirectDescriptorError(name, f"indirect descriptor {idx} inside an indirect table")
@@ -363,7 +363,7 @@ class Virtqueue:
                 raise ChainLengthError(name, f"chain from head {head} is longer than 2**32 - 1 bytes")
             if not flags & _NEXT:
                 break
-            idx = d.next
+            idx = read_u16(raw, off + 14)
         return DescriptorChain(
             head=head,
             readable=tuple(readable),
@@ -392,7 +392,10 @@ class Virtqueue:
             for head, written in items:
                 if not 0 <= head < size:
                     raise FieldValueError(self.name, "head", head, f"< queue size {size}")
-                port.write(base + used_elem_offset(idx % size), VirtqUsedElem(head, written).encode())
+                if not 0 <= written <= U32_MAX:
+                    raise FieldValueError(self.name, "written", written, "a u32")
+                # struct virtq_used_elem (wire.ring.VirtqUsedElem): le32 id, le32 len
+                port.write(base + used_elem_offset(idx % size), u32(head) + u32(written))
                 idx = (idx + 1) & U16
             if idx == start:
                 return
