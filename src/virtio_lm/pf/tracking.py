@@ -67,8 +67,12 @@ _INITIAL_PULL_PAGES = 1 << 12
 
 
 def max_log_pages(mode: TrackMode) -> int:
-    """Largest ``log_max_pages`` whose full map still fits a ``le32`` report length."""
-    return 34 if TrackMode(mode).is_bitmap else 31
+    """Largest ``log_max_pages`` whose full map still fits a ``le32`` report length (34 / 31)."""
+    mode = TrackMode(mode)
+    log = 0
+    while mode.map_bytes(1 << (log + 1)) <= MAX_REPORT_BYTES:
+        log += 1
+    return log
 
 
 def bitmap_range(first_page: int, last_page: int) -> tuple[int, np.ndarray]:
