@@ -276,6 +276,23 @@ class Virtqueue:
             self._fail(exc)
             return None
 
+    def rewalk(self, port: MemoryPort, head: int, avail_idx: int) -> DescriptorChain | None:
+        """Walk the chain at ``head`` again (taken earlier at ``avail_idx``).
+
+        For a device restored from a saved state: the chains it held are named
+        by head only and walked again in the (migrated) guest memory.  Hostile
+        content breaks the queue like :meth:`pop`; returns ``None`` then.
+        """
+        if self.broken or not self.enabled:
+            return None
+        try:
+            if head >= self.size:
+                raise DescriptorIndexError(self.name, f"head {head} >= queue size {self.size}")
+            return self._walk(port, head, avail_idx & U16)
+        except VirtqueueError as exc:
+            self._fail(exc)
+            return None
+
     def pop_all(self, port: MemoryPort) -> list[DescriptorChain]:
         """Every chain available now (stops at the first malformed one)."""
         out = []
