@@ -93,6 +93,12 @@ _BITS = {"B": 8, "b": 8, "H": 16, "h": 16, "I": 32, "i": 32, "Q": 64, "q": 64}
 _TOKEN = re.compile(r"(\d*)([A-Za-z?])")
 
 
+def _as_int(value: Any) -> int:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return int.from_bytes(value, "little")
+    return int(value)
+
+
 def _is_zero(value: Any) -> bool:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return not any(bytes(value))
@@ -144,7 +150,7 @@ def layout(fmt: str) -> Callable[[type[T]], type[T]]:
             for info, v in zip(infos, values):
                 if info.reserved:
                     if not _is_zero(v):
-                        raise ReservedFieldError(name, info.name, le_int(v) if info.nbytes else v)
+                        raise ReservedFieldError(name, info.name, _as_int(v))
                     v = 0
                 elif info.enum is not None:
                     try:
@@ -165,7 +171,7 @@ def layout(fmt: str) -> Callable[[type[T]], type[T]]:
             for info in infos:
                 v = getattr(self, info.name)
                 if info.reserved and not _is_zero(v):
-                    raise ReservedFieldError(name, info.name, le_int(v) if info.nbytes else v)
+                    raise ReservedFieldError(name, info.name, _as_int(v))
                 if info.nbytes:
                     if info.reserved:
                         v = bytes(info.nbytes)
