@@ -357,15 +357,10 @@ class MacTableParser:
             name = self._TABLES[self._table]
             if self._left < 0:
                 entries = read_u32(self._pending)
-                # bytes left for this table's addresses (the unicast table
-                # leaves room for the multicast count)
-                room = self.total - (self._consumed + pos) - (4 if self._table == 0 else 0)
+                room = self.total - (self._consumed + pos)  # bytes after this count
                 if entries * ETH_ALEN > room:
                     raise FieldValueError(
-                        _MAC_LAYOUT,
-                        f"{name}.entries",
-                        entries,
-                        f"entries * 6 fit in the {max(room, 0)} bytes left for addresses",
+                        _MAC_LAYOUT, f"{name}.entries", entries, f"entries * 6 fit in the {room} bytes left"
                     )
                 self._left = entries
             else:
