@@ -195,6 +195,7 @@ class VirtioPciFunction:
         self.interrupt_counts: dict[int, int] = {}
         self.reset_count = 0
         self.flr_count = 0
+        self._driver_ok_listeners: list[Callable[[VirtioPciFunction], None]] = []
         self._lock = threading.RLock()      # register accesses
         self._irq_lock = threading.Lock()   # ISR and the device-owned status bit
         for q in self.queues:
@@ -210,6 +211,10 @@ class VirtioPciFunction:
         return (self.device.offered_features() & ~self._transport_mask | self._transport_offer) & (
             (1 << 64) - 1
         )
+
+    def add_driver_ok_listener(self, cb: Callable[["VirtioPciFunction"], None]) -> None:
+        """Call ``cb(fn)`` each time the driver sets DRIVER_OK (after the device's activate)."""
+        self._driver_ok_listeners.append(cb)
 
     def has_feature(self, bit_mask: int) -> bool:
         """Whether every bit of ``bit_mask`` was negotiated."""
@@ -395,6 +400,8 @@ class VirtioPciFunction:
         elif action is StatusAction.DRIVER_OK:
             self._set_driver_bits(new)
             self.device.activate(self)
+            for cb in self._driver_ok_listeners:
+                cb(self)
         else:  # SET, FAIL
             self._set_driver_bits(new)
 

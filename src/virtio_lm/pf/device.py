@@ -1,0 +1,237 @@
+"""The PF's own virtio device: a management virtio-blk device with the proposal's control queue.
+
+The proposal puts the migration commands on a device's control queue:
+for virtio-blk, VIRTIO_BLK_F_CTRL_VQ (bit 15, needs VIRTIO_BLK_F_MQ) adds a
+control queue at index ``num_queues``.  virtio-lm's PF is such a device:
+
+* queue 0, a virtio-blk request queue of a disk with capacity 0 (a
+  management-only PF: IN/OUT/DISCARD/WRITE_ZEROES are beyond capacity ->
+  IOERR, FLUSH -> OK, GET_ID -> the PF's serial, anything else -> UNSUPP);
+* queue 1 = ``num_queues``, the control queue, speaking the generic v1
+  format to :class:`~virtio_lm.pf.dispatch.ControlDispatcher`, which routes
+  class 128 to :class:`~virtio_lm.pf.controller.VfMigrationController`.
+
+Features offered: VERSION_1, EVENT_IDX, INDIRECT_DESC, VIRTIO_BLK_F_MQ,
+VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_CTRL_VQ, VIRTIO_F_GENERIC_CTRL_VQ_VER_1 (39),
+VIRTIO_F_VF_MIGRATION (40); the SR-IOV PF transport adds VIRTIO_F_SR_IOV
+(37).  FEATURES_OK is refused when the driver's set breaks a rule:
+VF_MIGRATION needs SR_IOV, GENERIC_CTRL_VQ_VER_1 and a control queue
+(BLK_F_CTRL_VQ); BLK_F_CTRL_VQ needs BLK_F_MQ.
+
+Control buffers are processed in order on a thread of their own, so a slow
+command (a FREEZE waiting for a VF's back-end I/O) holds up the control
+queue only -- never a VF's data path, nor the PF's request queue.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from virtio_lm.errors import VirtioLmError, WireError
+from virtio_lm.memory import MemoryPort
+from virtio_lm.pci.device import VirtioDevice
+from virtio_lm.pci.function import VirtioPciFunction
+from virtio_lm.pci.sriov import SriovPF
+from virtio_lm.pf.controller import ALL_MODES, VfMigrationController
+from virtio_lm.pf.dispatch import ControlDispatcher
+from virtio_lm.virtqueue.device import DescriptorChain
+from virtio_lm.wire.blk import (
+    BLK_REQUIREMENTS,
+    OUTHDR_SIZE,
+    BlkConfig,
+    BlkFeature,
+    BlkOutHdr,
+    BlkReqType,
+    BlkStatus,
+    ctrl_queue_index,
+    encode_blk_id,
+)
+from virtio_lm.wire.ctrl import TrackModeCaps
+from virtio_lm.wire.features import REQUIREMENTS, DeviceId, Feature, ProposalFeature, bit, unmet_requirements
+from virtio_lm.wire.state import MAX_IMAGE_SIZE
+
+NUM_REQUEST_QUEUES = 1
+REQUEST_QUEUE = 0
+CTRL_QUEUE = ctrl_queue_index(NUM_REQUEST_QUEUES)
+MAX_CTRL_READABLE = MAX_IMAGE_SIZE + 64  # a RESTORE portion of a whole image, plus headers
+
+PF_FEATURES = (
+    bit(Feature.VERSION_1)
+    | bit(Feature.EVENT_IDX)
+    | bit(Feature.INDIRECT_DESC)
+    | bit(BlkFeature.MQ)
+    | bit(BlkFeature.FLUSH)
+    | bit(BlkFeature.CTRL_VQ)
+    | bit(ProposalFeature.GENERIC_CTRL_VQ_VER_1)
+    | bit(ProposalFeature.VF_MIGRATION)
+)
+
+
+class PfDevice(VirtioDevice):
+    """The PF's device model; see the module docstring."""
+
+    device_id = DeviceId.BLOCK
+    num_queues = NUM_REQUEST_QUEUES + 1
+    queue_max_size = 256
+
+    def __init__(self, *, serial: str = "virtio-lm-pf", threaded: bool = True) -> None:
+        super().__init__()
+        self.serial = serial
+        self.threaded = threaded
+        self.controller: VfMigrationController | None = None
+        self.dispatcher: ControlDispatcher | None = None
+        self._config = BlkConfig(capacity=0, num_queues=NUM_REQUEST_QUEUES).encode()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._ctrl_lock = threading.Lock()
+        self.ctrl_processed = 0
+
+    def attach(self, controller: VfMigrationController) -> None:
+        self.controller = controller
+        fn = self.fn
+        self.dispatcher = ControlDispatcher(negotiated=lambda: fn.negotiated, migration=controller)
+
+    @property
+    def fn(self) -> VirtioPciFunction:
+        if self.function is None:
+            raise VirtioLmError("PfDevice is not bound to a function")
+        return self.function
+
+    # ------------------------------------------------------------------ features / config
+    def offered_features(self) -> int:
+        return PF_FEATURES
+
+    def validate_features(self, features: int) -> str | None:
+        problems = unmet_requirements(features, REQUIREMENTS, BLK_REQUIREMENTS)
+        if features & bit(ProposalFeature.VF_MIGRATION) and not features & bit(BlkFeature.CTRL_VQ):
+            problems.append("VIRTIO_F_VF_MIGRATION requires a control queue (VIRTIO_BLK_F_CTRL_VQ)")
+        return "; ".join(problems) or None
+
+    @property
+    def config_size(self) -> int:
+        return len(self._config)
+
+    def config_read(self, offset: int, length: int) -> bytes:
+        return self._config[offset : offset + length]
+
+    # ------------------------------------------------------------------ lifecycle
+    def activate(self, fn: VirtioPciFunction) -> None:
+        if self.threaded and self._worker is None:
+            self._stop.clear()
+            self._worker = threading.Thread(target=self._ctrl_loop, name=f"{fn.name}-ctrlq", daemon=True)
+            self._worker.start()
+
+    def reset(self) -> None:
+        self._stop_worker()
+        if self.controller is not None:
+            self.controller.reset()
+
+    def close(self) -> None:
+        self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        w = self._worker
+        if w is not None:
+            self._stop.set()
+            self._wake.set()
+            if w is not threading.current_thread():
+                w.join(timeout=30)
+            self._worker = None
+
+    def queue_notify(self, fn: VirtioPciFunction, queue: int) -> None:
+        if queue == CTRL_QUEUE:
+            if self.threaded:
+                self._wake.set()
+            else:
+                self.process_control_queue()
+        elif queue == REQUEST_QUEUE:
+            self._serve_requests()
+
+    # ------------------------------------------------------------------ control queue
+    def _ctrl_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self.process_control_queue()
+
+    def process_control_queue(self) -> int:
+        """Process every available control buffer, in order; returns how many."""
+        fn = self.fn
+        vq = fn.queues[CTRL_QUEUE]
+        n = 0
+        with self._ctrl_lock:
+            while (chain := vq.pop(fn.port)) is not None:
+                self._control(chain)
+                n += 1
+                vq.notify_driver(fn.port)
+        self.ctrl_processed += n
+        return n
+
+    def _control(self, chain: DescriptorChain) -> None:
+        fn = self.fn
+        assert self.dispatcher is not None, "PfDevice.attach() was not called"
+        if chain.readable_len > MAX_CTRL_READABLE:
+            outcome = self.dispatcher.handle(b"", chain.writable_len)  # ERR: no class/command
+        else:
+            outcome = self.dispatcher.handle(chain.read(fn.port), chain.writable_len)
+        written = chain.write(fn.port, outcome.written) if outcome.written else 0
+        fn.queues[CTRL_QUEUE].push(fn.port, chain.head, written)
+
+    # ------------------------------------------------------------------ request queue (capacity 0)
+    def _serve_requests(self) -> None:
+        fn = self.fn
+        vq = fn.queues[REQUEST_QUEUE]
+        while (chain := vq.pop(fn.port)) is not None:
+            if chain.writable_len < 1:
+                vq.push(fn.port, chain.head, 0)  # nowhere to put a status
+                continue
+            payload = b""
+            try:
+                hdr = BlkOutHdr.decode(chain.read_range(fn.port, 0, OUTHDR_SIZE))
+            except (WireError, VirtioLmError):
+                status = BlkStatus.UNSUPP if chain.readable_len >= OUTHDR_SIZE else BlkStatus.IOERR
+            else:
+                if hdr.type is BlkReqType.FLUSH:
+                    status = BlkStatus.OK
+                elif hdr.type is BlkReqType.GET_ID:
+                    payload, status = encode_blk_id(self.serial), BlkStatus.OK
+                elif hdr.type in (BlkReqType.IN, BlkReqType.OUT, BlkReqType.DISCARD, BlkReqType.WRITE_ZEROES):
+                    status = BlkStatus.IOERR  # every sector is beyond capacity 0
+                else:
+                    status = BlkStatus.UNSUPP
+            room = chain.writable_len - 1  # the status byte is the last writable byte
+            payload = payload[:room]
+            if payload:
+                chain.write(fn.port, payload)
+            chain.write(fn.port, bytes([status]), room)
+            vq.push(fn.port, chain.head, len(payload) + 1)
+        vq.notify_driver(fn.port)
+
+
+def build_pf(
+    port: MemoryPort,
+    *,
+    total_vfs: int = 8,
+    name: str = "pf0",
+    modes: TrackModeCaps = ALL_MODES,
+    log_max_pull_bitmap: int = 24,
+    log_max_pull_bytemap: int = 24,
+    freeze_timeout: float = 10.0,
+    threaded: bool = True,
+) -> SriovPF:
+    """A PF function with its device and migration controller wired together."""
+    dev = PfDevice(threaded=threaded)
+    pf = SriovPF(dev, port, name=name, total_vfs=total_vfs)
+    dev.attach(
+        VfMigrationController(
+            pf,
+            modes=modes,
+            log_max_pull_bitmap=log_max_pull_bitmap,
+            log_max_pull_bytemap=log_max_pull_bytemap,
+            freeze_timeout=freeze_timeout,
+        )
+    )
+    return pf
