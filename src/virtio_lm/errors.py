@@ -34,6 +34,7 @@ layer may use it (``wire`` and ``memory`` included).
      +-- DriverError                    a host-side driver could not do what was asked
      |    +-- DeviceNeedsResetError     the device set NEEDS_RESET or FAILED
      |    +-- FeaturesNotAcceptedError  FEATURES_OK did not stick
+     |    |    +-- FeatureMissingError  the device does not offer a feature the driver needs
      |    +-- CommandTimeoutError       a control command was never completed
      |    +-- AllocationError           driver memory allocator full / bad free
      |    +-- QueueFullError            not enough free descriptors for a chain
@@ -220,6 +221,10 @@ class DeviceNeedsResetError(DriverError):
 
 class FeaturesNotAcceptedError(DriverError):
     """The device did not keep FEATURES_OK after the driver wrote its features."""
+
+
+class FeatureMissingError(FeaturesNotAcceptedError):
+    """The device does not offer a feature the driver cannot work without (the driver sets FAILED)."""
 
 
 class CommandTimeoutError(DriverError):
