@@ -228,8 +228,13 @@ class Memory:
         return MemoryPort(self, DeviceWriter(name))
 
     def close(self) -> None:
+        """Unmap (and close an owned fd).  If numpy views of the memory are still
+        alive somewhere, the mapping is left for the garbage collector instead."""
         del self._ro, self._rw
-        self._mm.close()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # exported views remain; the mapping goes when they do
         if self._own_fd and self.fd is not None:
             os.close(self.fd)
             self.fd = None

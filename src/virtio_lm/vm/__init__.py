@@ -1,0 +1,1 @@
+"""The simulated VM: guest memory, vCPU workload, VF drivers."""
