@@ -1,0 +1,454 @@
+"""The migration interface every VF device implements, and a base that implements it.
+
+The PF's control path drives a VF's device through these calls, named for
+the proposal's states (see :mod:`virtio_lm.pf.controller`)::
+
+    mig_quiesce()          RUNNING/INIT -> QUIESCED: master no transaction: no DMA,
+                           no interrupt; doorbells are remembered, back-end
+                           completions are held inside the device
+    mig_freeze(timeout)    -> FREEZED: back-end I/O settles (work not started yet is
+                           cancelled and stays "not executed"); from here the
+                           internal state does not change and mig_save() is stable
+    mig_save() -> bytes    the state image (wire.state): transport records,
+                           device records, one INFLIGHT record per held chain
+    mig_validate(blob)     parse + check an (untrusted) image against this device;
+                           raises StateImageError (decode errors are wrapped);
+                           changes nothing
+    mig_restore(v)         apply what mig_validate returned; cannot fail on a
+                           frozen device (the chains are walked at resume)
+    mig_unfreeze()         FREEZED -> QUIESCED
+    mig_resume()           -> RUNNING: write held completions, re-execute chains
+                           not executed, then process every queue as if notified
+
+:class:`QueueDevice` implements all of it for devices whose queues carry
+independent requests: a subclass only says how to turn a chain into work
+(:meth:`QueueDevice.handle`) and what a failed back-end call completes with
+(:meth:`QueueDevice.backend_failed`).  Work runs on a back-end thread pool,
+off the queue-processing path, so many requests are in flight at once.
+
+Rules the base keeps:
+
+* Guest memory is touched only on the queue-processing path, under the
+  device lock, and only while the function's port has bus mastering on
+  (:attr:`QueueDevice.mastering` *is* ``fn.port.bus_master``): the readable
+  part is read in :meth:`QueueDevice.handle`, completions are written by the
+  base.  Back-end work (the callables) computes bytes and never DMAs, so a
+  request finishing while QUIESCED is simply held (state DONE).
+* A held chain is counted once: it is either on the used ring or in the
+  device's in-flight table, never both, never neither (while its queue is
+  not broken) -- which is what :meth:`QueueDevice.mig_validate` checks
+  against the QUEUE records' ``last_avail_idx - used_idx``.
+* A device reset (driver writes 0 or FLR) drops every request but does not
+  change the migration state: bus mastering belongs to the PF (its
+  controller turns it back on at a VF FLR).
+* ``avail_idx`` of an INFLIGHT record is informational: completions are out
+  of order, so a held chain may have been taken arbitrarily long before the
+  others; nothing but "it exists" can be checked about it.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from virtio_lm.errors import DeviceBusyError, StateImageError, VirtioLmError, VirtqueueError, WireError
+from virtio_lm.pci.device import VirtioDevice
+from virtio_lm.pci.function import VirtioPciFunction
+from virtio_lm.pci.snapshot import FunctionSnapshot, apply_function, save_function, validate_function
+from virtio_lm.virtqueue.device import DescriptorChain
+from virtio_lm.wire.features import DeviceStatus
+from virtio_lm.wire.state import (
+    DEVICE_RECORD_BASE,
+    QUEUE_FLAG_BROKEN,
+    InflightHeader,
+    RecordType,
+    StateImage,
+    decode_image,
+    encode_image,
+)
+
+MAX_HELD_DATA = 16 << 20  # one held completion may not claim more than this
+
+Work = Callable[[], bytes]
+
+
+class Migratable(Protocol):
+    """What the PF control path needs of a VF's device."""
+
+    def mig_quiesce(self) -> None: ...
+    def mig_freeze(self, timeout: float) -> None: ...
+    def mig_unfreeze(self) -> None: ...
+    def mig_resume(self) -> None: ...
+    def mig_save(self) -> bytes: ...
+    def mig_validate(self, blob: bytes) -> object: ...
+    def mig_restore(self, validated: object) -> None: ...
+
+
+class ReqState(enum.Enum):
+    PENDING = 0  # taken from the avail ring, not (or no longer) executing
+    RUNNING = 1  # on the back-end pool
+    DONE = 2  # executed; completion held until it can be written
+
+
+@dataclass(eq=False)
+class Request:
+    """A chain the device took and has not returned.
+
+    ``chain`` is None for a request restored from an image until the device
+    walks ``head`` again in guest memory at resume (it may not DMA before).
+    """
+
+    queue: int
+    head: int
+    avail_idx: int
+    chain: DescriptorChain | None
+    state: ReqState = ReqState.PENDING
+    data: bytes = b""
+    future: Future[None] | None = field(default=None, repr=False)
+
+    @classmethod
+    def taken(cls, queue: int, chain: DescriptorChain) -> "Request":
+        return cls(queue, chain.head, chain.avail_idx, chain)
+
+
+@dataclass(frozen=True)
+class ValidatedImage:
+    """What :meth:`QueueDevice.mig_validate` hands to :meth:`QueueDevice.mig_restore`."""
+
+    function: FunctionSnapshot
+    inflight: tuple[InflightHeader, ...]
+    data: tuple[bytes, ...]
+    device: object  # the subclass's parsed device records
+
+
+class QueueDevice(VirtioDevice):
+    """A device whose queues carry independent requests, with the migration interface."""
+
+    #: back-end pool size; requests beyond it wait in the pool's queue
+    backend_threads: int = 4
+    #: queues the base class processes on notify (None: all)
+    request_queues: tuple[int, ...] | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.RLock()
+        #: notified whenever a request finishes its back-end work or leaves the device
+        self._settled = threading.Condition(self._lock)
+        self._inflight: dict[tuple[int, int], Request] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self.frozen = False  # mig_freeze succeeded; cleared by mig_unfreeze / mig_resume
+        self.kicks_while_quiesced = 0
+        self.completed = 0
+
+    # ================================================================== subclass hooks
+    def handle(self, fn: VirtioPciFunction, queue: int, chain: DescriptorChain) -> bytes | Work:
+        """Turn a chain into its completion: the bytes to write into the chain's
+        writable part now, or a callable the back-end pool runs to produce
+        them (it must not touch guest memory).  Reads of the readable part
+        happen here (the device is mastering).  Raise :class:`VirtqueueError`
+        for a chain the device cannot use at all (the queue then needs a reset).
+        Called again for the same chain when a request that was not executed
+        is re-executed (after a cancelling freeze, or on a restore's destination)."""
+        raise NotImplementedError
+
+    def backend_failed(self, queue: int, chain: DescriptorChain, exc: Exception) -> bytes:
+        """The completion of a request whose back-end work raised ``exc``."""
+        raise NotImplementedError
+
+    def save_device_records(self) -> list[tuple[int, bytes]]:
+        """Device-specific records (CONFIG, types >= 0x100).  Default: none."""
+        return []
+
+    def validate_device_records(self, image: StateImage, snap: FunctionSnapshot) -> object:
+        """Parse and check the device's records; raise StateImageError.  Default: none allowed."""
+        extra = [r.type for r in image.records if r.type >= DEVICE_RECORD_BASE or r.type == RecordType.CONFIG]
+        if extra:
+            raise StateImageError("device", f"unexpected device records {extra}")
+        return None
+
+    def restore_device_records(self, parsed: object) -> None:
+        """Apply what :meth:`validate_device_records` returned."""
+
+    # ================================================================== data path
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.backend_threads, thread_name_prefix=f"{type(self).__name__}-io")
+        return self._pool
+
+    @property
+    def fn(self) -> VirtioPciFunction:
+        if self.function is None:
+            raise VirtioLmError(f"{type(self).__name__} is not bound to a function")
+        return self.function
+
+    @property
+    def mastering(self) -> bool:
+        """Whether the device may DMA and interrupt: its port's bus-master enable."""
+        return self.fn.port.bus_master
+
+    @property
+    def in_flight(self) -> int:
+        """Chains taken from the avail rings and not yet returned."""
+        with self._lock:
+            return len(self._inflight)
+
+    def requests(self) -> list[Request]:
+        """A copy of the in-flight table (diagnostics and tests)."""
+        with self._lock:
+            return list(self._inflight.values())
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no request is in flight; False if ``timeout`` ran out first."""
+        with self._lock:
+            return self._settled.wait_for(lambda: not self._inflight, timeout)
+
+    def queue_notify(self, fn: VirtioPciFunction, queue: int) -> None:
+        with self._lock:
+            if not self.mastering:
+                self.kicks_while_quiesced += 1  # every queue is processed at resume
+                return
+            self._process_queue(queue)
+
+    def _process_queue(self, queue: int) -> None:
+        if self.request_queues is not None and queue not in self.request_queues:
+            return
+        fn = self.fn
+        vq = fn.queues[queue]
+        while self.mastering and (chain := vq.pop(fn.port)) is not None:
+            self._start(Request.taken(queue, chain))
+        if self.mastering:
+            vq.notify_driver(fn.port)
+
+    def _start(self, req: Request) -> None:
+        key = (req.queue, req.head)
+        self._inflight[key] = req
+        req.state = ReqState.PENDING
+        req.data = b""
+        assert req.chain is not None
+        try:
+            work = self.handle(self.fn, req.queue, req.chain)
+        except VirtqueueError as exc:
+            self._drop(req)
+            self.fn.queues[req.queue].broken = True
+            self.fn.set_needs_reset(exc)
+            return
+        if callable(work):
+            req.state = ReqState.RUNNING
+            req.future = self._executor().submit(self._run, req, work)
+        else:
+            self._finish(req, work)
+
+    def _run(self, req: Request, work: Work) -> None:
+        try:
+            data = work()
+        except Exception as exc:  # the back-end's failure becomes the request's status
+            assert req.chain is not None
+            try:
+                data = self.backend_failed(req.queue, req.chain, exc)
+            except Exception:  # a broken hook must not leave the request RUNNING forever
+                data = b""
+        with self._lock:
+            req.future = None
+            if self._inflight.get((req.queue, req.head)) is req:
+                self._finish(req, data)
+            else:  # dropped by a reset meanwhile: the result goes nowhere
+                req.state = ReqState.DONE
+            self._settled.notify_all()
+
+    def _finish(self, req: Request, data: bytes) -> None:
+        req.state = ReqState.DONE
+        req.data = bytes(data)
+        if self.mastering:
+            self._complete(req)
+            self.fn.queues[req.queue].notify_driver(self.fn.port)
+
+    def _drop(self, req: Request) -> None:
+        if self._inflight.get((req.queue, req.head)) is req:
+            del self._inflight[(req.queue, req.head)]
+        self._settled.notify_all()
+
+    def _complete(self, req: Request) -> None:
+        """Write the held data and return the chain on the used ring (mastering only)."""
+        fn = self.fn
+        vq = fn.queues[req.queue]
+        written = 0
+        if req.data:
+            assert req.chain is not None
+            try:
+                written = req.chain.write(fn.port, req.data)
+            except VirtqueueError as exc:  # data longer than the chain's writable part
+                self._drop(req)
+                vq.broken = True
+                fn.set_needs_reset(exc)
+                return
+        self._drop(req)
+        vq.push(fn.port, req.head, written)
+        self.completed += 1
+
+    # ================================================================== lifecycle
+    def _cancel_not_started(self) -> int:
+        """Cancel back-end work that has not started: those requests become PENDING."""
+        n = 0
+        for req in self._inflight.values():
+            if req.state is ReqState.RUNNING and req.future is not None and req.future.cancel():
+                req.future = None
+                req.state = ReqState.PENDING
+                n += 1
+        return n
+
+    def reset(self) -> None:
+        """Drop every request (work not started is cancelled, running work is waited
+        for and its result discarded).  The migration state is left alone."""
+        with self._lock:
+            self._cancel_not_started()
+            dropped = list(self._inflight.values())
+            self._inflight.clear()  # running work finishing now finds itself dropped
+            self._settled.notify_all()
+            self._wait_no_running(dropped, None)
+
+    def _wait_no_running(self, reqs: list[Request], timeout: float | None) -> None:
+        def settled() -> bool:
+            return not any(r.state is ReqState.RUNNING for r in reqs)
+
+        if not self._settled.wait_for(settled, timeout):
+            running = sum(r.state is ReqState.RUNNING for r in reqs)
+            raise DeviceBusyError(f"{self.fn.name}: {running} back-end requests still running after {timeout}s")
+
+    def close(self) -> None:
+        """Stop the back-end pool (the device is not used afterwards)."""
+        with self._lock:
+            self._cancel_not_started()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    # ================================================================== migration interface
+    def mig_quiesce(self) -> None:
+        with self._lock:
+            self.fn.port.bus_master = False
+
+    def mig_freeze(self, timeout: float = 10.0) -> None:
+        """Quiesce, cancel work not started, wait ``timeout`` s for running work.
+
+        On :class:`DeviceBusyError` the device stays quiesced (not frozen);
+        the cancelled requests are PENDING and run again at resume."""
+        with self._lock:
+            self.fn.port.bus_master = False
+            self._cancel_not_started()
+            self._wait_no_running(list(self._inflight.values()), timeout)
+            self.frozen = True
+
+    def mig_unfreeze(self) -> None:
+        with self._lock:
+            self.frozen = False
+
+    def mig_resume(self) -> None:
+        with self._lock:
+            fn = self.fn
+            self.frozen = False
+            fn.port.bus_master = True
+            if not fn.status & DeviceStatus.DRIVER_OK or fn.needs_reset:
+                return
+            touched: set[int] = set()
+            for req in sorted(self._inflight.values(), key=lambda r: (r.queue, r.avail_idx)):
+                touched.add(req.queue)
+                if req.chain is None:  # restored: walk the chain again in guest memory
+                    req.chain = fn.queues[req.queue].rewalk(fn.port, req.head, req.avail_idx)
+                    if req.chain is None:  # the queue broke (NEEDS_RESET is set)
+                        self._drop(req)
+                        continue
+                if req.state is ReqState.DONE:
+                    self._complete(req)
+                elif req.state is ReqState.PENDING:
+                    self._start(req)
+            for q in range(len(fn.queues)):
+                if fn.queues[q].enabled:
+                    self._process_queue(q)
+                    touched.discard(q)
+            for q in touched:
+                fn.queues[q].notify_driver(fn.port)
+
+    def mig_save(self) -> bytes:
+        """The state image; refused (:class:`DeviceBusyError`) while back-end work runs."""
+        fn = self.fn
+        with fn._lock, self._lock:  # lock order everywhere: function registers, then device
+            img = StateImage(self.device_id)
+            for rtype, payload in save_function(fn):
+                img.add(rtype, payload)
+            for rtype, payload in self.save_device_records():
+                img.add(rtype, payload)
+            for req in sorted(self._inflight.values(), key=lambda r: (r.queue, r.avail_idx)):
+                if req.state is ReqState.RUNNING:
+                    raise DeviceBusyError(f"{fn.name}: save while request {req.head} is running")
+                done = req.state is ReqState.DONE
+                data = req.data if done else b""
+                hdr = InflightHeader(req.queue, req.head, req.avail_idx, int(done), len(data))
+                img.add(RecordType.INFLIGHT, hdr.encode() + data)
+            return encode_image(img)
+
+    def mig_validate(self, blob: bytes) -> ValidatedImage:
+        """Parse and check ``blob`` against this device; changes nothing.
+
+        Beyond :func:`validate_function`: every INFLIGHT record names an
+        enabled queue, a head below its size, no (queue, head) twice, data
+        only when done and at most MAX_HELD_DATA bytes; and each queue has
+        exactly ``last_avail_idx - used_idx`` records (at most that many on
+        a queue saved broken, whose device may have dropped chains)."""
+        try:
+            image = decode_image(blob)
+        except WireError as exc:
+            raise StateImageError("image", str(exc)) from exc
+        fn = self.fn
+        snap = validate_function(fn, image)
+        headers: list[InflightHeader] = []
+        datas: list[bytes] = []
+        seen: set[tuple[int, int]] = set()
+        per_queue = [0] * len(fn.queues)
+        for i, rec in enumerate(image.of_type(RecordType.INFLIGHT)):
+            h = InflightHeader.unpack_from(rec.payload, 0)
+            where = f"inflight[{i}]"
+            if h.queue >= len(fn.queues):
+                raise StateImageError(where, f"queue {h.queue} does not exist")
+            q = snap.queues[h.queue]
+            if not q.enabled:
+                raise StateImageError(where, f"queue {h.queue} is not enabled")
+            if h.head >= q.size:
+                raise StateImageError(where, f"head {h.head} >= queue size {q.size}")
+            if (h.queue, h.head) in seen:
+                raise StateImageError(where, f"chain {h.head} of queue {h.queue} recorded twice")
+            if not h.done and h.data_len:
+                raise StateImageError(where, f"a request not executed carries {h.data_len} bytes of data")
+            if h.data_len > MAX_HELD_DATA:
+                raise StateImageError(where, f"held data of {h.data_len} bytes is too large")
+            seen.add((h.queue, h.head))
+            per_queue[h.queue] += 1
+            headers.append(h)
+            datas.append(rec.payload[InflightHeader.SIZE :])
+        for qi, n in enumerate(per_queue):
+            held = snap.in_flight(qi)
+            broken = bool(snap.queues[qi].flags & QUEUE_FLAG_BROKEN)
+            if n > held or (n != held and not broken):
+                raise StateImageError(
+                    f"queue[{qi}]", f"{held} chains taken but not returned, yet {n} INFLIGHT records"
+                )
+        device = self.validate_device_records(image, snap)
+        return ValidatedImage(snap, tuple(headers), tuple(datas), device)
+
+    def mig_restore(self, validated: object) -> None:
+        """Apply what :meth:`mig_validate` returned.  Only while frozen (no back-end
+        work running); the restored chains are walked again at :meth:`mig_resume`."""
+        if not isinstance(validated, ValidatedImage):
+            raise TypeError(f"mig_restore takes what mig_validate returned, not {type(validated).__name__}")
+        fn = self.fn
+        with fn._lock, self._lock:
+            if any(r.state is ReqState.RUNNING for r in self._inflight.values()):
+                raise DeviceBusyError(f"{fn.name}: restore while back-end work runs (freeze first)")
+            apply_function(fn, validated.function)
+            self.restore_device_records(validated.device)
+            self._inflight.clear()
+            for h, data in zip(validated.inflight, validated.data):
+                state = ReqState.DONE if h.done else ReqState.PENDING
+                self._inflight[(h.queue, h.head)] = Request(h.queue, h.head, h.avail_idx, None, state, data)
