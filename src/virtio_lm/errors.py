@@ -40,6 +40,7 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- QueueFullError            not enough free descriptors for a chain
      |    +-- UsedRingError             the device put something invalid on the used ring
      |    +-- ControlCommandError       the PF acked a control command with VIRTIO_CTRL_ERR
+     |    +-- BlkIOError                a virtio-blk request completed with status IOERR / UNSUPP
      +-- StateTransitionError           SET_STATE the VF state machine refuses (ack ERR)
      |    +-- StalePlanError            a planned transition applied after the state moved on
      +-- TrackingError                  dirty page tracking set-up or report refused
@@ -48,6 +49,13 @@ layer may use it (``wire`` and ``memory`` included).
      +-- CommandRefusedError            the PF refuses a control command (it acks ERR)
      +-- StateImageError                a restored state image whose content the device refuses
      +-- DeviceBusyError                back-end I/O did not settle in time (FREEZE)
+     +-- MonitorError                   the QMP monitor (host/qmp.py)
+          +-- QmpError                  a command failed: becomes {"error": {"class", "desc"}}
+          +-- QmpLimitError             client input/output past a bound; the client is disconnected
+          +-- CommandRegistrationError  a bad command name / argument schema at register() time
+          +-- MonitorAddressError       a listen address that does not parse or cannot be bound
+     +-- BackendError                   a network back-end failed (socket, TAP)
+     |    +-- BackendUnavailableError   the back-end cannot be used on this system (no /dev/net/tun, no CAP_NET_ADMIN)
 
 Later layers add their own subtrees (control commands, device state images,
 migration) under :class:`VirtioLmError` and draw them here.
@@ -329,3 +337,83 @@ class ControlCommandError(DriverError):
         st = f" (VF state {getattr(state, 'name', state)})" if state is not None else ""
         extra = f": {detail}" if detail else ""
         super().__init__(f"{command}{where} failed with VIRTIO_CTRL_ERR{st}{extra}")
+
+
+# --------------------------------------------------------------------------- network back-ends
+class BackendError(VirtioLmError):
+    """A network back-end (UDP switch port, TAP) failed."""
+
+
+class BackendUnavailableError(BackendError):
+    """The back-end cannot be used here (no /dev/net/tun, no CAP_NET_ADMIN, ...); ``reason`` says why."""
+
+    def __init__(self, backend: str, reason: str) -> None:
+        self.backend = backend
+        self.reason = reason
+        super().__init__(f"{backend} back-end unavailable: {reason}")
+
+
+class BlkIOError(DriverError):
+    """A virtio-blk request completed with a status other than OK.
+
+    ``status`` is the status byte the device wrote (a
+    :class:`virtio_lm.wire.blk.BlkStatus` value when known, else the raw int;
+    ``None`` when the device returned the chain without writing one),
+    ``type`` the request type and ``sector`` its first sector.
+    """
+
+    def __init__(self, status: object, type: object, sector: int, detail: str = "") -> None:
+        self.status = status
+        self.type = type
+        self.sector = sector
+        st = getattr(status, "name", status)
+        kind = getattr(type, "name", type)
+        extra = f": {detail}" if detail else ""
+        super().__init__(f"virtio-blk {kind} at sector {sector} completed with status {st}{extra}")
+
+
+# --------------------------------------------------------------------------- QMP monitor
+class MonitorError(VirtioLmError):
+    """Base of the QMP monitor's errors (:mod:`virtio_lm.host.qmp`)."""
+
+
+#: The error classes QEMU's QMP uses (qapi ``QapiErrorClass``).
+QMP_ERROR_CLASSES = frozenset(
+    {"GenericError", "CommandNotFound", "DeviceNotActive", "DeviceNotFound", "KVMMissingCap"}
+)
+
+
+class QmpError(MonitorError):
+    """A QMP command failed.  The monitor answers ``{"error": {"class": error_class,
+    "desc": desc}}`` (with the request's ``id``).  Command handlers raise it."""
+
+    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+        if error_class not in QMP_ERROR_CLASSES:
+            raise ValueError(f"unknown QMP error class {error_class!r}")
+        self.desc = desc
+        self.error_class = error_class
+        super().__init__(f"{error_class}: {desc}")
+
+
+class QmpLimitError(MonitorError):
+    """A client went past one of the monitor's bounds (message size, nesting depth,
+    unsent output); the monitor answers an error, if it still can, and disconnects it.
+
+    ``limit`` names the bound, ``value`` what the client reached, ``maximum`` the bound.
+    """
+
+    def __init__(self, limit: str, value: int, maximum: int) -> None:
+        self.limit = limit
+        self.value = value
+        self.maximum = maximum
+        super().__init__(f"{limit} limit exceeded: {value} > {maximum}")
+
+
+class CommandRegistrationError(MonitorError):
+    """A command registered twice, with a bad name, or with an argument schema that
+    does not parse."""
+
+
+class MonitorAddressError(MonitorError):
+    """A monitor address that does not parse (``unix:PATH`` / ``tcp:HOST:PORT``) or
+    that cannot be listened on."""
