@@ -103,7 +103,7 @@ class PfDevice(VirtioDevice):
         return PF_FEATURES
 
     def validate_features(self, features: int) -> str | None:
-        problems = unmet_requirements(features, REQUIREMENTS, BLK_REQUIREMENTS)
+        problems = unmet_requirements(features, REQUIREMENTS, BLK_REQUIREMENTS, device_bits=BlkFeature)
         if features & bit(ProposalFeature.VF_MIGRATION) and not features & bit(BlkFeature.CTRL_VQ):
             problems.append("VIRTIO_F_VF_MIGRATION requires a control queue (VIRTIO_BLK_F_CTRL_VQ)")
         return "; ".join(problems) or None
