@@ -1,0 +1,550 @@
+"""A guest virtio-blk driver, written from the virtio spec (5.2), over the PCI registers.
+
+:class:`BlkDriver` brings a virtio-blk function up through
+:class:`~virtio_lm.pci.transport.PciDriverTransport` (registers only), reads
+``virtio_blk_config``, sets up one :class:`~virtio_lm.virtqueue.driver.DriverQueue`
+per request queue (``num_queues`` with VIRTIO_BLK_F_MQ, else one) and
+places every request in the guest's memory through the CPU port it is given
+(the VM's own stores, seen by the hypervisor's dirty log)::
+
+    header block (32 bytes, from the allocator)    data buffer (allocator or caller's)
+    +0  virtio_blk_outhdr (16)  device-readable    split into descriptors of at most
+    +16 status (1)              device-writable    size_max bytes, at most seg_max
+
+Async API: :meth:`BlkDriver.submit` (or ``submit_read`` / ``submit_write`` /
+...) returns a token; :meth:`BlkDriver.kick` publishes; :meth:`BlkDriver.reap`
+takes every used entry of every queue and returns :class:`BlkCompletion`\\ s
+(data of IN / GET_ID copied out of guest memory, status read from its byte);
+:meth:`BlkDriver.wait` waits for one token.  Interrupts: install
+:meth:`BlkDriver.interrupt` as the function's ``on_interrupt`` (done by
+default); waits also poll, so a lost interrupt costs latency, not
+correctness.  The sync helpers (:meth:`read`, :meth:`write`, :meth:`flush`,
+:meth:`get_id`, :meth:`discard`, :meth:`write_zeroes`) raise
+:class:`~virtio_lm.errors.BlkIOError` for a status other than OK.
+
+The driver's state is guest memory (rings, headers, buffers -- migrated with
+the VM) plus its own bookkeeping: :meth:`BlkDriver.export_state` returns that
+bookkeeping as plain data (:class:`BlkDriverState`, picklable) and
+:meth:`BlkDriver.from_state` resumes it on another function and memory
+(the migration's destination) without touching the device.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from virtio_lm.errors import BlkIOError, CommandTimeoutError, DriverError
+from virtio_lm.memory import MemoryPort
+from virtio_lm.pci.transport import PciDriverTransport, RegisterInterface
+from virtio_lm.virtqueue.device import Segment
+from virtio_lm.virtqueue.driver import Allocator, DriverQueue
+from virtio_lm.wire.blk import (
+    BLK_CONFIG_SIZE,
+    OUTHDR_SIZE,
+    SECTOR_SHIFT,
+    SECTOR_SIZE,
+    VIRTIO_BLK_ID_BYTES,
+    BlkConfig,
+    BlkFeature,
+    BlkOutHdr,
+    BlkReqType,
+    BlkStatus,
+    DiscardSegment,
+    SegmentFlags,
+    decode_blk_id,
+    encode_segments,
+)
+from virtio_lm.wire.features import Feature, bit
+
+__all__ = ["BlkCompletion", "BlkDriver", "BlkDriverState", "DEFAULT_FEATURES"]
+
+DEFAULT_FEATURES = (
+    bit(Feature.VERSION_1)
+    | bit(Feature.EVENT_IDX)
+    | bit(Feature.INDIRECT_DESC)
+    | bit(BlkFeature.SEG_MAX)
+    | bit(BlkFeature.SIZE_MAX)
+    | bit(BlkFeature.BLK_SIZE)
+    | bit(BlkFeature.RO)
+    | bit(BlkFeature.FLUSH)
+    | bit(BlkFeature.MQ)
+    | bit(BlkFeature.DISCARD)
+    | bit(BlkFeature.WRITE_ZEROES)
+)
+HDR_BLOCK = 32  # outhdr (16) + status (1), padded
+STATUS_OFFSET = OUTHDR_SIZE
+_POISON = 0xFF  # status byte before the device writes it (not a valid status)
+
+
+@dataclass
+class _Req:
+    """The driver's record of one submitted request."""
+
+    token: int
+    type: int
+    sector: int
+    queue: int
+    hdr_addr: int  # header block; status at hdr_addr + 16 (unless raw)
+    buf_addr: int | None  # data buffer
+    buf_len: int
+    owns_buf: bool
+    device_writes_buf: bool  # IN / GET_ID: copy the buffer out at completion
+    status_addr: int = -1
+    raw: list[tuple[int, int, bool]] = field(default_factory=list)  # raw chains: (addr, len, writable), all owned
+
+
+@dataclass(frozen=True)
+class BlkCompletion:
+    """One reaped request."""
+
+    token: int
+    type: int
+    sector: int
+    queue: int
+    status: int | None  # the status byte (None: the device wrote none, used_len 0)
+    used_len: int
+    data: bytes | None  # IN / GET_ID data; a raw chain's whole writable part
+
+    @property
+    def ok(self) -> bool:
+        return self.status == BlkStatus.OK
+
+
+@dataclass
+class BlkDriverState:
+    """Everything of a :class:`BlkDriver` that is not in guest memory (picklable)."""
+
+    features: int
+    config: BlkConfig
+    queues: dict[int, dict[str, Any]]
+    alloc: Allocator
+    requests: dict[int, _Req]
+    parked: list[BlkCompletion]
+    next_token: int
+    rr: int
+
+
+def _dq_export(dq: DriverQueue) -> dict[str, Any]:
+    d = {k: v for k, v in vars(dq).items() if k not in ("port", "alloc")}
+    return copy.deepcopy(d)
+
+
+def _dq_import(port: MemoryPort, alloc: Allocator, state: dict[str, Any]) -> DriverQueue:
+    dq = DriverQueue.__new__(DriverQueue)
+    vars(dq).update(copy.deepcopy(state))
+    dq.port = port
+    dq.alloc = alloc
+    return dq
+
+
+class BlkDriver:
+    """Guest driver of one virtio-blk function; see the module docstring.
+
+    ``fn`` is the function's register interface, ``port`` the guest's CPU
+    port onto the VM's memory, ``alloc`` an allocator over the part of guest
+    memory the driver owns (rings, headers, buffers).  ``num_queues`` limits
+    the request queues used (default: all the device has, with MQ).
+    """
+
+    def __init__(
+        self,
+        fn: RegisterInterface,
+        port: MemoryPort,
+        alloc: Allocator,
+        *,
+        features: int = DEFAULT_FEATURES,
+        num_queues: int | None = None,
+        queue_size: int | None = None,
+        attach_interrupts: bool = True,
+        timeout: float = 20.0,
+        bring_up: bool = True,
+    ) -> None:
+        self.fn = fn
+        self.port = port
+        self.alloc = alloc
+        self.timeout = timeout
+        self.transport = PciDriverTransport(fn, port, alloc)
+        self.features = 0
+        self.config = BlkConfig()
+        self.queues: dict[int, DriverQueue] = {}
+        self._requests: dict[int, _Req] = {}
+        self._parked: list[BlkCompletion] = []
+        self._next_token = 1
+        self._rr = 0
+        self._irq = threading.Event()
+        self.interrupts = 0
+        if attach_interrupts and hasattr(fn, "on_interrupt"):
+            fn.on_interrupt = self.interrupt  # type: ignore[attr-defined]
+        if bring_up:
+            self._bring_up(features, num_queues, queue_size)
+
+    # ================================================================== bring-up
+    def _bring_up(self, wanted: int, num_queues: int | None, queue_size: int | None) -> None:
+        t = self.transport
+        self.features = t.negotiate(wanted)
+        self.config = self.read_config()
+        n = self.config.num_queues if self.has(BlkFeature.MQ) else 1
+        if n < 1 or n > t.num_queues():
+            raise DriverError(f"blk num_queues {n} but the function has {t.num_queues()} queues")
+        if num_queues is not None:
+            n = min(n, num_queues)
+        for i in range(n):
+            self.queues[i] = t.setup_queue(i, queue_size)
+        t.driver_ok()
+
+    def has(self, feature: int) -> bool:
+        return bool(self.features & bit(feature))
+
+    def read_config(self) -> BlkConfig:
+        """The whole ``virtio_blk_config``, read as aligned 32-bit words."""
+        raw = b"".join(
+            self.transport.config_read(off, 4).to_bytes(4, "little") for off in range(0, BLK_CONFIG_SIZE, 4)
+        )
+        return BlkConfig.decode(raw)  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def capacity(self) -> int:
+        """Sectors (512 bytes) of the disk."""
+        return self.config.capacity
+
+    @property
+    def block_size(self) -> int:
+        return self.config.blk_size if self.has(BlkFeature.BLK_SIZE) else SECTOR_SIZE
+
+    @property
+    def read_only(self) -> bool:
+        return self.has(BlkFeature.RO)
+
+    @property
+    def max_transfer(self) -> int:
+        """Bytes one IN/OUT may carry within seg_max x size_max (when negotiated)."""
+        seg = self.config.seg_max if self.has(BlkFeature.SEG_MAX) else 1
+        size = self.config.size_max if self.has(BlkFeature.SIZE_MAX) else 1 << 20
+        return seg * size
+
+    def in_flight(self) -> int:
+        return len(self._requests)
+
+    # ================================================================== interrupts
+    def interrupt(self, source: int) -> None:
+        """The function's interrupt (install as ``on_interrupt``)."""
+        self.interrupts += 1
+        self._irq.set()
+
+    # ================================================================== placing requests
+    def _pick_queue(self, queue: int | None) -> int:
+        if queue is None:
+            queue = self._rr % len(self.queues)
+            self._rr += 1
+        if queue not in self.queues:
+            raise DriverError(f"queue {queue} is not set up (queues {sorted(self.queues)})")
+        return queue
+
+    def _split(self, length: int, pieces: Sequence[int] | None) -> list[int]:
+        if pieces is not None:
+            if sum(pieces) != length or any(p <= 0 for p in pieces):
+                raise DriverError(f"segment lengths {list(pieces)} do not add up to {length}")
+            return list(pieces)
+        if length == 0:
+            return []
+        size = self.config.size_max if self.has(BlkFeature.SIZE_MAX) else length
+        out = [min(size, length - off) for off in range(0, length, size)]
+        if self.has(BlkFeature.SEG_MAX) and len(out) > self.config.seg_max:
+            raise DriverError(f"{length} bytes need {len(out)} segments, seg_max is {self.config.seg_max}")
+        return out
+
+    def submit(
+        self,
+        type: int,
+        sector: int = 0,
+        *,
+        data: bytes | None = None,
+        payload: bytes = b"",
+        read_len: int = 0,
+        buf: int | None = None,
+        queue: int | None = None,
+        segments: Sequence[int] | None = None,
+        indirect: bool | None = None,
+        kick: bool = True,
+        header: bytes | None = None,
+    ) -> int:
+        """Place one request; returns its token.
+
+        ``data``: bytes the device reads after the header (OUT); ``payload``
+        likewise but not counted as a data buffer split by size_max (the
+        segment array of DISCARD / WRITE_ZEROES); ``read_len``: bytes the
+        device writes before the status (IN, GET_ID).  ``buf`` places the data
+        buffer at a caller-owned guest address instead of allocating one (for
+        OUT, ``data`` is then already there if ``data`` is None).
+        ``segments`` overrides the split into descriptors (lengths).
+        ``header`` replaces the 16-byte header with raw bytes (any length).
+        """
+        q = self._pick_queue(queue)
+        dq = self.queues[q]
+        out_len = len(data) if data is not None else 0
+        if data is None and buf is not None and read_len == 0 and type == BlkReqType.OUT:
+            raise DriverError("an OUT into a caller buffer needs data= (its length)")
+        buf_len = out_len or read_len
+        hdr_raw = header if header is not None else BlkOutHdr(BlkReqType(type), 0, sector).encode()  # type: ignore[attr-defined]
+        hdr_len = len(hdr_raw) + len(payload)
+        hdr_addr = self.alloc.alloc(max(HDR_BLOCK, (hdr_len + 1 + 15) & ~15), 16)
+        status_addr = hdr_addr + hdr_len
+        buf_addr: int | None = None
+        owns = False
+        try:
+            self.port.write(hdr_addr, hdr_raw + payload + bytes((_POISON,)))
+            if buf_len:
+                if buf is None:
+                    buf_addr = self.alloc.alloc(buf_len, 4096 if buf_len >= 4096 else 64)
+                    owns = True
+                else:
+                    buf_addr = buf
+                if data is not None:
+                    self.port.write(buf_addr, data)
+            pieces = self._split(buf_len, segments)
+            segs: list[Segment] = []
+            pos = 0
+            for p in pieces:
+                assert buf_addr is not None
+                segs.append(Segment(buf_addr + pos, p))
+                pos += p
+            readable = [Segment(hdr_addr, hdr_len)] if hdr_len else []
+            writable: list[Segment] = []
+            if data is not None:
+                readable += segs
+            else:
+                writable += segs
+            writable.append(Segment(status_addr, 1))
+            n_desc = len(readable) + len(writable)
+            use_indirect = (
+                indirect if indirect is not None else (self.has(Feature.INDIRECT_DESC) and n_desc > 2)
+            )
+            token = self._next_token
+            dq.add(readable, writable, indirect=use_indirect, token=token)
+        except BaseException:
+            self.alloc.free(hdr_addr)
+            if owns and buf_addr is not None:
+                self.alloc.free(buf_addr)
+            raise
+        self._next_token += 1
+        self._requests[token] = _Req(
+            token, int(type), sector, q, hdr_addr, buf_addr, buf_len, owns, data is None and read_len > 0, status_addr
+        )
+        if kick:
+            self.transport.kick(q)
+        return token
+
+    def submit_raw(
+        self,
+        readable: Sequence[bytes],
+        writable: Sequence[int],
+        *,
+        queue: int | None = None,
+        kick: bool = True,
+        type: int = -1,
+        sector: int = 0,
+    ) -> int:
+        """A chain of arbitrary shape (malformed requests): each readable piece its own
+        descriptor with those bytes, each writable piece its own descriptor of that
+        length (poisoned 0xEE).  The completion's ``data`` is the whole writable
+        part; ``status`` its last byte if the device returned any bytes."""
+        q = self._pick_queue(queue)
+        pieces: list[tuple[int, int, bool]] = []
+        try:
+            for raw in readable:
+                addr = self.alloc.alloc(max(len(raw), 1), 16)
+                pieces.append((addr, len(raw), False))
+                self.port.write(addr, raw)
+            for n in writable:
+                addr = self.alloc.alloc(max(n, 1), 16)
+                pieces.append((addr, n, True))
+                self.port.fill(addr, n, 0xEE)
+            token = self._next_token
+            self.queues[q].add(
+                [Segment(a, n) for a, n, w in pieces if not w],
+                [Segment(a, n) for a, n, w in pieces if w],
+                token=token,
+            )
+        except BaseException:
+            for a, _, _ in pieces:
+                self.alloc.free(a)
+            raise
+        self._next_token += 1
+        req = _Req(token, type, sector, q, -1, None, 0, False, False, -1, pieces)
+        self._requests[token] = req
+        if kick:
+            self.transport.kick(q)
+        return token
+
+    def kick(self, queue: int | None = None) -> None:
+        """Publish (and notify, if the device wants it) one queue or all."""
+        for q in [queue] if queue is not None else list(self.queues):
+            self.transport.kick(q)
+
+    # typed conveniences ----------------------------------------------------------
+    def submit_read(self, sector: int, nsectors: int, **kw: Any) -> int:
+        return self.submit(BlkReqType.IN, sector, read_len=nsectors << SECTOR_SHIFT, **kw)
+
+    def submit_write(self, sector: int, data: bytes, **kw: Any) -> int:
+        return self.submit(BlkReqType.OUT, sector, data=data, **kw)
+
+    def submit_flush(self, **kw: Any) -> int:
+        return self.submit(BlkReqType.FLUSH, 0, **kw)
+
+    def submit_get_id(self, **kw: Any) -> int:
+        return self.submit(BlkReqType.GET_ID, 0, read_len=VIRTIO_BLK_ID_BYTES, **kw)
+
+    def submit_ranges(
+        self, type: int, ranges: Sequence[tuple[int, int] | tuple[int, int, int]], **kw: Any
+    ) -> int:
+        """DISCARD / WRITE_ZEROES over ``(sector, num_sectors[, flags])`` ranges."""
+        segs = [DiscardSegment(r[0], r[1], SegmentFlags(r[2] if len(r) > 2 else 0)) for r in ranges]  # type: ignore[misc]
+        return self.submit(type, 0, payload=encode_segments(segs), **kw)
+
+    # ================================================================== completions
+    def _complete(self, token: int, used_len: int) -> BlkCompletion:
+        req = self._requests.pop(token, None)
+        if req is None:
+            raise DriverError(f"used entry for token {token}, which this driver did not submit")
+        port = self.port
+        status: int | None
+        if req.hdr_addr < 0:  # raw chain
+            wr = [(a, n) for a, n, w in req.raw if w]
+            data = b"".join(port.read(a, n) for a, n in wr)
+            status = data[-1] if used_len > 0 and data else None
+            for a, _, _ in req.raw:
+                self.alloc.free(a)
+            return BlkCompletion(token, req.type, req.sector, req.queue, status, used_len, data)
+        status = port.read(req.status_addr, 1)[0] if used_len > 0 else None
+        data = None
+        if req.device_writes_buf and req.buf_addr is not None:
+            data = port.read(req.buf_addr, req.buf_len)
+        self.alloc.free(req.hdr_addr)
+        if req.owns_buf and req.buf_addr is not None:
+            self.alloc.free(req.buf_addr)
+        return BlkCompletion(token, req.type, req.sector, req.queue, status, used_len, data)
+
+    def reap(self) -> list[BlkCompletion]:
+        """Every completion available now (parked ones first)."""
+        out, self._parked = self._parked, []
+        for dq in self.queues.values():
+            while (item := dq.get_used()) is not None:
+                token, used_len = item
+                out.append(self._complete(token, used_len))  # type: ignore[arg-type]
+        return out
+
+    def wait(self, token: int, timeout: float | None = None) -> BlkCompletion:
+        """Wait for ``token``'s completion (others reaped meanwhile are parked)."""
+        found = self.wait_many([token], timeout)
+        return found[0]
+
+    def wait_many(self, tokens: Sequence[int], timeout: float | None = None) -> list[BlkCompletion]:
+        """Wait for all ``tokens``; returns their completions in the order asked."""
+        want = set(tokens)
+        got: dict[int, BlkCompletion] = {}
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            self._irq.clear()
+            keep: list[BlkCompletion] = []
+            for c in self.reap():
+                if c.token in want:
+                    got[c.token] = c
+                else:
+                    keep.append(c)
+            self._parked.extend(keep)
+            if len(got) == len(want):
+                return [got[t] for t in tokens]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(want - set(got))
+                raise CommandTimeoutError(f"virtio-blk requests {missing[:8]} not completed in time")
+            self._irq.wait(min(left, 0.005))
+
+    def wait_all(self, timeout: float | None = None) -> list[BlkCompletion]:
+        """Wait until nothing this driver submitted is outstanding; returns every completion."""
+        pending = [t for t in self._requests]
+        done = self.wait_many(pending, timeout) if pending else []
+        rest, self._parked = self._parked, []
+        return rest + done
+
+    # ================================================================== sync helpers
+    def _check(self, c: BlkCompletion) -> BlkCompletion:
+        if c.status != BlkStatus.OK:
+            status: object = c.status
+            if c.status is not None and c.status in BlkStatus._value2member_map_:
+                status = BlkStatus(c.status)
+            try:
+                kind: object = BlkReqType(c.type)
+            except ValueError:
+                kind = c.type
+            raise BlkIOError(status, kind, c.sector)
+        return c
+
+    def read(self, sector: int, nsectors: int, **kw: Any) -> bytes:
+        c = self._check(self.wait(self.submit_read(sector, nsectors, **kw)))
+        assert c.data is not None
+        return c.data
+
+    def write(self, sector: int, data: bytes, **kw: Any) -> None:
+        self._check(self.wait(self.submit_write(sector, data, **kw)))
+
+    def flush(self, **kw: Any) -> None:
+        self._check(self.wait(self.submit_flush(**kw)))
+
+    def get_id(self, **kw: Any) -> bytes:
+        c = self._check(self.wait(self.submit_get_id(**kw)))
+        assert c.data is not None
+        return decode_blk_id(c.data[:VIRTIO_BLK_ID_BYTES])
+
+    def discard(self, ranges: Sequence[tuple[int, int] | tuple[int, int, int]], **kw: Any) -> None:
+        self._check(self.wait(self.submit_ranges(BlkReqType.DISCARD, ranges, **kw)))
+
+    def write_zeroes(self, ranges: Sequence[tuple[int, int] | tuple[int, int, int]], **kw: Any) -> None:
+        self._check(self.wait(self.submit_ranges(BlkReqType.WRITE_ZEROES, ranges, **kw)))
+
+    # ================================================================== migration of the guest
+    def export_state(self) -> BlkDriverState:
+        """The driver's bookkeeping (the rest of its state is guest memory)."""
+        return BlkDriverState(
+            features=self.features,
+            config=self.config,
+            queues={i: _dq_export(dq) for i, dq in self.queues.items()},
+            alloc=copy.deepcopy(self.alloc),
+            requests=copy.deepcopy(self._requests),
+            parked=list(self._parked),
+            next_token=self._next_token,
+            rr=self._rr,
+        )
+
+    @classmethod
+    def from_state(
+        cls,
+        fn: RegisterInterface,
+        port: MemoryPort,
+        state: BlkDriverState,
+        *,
+        attach_interrupts: bool = True,
+        timeout: float = 20.0,
+    ) -> "BlkDriver":
+        """Resume a driver on ``fn`` over ``port`` (the destination) from ``state``.
+
+        Nothing is written to the device or to memory: the device's state came
+        with the migration, the rings and buffers with the guest memory."""
+        alloc = copy.deepcopy(state.alloc)
+        drv = cls(fn, port, alloc, attach_interrupts=attach_interrupts, timeout=timeout, bring_up=False)
+        drv.features = state.features
+        drv.transport.features = state.features
+        drv.config = state.config
+        for i, st in state.queues.items():
+            dq = _dq_import(port, alloc, st)
+            drv.queues[i] = dq
+            drv.transport.queues[i] = dq
+        drv._requests = copy.deepcopy(state.requests)
+        drv._parked = list(state.parked)
+        drv._next_token = state.next_token
+        drv._rr = state.rr
+        return drv
