@@ -20,6 +20,7 @@ from helpers import MEM_SIZE, RING_AREA, GatedDmaTestDevice, Rig, check_result
 from virtio_lm.drivers.pf_driver import DEFAULT_FEATURES, MIGRATION_FEATURES, PfDriver
 from virtio_lm.errors import (
     CommandTimeoutError,
+    DeviceNeedsResetError,
     ControlCommandError,
     FeatureMissingError,
     FeaturesNotAcceptedError,
@@ -567,6 +568,19 @@ def test_command_times_out_when_the_pf_worker_is_stopped(h):
     h.pf.device.close()  # the control-queue thread ends; kicks are never served
     with pytest.raises(CommandTimeoutError):
         h.drv.get_state_attrs(1)
+
+
+def test_command_abandoned_when_the_pf_needs_a_reset():
+    dev = DroppingPfDevice(threaded=False)
+    h = make_host(device=dev, vfs=0)
+    try:
+        h.drv.poll_interval = 0.01
+        h.pf.set_needs_reset("test")
+        with pytest.raises(DeviceNeedsResetError):
+            h.drv.identify()
+        assert h.drv.stats.timeouts == 0
+    finally:
+        h.close()
 
 
 class LyingPfDevice(PfDevice):
