@@ -49,6 +49,20 @@ layer may use it (``wire`` and ``memory`` included).
      +-- CommandRefusedError            the PF refuses a control command (it acks ERR)
      +-- StateImageError                a restored state image whose content the device refuses
      +-- DeviceBusyError                back-end I/O did not settle in time (FREEZE)
+     +-- MigrationError                 a live migration that cannot go on (the source rolls back
+          |                             before commit; see migration/session.py)
+          +-- StreamError               migration stream bytes refused (names section and offset)
+          |    +-- StreamChecksumError  a section whose CRC-32 does not match
+          |    +-- StreamTruncatedError the stream ended inside a section / before COMPLETE
+          |    +-- SectionTooLargeError a section length above its type's maximum
+          |    +-- UnexpectedSectionError  unknown type, wrong direction, wrong order / sequence
+          |    +-- StreamVersionError   not a virtio-lm stream (magic) or a version we do not know
+          +-- ConfigMismatchError       the destination cannot take this VM (memory, VFs, features)
+          +-- DestinationError          the destination reported ERROR (code, text)
+          +-- PeerGoneError             the other side vanished: EOF, reset, timeout
+          +-- MigrationCancelledError   migrate_cancel (or the source's ABORT, seen by the destination)
+          +-- NotConvergingError        max rounds / max time reached without converging
+          +-- MigrationStateError       a call the session's status does not allow (e.g. start twice)
      +-- MonitorError                   the QMP monitor (host/qmp.py)
           +-- QmpError                  a command failed: becomes {"error": {"class", "desc"}}
           +-- QmpLimitError             client input/output past a bound; the client is disconnected
@@ -417,3 +431,83 @@ class CommandRegistrationError(MonitorError):
 class MonitorAddressError(MonitorError):
     """A monitor address that does not parse (``unix:PATH`` / ``tcp:HOST:PORT``) or
     that cannot be listened on."""
+
+
+# --------------------------------------------------------------------------- migration
+class MigrationError(VirtioLmError):
+    """A live migration that cannot go on.  Before the source commits, the
+    source session rolls back on any of these: the VM runs on where it was."""
+
+
+class StreamError(MigrationError):
+    """Migration stream bytes that do not decode.
+
+    ``section`` names the section (type name, or ``None`` when the header
+    itself is bad), ``offset`` is the stream offset of the section's first
+    byte (or of the bad byte when no section could be framed).
+    """
+
+    def __init__(self, message: str, *, section: str | None = None, offset: int | None = None) -> None:
+        self.section = section
+        self.offset = offset
+        where = []
+        if section is not None:
+            where.append(f"section {section}")
+        if offset is not None:
+            where.append(f"offset {offset}")
+        prefix = f"stream {' at '.join(where)}: " if where else "stream: "
+        self.detail = message
+        super().__init__(prefix + message)
+
+
+class StreamChecksumError(StreamError):
+    """A section whose CRC-32 (over header and payload) does not match."""
+
+
+class StreamTruncatedError(StreamError):
+    """The stream ended inside a section, or before the section that ends it."""
+
+
+class SectionTooLargeError(StreamError):
+    """A section header announcing more payload than its type may carry."""
+
+
+class UnexpectedSectionError(StreamError):
+    """An unknown section type, one for the other direction, or one out of order / sequence."""
+
+
+class StreamVersionError(StreamError):
+    """Not a virtio-lm migration stream (bad magic), or a stream version we do not know."""
+
+
+class ConfigMismatchError(MigrationError):
+    """The destination cannot take this VM; ``reason`` says what differs."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"configuration mismatch: {reason}")
+
+
+class DestinationError(MigrationError):
+    """The destination reported an ERROR message (``code``, ``text``)."""
+
+    def __init__(self, code: object, text: str) -> None:
+        self.code = code
+        self.text = text
+        super().__init__(f"destination error {getattr(code, 'name', code)}: {text}")
+
+
+class PeerGoneError(MigrationError):
+    """The other side of the migration vanished (EOF, connection reset, timeout)."""
+
+
+class MigrationCancelledError(MigrationError):
+    """The migration was cancelled (migrate_cancel, or the source's ABORT on the destination)."""
+
+
+class NotConvergingError(MigrationError):
+    """The pre-copy reached its round / time bound without converging, even throttled."""
+
+
+class MigrationStateError(MigrationError):
+    """A call the migration session's current status does not allow."""
