@@ -1,0 +1,229 @@
+"""A small learning L2 switch over UDP on loopback: the default net back-end.
+
+Needs nothing from the system but a UDP socket.  The switch listens on
+``127.0.0.1:PORT``; every attached *port* is a UDP endpoint (the VF back-ends
+of both hosts, an outside peer).  One datagram carries one message::
+
+    u8 kind   0 FRAME: an Ethernet frame follows (14..MAX_FRAME bytes)
+              1 HELLO: attach the sending endpoint as a port (no body)
+              2 BYE:   detach it (its learned MACs are forgotten)
+
+A FRAME from an endpoint that never said HELLO attaches it implicitly.
+Forwarding is the classic learning bridge: the source MAC of every frame
+(unicast only) is learned at the sender's port (a MAC seen at a new port is
+a *move*: how the switch learns a migrated VM's new place); a frame to a
+learned unicast MAC goes to that port only (and is dropped if that is the
+port it came from); broadcast, multicast and unknown destinations are
+flooded to every other port.
+
+Bounds: at most ``max_ports`` ports and ``max_macs`` learned addresses (the
+least recently refreshed is evicted); the switch stops by itself after
+``idle_timeout`` seconds without a datagram or ``lifetime`` seconds in all,
+and its thread polls with a short timeout so :meth:`L2Switch.stop` returns
+promptly.  Run it as a process with ``python -m virtio_lm.net.switch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import socket
+import threading
+import time
+from collections import OrderedDict
+from typing import Sequence
+
+from virtio_lm.wire.net import ETH_HLEN, is_multicast
+
+KIND_FRAME = 0
+KIND_HELLO = 1
+KIND_BYE = 2
+MAX_FRAME = 65535 - 64  # one UDP datagram on loopback, with room for the kind byte
+SOCK_BUF = 4 << 20
+POLL = 0.05
+
+Addr = tuple[str, int]
+
+
+def frame_message(frame: bytes | bytearray | memoryview) -> bytes:
+    return bytes((KIND_FRAME,)) + bytes(frame)
+
+
+class L2Switch:
+    """The learning switch; see the module docstring."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_ports: int = 64,
+        max_macs: int = 4096,
+        idle_timeout: float = 30.0,
+        lifetime: float = 3600.0,
+    ) -> None:
+        self.max_ports = max_ports
+        self.max_macs = max_macs
+        self.idle_timeout = idle_timeout
+        self.lifetime = lifetime
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            self.sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        self.sock.bind((host, port))
+        self.sock.settimeout(POLL)
+        self.address: Addr = self.sock.getsockname()
+        self._ports: dict[Addr, None] = {}
+        self._macs: OrderedDict[bytes, Addr] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.stopped_because: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "L2Switch":
+        self._thread = threading.Thread(target=self.serve, name=f"l2switch:{self.address[1]}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self.sock.close()
+
+    def __enter__(self) -> "L2Switch":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def serve(self) -> None:
+        """Forward until stopped, idle for ``idle_timeout`` or past ``lifetime``."""
+        start = last = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - last > self.idle_timeout:
+                self.stopped_because = "idle"
+                break
+            if now - start > self.lifetime:
+                self.stopped_because = "lifetime"
+                break
+            try:
+                data, src = self.sock.recvfrom(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                self.stopped_because = "socket closed"
+                break
+            last = time.monotonic()
+            self.handle(data, src)
+        else:
+            self.stopped_because = "stopped"
+
+    # ------------------------------------------------------------------ forwarding
+    def _attach(self, src: Addr) -> bool:
+        if src in self._ports:
+            return True
+        if len(self._ports) >= self.max_ports:
+            self.stats["dropped_port_limit"] += 1
+            return False
+        self._ports[src] = None
+        self.stats["ports_attached"] += 1
+        return True
+
+    def handle(self, data: bytes, src: Addr) -> None:
+        """One datagram from ``src`` (public for sans-socket tests of the rules)."""
+        if not data:
+            self.stats["dropped_empty"] += 1
+            return
+        kind = data[0]
+        with self._lock:
+            if kind == KIND_HELLO:
+                self._attach(src)
+                return
+            if kind == KIND_BYE:
+                if self._ports.pop(src, 0) is None:
+                    self.stats["ports_detached"] += 1
+                for mac in [m for m, a in self._macs.items() if a == src]:
+                    del self._macs[mac]
+                return
+            if kind != KIND_FRAME:
+                self.stats["dropped_bad_kind"] += 1
+                return
+            frame = data[1:]
+            if len(frame) < ETH_HLEN or len(frame) > MAX_FRAME:
+                self.stats["dropped_bad_length"] += 1
+                return
+            if not self._attach(src):
+                return
+            self.stats["frames"] += 1
+            dst, smac = frame[0:6], frame[6:12]
+            if not is_multicast(smac):
+                old = self._macs.get(smac)
+                if old is not None and old != src:
+                    self.stats["moves"] += 1
+                self._macs[smac] = src
+                self._macs.move_to_end(smac)
+                while len(self._macs) > self.max_macs:
+                    self._macs.popitem(last=False)
+                    self.stats["evicted"] += 1
+            out = None if is_multicast(dst) else self._macs.get(dst)
+            if out is None:
+                targets = [p for p in self._ports if p != src]
+                self.stats["flooded"] += 1
+            elif out == src:
+                self.stats["dropped_hairpin"] += 1
+                return
+            else:
+                targets = [out]
+                self.stats["forwarded"] += 1
+        for t in targets:
+            try:
+                self.sock.sendto(data, t)
+            except OSError:
+                self.stats["send_errors"] += 1
+
+    # ------------------------------------------------------------------ inspection
+    def lookup(self, mac: bytes) -> Addr | None:
+        with self._lock:
+            return self._macs.get(bytes(mac))
+
+    @property
+    def ports(self) -> list[Addr]:
+        with self._lock:
+            return list(self._ports)
+
+    def wait_learned(self, mac: bytes, where: Addr, timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.lookup(mac) == where:
+                return True
+            time.sleep(0.005)
+        return self.lookup(mac) == where
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m virtio_lm.net.switch", description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--idle-timeout", type=float, default=30.0)
+    ap.add_argument("--lifetime", type=float, default=3600.0)
+    args = ap.parse_args(argv)
+    sw = L2Switch(args.host, args.port, idle_timeout=args.idle_timeout, lifetime=args.lifetime)
+    print(f"listening on {sw.address[0]}:{sw.address[1]}", flush=True)
+    try:
+        sw.serve()
+    except KeyboardInterrupt:
+        sw.stopped_because = "interrupted"
+    sw.sock.close()
+    print(f"stopped ({sw.stopped_because}); {dict(sw.stats)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
