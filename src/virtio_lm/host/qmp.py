@@ -537,6 +537,12 @@ class QmpConnection:
     def buffered_bytes(self) -> int:
         return len(self._buf) - (self._msg_start if self._msg_start >= 0 else self._pos)
 
+    @property
+    def in_message(self) -> bool:
+        """True while part of a message has been read and the rest is awaited (an open
+        string, array or object, or a token that may go on)."""
+        return self._msg_start >= 0
+
     def receive_data(self, data: bytes) -> None:
         if not self.started:
             raise MonitorError("QmpConnection.start() (the greeting) comes before any input")
@@ -577,6 +583,9 @@ class QmpConnection:
         except UnicodeDecodeError:
             return Request(self, canned=_error("JSON parse error, invalid UTF-8 sequence"))
         except json.JSONDecodeError as exc:
+            if raw[:1] not in (b"{", b"[", b'"'):  # a bare token at top level
+                token = raw[:32].decode("utf-8", "replace")
+                return Request(self, canned=_error(f"JSON parse error, invalid token '{token}'"))
             return Request(self, canned=_error(f"JSON parse error, {exc.msg.lower()}"))
         except (ValueError, RecursionError) as exc:
             return Request(self, canned=_error(f"JSON parse error, {exc}"))
