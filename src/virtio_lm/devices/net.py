@@ -449,9 +449,8 @@ class NetDevice(QueueDevice):
         vq = fn.queues[queue]
         generic = self.has(ProposalFeature.GENERIC_CTRL_VQ_VER_1)
         while self.mastering and (chain := vq.pop(fn.port)) is not None:
-            readable = chain.read(fn.port) if chain.readable_len <= MAX_CTRL_READABLE else b""
-            if chain.readable_len > MAX_CTRL_READABLE:
-                self.last_ctrl_error = f"command of {chain.readable_len} bytes is larger than any valid one"
+            oversized = chain.readable_len > MAX_CTRL_READABLE
+            readable = b"" if oversized else chain.read(fn.port)  # b"": ERR, no class / command
             if generic:
                 outcome = self.dispatcher.handle(readable, chain.writable_len)
                 out = outcome.written
@@ -462,6 +461,8 @@ class NetDevice(QueueDevice):
                 self.last_ctrl_error = "no room for the ack"
             else:
                 out = bytes((self._plain_command(readable),))
+            if oversized:
+                self.last_ctrl_error = f"command of {chain.readable_len} bytes is larger than any valid one"
             ack = out[-1] if out else None
             self.stats["ctrl_ok" if ack == Ack.OK else "ctrl_err"] += 1
             written = chain.write(fn.port, out) if out else 0
@@ -555,6 +556,8 @@ class NetDevice(QueueDevice):
     def mig_freeze(self, timeout: float = 10.0) -> None:
         with self._lock:
             self._tx_abort.set()  # sends still waiting for the link are not executed
+            if self.backend is not None:
+                self.backend.wake_tx()
             super().mig_freeze(timeout)
 
     def mig_resume(self) -> None:

@@ -289,35 +289,38 @@ class NetDriver:
     # ================================================================== control queue
     def ctrl(self, cls: int, cmd: int, data: bytes = b"", *, writable: int = 1, timeout: float = CTRL_TIMEOUT) -> Ack | None:
         """One control command; the device's ack (None: the device wrote no ack)."""
+        return self.ctrl_raw(encode_ctrl(cls, cmd, data), writable, timeout=timeout)
+
+    def ctrl_raw(self, readable: bytes, writable: int = 1, *, timeout: float = CTRL_TIMEOUT) -> Ack | None:
+        """A control buffer of any ``readable`` bytes and ``writable`` bytes of room (hostile tests too)."""
         if not self.has(_F.CTRL_VQ):
             raise DriverError("VIRTIO_NET_F_CTRL_VQ was not negotiated")
+        if not readable and not writable:
+            raise DriverError("a control buffer needs at least one byte")
         q = self.ctrl_queue
         dq = self.tr.queues[q]
-        readable = encode_ctrl(cls, cmd, data)
-        rbuf = self.buf_alloc.alloc(len(readable), 16)
+        rbuf = self.buf_alloc.alloc(max(len(readable), 1), 16)
         wbuf = self.buf_alloc.alloc(max(writable, 1), 16)
         self.port.write(rbuf, readable)
         self.port.fill(wbuf, max(writable, 1), 0xEE)
         token = ("ctrl", rbuf, wbuf)
+        segs_r = [Segment(rbuf, len(readable))] if readable else []
         segs_w = [Segment(wbuf, writable)] if writable else []
-        dq.add([Segment(rbuf, len(readable))], segs_w, token=token)
+        dq.add(segs_r, segs_w, token=token)
         self.tr.kick(q)
         deadline = time.monotonic() + timeout
-        while True:
-            used = dq.get_used()
-            if used is not None:
-                break
+        while (used := dq.get_used()) is None:
             if time.monotonic() > deadline:
-                raise CommandTimeoutError(f"control command {cls}/{cmd} not completed in {timeout}s")
+                raise CommandTimeoutError(f"control command {readable[:2].hex()} not completed in {timeout}s")
             time.sleep(0.0005)
         got_token, used_len = used
         if got_token != token:
             raise UsedRingError(f"control queue returned {got_token!r}, expected {token!r}")
+        if used_len > writable:
+            raise UsedRingError(f"control used_len {used_len} > writable {writable}")
         written = self.port.read(wbuf, used_len) if used_len else b""
         self.buf_alloc.free(rbuf)
         self.buf_alloc.free(wbuf)
-        if used_len > writable:
-            raise UsedRingError(f"control used_len {used_len} > writable {writable}")
         if not written:
             return None
         if self.generic_ctrl:

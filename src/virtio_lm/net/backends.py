@@ -6,12 +6,13 @@ handed to the ``deliver`` callable given to :meth:`~NetBackend.attach`, on
 the back-end's own receive thread.  The receive thread polls with a short
 timeout and ends at :meth:`~NetBackend.close`.
 
-Link-level flow control (XOFF): :meth:`~NetBackend.pause_tx` holds the
-transmit side -- a frame the device wants to send waits in
+Link-level flow control: :meth:`~NetBackend.pause_tx` holds the transmit
+side (XOFF) -- a frame the device wants to send waits in
 :meth:`~NetBackend.wait_tx_ready` (like a NIC whose link partner sent
-PAUSE) until :meth:`~NetBackend.resume_tx`; the device can abandon the wait
-(a FREEZE: the frame was never put on the wire and is re-sent after
-migration).
+PAUSE) until :meth:`~NetBackend.resume_tx`, or until credits arrive
+(:meth:`~NetBackend.grant_tx`: credit-based flow control, exactly ``n``
+more frames may go).  The device can abandon the wait (a FREEZE: the frame
+was never put on the wire and is sent after migration instead).
 """
 
 from __future__ import annotations
@@ -39,25 +40,50 @@ class NetBackend:
     def __init__(self, name: str) -> None:
         self.name = name
         self.stats: collections.Counter[str] = collections.Counter()
-        self._tx_ready = threading.Event()
-        self._tx_ready.set()
+        self._tx_cond = threading.Condition()
+        self._credits: int | None = None  # None: transmit freely; n: n more frames may go
         self._closed = threading.Event()
         self._deliver: Deliver | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ flow control
     def pause_tx(self) -> None:
-        self._tx_ready.clear()
+        with self._tx_cond:
+            self._credits = 0
 
     def resume_tx(self) -> None:
-        self._tx_ready.set()
+        with self._tx_cond:
+            self._credits = None
+            self._tx_cond.notify_all()
+
+    def grant_tx(self, n: int) -> None:
+        """Let ``n`` more frames through a paused transmit side."""
+        with self._tx_cond:
+            if self._credits is not None:
+                self._credits += n
+                self._tx_cond.notify_all()
+
+    def wake_tx(self) -> None:
+        """Make a transmit waiting for credit look at its abort flag now."""
+        with self._tx_cond:
+            self._tx_cond.notify_all()
+
+    @property
+    def tx_paused(self) -> bool:
+        return self._credits == 0
 
     def wait_tx_ready(self, abort: threading.Event) -> bool:
-        """Wait until transmit is allowed; False if ``abort`` is set first (or closed)."""
-        while not self._tx_ready.wait(POLL):
-            if abort.is_set() or self._closed.is_set():
+        """Wait until one frame may go (taking a credit); False if ``abort`` is set first (or closed)."""
+        with self._tx_cond:
+            while self._credits == 0:
+                if abort.is_set() or self._closed.is_set():
+                    return False
+                self._tx_cond.wait(POLL)
+            if abort.is_set():
                 return False
-        return not abort.is_set()
+            if self._credits is not None:
+                self._credits -= 1
+            return True
 
     # ------------------------------------------------------------------ receive
     def attach(self, deliver: Deliver) -> None:
@@ -91,7 +117,8 @@ class NetBackend:
 
     def close(self) -> None:
         self._closed.set()
-        self._tx_ready.set()
+        with self._tx_cond:
+            self._tx_cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
