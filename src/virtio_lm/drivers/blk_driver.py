@@ -484,13 +484,13 @@ class BlkDriver:
             raise BlkIOError(status, kind, c.sector)
         return c
 
-    def read(self, sector: int, nsectors: int, **kw: Any) -> bytes:
-        c = self._check(self.wait(self.submit_read(sector, nsectors, **kw)))
+    def read(self, sector: int, nsectors: int, *, timeout: float | None = None, **kw: Any) -> bytes:
+        c = self._check(self.wait(self.submit_read(sector, nsectors, **kw), timeout))
         assert c.data is not None
         return c.data
 
-    def write(self, sector: int, data: bytes, **kw: Any) -> None:
-        self._check(self.wait(self.submit_write(sector, data, **kw)))
+    def write(self, sector: int, data: bytes, *, timeout: float | None = None, **kw: Any) -> None:
+        self._check(self.wait(self.submit_write(sector, data, **kw), timeout))
 
     def flush(self, **kw: Any) -> None:
         self._check(self.wait(self.submit_flush(**kw)))
