@@ -1,0 +1,201 @@
+"""The pre-copy policy: estimators and decisions, a small pure object.
+
+No clock, no I/O: every input carries its time.  The session tells the policy
+what happened (bytes the transport sent, a round's end with the dirty pages
+found) and asks it what to do next.
+
+Rules (QEMU's where QEMU has one):
+
+* **bandwidth** -- bytes the transport reported sent during the last round,
+  divided by the round's duration (a round shorter than ``min_period_s`` keeps
+  the previous estimate; before any estimate: unknown, treated as infinite).
+* **dirty rate** -- pages found dirty at a round's end / the round's duration.
+* **expected downtime** -- pending bytes / bandwidth.
+* **switch-over** -- when the pending bytes fit ``bandwidth x downtime_limit``.
+* **auto-converge** -- a round *without progress* is one whose dirtied bytes
+  exceed ``throttle_trigger_threshold`` % of the bytes it transferred (QEMU:
+  50 %).  After ``throttle_trigger_rounds`` such rounds (QEMU: 2) the vCPUs are
+  throttled: first ``cpu_throttle_initial`` % (20), then ``+cpu_throttle_increment``
+  (10) per step, capped at ``max_cpu_throttle`` (99).
+* **never endless** -- after ``max_rounds`` rounds or ``max_time_s`` seconds
+  without converging the migration gives up (the source rolls back).
+* **max-bandwidth** -- a token bucket: ``max_bandwidth`` bytes/s, bursts up to
+  ``burst_s`` seconds' worth; the session spends from it as it hands bytes out.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+__all__ = ["Decision", "MigrationParams", "Policy", "RoundReport", "TokenBucket"]
+
+
+@dataclass
+class MigrationParams:
+    """migrate-set-parameters, QEMU's names with ``-`` as ``_``; times in the units noted."""
+
+    downtime_limit_ms: int = 300  # QEMU default
+    max_bandwidth: int = 0  # bytes/s; 0 = unlimited (QEMU's default is 128 MiB/s)
+    auto_converge: bool = True  # QEMU: a capability, off by default
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    max_cpu_throttle: int = 99
+    throttle_trigger_threshold: int = 50  # %
+    throttle_trigger_rounds: int = 2
+    max_rounds: int = 100
+    max_time_s: float | None = None
+    burst_s: float = 0.05
+    min_period_s: float = 0.0005
+
+    def check(self) -> None:
+        if self.downtime_limit_ms < 0 or self.max_bandwidth < 0:
+            raise ValueError("downtime-limit and max-bandwidth must not be negative")
+        if not 1 <= self.cpu_throttle_initial <= 99 or not 1 <= self.max_cpu_throttle <= 99:
+            raise ValueError("throttle percentages are 1..99")
+        if not 1 <= self.cpu_throttle_increment <= 99:
+            raise ValueError("cpu-throttle-increment is 1..99")
+        if self.max_rounds < 1 or self.throttle_trigger_rounds < 1:
+            raise ValueError("max-rounds and throttle-trigger-rounds are at least 1")
+
+
+class Decision(enum.Enum):
+    CONTINUE = "continue"  # another round
+    THROTTLE = "throttle"  # another round, vCPUs throttled harder (Policy.throttle)
+    SWITCH = "switch"  # stop and copy
+    GIVE_UP = "give-up"  # not converging within the bounds
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What the policy saw at a round's end."""
+
+    round: int
+    pending_pages: int
+    pending_bytes: int
+    bandwidth: float  # bytes/s (inf when unknown)
+    dirty_rate: float  # pages/s
+    expected_downtime_s: float
+    decision: Decision
+    throttle: int
+
+
+class TokenBucket:
+    """``rate`` bytes/s (0 = unlimited), holding at most ``burst`` bytes; may go into debt."""
+
+    UNLIMITED = 1 << 62
+
+    def __init__(self, rate: int, burst_s: float, now: float) -> None:
+        self.rate = rate
+        self.burst = max(rate * burst_s, 65536.0)
+        self.tokens = self.burst if rate else 0.0
+        self.last = now
+
+    def _refill(self, now: float) -> None:
+        if now > self.last:
+            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = max(self.last, now)
+
+    def available(self, now: float) -> int:
+        if not self.rate:
+            return self.UNLIMITED
+        self._refill(now)
+        return max(0, int(self.tokens))
+
+    def spend(self, nbytes: int, now: float) -> None:
+        if self.rate:
+            self._refill(now)
+            self.tokens -= nbytes
+
+    def wait(self, now: float, want: int = 1) -> float:
+        """Seconds until ``want`` bytes (at most a burst) are available."""
+        if not self.rate:
+            return 0.0
+        self._refill(now)
+        need = min(float(want), self.burst) - self.tokens
+        return max(0.0, need / self.rate)
+
+
+class Policy:
+    """Estimators and the switch-over / throttle / give-up decision."""
+
+    def __init__(self, params: MigrationParams, page_size: int, page_cost: int) -> None:
+        params.check()
+        self.params = params
+        self.page_size = page_size
+        self.page_cost = page_cost  # wire bytes per pending page (data + its share of framing)
+        self.bandwidth = math.inf
+        self.dirty_rate = 0.0
+        self.throttle = 0
+        self.rounds = 0
+        self.high_rounds = 0
+        self._round_start: float | None = None
+        self._round_sent = 0
+        self.started: float | None = None
+
+    # ------------------------------------------------------------ estimators
+    def begin(self, now: float) -> None:
+        self.started = now
+        self._round_start = now
+        self._round_sent = 0
+
+    def record_sent(self, nbytes: int) -> None:
+        self._round_sent += nbytes
+
+    def expected_downtime(self, pending_pages: int) -> float:
+        pending = pending_pages * self.page_cost
+        if pending == 0:
+            return 0.0
+        if self.bandwidth in (0.0, math.inf):
+            return 0.0 if self.bandwidth == math.inf else math.inf
+        return pending / self.bandwidth
+
+    def fits(self, pending_pages: int) -> bool:
+        return pending_pages * self.page_cost <= self.bandwidth * self.params.downtime_limit_ms / 1000.0
+
+    # ------------------------------------------------------------ decision
+    def end_round(self, now: float, dirty_pages: int) -> RoundReport:
+        """A round ended at ``now`` and ``dirty_pages`` pages were found dirty (to send next)."""
+        assert self._round_start is not None and self.started is not None, "begin() first"
+        elapsed = now - self._round_start
+        sent = self._round_sent
+        if elapsed >= self.params.min_period_s and sent > 0:
+            self.bandwidth = sent / elapsed
+        if elapsed > 0:
+            self.dirty_rate = dirty_pages / elapsed
+        self.rounds += 1
+        pending_bytes = dirty_pages * self.page_cost
+        decision = Decision.CONTINUE
+        if self.fits(dirty_pages):
+            decision = Decision.SWITCH
+        elif self.rounds >= self.params.max_rounds or (
+            self.params.max_time_s is not None and now - self.started >= self.params.max_time_s
+        ):
+            decision = Decision.GIVE_UP
+        elif self.params.auto_converge:
+            dirtied = dirty_pages * self.page_size
+            if dirtied * 100 > self.params.throttle_trigger_threshold * sent:
+                self.high_rounds += 1
+            if self.high_rounds >= self.params.throttle_trigger_rounds:
+                self.high_rounds = 0
+                new = (
+                    self.params.cpu_throttle_initial
+                    if self.throttle == 0
+                    else min(self.throttle + self.params.cpu_throttle_increment, self.params.max_cpu_throttle)
+                )
+                if new != self.throttle:
+                    self.throttle = new
+                    decision = Decision.THROTTLE
+        self._round_start = now
+        self._round_sent = 0
+        return RoundReport(
+            self.rounds - 1,
+            dirty_pages,
+            pending_bytes,
+            self.bandwidth,
+            self.dirty_rate,
+            self.expected_downtime(dirty_pages),
+            decision,
+            self.throttle,
+        )
