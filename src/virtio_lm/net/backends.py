@@ -27,7 +27,7 @@ import threading
 from typing import Callable
 
 from virtio_lm.errors import BackendError, BackendUnavailableError
-from virtio_lm.net.switch import KIND_BYE, KIND_FRAME, KIND_HELLO, MAX_FRAME, POLL, SOCK_BUF, Addr, frame_message
+from virtio_lm.net.switch import KIND_BYE, KIND_FRAME, KIND_HELLO, MAX_FRAME, POLL, Addr, big_buffers, frame_message
 
 Deliver = Callable[[bytes], None]
 
@@ -132,8 +132,7 @@ class UdpSwitchPort(NetBackend):
         super().__init__(name)
         self.switch = (switch[0], int(switch[1]))
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            self.sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        big_buffers(self.sock)
         self.sock.bind((host, 0))
         self.sock.settimeout(POLL)
         self.local_addr: Addr = self.sock.getsockname()

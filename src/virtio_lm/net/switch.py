@@ -45,6 +45,18 @@ POLL = 0.05
 Addr = tuple[str, int]
 
 
+def big_buffers(sock: socket.socket) -> None:
+    """Ask for SOCK_BUF-sized socket buffers (past net.core.[rw]mem_max where permitted)."""
+    for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+                         (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
+        try:
+            if force is None:
+                raise PermissionError
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCK_BUF)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, SOCK_BUF)
+
+
 def frame_message(frame: bytes | bytearray | memoryview) -> bytes:
     return bytes((KIND_FRAME,)) + bytes(frame)
 
@@ -67,8 +79,7 @@ class L2Switch:
         self.idle_timeout = idle_timeout
         self.lifetime = lifetime
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            self.sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        big_buffers(self.sock)
         self.sock.bind((host, port))
         self.sock.settimeout(POLL)
         self.address: Addr = self.sock.getsockname()
