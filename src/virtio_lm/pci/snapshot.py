@@ -226,4 +226,7 @@ def _apply(fn: VirtioPciFunction, snap: FunctionSnapshot) -> None:
         vq.signalled_used = q.signalled_used if q.flags & QUEUE_FLAG_SIGNALLED_VALID else None
         vq.broken = bool(q.flags & QUEUE_FLAG_BROKEN)
         vq.enabled = bool(q.enabled)
+        # an interrupt raised on the source just before it stopped may not have reached the
+        # guest: the first notify decision after restore interrupts (spurious ones are harmless)
+        vq.pending_notify = bool(q.enabled)
     fn.queue_msix_vectors = [q.msix_vector for q in snap.queues]
