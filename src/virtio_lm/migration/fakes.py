@@ -85,6 +85,7 @@ class MemoryVm(_Calls):
             self.mem[:] = rng.integers(0, 256, size=self.mem.shape, dtype=np.uint8)
         elif fill == "half":
             self.mem[: self._num_pages // 2] = rng.integers(0, 256, size=(self._num_pages // 2, page_size), dtype=np.uint8)
+        self.mem[:, :16] = 0  # the sweep's bytes start at sweep 0
         self.rng = rng
         self.vfs = [FakeVf(c) for c in (default_vfs() if vfs is None else vfs)]
         self.workload = workload

@@ -114,7 +114,7 @@ class TokenBucket:
             return 0.0
         self._refill(now)
         need = min(float(want), self.burst) - self.tokens
-        return max(0.0, need / self.rate)
+        return 0.0 if need < 1.0 else need / self.rate
 
 
 class Policy:

@@ -211,6 +211,9 @@ def _build_source_table() -> dict[tuple[SourcePhase, SourceInput], Step | None]:
     t: dict[tuple[SourcePhase, SourceInput], Step | None] = {(p, i): None for p in _S for i in _SI}
     t[_S.IDLE, _SI.START] = Step(_S.SETUP, _SA.BEGIN)
     t[_S.IDLE, _SI.CANCEL] = Step(_S.CANCELLED, _SA.NONE)
+    t[_S.IDLE, _SI.LOCAL_ERROR] = Step(_S.FAILED, _SA.ROLLBACK)  # BEGIN failed half way
+    for i in (_SI.DEST_ERROR, _SI.PEER_GONE, _SI.BAD_STREAM):
+        t[_S.IDLE, i] = Step(_S.FAILED, _SA.NONE)  # nothing started yet
     for p in (_S.SETUP, _S.PRECOPY, _S.SWITCHOVER, _S.WAIT_READY):
         for i in _SOURCE_FAILURES:
             t[p, i] = Step(_S.FAILED, _SA.ROLLBACK)
@@ -591,7 +594,7 @@ class SourceSession:
     def _input(self, inp: SourceInput, exc: MigrationError | None = None, *, local: bool = False) -> None:
         step = SOURCE_TABLE[self.phase, inp]
         if step is None:
-            if local:
+            if local or inp is SourceInput.BAD_STREAM:
                 raise MigrationStateError(f"{inp.value} is not allowed in status {self.status} ({self.phase.value})")
             self._input(
                 SourceInput.BAD_STREAM,
@@ -697,7 +700,9 @@ class SourceSession:
         self._begin_round(pages)
 
     def _rollback(self, *, cancelled: bool) -> None:
-        if not self._peer_dead and not self.to_file and self.phase is not SourcePhase.IDLE:
+        if self.phase is SourcePhase.IDLE:
+            self._out.clear()  # BEGIN failed: not even HELLO goes out
+        elif not self._peer_dead and not self.to_file:
             code = ErrorCode.CANCELLED if cancelled else (
                 ErrorCode.NOT_CONVERGING if isinstance(self.error, NotConvergingError) else ErrorCode.INTERNAL
             )
