@@ -173,12 +173,22 @@ class MemoryVm(_Calls):
         self._dev_log[:] = False
         return out
 
-    def zero_mask(self, page_numbers: np.ndarray) -> np.ndarray:
-        return ~self.mem[page_numbers.astype(np.intp)].any(axis=1)
+    def _pages(self, page_numbers: np.ndarray) -> np.ndarray:
+        first = int(page_numbers[0]) if len(page_numbers) else 0
+        if (
+            len(page_numbers)
+            and int(page_numbers[-1]) - first == len(page_numbers) - 1
+            and bool((np.diff(page_numbers.astype(np.int64)) == 1).all())
+        ):
+            return self.mem[first : first + len(page_numbers)]  # a run: a view, no gather
+        return self.mem[page_numbers.astype(np.intp)]
 
-    def read_pages(self, page_numbers: np.ndarray) -> bytes:
+    def zero_mask(self, page_numbers: np.ndarray) -> np.ndarray:
+        return ~self._pages(page_numbers).view(np.uint64).any(axis=1)
+
+    def read_pages(self, page_numbers: np.ndarray) -> memoryview:
         self._call("read_pages")
-        return self.mem[page_numbers.astype(np.intp)].tobytes()
+        return np.array(self._pages(page_numbers), copy=True).reshape(-1).data
 
     def set_throttle(self, percent: int) -> None:
         self._call("set_throttle")

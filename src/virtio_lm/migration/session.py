@@ -359,6 +359,12 @@ class SourceSession:
         return self.phase is SourcePhase.PRECOPY or (self.phase is SourcePhase.SWITCHOVER and self._complete_at is None)
 
     @property
+    def has_queued(self) -> bool:
+        """Sections are queued (control messages such as COMMIT or ABORT): send them
+        even when max-bandwidth holds page data back."""
+        return bool(self._out)
+
+    @property
     def waiting_for(self) -> str | None:
         """What the session waits for from the destination (None: nothing)."""
         if self.to_file:

@@ -261,7 +261,7 @@ class Hello:
 @dataclass(frozen=True)
 class RamPages:
     pages: np.ndarray  # uint64 page numbers
-    data: bytes  # len(pages) * page_size bytes, in the same order
+    data: bytes | memoryview  # len(pages) * page_size bytes, in the same order
 
 
 @dataclass(frozen=True)
@@ -501,44 +501,55 @@ class StreamDecoder:
         self.direction = direction
         self.allowed = TO_DEST if direction is Direction.TO_DEST else TO_SOURCE
         self.config = config
-        self.offset = 0  # stream offset of the first byte not yet consumed
+        self.offset = 0  # stream offset of the first byte of the section being assembled
         self.seq = 0  # sequence number expected next
-        self._buf = bytearray()
-        self._pos = 0
+        self._hb = bytearray()  # header bytes while fewer than HEADER_SIZE
+        self._sec: bytearray | None = None  # the section being assembled (header known)
+        self._fill = 0
+        self._hdr: SectionHeader | None = None
         self._error: StreamError | None = None
-        self._header: SectionHeader | None = None
 
     @property
     def pending(self) -> int:
-        """Bytes buffered that do not yet form a whole section."""
-        return len(self._buf) - self._pos
+        """Bytes received that do not yet form a whole section."""
+        return len(self._hb) + (self._fill if self._sec is not None else 0)
 
     @property
     def bytes_fed(self) -> int:
         return self.offset + self.pending
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Section]:
+        """Take ``data``; return the sections it completes.  Each section is assembled
+        in a buffer of its own, so a body's memoryviews stay valid."""
         if self._error is not None:
             raise self._error
-        if data:
-            if self._pos and self._pos == len(self._buf):
-                self._buf.clear()
-                self._pos = 0
-            self._buf += data
+        mv = memoryview(data).cast("B")
         out: list[Section] = []
+        i, n = 0, len(mv)
         try:
-            while True:
-                sec = self._next()
-                if sec is None:
-                    break
-                out.append(sec)
+            while i < n:
+                if self._sec is None:
+                    k = min(HEADER_SIZE - len(self._hb), n - i)
+                    self._hb += mv[i : i + k]
+                    i += k
+                    if len(self._hb) < HEADER_SIZE:
+                        break
+                    hdr = self._check_header(self.offset)
+                    self._hdr = hdr
+                    self._sec = bytearray(OVERHEAD + hdr.length)
+                    self._sec[:HEADER_SIZE] = self._hb
+                    self._fill = HEADER_SIZE
+                    self._hb = bytearray()
+                sec = self._sec
+                k = min(len(sec) - self._fill, n - i)
+                sec[self._fill : self._fill + k] = mv[i : i + k]
+                self._fill += k
+                i += k
+                if self._fill == len(sec):
+                    out.append(self._finish_section())
         except StreamError as exc:
             self._error = exc
             raise
-        finally:
-            if self._pos > (1 << 20) and self._pos > len(self._buf) // 2:
-                del self._buf[: self._pos]
-                self._pos = 0
         return out
 
     def finish(self) -> None:
@@ -546,54 +557,37 @@ class StreamDecoder:
         if self._error is not None:
             raise self._error
         if self.pending:
-            name = self._header_name()
+            name = None
+            if self._hdr is not None and self._sec is not None:
+                name = SectionType(self._hdr.type).name
             self._error = StreamTruncatedError(
                 f"stream ended {self.pending} bytes into a section", section=name, offset=self.offset
             )
             raise self._error
 
-    def _header_name(self) -> str | None:
-        if self.pending < 2:
-            return None
-        try:
-            return SectionType(self._buf[self._pos] | self._buf[self._pos + 1] << 8).name
-        except ValueError:
-            return None
-
-    def _next(self) -> Section | None:
-        avail = len(self._buf) - self._pos
-        if avail < HEADER_SIZE:
-            return None
+    def _finish_section(self) -> Section:
+        sec, hdr = self._sec, self._hdr
+        assert sec is not None and hdr is not None
         off = self.offset
-        hdr = self._header
-        if hdr is None:
-            hdr = self._check_header(off)
-            self._header = hdr
-        total = OVERHEAD + hdr.length
-        if avail < total:
-            return None
         stype = SectionType(hdr.type)
-        mv = memoryview(self._buf)
-        try:
-            start = self._pos
-            crc_stored = read_u32(mv, start + HEADER_SIZE + hdr.length)
-            crc = zlib.crc32(mv[start : start + HEADER_SIZE + hdr.length])
-            if crc != crc_stored:
-                raise StreamChecksumError(
-                    f"CRC-32 {crc_stored:#010x} stored, {crc:#010x} computed", section=stype.name, offset=off
-                )
-            payload = bytes(mv[start + HEADER_SIZE : start + HEADER_SIZE + hdr.length])
-        finally:
-            mv.release()
-        body = self._decode_body(stype, payload, off)
-        self._pos += total
-        self.offset += total
-        self._header = None
+        end = HEADER_SIZE + hdr.length
+        mv = memoryview(sec)
+        crc_stored = read_u32(mv, end)
+        crc = zlib.crc32(mv[:end])
+        if crc != crc_stored:
+            raise StreamChecksumError(
+                f"CRC-32 {crc_stored:#010x} stored, {crc:#010x} computed", section=stype.name, offset=off
+            )
+        body = self._decode_body(stype, mv[HEADER_SIZE:end], off)
+        self._sec = None
+        self._hdr = None
+        self._fill = 0
+        self.offset += len(sec)
         self.seq += 1
-        return Section(stype, SectionFlags(hdr.flags), hdr.seq, off, total, body)
+        return Section(stype, SectionFlags(hdr.flags), hdr.seq, off, len(sec), body)
 
     def _check_header(self, off: int) -> SectionHeader:
-        hdr = SectionHeader.unpack_from(self._buf, self._pos)
+        hdr = SectionHeader.unpack_from(self._hb, 0)
         try:
             stype = SectionType(hdr.type)
         except ValueError:
@@ -622,7 +616,7 @@ class StreamDecoder:
         return hdr
 
     # -------------------------------------------------------------- bodies
-    def _decode_body(self, stype: SectionType, p: bytes, off: int) -> Body:
+    def _decode_body(self, stype: SectionType, p: memoryview, off: int) -> Body:
         name = stype.name
         try:
             if stype is SectionType.HELLO:
@@ -641,7 +635,7 @@ class StreamDecoder:
             if stype is SectionType.DEVICE:
                 return self._decode_device(p, off)
             if stype is SectionType.CPU_STATE:
-                return CpuState(p)
+                return CpuState(bytes(p))
             if stype is SectionType.COMPLETE:
                 rec = CompleteRecord.decode(p)
                 if rec.sections != self.seq or rec.stream_bytes != off:
@@ -685,7 +679,7 @@ class StreamDecoder:
             raise StreamError(
                 f"page {int(pages.max())} outside the {cfg.num_pages} pages of memory", section="RAM", offset=off
             )
-        data = p[CountHeader.SIZE + 8 * n :]
+        data = p[CountHeader.SIZE + 8 * n :]  # a view into this section's own buffer
         return RamPages(pages, data)
 
     def _decode_zero(self, p: bytes, off: int) -> ZeroRuns:
@@ -727,7 +721,7 @@ class StreamDecoder:
                 f"VF {head.vf_index} image of device type {head.device_id}, HELLO said {vf.device_id}",
                 section="DEVICE", offset=off,
             )
-        image = p[DeviceHeader.SIZE :]
+        image = bytes(p[DeviceHeader.SIZE :])
         try:
             img = decode_image(image)
         except WireError as exc:
@@ -740,7 +734,7 @@ class StreamDecoder:
         return Device(head.vf_index, head.device_id, image)
 
 
-def _decode_hello(p: bytes, off: int) -> Hello:
+def _decode_hello(p: memoryview, off: int) -> Hello:
     if len(p) >= 6:
         magic = read_u32(p, 0)
         if magic != MAGIC:
@@ -764,7 +758,7 @@ def _decode_hello(p: bytes, off: int) -> Hello:
         raise StreamError(f"HELLO needs {want} payload bytes, got {len(p)}", section="HELLO", offset=off)
     pos = HelloHeader.SIZE
     try:
-        workload = p[pos : pos + head.workload_len].decode("utf-8")
+        workload = bytes(p[pos : pos + head.workload_len]).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise StreamError("workload name is not UTF-8", section="HELLO", offset=off) from exc
     pos += head.workload_len
@@ -780,7 +774,7 @@ def _decode_hello(p: bytes, off: int) -> Hello:
     return Hello(StreamConfig(head.memory_size, head.page_size, tuple(vfs), workload), head.version)
 
 
-def _decode_text(p: bytes, name: str, off: int) -> tuple[ErrorCode, str]:
+def _decode_text(p: memoryview, name: str, off: int) -> tuple[ErrorCode, str]:
     head = ErrorHeader.unpack_from(p, 0)
     try:
         code = ErrorCode(head.code)
@@ -791,7 +785,7 @@ def _decode_text(p: bytes, name: str, off: int) -> tuple[ErrorCode, str]:
             f"text_len {head.text_len}, but {len(p) - ErrorHeader.SIZE} bytes follow", section=name, offset=off
         )
     try:
-        text = p[ErrorHeader.SIZE :].decode("utf-8")
+        text = bytes(p[ErrorHeader.SIZE :]).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise StreamError("text is not UTF-8", section=name, offset=off) from exc
     return code, text

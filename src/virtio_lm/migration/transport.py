@@ -1,0 +1,554 @@
+"""The thin socket / file layer around the sans-I/O sessions.
+
+A :class:`SourceRunner` drives a :class:`~virtio_lm.migration.session.SourceSession`
+over a connected TCP socket (``migrate tcp:HOST:PORT``) or a writable binary
+file (``migrate file:PATH``); a :class:`DestRunner` drives a
+:class:`~virtio_lm.migration.session.DestSession` over an accepted socket (or
+one it accepts itself from a listener) or a readable file.  Each runner works
+on a thread of its own (``start()`` / ``join()``) or in the caller's thread
+(``run()``).  All session calls happen under ``runner.lock``, so another thread
+(a monitor answering ``query-migrate``) may call :meth:`info` at any time.
+
+Mapping of the outside world onto the session:
+
+* bytes in -> ``receive``; EOF -> ``on_peer_closed()``; ``ECONNRESET``, ``EPIPE``,
+  any ``OSError`` -> ``on_peer_closed(exc)``;
+* silence: while the session waits for the peer (``waiting_for``, or a
+  destination not finished) and nothing arrives for ``timeout`` seconds ->
+  ``on_peer_closed(PeerGoneError)``; a send blocked for ``timeout`` seconds
+  likewise;
+* ``max-bandwidth``: the runner sends only what ``produce`` hands out and
+  waits ``budget_wait()`` when the session's token bucket is empty;
+* :meth:`SourceRunner.cancel` / :meth:`DestRunner.cancel` -> ``session.cancel()``
+  on the runner's thread, even while it waits.
+
+:func:`raw_loopback_throughput` measures plain TCP over loopback for the
+same number of bytes (the bench's baseline).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+from virtio_lm.errors import PeerGoneError
+from virtio_lm.migration.session import DestSession, Event, SourceSession
+
+__all__ = [
+    "DestRunner",
+    "SourceRunner",
+    "Uri",
+    "listen",
+    "parse_uri",
+    "raw_loopback_throughput",
+    "start_incoming",
+    "start_outgoing",
+]
+
+DEFAULT_TIMEOUT = 30.0
+POLL = 0.05  # seconds between checks for cancel / silence while blocked
+_EOF = object()
+_CANCEL = object()
+
+
+@dataclass(frozen=True)
+class Uri:
+    """``tcp:HOST:PORT`` or ``file:PATH``."""
+
+    scheme: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+
+def parse_uri(uri: str) -> Uri:
+    if uri.startswith("file:"):
+        path = uri[5:]
+        if not path:
+            raise ValueError("file: URI without a path")
+        return Uri("file", path=path)
+    if uri.startswith("tcp:"):
+        host, sep, port = uri[4:].rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"tcp URI must be tcp:HOST:PORT, got {uri!r}")
+        host = host.strip("[]") or "0.0.0.0"
+        return Uri("tcp", host=host, port=int(port))
+    raise ValueError(f"unsupported migration URI {uri!r} (tcp:HOST:PORT or file:PATH)")
+
+
+def _send_all(sock: socket.socket, bufs: list) -> int:
+    """Send every buffer (vectored, no joining); returns the bytes sent."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    total = 0
+    while views:
+        n = sock.sendmsg(views[:256])
+        total += n
+        while n:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+    return total
+
+
+class _Runner:
+    def __init__(self, on_event: Callable[[Event], None] | None) -> None:
+        self.lock = threading.RLock()
+        self.events: list[Event] = []
+        self.on_event = on_event
+        self.done = threading.Event()
+        self.crash: BaseException | None = None  # a bug in the runner itself, not a migration error
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _pump_events(self, session) -> None:
+        ev = session.poll_events()
+        self.events.extend(ev)
+        if self.on_event is not None:
+            for e in ev:
+                self.on_event(e)
+
+    def start(self) -> "_Runner":
+        self._thread = threading.Thread(target=self._main, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        return self
+
+    def _main(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # pragma: no cover - reported, never swallowed
+            self.crash = exc
+        finally:
+            self.done.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the end; True if it ended."""
+        return self.done.wait(timeout)
+
+    def run(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class SourceRunner(_Runner):
+    """Runs a SourceSession over a connected socket or a writable binary file."""
+
+    def __init__(
+        self,
+        session: SourceSession,
+        channel: socket.socket | BinaryIO,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        chunk: int = 1 << 20,
+        on_event: Callable[[Event], None] | None = None,
+        close: bool = True,
+    ) -> None:
+        super().__init__(on_event)
+        self.session = session
+        self.channel = channel
+        self.timeout = timeout
+        self.chunk = chunk
+        self.close_channel = close
+        self.is_socket = isinstance(channel, socket.socket)
+        if self.is_socket == session.to_file:
+            raise ValueError("a file stream needs SourceSession(to_file=True), a socket one to_file=False")
+        self._q: queue.Queue = queue.Queue()
+
+    def cancel(self) -> None:
+        """migrate_cancel: handled on the runner's thread (rollback before commit)."""
+        self._cancel.set()
+        self._q.put(_CANCEL)
+
+    def info(self) -> dict:
+        with self.lock:
+            return self.session.info()
+
+    # ------------------------------------------------------------------
+    def run(self) -> None:
+        s = self.session
+        with self.lock:
+            s.start()
+            self._pump_events(s)
+        try:
+            if self.is_socket:
+                self._run_socket()
+            else:
+                self._run_file()
+        finally:
+            if self.close_channel:
+                try:
+                    self.channel.close()
+                except OSError:
+                    pass
+
+    def _run_file(self) -> None:
+        s, f = self.session, self.channel
+        while True:
+            with self.lock:
+                if self._cancel.is_set():
+                    s.cancel()
+                    self._cancel.clear()
+                if s.finished and not s.wants_to_send:
+                    self._pump_events(s)
+                    break
+                wait = s.budget_wait()
+                chunks = s.produce(self.chunk) if wait == 0 else []
+            if not chunks:
+                self._cancel.wait(wait if wait else POLL)
+                continue
+            try:
+                n = 0
+                for c in chunks:
+                    f.write(c)
+                    n += len(c)
+                if s.status == "device":  # the final data: on disk before the session calls it written
+                    f.flush()
+                    os.fsync(f.fileno())
+                with self.lock:
+                    s.on_sent(n)
+                    self._pump_events(s)
+            except OSError as exc:
+                with self.lock:
+                    s.on_peer_closed(exc)
+                    self._pump_events(s)
+
+    def _reader(self, sock: socket.socket, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                data = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                if not stop.is_set():
+                    self._q.put(exc)
+                return
+            if not data:
+                self._q.put(_EOF)
+                return
+            self._q.put(data)
+
+    def _handle(self, item) -> None:
+        s = self.session
+        if item is _CANCEL:
+            s.cancel()
+        elif item is _EOF:
+            s.on_peer_closed(None)
+        elif isinstance(item, BaseException):
+            s.on_peer_closed(item)
+        else:
+            s.receive(item)
+
+    def _run_socket(self) -> None:
+        s = self.session
+        sock: socket.socket = self.channel  # type: ignore[assignment]
+        sock.settimeout(min(self.timeout, 1.0))
+        stop = threading.Event()
+        reader = threading.Thread(target=self._reader, args=(sock, stop), name="migration-source-reader", daemon=True)
+        reader.start()
+        last_heard = time.monotonic()
+        try:
+            while True:
+                # everything that arrived, in order
+                while True:
+                    try:
+                        item = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not (item is _CANCEL):
+                        last_heard = time.monotonic()
+                    with self.lock:
+                        self._handle(item)
+                        self._pump_events(s)
+                with self.lock:
+                    wants = s.wants_to_send
+                    wait = s.budget_wait() if wants else 0.0
+                    urgent = s.has_queued
+                    chunks = s.produce(self.chunk) if wants and (wait == 0 or urgent) else []
+                    finished = s.finished
+                    waiting = s.waiting_for
+                if chunks:
+                    try:
+                        sock.settimeout(self.timeout)
+                        n = _send_all(sock, chunks)
+                    except OSError as exc:  # reset, broken pipe, timeout
+                        err = PeerGoneError(f"sending to the destination: {exc}") if isinstance(exc, socket.timeout) else exc
+                        with self.lock:
+                            s.on_peer_closed(err)
+                            self._pump_events(s)
+                        continue
+                    finally:
+                        sock.settimeout(min(self.timeout, 1.0))
+                    with self.lock:
+                        s.on_sent(n)
+                        self._pump_events(s)
+                    continue
+                if finished and not wants:
+                    break
+                block = wait if wants and wait > 0 else POLL
+                try:
+                    item = self._q.get(timeout=block)
+                except queue.Empty:
+                    if waiting is not None and time.monotonic() - last_heard > self.timeout:
+                        with self.lock:
+                            s.on_peer_closed(
+                                PeerGoneError(f"no word from the destination for {self.timeout} s (waiting for {waiting})")
+                            )
+                            self._pump_events(s)
+                    continue
+                if item is not _CANCEL:
+                    last_heard = time.monotonic()
+                with self.lock:
+                    self._handle(item)
+                    self._pump_events(s)
+        finally:
+            stop.set()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class DestRunner(_Runner):
+    """Runs a DestSession over a socket (or accepts one from ``listener``) or a readable file."""
+
+    def __init__(
+        self,
+        session: DestSession,
+        channel: socket.socket | BinaryIO | None = None,
+        *,
+        listener: socket.socket | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        on_event: Callable[[Event], None] | None = None,
+        close: bool = True,
+        recv_size: int = 4 << 20,
+    ) -> None:
+        super().__init__(on_event)
+        if (channel is None) == (listener is None):
+            raise ValueError("give a channel (socket or file) or a listener, not both")
+        self.session = session
+        self.channel = channel
+        self.listener = listener
+        self.timeout = timeout
+        self.close_channel = close
+        self.recv_size = recv_size
+        self.peer: object = None
+        is_file = channel is not None and not isinstance(channel, socket.socket)
+        if is_file != session.from_file:
+            raise ValueError("a file stream needs DestSession(from_file=True), a socket one from_file=False")
+
+    @property
+    def address(self) -> tuple | None:
+        """The listener's bound address (for a port chosen by the system)."""
+        return self.listener.getsockname() if self.listener is not None else None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def info(self) -> dict:
+        with self.lock:
+            return self.session.info()
+
+    def run(self) -> None:
+        s = self.session
+        try:
+            if self.listener is not None:
+                self.channel = self._accept()
+                if self.channel is None:
+                    return
+            if isinstance(self.channel, socket.socket):
+                self._run_socket(self.channel)
+            else:
+                self._run_file(self.channel)  # type: ignore[arg-type]
+        finally:
+            with self.lock:
+                self._pump_events(s)
+            if self.close_channel:
+                for c in (self.channel, self.listener):
+                    if c is not None:
+                        try:
+                            c.close()
+                        except OSError:
+                            pass
+
+    def _accept(self) -> socket.socket | None:
+        s = self.session
+        lst = self.listener
+        assert lst is not None
+        lst.settimeout(POLL)
+        deadline = None  # migrate-incoming waits for its source without limit, until cancelled
+        while True:
+            if self._cancel.is_set():
+                with self.lock:
+                    s.cancel()
+                return None
+            try:
+                conn, self.peer = lst.accept()
+            except socket.timeout:
+                if deadline is not None and time.monotonic() > deadline:  # pragma: no cover
+                    return None
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return conn
+
+    def _flush(self, sock: socket.socket) -> None:
+        s = self.session
+        with self.lock:
+            out = s.produce()
+        if out:
+            try:
+                sock.settimeout(self.timeout)
+                _send_all(sock, out)
+            except OSError as exc:
+                with self.lock:
+                    s.on_peer_closed(exc)
+            finally:
+                sock.settimeout(POLL)
+
+    def _run_socket(self, sock: socket.socket) -> None:
+        s = self.session
+        buf = bytearray(self.recv_size)
+        view = memoryview(buf)
+        sock.settimeout(POLL)
+        last_heard = time.monotonic()
+        try:
+            while True:
+                if self._cancel.is_set():
+                    self._cancel.clear()
+                    with self.lock:
+                        s.cancel()
+                self._flush(sock)
+                with self.lock:
+                    self._pump_events(s)
+                    if s.finished and not s.wants_to_send:
+                        break
+                try:
+                    n = sock.recv_into(view)
+                except socket.timeout:
+                    if time.monotonic() - last_heard > self.timeout:
+                        with self.lock:
+                            s.on_peer_closed(PeerGoneError(f"no word from the source for {self.timeout} s"))
+                    continue
+                except OSError as exc:
+                    with self.lock:
+                        s.on_peer_closed(exc)
+                    continue
+                last_heard = time.monotonic()
+                with self.lock:
+                    if n == 0:
+                        s.on_peer_closed(None)
+                    else:
+                        s.receive(view[:n])
+        finally:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _run_file(self, f: BinaryIO) -> None:
+        s = self.session
+        while True:
+            if self._cancel.is_set():
+                with self.lock:
+                    s.cancel()
+                    self._pump_events(s)
+                return
+            try:
+                data = f.read(self.recv_size)
+            except OSError as exc:
+                with self.lock:
+                    s.on_peer_closed(exc)
+                return
+            with self.lock:
+                if not data:
+                    s.on_peer_closed(None)
+                    return
+                s.receive(data)
+                self._pump_events(s)
+                if s.finished:
+                    return
+
+
+# ---------------------------------------------------------------------- helpers
+def listen(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening TCP socket for ``migrate-incoming tcp:HOST:PORT`` (port 0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    lst = socket.socket(family, socket.SOCK_STREAM)
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lst.bind((host, port))
+    lst.listen(1)
+    return lst
+
+
+def start_outgoing(
+    session: SourceSession, uri: str, *, timeout: float = DEFAULT_TIMEOUT,
+    on_event: Callable[[Event], None] | None = None,
+) -> SourceRunner:
+    """``migrate URI``: connect (or create the file) and start the runner's thread.
+
+    Connection failures raise ``OSError`` here, before the session starts
+    (nothing to roll back)."""
+    u = parse_uri(uri)
+    if u.scheme == "file":
+        f = open(u.path, "wb")
+        return SourceRunner(session, f, timeout=timeout, on_event=on_event).start()  # type: ignore[return-value]
+    sock = socket.create_connection((u.host, u.port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return SourceRunner(session, sock, timeout=timeout, on_event=on_event).start()  # type: ignore[return-value]
+
+
+def start_incoming(
+    session: DestSession, uri: str, *, timeout: float = DEFAULT_TIMEOUT,
+    on_event: Callable[[Event], None] | None = None,
+) -> DestRunner:
+    """``migrate-incoming URI``: listen (accepting on the runner's thread) or read the file."""
+    u = parse_uri(uri)
+    if u.scheme == "file":
+        f = open(u.path, "rb")
+        return DestRunner(session, f, timeout=timeout, on_event=on_event).start()  # type: ignore[return-value]
+    return DestRunner(session, listener=listen(u.host, u.port), timeout=timeout, on_event=on_event).start()  # type: ignore[return-value]
+
+
+def raw_loopback_throughput(nbytes: int, *, chunk: int = 1 << 20) -> dict:
+    """Send ``nbytes`` over a fresh loopback TCP connection, nothing else; time it.
+
+    Returns ``{"bytes", "seconds", "bytes-per-second", "mbps"}``; the clock runs
+    from the first send to the receiver having read the last byte.
+    """
+    lst = listen("127.0.0.1", 0)
+    got = {"n": 0, "t": 0.0}
+
+    def receiver() -> None:
+        conn, _ = lst.accept()
+        buf = bytearray(4 << 20)
+        view = memoryview(buf)
+        with conn:
+            while got["n"] < nbytes:
+                n = conn.recv_into(view)
+                if not n:
+                    break
+                got["n"] += n
+            got["t"] = time.perf_counter()
+
+    th = threading.Thread(target=receiver, daemon=True)
+    th.start()
+    payload = memoryview(os.urandom(min(chunk, max(nbytes, 1))))
+    with socket.create_connection(lst.getsockname()) as sock:
+        t0 = time.perf_counter()
+        left = nbytes
+        while left > 0:
+            k = min(left, len(payload))
+            sock.sendall(payload[:k])
+            left -= k
+        th.join()
+    lst.close()
+    seconds = max(got["t"] - t0, 1e-9)
+    if got["n"] != nbytes:
+        raise PeerGoneError(f"loopback receiver read {got['n']} of {nbytes} bytes")
+    return {"bytes": nbytes, "seconds": seconds, "bytes-per-second": nbytes / seconds,
+            "mbps": nbytes * 8 / seconds / 1e6}
