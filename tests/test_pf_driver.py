@@ -570,6 +570,29 @@ def test_command_times_out_when_the_pf_worker_is_stopped(h):
         h.drv.get_state_attrs(1)
 
 
+def test_push_collection_does_not_wait_for_a_stuck_command():
+    dev = DroppingPfDevice(threaded=False)
+    dev.drop = False
+    h = make_host(device=dev)
+    try:
+        h.drv.start_tracking(1, TrackMode.PUSH_BITMAP)
+        dev.drop = True
+        outcome: list[object] = []
+        stuck = threading.Thread(target=lambda: outcome.append(h.drv.get_state_attrs(2)))
+        stuck.start()
+        while h.drv.ctrlq.in_flight() == 0:  # the command is on the queue, the queue lock held
+            time.sleep(0.001)
+        h.pf.vf(1).port.write(3 * PAGE_SIZE, b"x")
+        assert list(np.flatnonzero(h.drv.collect_dirty(1))) == [3]
+        assert stuck.is_alive() and not outcome  # collected while the command was still waiting
+        dev.drop = False
+        dev.process_control_queue()
+        stuck.join(TIMEOUT)
+        assert outcome == [(0, S.INIT)]
+    finally:
+        h.close()
+
+
 def test_command_abandoned_when_the_pf_needs_a_reset():
     dev = DroppingPfDevice(threaded=False)
     h = make_host(device=dev, vfs=0)

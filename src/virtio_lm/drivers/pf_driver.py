@@ -179,7 +179,8 @@ class PfDriver:
         self.ctrlq: DriverQueue | None = None
         self.caps: IdentifyResult | None = None
         self.stats = CommandStats()
-        self._lock = threading.RLock()  # the control queue and the driver's bookkeeping
+        self._lock = threading.RLock()  # the control queue (held for a whole command / sequence)
+        self._track_lock = threading.Lock()  # the tracking table and push maps; taken after _lock, never before
         self._irq = threading.Event()
         self._tokens = itertools.count(1)
         self._abandoned: dict[int, tuple[int, int]] = {}  # token -> buffers of timed-out commands
@@ -254,9 +255,7 @@ class PfDriver:
 
     def _forget_all(self) -> None:
         """The device was (or is about to be) reset: nothing it held is in use any more."""
-        for tr in self._tracking.values():
-            self._free_segments(tr)
-        self._tracking.clear()
+        self._drop_tracking()
         if self.ctrlq is not None:
             for rd, wr in self._abandoned.values():
                 self.alloc.free(rd)
@@ -285,6 +284,10 @@ class PfDriver:
         """Clear VF Enable (stand-in for the SR-IOV capability write); tracking of every VF ends."""
         with self._lock:
             self.pf.disable_vfs()
+            self._drop_tracking()
+
+    def _drop_tracking(self) -> None:
+        with self._track_lock:
             for tr in self._tracking.values():
                 self._free_segments(tr)
             self._tracking.clear()
@@ -500,7 +503,7 @@ class PfDriver:
         """
         mode = TrackMode(mode)
         with self._lock:
-            if vf in self._tracking:
+            if self.tracking(vf) is not None:
                 raise TrackingError(f"VF {vf} is already tracked in {self._tracking[vf].mode.name}")
             if num_pages is None:
                 num_pages = self._guest_pages(vf)
@@ -532,7 +535,8 @@ class PfDriver:
             except BaseException:
                 self._free_segments(tr)
                 raise
-            self._tracking[vf] = tr
+            with self._track_lock:
+                self._tracking[vf] = tr
             return tr
 
     def _guest_pages(self, vf: int) -> int:
@@ -562,12 +566,15 @@ class PfDriver:
         """STOP_DIRTY_PAGE_TRACK, then free the push map (the device no longer writes it)."""
         with self._lock:
             self.stop_dirty_page_track(vf)
-            tr = self._tracking.pop(vf, None)
-            if tr is not None:
-                self._free_segments(tr)
+            with self._track_lock:
+                tr = self._tracking.pop(vf, None)
+                if tr is not None:
+                    self._free_segments(tr)
 
     def tracking(self, vf: int) -> Tracking | None:
-        return self._tracking.get(vf)
+        """The driver's record of VF ``vf``'s tracking, or None."""
+        with self._track_lock:
+            return self._tracking.get(vf)
 
     def collect_dirty(self, vf: int) -> np.ndarray:
         """Pages of VF ``vf``'s VM dirtied by the device since the last call (bool array of num_pages).
@@ -579,22 +586,30 @@ class PfDriver:
         page (the device's fail-safe: marks beyond the VM's pages) makes every
         page dirty and is counted in ``Tracking.failsafe_events``.
         """
-        with self._lock:
-            tr = self._tracking.get(vf)
-            if tr is None:
-                raise TrackingError(f"VF {vf} is not being tracked")
-            if tr.mode.is_push:
+        tr = self.tracking(vf)
+        if tr is None:
+            raise TrackingError(f"VF {vf} is not being tracked")
+        if tr.mode.is_push:
+            with self._track_lock:  # not the queue's lock: push collection sends no command
+                if self._tracking.get(vf) is not tr:
+                    raise TrackingError(f"VF {vf}: tracking stopped during the collection")
                 parts = [self.port.atomic_fetch_and_clear(addr, length) for addr, length in tr.segments]
                 raw = np.concatenate(parts) if len(parts) > 1 else parts[0]
                 self.stats.collect_bytes += len(raw)
-            else:
-                raw = np.frombuffer(self._read_report(vf), dtype=np.uint8)
-            tr.collections += 1
-            try:
-                return report_to_pages(raw, tr.num_pages, bitmap=tr.mode.is_bitmap)
-            except DirtyReportError:
-                tr.failsafe_events += 1
-                return np.ones(tr.num_pages, dtype=bool)
+                return self._to_pages(tr, raw)
+        with self._lock:  # GET_DIRTY_REPORT_SIZE .. the last REPORT_DIRTY_PAGES as one sequence
+            raw = np.frombuffer(self._read_report(vf), dtype=np.uint8)
+            with self._track_lock:
+                return self._to_pages(tr, raw)
+
+    @staticmethod
+    def _to_pages(tr: Tracking, raw: np.ndarray) -> np.ndarray:
+        tr.collections += 1
+        try:
+            return report_to_pages(raw, tr.num_pages, bitmap=tr.mode.is_bitmap)
+        except DirtyReportError:
+            tr.failsafe_events += 1
+            return np.ones(tr.num_pages, dtype=bool)
 
     def _read_report(self, vf: int) -> bytes:
         size = self.get_dirty_report_size(vf)
