@@ -48,6 +48,7 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- DirtyReportError          a dirty report marking pages past the VM's memory
      +-- CommandRefusedError            the PF refuses a control command (it acks ERR)
      +-- StateImageError                a restored state image whose content the device refuses
+     +-- GuestStateError                a guest driver state document (JSON) refused; names the field path
      +-- DeviceBusyError                back-end I/O did not settle in time (FREEZE)
      +-- MigrationError                 a live migration that cannot go on (the source rolls back
           |                             before commit; see migration/session.py)
@@ -330,6 +331,20 @@ class StateImageError(VirtioLmError):
         self.record = record
         self.reason = reason
         super().__init__(f"state image {record}: {reason}")
+
+
+class GuestStateError(VirtioLmError):
+    """A guest driver's migrated state (the JSON document of :mod:`virtio_lm.vm.guest_state`)
+    that does not decode, or a state that cannot be encoded.
+
+    ``path`` names the offending field (e.g. ``"blk.queues.0.free[3]"``;
+    ``"<document>"`` for the document as a whole), ``reason`` the rule it breaks.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"guest state {path}: {reason}")
 
 
 class DeviceBusyError(VirtioLmError):

@@ -1,0 +1,852 @@
+"""A strict JSON codec for the guest drivers' bookkeeping that migrates with the VM.
+
+The guest's drivers keep part of their state outside guest memory: queue free
+lists and chains in flight (:class:`~virtio_lm.virtqueue.driver.DriverQueue`),
+memory allocators (:class:`~virtio_lm.virtqueue.driver.Allocator`), requests
+in flight (:class:`~virtio_lm.drivers.blk_driver.BlkDriverState`), negotiated
+features, MAC (:class:`~virtio_lm.drivers.net_driver.NetDriverState`).  That
+state crosses the migration stream, which is untrusted input: no pickle.  This
+module turns each state into plain JSON data (dicts, lists, ints, strings,
+bools, ``None``; bytes as lowercase hex strings) and back.
+
+Decoding is strict.  Every object must have exactly its keys; every value its
+type (``bool`` is not an ``int``, floats are nothing) and range; and the
+state must be one the driver could have reached:
+
+* an allocator's free ranges are sorted, non-empty and merged, its live
+  allocations sorted, and together they tile ``[base, base + size)``;
+* a queue's size is a power of two in 1..32768, its ring addresses aligned
+  and disjoint, its indices u16; its free list and in-flight chains
+  partition the descriptors ``0..size-1``; each chain's head is its first
+  descriptor; an indirect chain has one descriptor and a table that is a
+  live allocation; and the chains in flight number
+  ``avail_idx + pending - last_used_idx`` (mod 2**16);
+* a blk driver's requests are exactly the chains in flight (by token, on
+  their queue), own distinct live allocations, and are below ``next_token``;
+  a net driver has exactly its receive/transmit(/control) queues, tokens of
+  the shape each queue kind uses, and buffers in its buffer allocator.
+
+Any violation raises :class:`~virtio_lm.errors.GuestStateError` naming the
+field (``"blk.queues.0.free[3]"``) -- never another exception type.  The
+encoders validate what they produce the same way, so a source never sends a
+state its destination would refuse.  Decoding is exact: re-encoding a
+decoded document gives the same document.
+
+Chain tokens (what a driver attaches to a chain) may be ``None``, ``bool``,
+``int`` (in ``-2**63 .. 2**64-1``), ``str`` (at most 64 characters) or a
+``tuple`` of tokens (at most 8 items, nested at most 4 deep); tuples travel
+as JSON lists (a list is never a token, so the mapping is exact).
+
+:func:`encode_guest_state` / :func:`decode_guest_state` turn such data into
+canonical bytes (sorted keys, compact, ASCII) and back; decoding refuses
+non-UTF-8 bytes, a document that is not a JSON object, documents over
+16 MiB, nesting over 64 levels, duplicate keys and ``NaN`` / ``Infinity``.
+
+Rebuilding: :class:`DriverQueue` and :class:`Allocator` have no public
+restore API, so they are rebuilt the way the drivers' own ``from_state`` /
+``import_state`` do it -- an instance made with ``__new__`` whose attributes
+are filled -- and in-flight records are ``virtio_lm.virtqueue.driver._InFlight``.
+The encoder refuses a queue with attributes it does not know, so a new
+DriverQueue field cannot be dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from virtio_lm.drivers.blk_driver import BlkCompletion, BlkDriverState, _Req
+from virtio_lm.drivers.net_driver import NetDriverState
+from virtio_lm.errors import GuestStateError, WireError
+from virtio_lm.virtqueue.driver import Allocator, DriverQueue, _InFlight
+from virtio_lm.wire.blk import BLK_CONFIG_SIZE, BlkConfig, BlkFeature
+from virtio_lm.wire.features import Feature, bit
+from virtio_lm.wire.net import ETH_ALEN, NetFeature
+from virtio_lm.wire.ring import (
+    AVAIL_ALIGN,
+    DESC_ALIGN,
+    MAX_QUEUE_SIZE,
+    USED_ALIGN,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
+
+__all__ = [
+    "MAX_DOCUMENT_BYTES",
+    "MAX_NESTING",
+    "allocator_from_json",
+    "allocator_to_json",
+    "blk_state_from_json",
+    "blk_state_to_json",
+    "decode_guest_state",
+    "encode_guest_state",
+    "net_state_from_json",
+    "net_state_to_json",
+    "queue_from_json",
+    "queue_to_json",
+    "token_from_json",
+    "token_to_json",
+]
+
+MAX_DOCUMENT_BYTES = 16 << 20
+MAX_NESTING = 64
+U16 = 0xFFFF
+U32 = 0xFFFF_FFFF
+U64 = (1 << 64) - 1
+I63 = (1 << 63) - 1
+TOKEN_INT_MIN = -(1 << 63)
+MAX_TOKEN_DEPTH = 4
+MAX_TOKEN_ITEMS = 8
+MAX_TOKEN_STR = 64
+MAX_COUNTER_NAME = 64
+DOCUMENT = "<document>"
+
+Json = Any
+
+
+# =========================================================================== primitives
+def _fail(path: str, reason: str) -> GuestStateError:
+    return GuestStateError(path, reason)
+
+
+def _kind(v: object) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _obj(v: Json, path: str, keys: tuple[str, ...]) -> dict[str, Json]:
+    if type(v) is not dict:
+        raise _fail(path, f"expected an object, got {_kind(v)}")
+    unknown = sorted(set(v) - set(keys))
+    if unknown:
+        raise _fail(f"{path}.{unknown[0]}", "unknown key")
+    for k in keys:
+        if k not in v:
+            raise _fail(f"{path}.{k}", "missing key")
+    return v
+
+
+def _int(v: Json, path: str, lo: int, hi: int) -> int:
+    if type(v) is not int:
+        raise _fail(path, f"expected an integer, got {_kind(v)}")
+    if not lo <= v <= hi:
+        raise _fail(path, f"{v} is outside {lo}..{hi}")
+    return v
+
+
+def _opt_int(v: Json, path: str, lo: int, hi: int) -> int | None:
+    return None if v is None else _int(v, path, lo, hi)
+
+
+def _bool(v: Json, path: str) -> bool:
+    if type(v) is not bool:
+        raise _fail(path, f"expected a boolean, got {_kind(v)}")
+    return v
+
+
+def _list(v: Json, path: str) -> list[Json]:
+    if type(v) is not list:
+        raise _fail(path, f"expected a list, got {_kind(v)}")
+    return v
+
+
+def _str(v: Json, path: str, max_len: int) -> str:
+    if type(v) is not str:
+        raise _fail(path, f"expected a string, got {_kind(v)}")
+    if len(v) > max_len:
+        raise _fail(path, f"string of {len(v)} characters (at most {max_len})")
+    return v
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _hex(v: Json, path: str, length: int | None = None) -> bytes:
+    if type(v) is not str:
+        raise _fail(path, f"expected a hex string, got {_kind(v)}")
+    if len(v) % 2 or not _HEX.issuperset(v):
+        raise _fail(path, "not an even-length lowercase hex string")
+    raw = bytes.fromhex(v)
+    if length is not None and len(raw) != length:
+        raise _fail(path, f"{len(raw)} bytes, expected {length}")
+    return raw
+
+
+def _index_key(k: str, path: str, hi: int) -> int:
+    """A dict key naming a queue: canonical decimal (no sign, no leading zero)."""
+    if not k or not k.isascii() or not k.isdigit() or (len(k) > 1 and k[0] == "0"):
+        raise _fail(f"{path}.{k}", "queue key is not a canonical decimal index")
+    n = int(k)
+    if n > hi:
+        raise _fail(f"{path}.{k}", f"queue index {n} above {hi}")
+    return n
+
+
+def _has(features: int, f: int) -> bool:
+    return bool(features & bit(f))
+
+
+# =========================================================================== tokens
+def token_to_json(token: object, path: str = "token", depth: int = 1) -> Json:
+    """A chain token as JSON (tuples become lists); unsupported tokens raise GuestStateError."""
+    if token is None or type(token) is bool:
+        return token
+    if type(token) is int:
+        return _int(token, path, TOKEN_INT_MIN, U64)
+    if type(token) is str:
+        return _str(token, path, MAX_TOKEN_STR)
+    if type(token) is tuple:
+        if depth >= MAX_TOKEN_DEPTH:
+            raise _fail(path, f"token nested deeper than {MAX_TOKEN_DEPTH}")
+        if len(token) > MAX_TOKEN_ITEMS:
+            raise _fail(path, f"token tuple of {len(token)} items (at most {MAX_TOKEN_ITEMS})")
+        return [token_to_json(t, f"{path}[{i}]", depth + 1) for i, t in enumerate(token)]
+    raise _fail(path, f"a token of type {_kind(token)} cannot migrate (None, bool, int, str or tuple)")
+
+
+def token_from_json(v: Json, path: str = "token", depth: int = 1) -> object:
+    """The inverse of :func:`token_to_json` (lists become tuples)."""
+    if v is None or type(v) is bool:
+        return v
+    if type(v) is int:
+        return _int(v, path, TOKEN_INT_MIN, U64)
+    if type(v) is str:
+        return _str(v, path, MAX_TOKEN_STR)
+    if type(v) is list:
+        if depth >= MAX_TOKEN_DEPTH:
+            raise _fail(path, f"token nested deeper than {MAX_TOKEN_DEPTH}")
+        if len(v) > MAX_TOKEN_ITEMS:
+            raise _fail(path, f"token list of {len(v)} items (at most {MAX_TOKEN_ITEMS})")
+        return tuple(token_from_json(t, f"{path}[{i}]", depth + 1) for i, t in enumerate(v))
+    raise _fail(path, f"a token must be null, bool, int, str or a list of tokens, got {_kind(v)}")
+
+
+# =========================================================================== allocator
+_ALLOC_KEYS = ("base", "size", "free", "live")
+
+
+def allocator_to_json(a: Allocator, path: str = "alloc", *, validate: bool = True) -> dict[str, Json]:
+    """``{"base", "size", "free": [[start, end], ...], "live": [[addr, length], ...]}`` (live sorted)."""
+    try:
+        out = {
+            "base": a.base,
+            "size": a.size,
+            "free": [[s, e] for s, e in zip(a._starts, a._ends)],
+            "live": [[addr, n] for addr, n in sorted(a._live.items())],
+        }
+    except (AttributeError, TypeError) as exc:
+        raise _fail(path, f"not an Allocator: {exc}") from exc
+    if validate:
+        allocator_from_json(out, path)
+    return out
+
+
+def allocator_from_json(v: Json, path: str = "alloc") -> Allocator:
+    d = _obj(v, path, _ALLOC_KEYS)
+    base = _int(d["base"], f"{path}.base", 0, U64)
+    size = _int(d["size"], f"{path}.size", 1, U64)
+    end = base + size
+    if end > U64 + 1:
+        raise _fail(f"{path}.size", f"range [{base:#x}, +{size:#x}) passes 2**64")
+    pieces: list[tuple[int, int, str]] = []  # (start, end, path)
+
+    def ranges(key: str, second_is_end: bool) -> list[tuple[int, int]]:
+        out = []
+        prev_end = -1
+        for i, item in enumerate(_list(d[key], f"{path}.{key}")):
+            p = f"{path}.{key}[{i}]"
+            pair = _list(item, p)
+            if len(pair) != 2:
+                raise _fail(p, f"expected [start, {'end' if second_is_end else 'length'}], got {len(pair)} items")
+            s = _int(pair[0], f"{p}[0]", base, end)
+            x = _int(pair[1], f"{p}[1]", 1, U64)
+            e = x if second_is_end else s + x
+            if e <= s:
+                raise _fail(p, f"empty range [{s:#x}, {e:#x})")
+            if e > end:
+                raise _fail(p, f"range [{s:#x}, {e:#x}) leaves the allocator's [{base:#x}, {end:#x})")
+            if s < prev_end or (second_is_end and s == prev_end):
+                raise _fail(p, "ranges not sorted, overlapping" + (" or not merged" if second_is_end else ""))
+            prev_end = e
+            out.append((s, e))
+            pieces.append((s, e, p))
+        return out
+
+    free = ranges("free", True)
+    live = ranges("live", False)
+    pieces.sort()
+    pos = base
+    for s, e, p in pieces:
+        if s < pos:
+            raise _fail(p, f"range [{s:#x}, {e:#x}) overlaps another free or live range")
+        if s > pos:
+            raise _fail(p, f"bytes [{pos:#x}, {s:#x}) are neither free nor allocated")
+        pos = e
+    if pos != end:
+        raise _fail(path, f"bytes [{pos:#x}, {end:#x}) are neither free nor allocated")
+    a = Allocator.__new__(Allocator)
+    a.base = base
+    a.size = size
+    a._starts = [s for s, _ in free]
+    a._ends = [e for _, e in free]
+    a._live = {s: e - s for s, e in live}
+    return a
+
+
+# =========================================================================== queue
+_DQ_ATTRS = frozenset(
+    {
+        "port", "alloc", "size", "desc_addr", "avail_addr", "used_addr", "event_idx", "_free",
+        "_inflight", "avail_idx", "_pending", "_kick_old", "last_used_idx", "interrupts",
+    }
+)
+_DQ_KEYS = (
+    "size", "desc_addr", "avail_addr", "used_addr", "event_idx", "free", "in_flight",
+    "avail_idx", "pending", "kick_old", "last_used_idx", "interrupts",
+)
+_IF_KEYS = ("head", "descs", "table", "token")
+
+
+def queue_to_json(dq: DriverQueue | dict[str, Any], path: str = "queue", *, validate: bool = True) -> dict[str, Json]:
+    """A driver queue (or the ``vars()`` dict a BlkDriverState keeps) as JSON.
+
+    A queue with an attribute this codec does not know raises (it would be lost)."""
+    attrs = dict(dq) if isinstance(dq, dict) else dict(vars(dq))
+    unknown = sorted(set(attrs) - _DQ_ATTRS)
+    if unknown:
+        raise _fail(f"{path}.{unknown[0]}", "DriverQueue attribute this codec does not know (it would be lost)")
+    try:
+        in_flight = [
+            {
+                "head": head,
+                "descs": list(rec.descs),
+                "table": rec.table,
+                "token": token_to_json(rec.token, f"{path}.in_flight[{i}].token"),
+            }
+            for i, (head, rec) in enumerate(attrs["_inflight"].items())
+        ]
+        out = {
+            "size": attrs["size"],
+            "desc_addr": attrs["desc_addr"],
+            "avail_addr": attrs["avail_addr"],
+            "used_addr": attrs["used_addr"],
+            "event_idx": attrs["event_idx"],
+            "free": list(attrs["_free"]),
+            "in_flight": in_flight,
+            "avail_idx": attrs["avail_idx"],
+            "pending": attrs["_pending"],
+            "kick_old": attrs["_kick_old"],
+            "last_used_idx": attrs["last_used_idx"],
+            "interrupts": attrs["interrupts"],
+        }
+    except (KeyError, AttributeError, TypeError) as exc:
+        raise _fail(path, f"not a DriverQueue state: {exc!r}") from exc
+    if validate:
+        queue_from_json(out, path)
+    return out
+
+
+def queue_from_json(v: Json, path: str = "queue", *, alloc: Allocator | None = None) -> DriverQueue:
+    """A detached :class:`DriverQueue` (``port`` None, ``alloc`` as given) from JSON.
+
+    With ``alloc``, every indirect table in flight must be one of its live allocations."""
+    d = _obj(v, path, _DQ_KEYS)
+    size = _int(d["size"], f"{path}.size", 1, MAX_QUEUE_SIZE)
+    if size & (size - 1):
+        raise _fail(f"{path}.size", f"queue size {size} is not a power of two")
+    event_idx = _bool(d["event_idx"], f"{path}.event_idx")
+    parts = []
+    for key, align, length in (
+        ("desc_addr", DESC_ALIGN, desc_table_size(size)),
+        ("avail_addr", AVAIL_ALIGN, avail_ring_size(size, event_idx)),
+        ("used_addr", USED_ALIGN, used_ring_size(size, event_idx)),
+    ):
+        addr = _int(d[key], f"{path}.{key}", 0, U64 + 1 - length)
+        if addr % align:
+            raise _fail(f"{path}.{key}", f"address {addr:#x} not aligned to {align}")
+        parts.append((addr, addr + length, key))
+    parts.sort()
+    for (s1, e1, k1), (s2, _, k2) in zip(parts, parts[1:]):
+        if s2 < e1:
+            raise _fail(f"{path}.{k2}", f"ring part overlaps {k1}")
+    owner: dict[int, str] = {}  # descriptor -> where it is
+
+    def claim(desc: int, p: str) -> None:
+        if desc in owner:
+            raise _fail(p, f"descriptor {desc} already in {owner[desc]}")
+        owner[desc] = p
+
+    free = []
+    for i, x in enumerate(_list(d["free"], f"{path}.free")):
+        p = f"{path}.free[{i}]"
+        free.append(_int(x, p, 0, size - 1))
+        claim(free[-1], p)
+    inflight: dict[int, _InFlight] = {}
+    tables: set[int] = set()
+    live = alloc._live if alloc is not None else None
+    for i, item in enumerate(_list(d["in_flight"], f"{path}.in_flight")):
+        p = f"{path}.in_flight[{i}]"
+        rec = _obj(item, p, _IF_KEYS)
+        head = _int(rec["head"], f"{p}.head", 0, size - 1)
+        descs_raw = _list(rec["descs"], f"{p}.descs")
+        if not descs_raw:
+            raise _fail(f"{p}.descs", "a chain has at least one descriptor")
+        descs = []
+        for j, x in enumerate(descs_raw):
+            descs.append(_int(x, f"{p}.descs[{j}]", 0, size - 1))
+            claim(descs[-1], f"{p}.descs[{j}]")
+        if descs[0] != head:
+            raise _fail(f"{p}.head", f"head {head} is not the chain's first descriptor {descs[0]}")
+        table = _opt_int(rec["table"], f"{p}.table", 0, U64)
+        if table is not None:
+            if len(descs) != 1:
+                raise _fail(f"{p}.descs", "an indirect chain uses exactly one descriptor")
+            if table % DESC_ALIGN:
+                raise _fail(f"{p}.table", f"indirect table {table:#x} not aligned to {DESC_ALIGN}")
+            if table in tables:
+                raise _fail(f"{p}.table", f"indirect table {table:#x} used by two chains")
+            if live is not None and table not in live:
+                raise _fail(f"{p}.table", f"indirect table {table:#x} is not a live allocation")
+            tables.add(table)
+        token = token_from_json(rec["token"], f"{p}.token")
+        inflight[head] = _InFlight(token, descs, table)
+    if len(owner) != size:
+        lost = min(set(range(size)) - set(owner))
+        raise _fail(f"{path}.free", f"descriptor {lost} is neither free nor in flight")
+    avail_idx = _int(d["avail_idx"], f"{path}.avail_idx", 0, U16)
+    pending = _int(d["pending"], f"{path}.pending", 0, size)
+    kick_old = _int(d["kick_old"], f"{path}.kick_old", 0, U16)
+    last_used = _int(d["last_used_idx"], f"{path}.last_used_idx", 0, U16)
+    interrupts = _bool(d["interrupts"], f"{path}.interrupts")
+    outstanding = (avail_idx + pending - last_used) & U16
+    if outstanding != len(inflight):
+        raise _fail(
+            f"{path}.in_flight",
+            f"{len(inflight)} chains in flight, but avail_idx {avail_idx} + pending {pending} - "
+            f"last_used_idx {last_used} = {outstanding}",
+        )
+    dq = DriverQueue.__new__(DriverQueue)
+    dq.port = None  # type: ignore[assignment]
+    dq.size = size
+    dq.desc_addr, dq.avail_addr, dq.used_addr = (
+        d["desc_addr"], d["avail_addr"], d["used_addr"]
+    )
+    dq.event_idx = event_idx
+    dq.alloc = alloc
+    dq._free = free
+    dq._inflight = inflight
+    dq.avail_idx = avail_idx
+    dq._pending = pending
+    dq._kick_old = kick_old
+    dq.last_used_idx = last_used
+    dq.interrupts = interrupts
+    return dq
+
+
+def _queues_from_json(v: Json, path: str, alloc: Allocator) -> dict[int, DriverQueue]:
+    if type(v) is not dict:
+        raise _fail(path, f"expected an object, got {_kind(v)}")
+    out: dict[int, DriverQueue] = {}
+    for k in sorted(v, key=lambda s: (len(s), s)):
+        n = _index_key(k, path, U16)
+        out[n] = queue_from_json(v[k], f"{path}.{k}", alloc=alloc)
+    return out
+
+
+def _queues_to_json(queues: dict[int, Any], path: str) -> dict[str, Json]:
+    out = {}
+    for i, q in queues.items():
+        if type(i) is not int or not 0 <= i <= U16:
+            raise _fail(f"{path}.{i}", "queue index is not an int in 0..65535")
+        out[str(i)] = queue_to_json(q, f"{path}.{i}", validate=False)
+    return out
+
+
+# =========================================================================== blk
+_BLK_KEYS = ("features", "config", "queues", "alloc", "requests", "parked", "next_token", "rr")
+_REQ_KEYS = (
+    "token", "type", "sector", "queue", "hdr_addr", "buf_addr", "buf_len", "owns_buf",
+    "device_writes_buf", "status_addr", "raw",
+)
+_DONE_KEYS = ("token", "type", "sector", "queue", "status", "used_len", "data")
+_DQ_VARS_SKIP = ("port", "alloc")
+
+
+def blk_state_to_json(state: BlkDriverState, path: str = "blk", *, validate: bool = True) -> dict[str, Json]:
+    """A :class:`BlkDriverState` as JSON (validated like the decoder unless ``validate=False``)."""
+    try:
+        cfg = state.config.encode().hex()  # type: ignore[attr-defined]
+    except WireError as exc:
+        raise _fail(f"{path}.config", f"does not encode: {exc}") from exc
+    out = {
+        "features": state.features,
+        "config": cfg,
+        "queues": _queues_to_json(state.queues, f"{path}.queues"),
+        "alloc": allocator_to_json(state.alloc, f"{path}.alloc", validate=False),
+        "requests": [
+            {
+                "token": r.token,
+                "type": r.type,
+                "sector": r.sector,
+                "queue": r.queue,
+                "hdr_addr": r.hdr_addr,
+                "buf_addr": r.buf_addr,
+                "buf_len": r.buf_len,
+                "owns_buf": r.owns_buf,
+                "device_writes_buf": r.device_writes_buf,
+                "status_addr": r.status_addr,
+                "raw": [[a, n, w] for a, n, w in r.raw],
+            }
+            for r in state.requests.values()
+        ],
+        "parked": [
+            {
+                "token": c.token,
+                "type": c.type,
+                "sector": c.sector,
+                "queue": c.queue,
+                "status": c.status,
+                "used_len": c.used_len,
+                "data": None if c.data is None else bytes(c.data).hex(),
+            }
+            for c in state.parked
+        ],
+        "next_token": state.next_token,
+        "rr": state.rr,
+    }
+    for i, (k, r) in enumerate(state.requests.items()):
+        if k != r.token:
+            raise _fail(f"{path}.requests[{i}].token", f"request {r.token} kept under key {k!r}")
+    if validate:
+        blk_state_from_json(out, path)
+    return out
+
+
+def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
+    """A :class:`BlkDriverState` (ready for :meth:`BlkDriver.from_state`) from JSON."""
+    d = _obj(v, path, _BLK_KEYS)
+    features = _int(d["features"], f"{path}.features", 0, U64)
+    raw_cfg = _hex(d["config"], f"{path}.config", BLK_CONFIG_SIZE)
+    try:
+        config = BlkConfig.decode(raw_cfg)  # type: ignore[attr-defined]
+    except WireError as exc:
+        raise _fail(f"{path}.config", f"does not decode: {exc}") from exc
+    if config.encode() != raw_cfg:  # type: ignore[attr-defined]
+        raise _fail(f"{path}.config", "not in canonical form")
+    alloc = allocator_from_json(d["alloc"], f"{path}.alloc")
+    queues = _queues_from_json(d["queues"], f"{path}.queues", alloc)
+    if not queues:
+        raise _fail(f"{path}.queues", "a blk driver has at least one queue")
+    for n in queues:
+        if n >= len(queues):
+            raise _fail(f"{path}.queues.{n}", f"queues must be numbered 0..{len(queues) - 1}")
+    want_event = _has(features, Feature.EVENT_IDX)
+    for n, dq in queues.items():
+        if dq.event_idx != want_event:
+            raise _fail(f"{path}.queues.{n}.event_idx", "differs from the negotiated VIRTIO_F_EVENT_IDX")
+    if not _has(features, BlkFeature.MQ) and len(queues) != 1:
+        raise _fail(f"{path}.queues", "more than one queue without VIRTIO_BLK_F_MQ")
+    next_token = _int(d["next_token"], f"{path}.next_token", 1, I63)
+    rr = _int(d["rr"], f"{path}.rr", 0, I63)
+    live = alloc._live
+    # token -> (queue, in-flight path) for every chain in flight
+    chains: dict[int, tuple[int, str]] = {}
+    owned: dict[int, str] = {}  # live allocation -> who owns it (each is freed once)
+
+    def own(addr: int, p: str) -> None:
+        if addr not in live:
+            raise _fail(p, f"{addr:#x} is not a live allocation")
+        if addr in owned:
+            raise _fail(p, f"{addr:#x} is also owned by {owned[addr]}")
+        owned[addr] = p
+
+    for n, dq in queues.items():
+        for i, rec in enumerate(dq._inflight.values()):
+            p = f"{path}.queues.{n}.in_flight[{i}]"
+            t = rec.token
+            if type(t) is not int or not 1 <= t < next_token:
+                raise _fail(f"{p}.token", f"a blk chain token is an int in 1..next_token-1, got {t!r}")
+            if t in chains:
+                raise _fail(f"{p}.token", f"token {t} also in flight at {chains[t][1]}")
+            chains[t] = (n, p)
+            if rec.table is not None:
+                own(rec.table, f"{p}.table")
+
+    requests: dict[int, _Req] = {}
+    for i, item in enumerate(_list(d["requests"], f"{path}.requests")):
+        p = f"{path}.requests[{i}]"
+        r = _obj(item, p, _REQ_KEYS)
+        token = _int(r["token"], f"{p}.token", 1, next_token - 1)
+        if token in requests:
+            raise _fail(f"{p}.token", f"token {token} twice")
+        rtype = _int(r["type"], f"{p}.type", -1, U32)
+        sector = _int(r["sector"], f"{p}.sector", 0, U64)
+        queue = _int(r["queue"], f"{p}.queue", 0, U16)
+        if queue not in queues:
+            raise _fail(f"{p}.queue", f"queue {queue} is not set up")
+        where = chains.get(token)
+        if where is None or where[0] != queue:
+            raise _fail(f"{p}.token", f"request {token} is not a chain in flight on queue {queue}")
+        hdr_addr = _int(r["hdr_addr"], f"{p}.hdr_addr", -1, U64)
+        buf_addr = _opt_int(r["buf_addr"], f"{p}.buf_addr", 0, U64)
+        buf_len = _int(r["buf_len"], f"{p}.buf_len", 0, U32)
+        owns_buf = _bool(r["owns_buf"], f"{p}.owns_buf")
+        dwb = _bool(r["device_writes_buf"], f"{p}.device_writes_buf")
+        status_addr = _int(r["status_addr"], f"{p}.status_addr", -1, U64)
+        raw_list = _list(r["raw"], f"{p}.raw")
+        raw: list[tuple[int, int, bool]] = []
+        for j, piece in enumerate(raw_list):
+            pj = f"{p}.raw[{j}]"
+            tri = _list(piece, pj)
+            if len(tri) != 3:
+                raise _fail(pj, f"expected [addr, length, writable], got {len(tri)} items")
+            a = _int(tri[0], f"{pj}[0]", 0, U64)
+            raw.append((a, _int(tri[1], f"{pj}[1]", 0, U32), _bool(tri[2], f"{pj}[2]")))
+            own(a, f"{pj}[0]")
+        if hdr_addr < 0:  # a raw chain: everything is in ``raw``
+            if not raw:
+                raise _fail(f"{p}.raw", "a raw request (hdr_addr -1) has at least one piece")
+            for key, val, want in (("buf_addr", buf_addr, None), ("buf_len", buf_len, 0), ("owns_buf", owns_buf, False),
+                                   ("device_writes_buf", dwb, False), ("status_addr", status_addr, -1)):
+                if val != want or type(val) is not type(want):
+                    raise _fail(f"{p}.{key}", f"must be {want!r} for a raw request")
+        else:
+            if raw:
+                raise _fail(f"{p}.raw", "only a raw request (hdr_addr -1) has raw pieces")
+            own(hdr_addr, f"{p}.hdr_addr")
+            if status_addr < hdr_addr or status_addr >= hdr_addr + live[hdr_addr]:
+                raise _fail(f"{p}.status_addr", "status byte outside the request's header block")
+            if (buf_addr is None) != (buf_len == 0):
+                raise _fail(f"{p}.buf_addr", "a data buffer has an address and a length, or neither")
+            if owns_buf:
+                if buf_addr is None:
+                    raise _fail(f"{p}.owns_buf", "owns a buffer it does not have")
+                own(buf_addr, f"{p}.buf_addr")
+                if buf_len > live[buf_addr]:
+                    raise _fail(f"{p}.buf_len", f"{buf_len} bytes in an allocation of {live[buf_addr]}")
+            if dwb and buf_addr is None:
+                raise _fail(f"{p}.device_writes_buf", "the device writes a buffer the request does not have")
+        requests[token] = _Req(token, rtype, sector, queue, hdr_addr, buf_addr, buf_len, owns_buf, dwb, status_addr, raw)
+    for t, (n, p) in chains.items():
+        if t not in requests:
+            raise _fail(f"{p}.token", f"chain token {t} has no request record")
+    parked: list[BlkCompletion] = []
+    seen: set[int] = set()
+    for i, item in enumerate(_list(d["parked"], f"{path}.parked")):
+        p = f"{path}.parked[{i}]"
+        c = _obj(item, p, _DONE_KEYS)
+        token = _int(c["token"], f"{p}.token", 1, next_token - 1)
+        if token in requests or token in seen:
+            raise _fail(f"{p}.token", f"token {token} is still in flight or parked twice")
+        seen.add(token)
+        queue = _int(c["queue"], f"{p}.queue", 0, U16)
+        if queue not in queues:
+            raise _fail(f"{p}.queue", f"queue {queue} is not set up")
+        data = None if c["data"] is None else _hex(c["data"], f"{p}.data")
+        parked.append(
+            BlkCompletion(
+                token,
+                _int(c["type"], f"{p}.type", -1, U32),
+                _int(c["sector"], f"{p}.sector", 0, U64),
+                queue,
+                _opt_int(c["status"], f"{p}.status", 0, 0xFF),
+                _int(c["used_len"], f"{p}.used_len", 0, U32),
+                data,
+            )
+        )
+    return BlkDriverState(
+        features=features,
+        config=config,
+        queues={
+            n: {k: val for k, val in vars(dq).items() if k not in _DQ_VARS_SKIP}
+            for n, dq in sorted(queues.items())
+        },
+        alloc=alloc,
+        requests=requests,
+        parked=parked,
+        next_token=next_token,
+        rr=rr,
+    )
+
+
+# =========================================================================== net
+_NET_KEYS = (
+    "features", "device_features", "mac", "max_pairs", "curr_pairs", "rx_buf_size", "queues",
+    "ring_alloc", "buf_alloc", "counters",
+)
+
+
+def net_state_to_json(state: NetDriverState, path: str = "net", *, validate: bool = True) -> dict[str, Json]:
+    """A :class:`NetDriverState` as JSON (validated like the decoder unless ``validate=False``)."""
+    counters = {}
+    for k, n in state.counters.items():
+        if type(k) is not str:
+            raise _fail(f"{path}.counters", f"counter name {k!r} is not a string")
+        counters[k] = n
+    out = {
+        "features": state.features,
+        "device_features": state.device_features,
+        "mac": bytes(state.mac).hex(),
+        "max_pairs": state.max_pairs,
+        "curr_pairs": state.curr_pairs,
+        "rx_buf_size": state.rx_buf_size,
+        "queues": _queues_to_json(state.queues, f"{path}.queues"),
+        "ring_alloc": allocator_to_json(state.ring_alloc, f"{path}.ring_alloc", validate=False),
+        "buf_alloc": allocator_to_json(state.buf_alloc, f"{path}.buf_alloc", validate=False),
+        "counters": counters,
+    }
+    if validate:
+        net_state_from_json(out, path)
+    return out
+
+
+def net_state_from_json(v: Json, path: str = "net") -> NetDriverState:
+    """A :class:`NetDriverState` (ready for :meth:`NetDriver.import_state`) from JSON."""
+    d = _obj(v, path, _NET_KEYS)
+    device_features = _int(d["device_features"], f"{path}.device_features", 0, U64)
+    features = _int(d["features"], f"{path}.features", 0, U64)
+    if features & ~device_features:
+        raise _fail(f"{path}.features", f"negotiated bits {features & ~device_features:#x} the device does not offer")
+    mac = _hex(d["mac"], f"{path}.mac", ETH_ALEN)
+    mq = _has(features, NetFeature.MQ)
+    max_pairs = _int(d["max_pairs"], f"{path}.max_pairs", 1, 0x8000 if mq else 1)
+    curr_pairs = _int(d["curr_pairs"], f"{path}.curr_pairs", 1, max_pairs)
+    rx_buf_size = _int(d["rx_buf_size"], f"{path}.rx_buf_size", 1, U32)
+    ring_alloc = allocator_from_json(d["ring_alloc"], f"{path}.ring_alloc")
+    buf_alloc = allocator_from_json(d["buf_alloc"], f"{path}.buf_alloc")
+    if ring_alloc.base < buf_alloc.base + buf_alloc.size and buf_alloc.base < ring_alloc.base + ring_alloc.size:
+        raise _fail(f"{path}.buf_alloc", "range overlaps the ring allocator's")
+    queues = _queues_from_json(d["queues"], f"{path}.queues", ring_alloc)
+    ctrl = (2 * max_pairs if mq else 2) if _has(features, NetFeature.CTRL_VQ) else None
+    kinds = {2 * p: "rx" for p in range(max_pairs)} | {2 * p + 1: "tx" for p in range(max_pairs)}
+    if ctrl is not None:
+        kinds[ctrl] = "ctrl"
+    for n in queues:
+        if n not in kinds:
+            raise _fail(f"{path}.queues.{n}", "no such queue for these features and pairs")
+    for n in kinds:
+        if n not in queues:
+            raise _fail(f"{path}.queues", f"queue {n} ({kinds[n]}) is missing")
+    want_event = _has(features, Feature.EVENT_IDX)
+    bufs: dict[int, str] = {}
+    for n, dq in sorted(queues.items()):
+        if dq.event_idx != want_event:
+            raise _fail(f"{path}.queues.{n}.event_idx", "differs from the negotiated VIRTIO_F_EVENT_IDX")
+        kind = kinds[n]
+        width = 3 if kind == "ctrl" else 2
+        for i, rec in enumerate(dq._inflight.values()):
+            p = f"{path}.queues.{n}.in_flight[{i}].token"
+            t = rec.token
+            if (
+                type(t) is not tuple
+                or len(t) != width
+                or t[0] != kind
+                or type(t[0]) is not str
+                or any(type(x) is not int for x in t[1:])
+            ):
+                raise _fail(p, f"a {kind} queue's token is [{kind!r}{', addr' * (width - 1)}], got {t!r}")
+            for addr in t[1:]:
+                if addr not in buf_alloc._live:
+                    raise _fail(p, f"buffer {addr:#x} is not a live allocation of the buffer allocator")
+                if addr in bufs:
+                    raise _fail(p, f"buffer {addr:#x} also in flight at {bufs[addr]}")
+                bufs[addr] = p
+    if type(d["counters"]) is not dict:
+        raise _fail(f"{path}.counters", f"expected an object, got {_kind(d['counters'])}")
+    counters = {}
+    for k, n in d["counters"].items():
+        if not k or len(k) > MAX_COUNTER_NAME:
+            raise _fail(f"{path}.counters.{k}", f"counter name of {len(k)} characters (1..{MAX_COUNTER_NAME})")
+        counters[k] = _int(n, f"{path}.counters.{k}", 0, I63)
+    return NetDriverState(
+        features=features,
+        device_features=device_features,
+        mac=mac,
+        max_pairs=max_pairs,
+        curr_pairs=curr_pairs,
+        rx_buf_size=rx_buf_size,
+        queues=dict(sorted(queues.items())),
+        ring_alloc=ring_alloc,
+        buf_alloc=buf_alloc,
+        counters=counters,
+    )
+
+
+# =========================================================================== document bytes
+def _reject_constant(name: str) -> object:
+    raise _fail(DOCUMENT, f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Json]]) -> dict[str, Json]:
+    out: dict[str, Json] = {}
+    for k, val in pairs:
+        if k in out:
+            raise _fail(DOCUMENT, f"duplicate key {k!r}")
+        out[k] = val
+    return out
+
+
+def _depth(doc: Json) -> int:
+    """Nesting depth (a scalar is 0, ``{}`` / ``[]`` 1), without recursion."""
+    deepest = 0
+    stack: list[tuple[Json, int]] = [(doc, 0)]
+    while stack:
+        node, level = stack.pop()
+        if type(node) is dict:
+            children = node.values()
+        elif type(node) is list:
+            children = node
+        else:
+            continue
+        level += 1
+        if level > deepest:
+            deepest = level
+            if deepest > MAX_NESTING:
+                return deepest
+        stack.extend((c, level) for c in children)
+    return deepest
+
+
+def encode_guest_state(obj: Json) -> bytes:
+    """Canonical bytes of a JSON document (object): sorted keys, compact, ASCII.
+
+    Refuses what :func:`decode_guest_state` would refuse (not an object, too
+    deep, too big, non-JSON values)."""
+    if type(obj) is not dict:
+        raise _fail(DOCUMENT, f"a guest state document is a JSON object, got {_kind(obj)}")
+    if _depth(obj) > MAX_NESTING:
+        raise _fail(DOCUMENT, f"nested deeper than {MAX_NESTING} levels")
+    try:
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise _fail(DOCUMENT, f"not JSON data: {exc}") from exc
+    raw = text.encode("ascii")
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise _fail(DOCUMENT, f"{len(raw)} bytes (at most {MAX_DOCUMENT_BYTES})")
+    return raw
+
+
+def decode_guest_state(data: bytes | bytearray | memoryview) -> dict[str, Json]:
+    """Parse a guest state document; refuses non-UTF-8, non-objects, > 16 MiB, > 64 levels,
+    duplicate keys, NaN / Infinity.  Field validation is the ``*_from_json`` functions' job."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise _fail(DOCUMENT, f"expected bytes, got {_kind(data)}")
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise _fail(DOCUMENT, f"{len(data)} bytes (at most {MAX_DOCUMENT_BYTES})")
+    try:
+        text = bytes(data).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _fail(DOCUMENT, f"not UTF-8 at byte {exc.start}") from exc
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except GuestStateError:
+        raise
+    except RecursionError as exc:
+        raise _fail(DOCUMENT, f"nested deeper than {MAX_NESTING} levels") from exc
+    except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit
+        raise _fail(DOCUMENT, f"not JSON: {exc}") from exc
+    if type(doc) is not dict:
+        raise _fail(DOCUMENT, f"a guest state document is a JSON object, got {_kind(doc)}")
+    if _depth(doc) > MAX_NESTING:
+        raise _fail(DOCUMENT, f"nested deeper than {MAX_NESTING} levels")
+    return doc
