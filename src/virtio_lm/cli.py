@@ -1,6 +1,24 @@
-"""The ``virtio-lm`` command line."""
+"""The ``virtio-lm`` command line.
+
+::
+
+    virtio-lm demo              the main job: migrate a running VM between two host processes
+    virtio-lm host              run one host (PF, VFs, VMs, QMP monitor)
+    virtio-lm migrate           drive a migration between two hosts' monitors, with progress
+    virtio-lm peer              the network peer outside the VM (sequence-numbered frames)
+    virtio-lm switch            the embedded learning L2 switch (UDP on loopback)
+    virtio-lm analyze-stream    decode a stream saved with ``migrate file:PATH``
+    virtio-lm bench             benchmarks (figures and ratios)
+"""
 
 from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
 
 import click
 
@@ -9,5 +27,216 @@ from virtio_lm import __version__
 
 @click.group()
 @click.version_option(__version__, prog_name="virtio-lm")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def main(verbose: int) -> None:
     """virtio-lm: live migration of virtio devices (VF migration proposal, 2021)."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(process)d %(name)s %(levelname)s: %(message)s")
+
+
+# ---------------------------------------------------------------------------- host
+def parse_vm_spec(text: str) -> "VmSpec":
+    """``name=vm0,memory=256,blk=PATH,blocks=512,mac=52:54:00:12:34:56,peer=...,dirty-rate=32,...``"""
+    from virtio_lm.vm.machine import VmSpec
+
+    keys = {
+        "name": ("name", str),
+        "memory": ("memory_mib", int),
+        "blk": ("blk_image", str),
+        "blocks": ("blk_blocks", int),
+        "qd": ("blk_qd", int),
+        "blk-rate": ("blk_rate", float),
+        "mac": ("net_mac", str),
+        "peer": ("peer_mac", str),
+        "net-rate": ("net_rate", float),
+        "dirty-rate": ("dirty_rate_mbps", float),
+        "seed": ("seed", int),
+    }
+    kw: dict = {}
+    for part in filter(None, text.split(",")):
+        k, sep, v = part.partition("=")
+        if not sep or k not in keys:
+            raise click.BadParameter(f"{part!r}: expected one of {', '.join(keys)} as key=value")
+        attr, conv = keys[k]
+        try:
+            kw[attr] = conv(v)
+        except ValueError as exc:
+            raise click.BadParameter(f"{part!r}: {exc}") from exc
+    try:
+        return VmSpec(**kw)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"{text!r} is not HOST:PORT")
+    return host or "127.0.0.1", int(port)
+
+
+@main.command()
+@click.option("--name", default="host", help="Host name (logs, memory names).")
+@click.option("--qmp", "qmp", default="tcp:127.0.0.1:4444", show_default=True, help="Monitor: unix:PATH or tcp:HOST:PORT.")
+@click.option("--vm", "vms", multiple=True, required=True, help="A VM: name=,memory=MiB,blk=IMAGE,blocks=,mac=,peer=,dirty-rate=MB/s,...")
+@click.option("--switch", default=None, help="The embedded switch, HOST:PORT (for net VFs).")
+@click.option("--incoming", is_flag=True, help="Start the VMs as shells waiting for migrate-incoming.")
+@click.option("--total-vfs", default=16, show_default=True, help="TotalVFs of the PF.")
+def host(name: str, qmp: str, vms: tuple[str, ...], switch: str | None, incoming: bool, total_vfs: int) -> None:
+    """Run one host: a PF with SR-IOV VFs, its VMs and a QMP monitor, until `quit`."""
+    from virtio_lm.host.host import Host, HostConfig
+
+    cfg = HostConfig(
+        name=name,
+        qmp=qmp,
+        vms=[parse_vm_spec(v) for v in vms],
+        switch=parse_hostport(switch) if switch else None,
+        incoming=incoming,
+        total_vfs=total_vfs,
+    )
+    h = Host(cfg).start()
+    print(f"qmp {h.qmp_address}", flush=True)
+
+    def stop(signum: int, frame: object) -> None:
+        threading.Thread(target=h.close, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    h.closed.wait()
+
+
+# ---------------------------------------------------------------------------- switch and peer
+@main.command()
+@click.option("--listen", "listen_", default="127.0.0.1:0", show_default=True, help="HOST:PORT to listen on.")
+@click.option("--lifetime", default=3600.0, show_default=True, help="Stop after this many seconds.")
+@click.option("--idle-timeout", default=60.0, show_default=True, help="Stop after this long without traffic.")
+def switch(listen_: str, lifetime: float, idle_timeout: float) -> None:
+    """Run the embedded learning L2 switch (frames as UDP datagrams on loopback)."""
+    from virtio_lm.net.switch import main as switch_main
+
+    host_, port = parse_hostport(listen_)
+    sys.exit(
+        switch_main(["--host", host_, "--port", str(port), "--lifetime", str(lifetime), "--idle-timeout", str(idle_timeout)])
+    )
+
+
+@main.command()
+@click.option("--switch", "switch_", required=True, help="The switch, HOST:PORT.")
+@click.option("--mac", default="52:54:00:00:00:fe", show_default=True, help="The peer's MAC.")
+@click.option("--vm-mac", required=True, help="The VM's MAC (where to send).")
+@click.option("--rate", default=200.0, show_default=True, help="Frames per second to the VM.")
+@click.option("--report", "report_path", required=True, type=click.Path(dir_okay=False), help="JSON report written on exit.")
+@click.option("--lifetime", default=600.0, show_default=True, help="Stop after this many seconds.")
+def peer(switch_: str, mac: str, vm_mac: str, rate: float, report_path: str, lifetime: float) -> None:
+    """The peer outside the VM: sends sequence-numbered frames and records what comes back.
+
+    Runs until SIGTERM/SIGINT (or --lifetime), then writes the report: every
+    sequence number it sent with its send time, and every one it received
+    from the VM with its arrival time."""
+    from virtio_lm.net.peer import NetPeer
+    from virtio_lm.wire.net import parse_mac
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    p = NetPeer(parse_hostport(switch_), parse_mac(mac), name="peer")
+    dst = parse_mac(vm_mac)
+    sent: list[tuple[int, float]] = []
+    print("ready", flush=True)
+    t_end = time.monotonic() + lifetime
+    period = 1.0 / rate if rate > 0 else None
+    nxt = time.monotonic()
+    while not stop.is_set() and time.monotonic() < t_end:
+        if period is not None:
+            seq = p.send_seq(dst)[0]
+            sent.append((seq, time.time()))
+            nxt += period
+            stop.wait(max(0.0, nxt - time.monotonic()))
+        else:
+            stop.wait(0.1)
+    received = p.seqs_from(dst)
+    report = {"sent": sent, "received": received, "received-times": p.times_from(dst), "announces": len(p.announces)}
+    p.close()
+    with open(report_path, "w") as f:
+        json.dump(report, f)
+
+
+# ---------------------------------------------------------------------------- migrate / demo
+@main.command()
+@click.option("--source", required=True, help="Source monitor: unix:PATH or tcp:HOST:PORT.")
+@click.option("--dest", required=True, help="Destination monitor.")
+@click.option("--uri", default=None, help="Migration URI the destination listens on (default: tcp:127.0.0.1:0 chosen by it).")
+@click.option("--vm", default=None, help="The VM to migrate (default: the first).")
+@click.option("--downtime-limit-ms", default=300, show_default=True)
+@click.option("--max-bandwidth", default=0, show_default=True, help="Bytes/s, 0 = unlimited.")
+@click.option("--mode", default="pull-bitmap", type=click.Choice(["push-bitmap", "push-bytemap", "pull-bitmap", "pull-bytemap"]), show_default=True)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write query-migrate's final answer here.")
+def migrate(source: str, dest: str, uri: str | None, vm: str | None, downtime_limit_ms: int, max_bandwidth: int, mode: str, json_path: str | None) -> None:
+    """Migrate a VM from the host at SOURCE to the host at DEST, with a progress bar."""
+    from virtio_lm.orchestrate import Monitor, run_migration
+
+    with Monitor(source) as src, Monitor(dest) as dst:
+        params = {"downtime-limit": downtime_limit_ms, "max-bandwidth": max_bandwidth, "x-tracking-mode": mode}
+        info = run_migration(src, dst, vm=vm, uri=uri, params=params, progress=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(info, f, indent=2)
+    click.echo(f"status {info.get('status')}, total {info.get('total-time')} ms, downtime {info.get('downtime')} ms")
+    sys.exit(0 if info.get("status") == "completed" else 1)
+
+
+@main.command()
+@click.option("--memory-mib", default=256, show_default=True, help="Guest memory of the VM.")
+@click.option("--mode", default="pull-bitmap", type=click.Choice(["push-bitmap", "push-bytemap", "pull-bitmap", "pull-bytemap"]), show_default=True, help="Dirty page tracking mode of the VFs.")
+@click.option("--dirty-rate-mbps", default=32.0, show_default=True, help="MB/s of pages the vCPU dirties.")
+@click.option("--downtime-limit-ms", default=300, show_default=True)
+@click.option("--max-bandwidth", default=0, show_default=True, help="Bytes/s for the migration, 0 = unlimited.")
+@click.option("--seed", default=1, show_default=True)
+@click.option("--warmup", default=2.0, show_default=True, help="Seconds the VM runs before the migration.")
+@click.option("--after", default=2.0, show_default=True, help="Seconds the VM runs on the destination before verifying.")
+@click.option("--no-device-tracking", is_flag=True, help="Negative control: do not track VF DMA; verification must fail.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report (query-migrate names) here.")
+@click.option("--keep", is_flag=True, help="Keep the temporary directory (logs, disk image).")
+def demo(**opts: object) -> None:
+    """Migrate a running VM with a virtio-blk and a virtio-net VF between two host processes, and verify.
+
+    Creates a disk image, starts the switch, the peer, a source and a
+    destination host as separate processes on loopback, lets the workloads
+    run, migrates, lets them run on the destination, verifies memory, disk
+    and network, prints the report, and cleans up.  Exit status 0 only when
+    the migration completed and every check passed."""
+    from virtio_lm.demo import DemoOptions, run_demo
+
+    sys.exit(run_demo(DemoOptions(**opts)))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- analyze / bench
+@main.command("analyze-stream")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def analyze_stream(path: str, as_json: bool) -> None:
+    """Decode a migration stream saved with `migrate file:PATH`."""
+    from virtio_lm.errors import VirtioLmError
+    from virtio_lm.migration.analyze import analyze_file, format_summary
+
+    try:
+        summary = analyze_file(path)
+    except VirtioLmError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(format_summary(summary, as_json=as_json))
+    if summary.get("error"):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("which", nargs=-1, type=click.Choice(["migration", "foundation", "pf", "devices", "all"]))
+@click.option("--quick", is_flag=True, help="Smaller sizes (a smoke run).")
+def bench(which: tuple[str, ...], quick: bool) -> None:
+    """Benchmarks: print figures and ratios against baselines measured in the same run."""
+    from virtio_lm.bench import run_benches
+
+    sys.exit(run_benches(which or ("migration",), quick=quick))
+
+
+if __name__ == "__main__":
+    main()

@@ -53,6 +53,7 @@ class NetPeer:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self.received: dict[bytes, list[int]] = collections.defaultdict(list)  # src MAC -> seqs in order
+        self.arrivals: dict[bytes, list[float]] = collections.defaultdict(list)  # src MAC -> time.time() of each
         self.announces: list[bytes] = []
         self.other = 0
         self.port.attach(self._on_frame)
@@ -98,6 +99,7 @@ class NetPeer:
                 else:
                     dst, src, stream, seq = parsed
                     self.received[src].append(seq)
+                    self.arrivals[src].append(time.time())
                     if self.echo and dst == self.mac:
                         self.port.send(seq_frame(src, self.mac, self.stream, seq, len(frame)))
             self._cond.notify_all()
@@ -105,6 +107,11 @@ class NetPeer:
     def seqs_from(self, mac: bytes) -> list[int]:
         with self._lock:
             return list(self.received.get(bytes(mac), []))
+
+    def times_from(self, mac: bytes) -> list[float]:
+        """Arrival times (``time.time()``) of the frames :meth:`seqs_from` lists, in the same order."""
+        with self._lock:
+            return list(self.arrivals.get(bytes(mac), []))
 
     def count_from(self, mac: bytes) -> int:
         with self._lock:

@@ -1,0 +1,1 @@
+"""Placeholder-free bench entry: see run_benches."""

@@ -1,0 +1,293 @@
+"""``virtio-lm demo``: the whole product on one machine, as separate processes.
+
+1. a disk image (a sparse file) in a temporary directory;
+2. the embedded L2 switch, the network peer, a source host and a destination
+   host, each a process of its own, talking over loopback (QMP on unix
+   sockets, migration over TCP, frames over UDP);
+3. the VM starts on the source (vCPU page sweeps, a blk workload and a net
+   workload on its two VFs) and runs for ``--warmup`` seconds;
+4. ``migrate-incoming`` on the destination, ``migrate`` on the source, progress
+   until the status is final;
+5. the VM runs ``--after`` seconds on the destination, then the guest verifies:
+   every page of the sweep region matches the migrated vCPU state, every valid
+   page-cache slot and every disk block holds its expected generation, and the
+   network lost frames only inside the switch-over window, with no duplicates;
+6. the report (QEMU query-migrate names, plus ``devices`` and ``verification``),
+   and every process and file cleaned up.
+
+Exit status 0 only when the migration completed and every check passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from virtio_lm.orchestrate import Monitor, run_migration
+
+VM_MAC = "52:54:00:12:34:56"
+PEER_MAC = "52:54:00:00:00:fe"
+IMAGE_MIB = 16
+BLOCKS = 256
+WINDOW_SLACK = 0.5  # seconds of loss tolerated around the switch-over window (announce, queues)
+
+
+@dataclass
+class DemoOptions:
+    memory_mib: int = 256
+    mode: str = "pull-bitmap"
+    dirty_rate_mbps: float = 32.0
+    downtime_limit_ms: int = 300
+    max_bandwidth: int = 0
+    seed: int = 1
+    warmup: float = 2.0
+    after: float = 2.0
+    no_device_tracking: bool = False
+    json_path: str | None = None
+    keep: bool = False
+    quiet: bool = False
+
+
+class _Proc:
+    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
+        self.name = name
+        self.log = open(workdir / f"{name}.log", "w")
+        self.p = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def first_line(self, timeout: float = 60.0) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        assert self.p.stdout is not None
+        sel.register(self.p.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise RuntimeError(f"{self.name} did not start in {timeout} s (see {self.log.name})")
+        line = self.p.stdout.readline().strip()
+        if not line:
+            raise RuntimeError(f"{self.name} exited with {self.p.wait()} (see {self.log.name})")
+        return line
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.log.close()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "virtio_lm.cli", *args]
+
+
+def check_network(
+    peer: dict[str, Any], vm_net: dict[str, Any], window: tuple[float, float], *, until: float
+) -> dict[str, Any]:
+    """Loss only inside the switch-over window, and no duplicates, in both directions.
+
+    ``peer`` is the peer's report; ``vm_net`` the guest's own counters (rx
+    sequence numbers from the peer, tx sent); ``window`` the switch-over in
+    wall-clock time (source STOP .. destination RESUME); ``until`` when the
+    VM was stopped for verification (frames sent after it are not judged).
+    Frames from the peer before the first one the VM received (the VM was
+    still booting) are not judged either."""
+    lo, hi = window[0] - WINDOW_SLACK, window[1] + WINDOW_SLACK
+    problems: list[str] = []
+    # peer -> VM
+    got = vm_net["received"]
+    first = min(got) if got else 0
+    sent = {seq: t for seq, t in peer["sent"] if seq >= first and t < until - WINDOW_SLACK}
+    have_in = set(got)
+    dup_in = len(got) - len(have_in)
+    lost_in = [s for s in sent if s not in have_in]
+    outside = [s for s in lost_in if not lo <= sent[s] <= hi]
+    if dup_in:
+        problems.append(f"{dup_in} frames from the peer arrived twice")
+    if outside:
+        problems.append(f"{len(outside)} frames from the peer lost outside the switch-over window (seq {outside[:5]})")
+    # VM -> peer
+    rx = peer["received"]
+    times = peer["received-times"]
+    dup_out = len(rx) - len(set(rx))
+    have = set(rx)
+    lost_out = [s for s in range(max(rx) + 1 if rx else 0) if s not in have]
+    by_seq = dict(zip(rx, times))
+    out_bad = []
+    for s in lost_out:  # a frame the VM sent: judge it by its neighbours' arrival times
+        before = max((q for q in have if q < s), default=None)
+        after = min((q for q in have if q > s), default=None)
+        t0 = by_seq.get(before, lo) if before is not None else lo
+        t1 = by_seq.get(after, hi) if after is not None else hi
+        if not (t1 >= lo and t0 <= hi):
+            out_bad.append(s)
+    if dup_out:
+        problems.append(f"{dup_out} frames from the VM arrived twice at the peer (a TX sent again)")
+    if out_bad:
+        problems.append(f"{len(out_bad)} frames from the VM lost outside the switch-over window (seq {out_bad[:5]})")
+    if not got:
+        problems.append("the VM received no frame from the peer")
+    if not rx:
+        problems.append("the peer received no frame from the VM")
+    return {
+        "passed": not problems,
+        "problems": problems,
+        "peer-to-vm": {"sent-judged": len(sent), "received": len(got), "lost": len(lost_in), "duplicates": dup_in},
+        "vm-to-peer": {"sent": vm_net.get("tx-sent"), "received": len(rx), "lost": len(lost_out), "duplicates": dup_out},
+        "window-s": [round(window[0], 3), round(window[1], 3)],
+    }
+
+
+def run_demo(opts: DemoOptions) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=False, quiet=opts.quiet)
+    work = Path(tempfile.mkdtemp(prefix="virtio-lm-demo-"))
+    procs: list[_Proc] = []
+    report: dict[str, Any] = {"status": "failed"}
+    ok = False
+    try:
+        image = work / "disk.img"
+        with open(image, "wb") as f:
+            f.truncate(IMAGE_MIB << 20)
+        sw = _Proc("switch", _cli("switch", "--listen", "127.0.0.1:0", "--lifetime", "900"), work)
+        procs.append(sw)
+        switch_addr = sw.first_line().split()[-1]
+        peer_report = work / "peer.json"
+        pr = _Proc(
+            "peer",
+            _cli("peer", "--switch", switch_addr, "--mac", PEER_MAC, "--vm-mac", VM_MAC, "--rate", "200", "--report", str(peer_report)),
+            work,
+        )
+        procs.append(pr)
+        pr.first_line()
+        vm = (
+            f"name=vm0,memory={opts.memory_mib},blk={image},blocks={BLOCKS},mac={VM_MAC},peer={PEER_MAC},"
+            f"dirty-rate={opts.dirty_rate_mbps},seed={opts.seed}"
+        )
+        src = _Proc("source", _cli("host", "--name", "source", "--qmp", f"unix:{work}/source.qmp", "--vm", vm, "--switch", switch_addr), work)
+        procs.append(src)
+        dst = _Proc(
+            "destination",
+            _cli("host", "--name", "destination", "--qmp", f"unix:{work}/destination.qmp", "--vm", vm, "--switch", switch_addr, "--incoming"),
+            work,
+        )
+        procs.append(dst)
+        src_qmp = src.first_line().split()[-1]
+        dst_qmp = dst.first_line().split()[-1]
+        console.print(f"[bold]virtio-lm demo[/] in {work}: switch {switch_addr}, source {src_qmp}, destination {dst_qmp}")
+        with Monitor(src_qmp) as s, Monitor(dst_qmp) as d:
+            console.print(f"VM running on the source ({opts.memory_mib} MiB, blk + net VFs); warming up {opts.warmup} s")
+            time.sleep(opts.warmup)
+            before = s.cmd("query-vms")[0]
+            params = {
+                "downtime-limit": opts.downtime_limit_ms,
+                "max-bandwidth": opts.max_bandwidth,
+                "x-tracking-mode": opts.mode,
+                "x-device-tracking": not opts.no_device_tracking,
+            }
+            info = run_migration(s, d, params=params, progress=not opts.quiet)
+            s.pull_events()
+            d.pull_events()
+            report.update({k: v for k, v in info.items() if k != "destination"})
+            report["destination"] = info.get("destination", {})
+            report["devices"] = {"source": s.cmd("query-vfs"), "destination": d.cmd("query-vfs")}
+            status = info.get("status")
+            console.print(
+                f"migration {status}: total {info.get('total-time')} ms, downtime {info.get('downtime')} ms "
+                f"(expected {info.get('expected-downtime')} ms), {info.get('ram', {}).get('dirty-sync-count')} rounds"
+            )
+            verification: dict[str, Any] = {"passed": False}
+            if status == "completed":
+                time.sleep(opts.after)
+                d.cmd("stop")  # traffic ends here: what was sent before it must have arrived
+                t_stop = time.time()
+                time.sleep(0.3)
+                pr.stop()
+                guest = d.cmd("x-vm-verify")
+                after_vm = d.cmd("query-vms")[0]
+                verification = {"guest": guest, "source-before": before, "destination-after": after_vm}
+                d.pull_events()
+                stop_t = next((e["timestamp"] for e in s.events if e["event"] == "STOP"), None)
+                resume_t = next((e["timestamp"] for e in d.events if e["event"] == "RESUME"), None)
+                peer = json.loads(peer_report.read_text())
+                net_check = guest.get("checks", {}).get("net", {})
+                vm_net = dict(net_check.get("stats", {}), received=net_check.get("received", []))
+                window = (
+                    stop_t["seconds"] + stop_t["microseconds"] / 1e6 if stop_t else time.time(),
+                    resume_t["seconds"] + resume_t["microseconds"] / 1e6 if resume_t else time.time(),
+                )
+                net = check_network(peer, vm_net, window, until=t_stop)
+                verification["network"] = net
+                verification["passed"] = bool(guest.get("passed")) and net["passed"]
+            report["verification"] = verification
+            ok = status == "completed" and verification["passed"]
+            _print_report(console, report)
+            for m in (s, d):
+                try:
+                    m.cmd("quit")
+                except Exception:
+                    pass
+        report["status"] = report.get("status", "failed")
+    except Exception as exc:
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        console.print(f"[red]demo failed:[/] {report['error']} (logs in {work})")
+        opts.keep = True
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        if opts.json_path:
+            with open(opts.json_path, "w") as f:
+                json.dump(report, f, indent=2, default=str)
+        if not opts.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    console.print("[bold green]PASS[/]" if ok else "[bold red]FAIL[/]")
+    return 0 if ok else 1
+
+
+def _print_report(console: Any, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title="migration", show_header=False)
+    ram = report.get("ram", {})
+    rows = [
+        ("status", report.get("status")),
+        ("total-time", f"{report.get('total-time')} ms"),
+        ("setup-time", f"{report.get('setup-time')} ms"),
+        ("downtime", f"{report.get('downtime')} ms"),
+        ("expected-downtime", f"{report.get('expected-downtime')} ms"),
+        ("ram transferred", ram.get("transferred")),
+        ("ram total / duplicate / normal", f"{ram.get('total')} / {ram.get('duplicate')} / {ram.get('normal')}"),
+        ("rounds (dirty-sync-count)", ram.get("dirty-sync-count")),
+        ("mbps", ram.get("mbps")),
+        ("cpu-throttle-percentage", report.get("cpu-throttle-percentage")),
+    ]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    for k, v in (report.get("downtime-phases") or {}).items():
+        t.add_row(f"  downtime: {k}", f"{v} ms")
+    console.print(t)
+    ver = report.get("verification", {})
+    v = Table(title="verification", show_header=False)
+    for name, c in (ver.get("guest", {}).get("checks") or {}).items():
+        v.add_row(name, "ok" if c.get("passed") else "FAILED", "; ".join(c.get("problems", [])[:3]))
+    net = ver.get("network")
+    if net:
+        v.add_row(
+            "network", "ok" if net["passed"] else "FAILED",
+            f"peer->vm {net['peer-to-vm']}; vm->peer {net['vm-to-peer']}" + ("; " + "; ".join(net["problems"]) if net["problems"] else ""),
+        )
+    console.print(v)

@@ -1,0 +1,233 @@
+"""The migration sessions' endpoints over a real VM and the host's PF driver.
+
+:class:`VmSource` and :class:`VmDestination` implement
+:class:`~virtio_lm.migration.endpoint.SourceEndpoint` and
+:class:`~virtio_lm.migration.endpoint.DestEndpoint`: every VF operation is a
+control-queue command of the proposal sent by the host's
+:class:`~virtio_lm.drivers.pf_driver.PfDriver` (START/STOP_DIRTY_PAGE_TRACK,
+GET_DIRTY_REPORT_SIZE + REPORT_DIRTY_PAGES or the push map, SET_STATE,
+GET_STATE_ATTRS, SAVE_STATE / RESTORE_STATE in portions).  The stream names
+a VF by its index in the VM (0 = blk, 1 = net, as :attr:`VmSpec.vf_kinds`
+orders them), never by its VF number, which differs between hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+
+from virtio_lm.drivers.pf_driver import PfDriver
+from virtio_lm.errors import ControlCommandError, VirtioLmError
+from virtio_lm.memory import PAGE_SHIFT, PAGE_SIZE, Writer
+from virtio_lm.migration.endpoint import VfImage
+from virtio_lm.vm.machine import VirtualMachine
+from virtio_lm.wire.ctrl import TrackMode, VfState
+from virtio_lm.wire.stream import StreamConfig, VfConfig
+
+log = logging.getLogger(__name__)
+
+WORKLOAD_KIND = "virtio-lm page-sweep v1"
+
+
+def vm_stream_config(vm: VirtualMachine) -> StreamConfig:
+    vfs = []
+    for index, kind in enumerate(vm.spec.vf_kinds):
+        fn = vm.vfs[kind]
+        vfs.append(VfConfig(index, fn.device.device_id, fn.offered_features(), fn.negotiated))
+    return StreamConfig(memory_size=vm.memory.size, page_size=PAGE_SIZE, vfs=tuple(vfs), workload=WORKLOAD_KIND)
+
+
+def _pages_view(vm: VirtualMachine) -> np.ndarray:
+    return vm.memory.array.reshape(vm.memory.num_pages, PAGE_SIZE)
+
+
+class VmSource:
+    """The VM being migrated away."""
+
+    def __init__(
+        self,
+        vm: VirtualMachine,
+        pf: PfDriver,
+        *,
+        mode: TrackMode = TrackMode.PULL_BITMAP,
+        device_tracking: bool = True,
+        on_release: Callable[[], None] | None = None,
+    ) -> None:
+        self.vm = vm
+        self.pf = pf
+        self.mode = TrackMode(mode)
+        self.device_tracking = device_tracking
+        self.on_release = on_release
+        self._tracking: list[int] = []
+        self.vf_numbers = [vm.vf_numbers[k] for k in vm.spec.vf_kinds]
+
+    @property
+    def num_pages(self) -> int:
+        return self.vm.memory.num_pages
+
+    def config(self) -> StreamConfig:
+        return vm_stream_config(self.vm)
+
+    def start_tracking(self) -> None:
+        self.vm.memory.cpu.writer.log.start()
+        if self.device_tracking:
+            for vf in self.vf_numbers:
+                self.pf.start_tracking(vf, self.mode)
+                self._tracking.append(vf)
+
+    def collect_dirty(self) -> np.ndarray:
+        dirty = self.vm.memory.cpu.writer.log.collect()
+        for vf in self._tracking:
+            dirty |= self.pf.collect_dirty(vf)
+        return dirty
+
+    def zero_mask(self, page_numbers: np.ndarray) -> np.ndarray:
+        pages = _pages_view(self.vm)
+        idx = np.asarray(page_numbers, dtype=np.int64)
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1:  # one run: no copy
+            return ~pages[idx[0] : idx[-1] + 1].view(np.uint64).any(axis=1)
+        return ~pages[idx].view(np.uint64).any(axis=1)
+
+    def read_pages(self, page_numbers: np.ndarray) -> bytes | memoryview:
+        idx = np.asarray(page_numbers, dtype=np.int64)
+        mem = self.vm.memory
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1:
+            return mem.read(int(idx[0]) << PAGE_SHIFT, len(idx) << PAGE_SHIFT)
+        return _pages_view(self.vm)[idx].tobytes()
+
+    def set_throttle(self, percent: int) -> None:
+        self.vm.set_throttle(percent)
+
+    def pause_vcpus(self) -> None:
+        self.vm.pause()
+
+    def quiesce_vfs(self) -> None:
+        for vf in self.vf_numbers:
+            self.pf.set_state(vf, VfState.QUIESCED)
+
+    def freeze_and_save_vfs(self) -> list[VfImage]:
+        out = []
+        for index, vf in enumerate(self.vf_numbers):
+            self.pf.set_state(vf, VfState.FREEZED)
+            out.append((index, self.pf.save_image(vf)))
+        return out
+
+    def stop_tracking(self) -> None:
+        while self._tracking:
+            self.pf.stop_tracking(self._tracking.pop())
+        self.vm.memory.cpu.writer.log.stop()
+
+    def cpu_state(self) -> bytes:
+        return self.vm.guest_state()
+
+    def rollback(self) -> None:
+        """Whatever step failed, put every VF back to RUNNING and the VM back to running."""
+        for vf in self.vf_numbers:
+            try:
+                state = self.pf.get_state(vf)
+                if state is VfState.FREEZED:
+                    self.pf.set_state(vf, VfState.QUIESCED)
+                    state = VfState.QUIESCED
+                if state is VfState.QUIESCED:
+                    self.pf.set_state(vf, VfState.RUNNING)
+            except VirtioLmError:
+                log.exception("rollback of VF %d failed", vf)
+                raise
+        for vf in list(self._tracking):
+            try:
+                self.pf.stop_tracking(vf)
+            except ControlCommandError:
+                log.warning("VF %d: STOP_DIRTY_PAGE_TRACK refused during rollback", vf)
+            self._tracking.remove(vf)
+        self.vm.memory.cpu.writer.log.stop()
+        self.vm.resume()
+
+    def release(self) -> None:
+        """The destination runs the VM: stop the guest here for good and reset its VFs."""
+        self.vm.close()
+        for vf in self.vf_numbers:
+            self.pf.flr_vf(vf)
+        if self.on_release is not None:
+            self.on_release()
+
+
+class VmDestination:
+    """The VM shell receiving a migration: memory, its VFs in INIT, no guest running."""
+
+    def __init__(self, vm: VirtualMachine, pf: PfDriver, *, on_start: Callable[[], None] | None = None) -> None:
+        self.vm = vm
+        self.pf = pf
+        self.on_start = on_start
+        self.vf_numbers = [vm.vf_numbers[k] for k in vm.spec.vf_kinds]
+        self._writer = Writer(f"{vm.spec.name}.incoming")  # the hypervisor's writes: nobody tracks them
+
+    def check_config(self, cfg: StreamConfig) -> str | None:
+        mine = vm_stream_config(self.vm)
+        if cfg.page_size != mine.page_size:
+            return f"page size {cfg.page_size} != {mine.page_size}"
+        if cfg.memory_size != mine.memory_size:
+            return f"guest memory {cfg.memory_size} bytes != {mine.memory_size} bytes here"
+        if cfg.workload != mine.workload:
+            return f"workload {cfg.workload!r} != {mine.workload!r}"
+        if len(cfg.vfs) != len(mine.vfs):
+            return f"{len(cfg.vfs)} VFs in the stream, {len(mine.vfs)} here"
+        for theirs, ours in zip(cfg.vfs, mine.vfs):
+            if theirs.device_id != ours.device_id:
+                return f"VF {theirs.index}: device type {theirs.device_id} != {ours.device_id} here"
+            if theirs.offered_features != ours.offered_features:
+                return (
+                    f"VF {theirs.index}: offered features {theirs.offered_features:#x} != "
+                    f"{ours.offered_features:#x} here"
+                )
+            if theirs.negotiated_features & ~ours.offered_features:
+                return f"VF {theirs.index}: negotiated features not offered here"
+        for vf in self.vf_numbers:
+            state = self.pf.get_state(vf)
+            if state is not VfState.INIT:
+                return f"VF {vf} here is {state.name}, not INIT"
+        return None
+
+    def write_pages(self, page_numbers: np.ndarray, data: bytes | memoryview) -> None:
+        idx = np.asarray(page_numbers, dtype=np.int64)
+        mem = self.vm.memory
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1:
+            mem.write(int(idx[0]) << PAGE_SHIFT, data, self._writer)
+            return
+        src = np.frombuffer(data, dtype=np.uint8).reshape(len(idx), PAGE_SIZE)
+        with mem.modify(0, mem.size, self._writer) as view:
+            view.reshape(mem.num_pages, PAGE_SIZE)[idx] = src
+
+    def zero_pages(self, page_numbers: np.ndarray) -> None:
+        idx = np.asarray(page_numbers, dtype=np.int64)
+        mem = self.vm.memory
+        with mem.modify(0, mem.size, self._writer) as view:
+            view.reshape(mem.num_pages, PAGE_SIZE)[idx] = 0
+
+    def restore_vfs(self, images: list[VfImage]) -> None:
+        if sorted(i for i, _ in images) != list(range(len(self.vf_numbers))):
+            raise VirtioLmError(f"images for VFs {sorted(i for i, _ in images)}, expected 0..{len(self.vf_numbers) - 1}")
+        for index, image in images:
+            vf = self.vf_numbers[index]
+            self.pf.set_state(vf, VfState.FREEZED)
+            self.pf.restore_image(vf, image)
+            self.pf.set_state(vf, VfState.QUIESCED)  # validates and applies the image
+
+    def set_cpu_state(self, data: bytes) -> None:
+        self.vm.restore_guest_state(data)
+
+    def start(self) -> None:
+        for vf in self.vf_numbers:
+            self.pf.set_state(vf, VfState.RUNNING)
+        self.vm.resume()
+        if self.on_start is not None:
+            self.on_start()
+
+    def abort(self) -> None:
+        """Forget everything received: VFs back to INIT, guest memory zero, nothing runs."""
+        self.vm.pause()
+        for vf in self.vf_numbers:
+            self.pf.flr_vf(vf)
+        mem = self.vm.memory
+        mem.fill(0, mem.size, 0, self._writer)

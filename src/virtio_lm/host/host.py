@@ -1,0 +1,409 @@
+"""A host: one PF with VFs, its PF driver, the VMs placed on it, and a QMP monitor.
+
+A host process owns host memory for its PF driver, one SR-IOV PF
+(:func:`~virtio_lm.pf.device.build_pf`) brought up by a
+:class:`~virtio_lm.drivers.pf_driver.PfDriver`, and the VMs of its
+configuration.  Like QEMU, both ends of a migration are started with the
+same VM configuration; the destination's VMs start as shells (``incoming``):
+memory allocated, VFs created in INIT, no guest running, until
+``migrate-incoming`` receives them.  VFs of every VM live on the one PF:
+migrating one VM touches only that VM's VFs.
+
+QMP commands (QEMU's names and units where QEMU has the command; ``vm``
+selects a VM where a host has several, default the first)::
+
+    query-status            {status, running}  (running, paused, inmigrate,
+                            finish-migrate, postmigrate, shutdown)
+    stop / cont             pause / resume the VM's vCPUs and workloads
+    migrate                 {uri: "tcp:H:P" | "file:PATH", vm?}
+    migrate-incoming        {uri, vm?}   (tcp port 0: query-migrate shows the port)
+    query-migrate           {vm?}        QEMU's fields + downtime-phases, socket-address
+    migrate-set-parameters  downtime-limit, max-bandwidth, cpu-throttle-initial,
+                            cpu-throttle-increment, max-cpu-throttle,
+                            x-tracking-mode, x-report-portion, x-state-portion,
+                            x-device-tracking, x-auto-converge, x-max-rounds
+    query-migrate-parameters
+    migrate_cancel
+    query-vfs               every VF of the PF: VM, kind, state, tracking, counters
+    query-vms               every VM: run state, vCPU, workload counters
+    x-vm-verify             {vm?, disk?}: the guest checks memory, disk, network
+    quit
+Events: MIGRATION {status}, MIGRATION_PASS {pass}, STOP, RESUME.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from virtio_lm.devices.blk import BlkDevice
+from virtio_lm.devices.net import NetDevice
+from virtio_lm.drivers.pf_driver import PfDriver
+from virtio_lm.errors import QmpError, VirtioLmError
+from virtio_lm.host.endpoints import VmDestination, VmSource
+from virtio_lm.host.qmp import CommandTable, QmpServer
+from virtio_lm.memory import Memory
+from virtio_lm.migration.policy import MigrationParams
+from virtio_lm.migration.session import (
+    DestSession,
+    MigrationEvent,
+    PassEvent,
+    SourceSession,
+    VmStateEvent,
+)
+from virtio_lm.migration.transport import parse_uri, start_incoming, start_outgoing
+from virtio_lm.net.backends import UdpSwitchPort
+from virtio_lm.pf.device import build_pf
+from virtio_lm.virtqueue.driver import Allocator
+from virtio_lm.vm.machine import MIB, VirtualMachine, VmSpec
+from virtio_lm.wire.ctrl import TrackMode
+from virtio_lm.wire.net import parse_mac
+
+log = logging.getLogger(__name__)
+
+HOST_MEMORY = 64 * MIB
+PF_DRIVER_AREA = (0x10_0000, HOST_MEMORY - 0x10_0000)
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class HostConfig:
+    name: str = "host"
+    qmp: str = "tcp:127.0.0.1:0"
+    vms: list[VmSpec] = field(default_factory=list)
+    switch: tuple[str, int] | None = None
+    incoming: bool = False
+    total_vfs: int = 16
+
+
+@dataclass
+class Params:
+    """migrate-set-parameters state (QEMU names; x- for ours)."""
+
+    downtime_limit: int = 300
+    max_bandwidth: int = 0
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    max_cpu_throttle: int = 99
+    x_tracking_mode: str = "pull-bitmap"
+    x_report_portion: int = 64 << 10
+    x_state_portion: int = 16 << 10
+    x_device_tracking: bool = True
+    x_auto_converge: bool = True
+    x_max_rounds: int = 100
+
+    def to_qmp(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in vars(self).items()}
+
+    def migration_params(self) -> MigrationParams:
+        p = MigrationParams(
+            downtime_limit_ms=self.downtime_limit,
+            max_bandwidth=self.max_bandwidth,
+            auto_converge=self.x_auto_converge,
+            cpu_throttle_initial=self.cpu_throttle_initial,
+            cpu_throttle_increment=self.cpu_throttle_increment,
+            max_cpu_throttle=self.max_cpu_throttle,
+            max_rounds=self.x_max_rounds,
+        )
+        p.check()
+        return p
+
+
+PARAM_SCHEMA = {
+    "*downtime-limit": "uint64",
+    "*max-bandwidth": "uint64",
+    "*cpu-throttle-initial": "int",
+    "*cpu-throttle-increment": "int",
+    "*max-cpu-throttle": "int",
+    "*x-tracking-mode": ("push-bitmap", "push-bytemap", "pull-bitmap", "pull-bytemap"),
+    "*x-report-portion": "uint64",
+    "*x-state-portion": "uint64",
+    "*x-device-tracking": "bool",
+    "*x-auto-converge": "bool",
+    "*x-max-rounds": "int",
+}
+
+
+class Slot:
+    """One VM on this host and its migration, if any."""
+
+    def __init__(self, vm: VirtualMachine) -> None:
+        self.vm = vm
+        self.status = "paused"
+        self.runner: Any = None
+        self.session: SourceSession | DestSession | None = None
+        self.direction: str | None = None
+        self.listen_address: tuple | None = None
+
+
+class Host:
+    """See the module docstring."""
+
+    def __init__(self, config: HostConfig) -> None:
+        if not config.vms:
+            raise ValueError("a host needs at least one VM")
+        self.config = config
+        self.params = Params()
+        self._lock = threading.RLock()
+        self.host_memory = Memory(HOST_MEMORY, name=f"{config.name}.host")
+        self.pf = build_pf(self.host_memory.device_port(f"{config.name}.pf"), total_vfs=config.total_vfs)
+        self.pf_driver = PfDriver(self.pf, self.host_memory.cpu, Allocator(*PF_DRIVER_AREA))
+        self.pf_driver.bring_up()
+        self.slots: dict[str, Slot] = {}
+        plan: list[tuple[VirtualMachine, str]] = []
+        for spec in config.vms:
+            if spec.name in self.slots:
+                raise ValueError(f"two VMs named {spec.name}")
+            mem = Memory(spec.memory_mib * MIB, name=spec.name, backing="memfd")
+            vm = VirtualMachine(spec, mem)
+            self.slots[spec.name] = Slot(vm)
+            plan += [(vm, kind) for kind in spec.vf_kinds]
+        if len(plan) > config.total_vfs:
+            raise ValueError(f"{len(plan)} VFs needed, the PF has {config.total_vfs}")
+
+        def factory(number: int) -> tuple[Any, Any]:
+            vm, kind = plan[number - 1]
+            port = vm.memory.device_port(f"{vm.spec.name}.vf{number}")
+            if kind == "blk":
+                assert vm.spec.blk_image is not None
+                return BlkDevice(vm.spec.blk_image, num_queues=2), port
+            backend = UdpSwitchPort(config.switch, name=f"{vm.spec.name}.net") if config.switch else None
+            assert vm.spec.net_mac is not None
+            return NetDevice(backend, mac=parse_mac(vm.spec.net_mac)), port
+
+        fns = self.pf_driver.enable_vfs(len(plan), factory)
+        for number, ((vm, kind), fn) in enumerate(zip(plan, fns), start=1):
+            vm.attach(kind, number, fn)
+        self.table = CommandTable()
+        self._register()
+        self.server = QmpServer(self.table, config.qmp)
+        self.closed = threading.Event()
+        for slot in self.slots.values():
+            if config.incoming:
+                slot.status = "inmigrate"
+            else:
+                slot.vm.boot()
+                slot.status = "running"
+
+    # ================================================================== lifecycle
+    def start(self) -> "Host":
+        self.server.start()
+        return self
+
+    @property
+    def qmp_address(self) -> str:
+        return str(self.server.address)
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            if slot.runner is not None:
+                slot.runner.cancel()
+                slot.runner.join(10)
+            slot.vm.close()
+        self.server.close()
+        self.closed.set()
+
+    def _slot(self, args: dict[str, Any]) -> Slot:
+        name = args.get("vm")
+        if name is None:
+            return next(iter(self.slots.values()))
+        slot = self.slots.get(name)
+        if slot is None:
+            raise QmpError(f"VM '{name}' not found", "DeviceNotFound")
+        return slot
+
+    # ================================================================== commands
+    def _register(self) -> None:
+        t = self.table
+        vm_arg = {"*vm": "str"}
+        t.register("query-status", self.cmd_query_status, args_schema=vm_arg)
+        t.register("stop", self.cmd_stop, args_schema=vm_arg)
+        t.register("cont", self.cmd_cont, args_schema=vm_arg)
+        t.register("migrate", self.cmd_migrate, args_schema={"uri": "str", **vm_arg})
+        t.register("migrate-incoming", self.cmd_migrate_incoming, args_schema={"uri": "str", **vm_arg})
+        t.register("query-migrate", self.cmd_query_migrate, args_schema=vm_arg)
+        t.register("migrate-set-parameters", self.cmd_set_parameters, args_schema=PARAM_SCHEMA)
+        t.register("query-migrate-parameters", lambda a: self.params.to_qmp())
+        t.register("migrate_cancel", self.cmd_cancel, args_schema=vm_arg)
+        t.register("query-vfs", self.cmd_query_vfs)
+        t.register("query-vms", lambda a: [s.vm.info() | {"status": s.status} for s in self.slots.values()])
+        t.register("x-vm-verify", self.cmd_verify, args_schema={"*vm": "str", "*disk": "bool"})
+        t.register("quit", self.cmd_quit)
+
+    def cmd_query_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(args)
+        return {"status": slot.status, "running": slot.status == "running", "singlestep": False}
+
+    def cmd_stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(args)
+        if slot.status == "running":
+            slot.vm.pause()
+            slot.status = "paused"
+            self.server.emit_event("STOP")
+        return {}
+
+    def cmd_cont(self, args: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(args)
+        if slot.status == "inmigrate":
+            raise QmpError("Migration is not finished yet")
+        if slot.status in ("postmigrate", "shutdown"):
+            raise QmpError(f"the VM is in '{slot.status}': its VFs were handed over or reset")
+        if self._busy(slot):
+            raise QmpError("a migration is in progress")
+        if slot.status == "paused":
+            slot.vm.resume()
+            slot.status = "running"
+            self.server.emit_event("RESUME")
+        return {}
+
+    def _busy(self, slot: Slot) -> bool:
+        return slot.runner is not None and not slot.runner.done.is_set()
+
+    def _on_event(self, slot: Slot, ev: Any) -> None:
+        if isinstance(ev, MigrationEvent):
+            self.server.emit_event("MIGRATION", {"status": ev.status})
+        elif isinstance(ev, PassEvent):
+            self.server.emit_event("MIGRATION_PASS", {"pass": ev.pass_})
+        elif isinstance(ev, VmStateEvent):
+            if ev.state == "running":
+                slot.status = "running"
+                self.server.emit_event("RESUME")
+            elif ev.state in ("finish-migrate", "postmigrate", "paused"):
+                if slot.status == "running":
+                    self.server.emit_event("STOP")
+                slot.status = ev.state
+
+    def cmd_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(args)
+        with self._lock:
+            if self._busy(slot):
+                raise QmpError("There's a migration process in progress")
+            if slot.status not in ("running", "paused"):
+                raise QmpError(f"cannot migrate a VM in state '{slot.status}'")
+            try:
+                mode = TrackMode.from_cli(self.params.x_tracking_mode)
+                params = self.params.migration_params()
+                uri = parse_uri(args["uri"])
+            except (ValueError, KeyError, VirtioLmError) as exc:
+                raise QmpError(f"invalid migration request: {exc}") from exc
+            self.pf_driver.report_portion = self.params.x_report_portion
+            self.pf_driver.state_portion = self.params.x_state_portion
+            was_paused = slot.status == "paused"
+
+            def released() -> None:
+                slot.status = "postmigrate"
+
+            endpoint = VmSource(
+                slot.vm, self.pf_driver, mode=mode, device_tracking=self.params.x_device_tracking, on_release=released
+            )
+            session = SourceSession(endpoint, params, clock=time.monotonic, to_file=uri.scheme == "file")
+            try:
+                runner = start_outgoing(session, args["uri"], on_event=lambda e: self._on_event(slot, e))
+            except OSError as exc:
+                raise QmpError(f"Failed to connect to '{args['uri']}': {exc}") from exc
+            slot.runner, slot.session, slot.direction = runner, session, "out"
+            if was_paused:
+                log.info("migrating a paused VM")
+        return {}
+
+    def cmd_migrate_incoming(self, args: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(args)
+        with self._lock:
+            if slot.status != "inmigrate":
+                raise QmpError("The incoming migration has already been started or the VM is running here")
+            if self._busy(slot):
+                raise QmpError("an incoming migration is already listening")
+
+            def started() -> None:
+                slot.status = "running"
+
+            endpoint = VmDestination(slot.vm, self.pf_driver, on_start=started)
+            uri = parse_uri(args["uri"])
+            session = DestSession(endpoint, clock=time.monotonic, from_file=uri.scheme == "file")
+            try:
+                runner = start_incoming(session, args["uri"], on_event=lambda e: self._on_event(slot, e))
+            except OSError as exc:
+                raise QmpError(f"Failed to listen on '{args['uri']}': {exc}") from exc
+            slot.runner, slot.session, slot.direction = runner, session, "in"
+            slot.listen_address = runner.address
+        return {}
+
+    def cmd_query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(args)
+        if slot.runner is None:
+            return {}
+        info = dict(slot.runner.info())
+        if slot.direction == "in" and slot.listen_address:
+            host, port = slot.listen_address[:2]
+            info["socket-address"] = [{"type": "inet", "host": host, "port": str(port)}]
+        if slot.runner.crash is not None:
+            info["status"] = "failed"
+            info["error-desc"] = f"internal error: {slot.runner.crash!r}"
+        # restart the incoming shell after a failed / cancelled incoming migration
+        if slot.direction == "in" and slot.runner.done.is_set() and info.get("status") in ("failed", "cancelled"):
+            slot.status = "inmigrate"
+        return info
+
+    def cmd_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
+        new = Params(**{**vars(self.params), **{k.replace("-", "_"): v for k, v in args.items()}})
+        try:
+            new.migration_params()
+        except ValueError as exc:
+            raise QmpError(str(exc)) from exc
+        if new.x_report_portion <= 0 or new.x_state_portion <= 0:
+            raise QmpError("portions must be at least one byte")
+        self.params = new
+        return {}
+
+    def cmd_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(args)
+        if slot.runner is not None and not slot.runner.done.is_set():
+            slot.runner.cancel()
+        return {}
+
+    def cmd_query_vfs(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        ctrl = self.pf.device.controller  # type: ignore[attr-defined]
+        for slot in self.slots.values():
+            vm = slot.vm
+            for kind in vm.spec.vf_kinds:
+                n = vm.vf_numbers[kind]
+                ctx = ctrl.context(n)
+                fn = vm.vfs[kind]
+                tr = ctx.tracker
+                dev = fn.device
+                out.append(
+                    {
+                        "vf": n,
+                        "vm": vm.spec.name,
+                        "kind": kind,
+                        "state": ctx.sm.state.name,
+                        "tracking": ctx.mode.cli_name if ctx.mode is not None else None,
+                        "tracked-marks": getattr(tr, "marks", 0) if tr is not None else 0,
+                        "overflow-events": getattr(tr, "overflow_events", 0) if tr is not None else 0,
+                        "device-status": fn.status,
+                        "in-flight": getattr(dev, "in_flight", 0),
+                        "completed": getattr(dev, "completed", 0),
+                        "dma-bytes-written": fn.port.writer.bytes_written,
+                    }
+                )
+        return out
+
+    def cmd_verify(self, args: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(args)
+        if slot.status != "running" and slot.status != "paused":
+            raise QmpError(f"the VM is '{slot.status}' here: nothing to verify", "DeviceNotActive")
+        return slot.vm.verify(disk=args.get("disk", True))
+
+    def cmd_quit(self, args: dict[str, Any]) -> dict[str, Any]:
+        threading.Thread(target=self._quit_soon, daemon=True).start()
+        return {}
+
+    def _quit_soon(self) -> None:
+        time.sleep(0.05)
+        for slot in self.slots.values():
+            slot.status = "shutdown"
+        self.close()

@@ -1,0 +1,183 @@
+"""Driving hosts through their QMP monitors: what ``virtio-lm migrate`` and the demo use.
+
+:class:`Monitor` is a small synchronous wrapper around the ``qemu.qmp``
+client library (its ``legacy.QEMUMonitorProtocol``), so the same code drives
+a virtio-lm host or anything else that speaks QMP.  :func:`run_migration`
+does what an operator does with QEMU: ``migrate-incoming`` on the
+destination, ``migrate-set-parameters`` and ``migrate`` on the source, then
+``query-migrate`` until the status is final, showing progress with rich.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from qemu.qmp import ExecuteError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from virtio_lm.errors import MigrationError, VirtioLmError
+
+FINAL = ("completed", "failed", "cancelled")
+
+
+class MonitorCommandError(VirtioLmError):
+    """A QMP command answered with an error (class and description kept)."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        super().__init__(f"{command}: {error_class}: {desc}")
+
+
+def monitor_address(text: str) -> str | tuple[str, int]:
+    if text.startswith("unix:"):
+        return text[5:]
+    if text.startswith("tcp:"):
+        host, _, port = text[4:].rpartition(":")
+        return host or "127.0.0.1", int(port)
+    raise ValueError(f"monitor address {text!r} is not unix:PATH or tcp:HOST:PORT")
+
+
+class Monitor:
+    """A connected QMP client (capabilities negotiated)."""
+
+    def __init__(self, address: str, *, timeout: float = 60.0, connect_timeout: float = 30.0) -> None:
+        self.address = address
+        self._qmp = QEMUMonitorProtocol(monitor_address(address))
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                self._qmp.connect(negotiate=True)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._qmp.settimeout(timeout)
+        self.events: list[dict[str, Any]] = []
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        try:
+            return self._qmp.cmd(name, **args)
+        except ExecuteError as exc:
+            err = exc.error.error
+            raise MonitorCommandError(name, err.class_, err.desc) from exc
+
+    def pull_events(self) -> list[dict[str, Any]]:
+        new = self._qmp.get_events(wait=False)
+        self._qmp.clear_events()
+        self.events += new
+        return new
+
+    def close(self) -> None:
+        self._qmp.close()
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_migration(
+    src: Monitor,
+    dst: Monitor,
+    *,
+    vm: str | None = None,
+    uri: str | None = None,
+    params: dict[str, Any] | None = None,
+    progress: bool = False,
+    poll: float = 0.05,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Migrate; returns the source's final query-migrate (with the destination's under ``destination``)."""
+    vmarg = {"vm": vm} if vm else {}
+    incoming = uri or "tcp:127.0.0.1:0"
+    dst.cmd("migrate-incoming", uri=incoming, **vmarg)
+    target = incoming
+    if incoming.startswith("tcp:") and incoming.endswith(":0"):
+        for _ in range(200):
+            addr = dst.cmd("query-migrate", **vmarg).get("socket-address")
+            if addr:
+                target = f"tcp:{addr[0]['host']}:{addr[0]['port']}"
+                break
+            time.sleep(0.01)
+        else:
+            raise MigrationError("the destination did not report its listening port")
+    if params:
+        src.cmd("migrate-set-parameters", **params)
+    src.cmd("migrate", uri=target, **vmarg)
+    deadline = time.monotonic() + timeout
+    bar = _Progress() if progress else None
+    try:
+        while True:
+            info = src.cmd("query-migrate", **vmarg)
+            if bar is not None:
+                bar.update(info)
+            if info.get("status") in FINAL:
+                break
+            if time.monotonic() > deadline:
+                src.cmd("migrate_cancel", **vmarg)
+                raise MigrationError(f"migration did not finish in {timeout} s")
+            time.sleep(poll)
+    finally:
+        if bar is not None:
+            bar.close()
+    # the destination finishes a moment after the source sees RUNNING
+    for _ in range(400):
+        dinfo = dst.cmd("query-migrate", **vmarg)
+        if dinfo.get("status") in FINAL:
+            break
+        time.sleep(0.01)
+    info["destination"] = dinfo
+    return info
+
+
+class _Progress:
+    """A rich progress bar: round, transferred, remaining, rate, expected downtime."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(
+            TextColumn("[bold]{task.fields[status]:>9}"),
+            BarColumn(),
+            TextColumn("round {task.fields[round]:>3}"),
+            TextColumn("{task.fields[sent]:>9} sent"),
+            TextColumn("{task.fields[remaining]:>9} left"),
+            TextColumn("{task.fields[mbps]:>8.0f} Mbit/s"),
+            TextColumn("exp. downtime {task.fields[expd]:>4} ms"),
+            TimeElapsedColumn(),
+        )
+        self._p.start()
+        self._task = self._p.add_task("migrate", total=1.0, status="setup", round=0, sent="0", remaining="?", mbps=0.0, expd=0)
+
+    def update(self, info: dict[str, Any]) -> None:
+        ram = info.get("ram", {})
+        total = max(ram.get("total", 1), 1)
+        sent = ram.get("transferred", 0)
+        remaining = ram.get("remaining", 0)
+        done = 1.0 if info.get("status") == "completed" else min(1.0, 1 - remaining / total) if remaining else 0.0
+        self._p.update(
+            self._task,
+            completed=done,
+            status=info.get("status", "?"),
+            round=ram.get("dirty-sync-count", 0),
+            sent=_size(sent),
+            remaining=_size(remaining),
+            mbps=float(ram.get("mbps", 0.0)),
+            expd=info.get("expected-downtime", 0),
+        )
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)

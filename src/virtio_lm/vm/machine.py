@@ -1,0 +1,261 @@
+"""The simulated VM: guest memory, a vCPU workload, and guest drivers on its VFs.
+
+Guest-physical memory map (``memory_mib`` >= 32)::
+
+    0x0000_0000  1 MiB     unused (page 0 stays zero)
+    0x0010_0000  64 KiB    blk workload metadata: expected generation (le32) and
+                           page-cache "valid" byte of every block
+    0x0011_0000  4 MiB     blk workload page cache: one 4 KiB slot per block
+    0x0060_0000  4 MiB     blk driver: rings, request headers
+    0x00A0_0000  2 MiB     net driver: rings
+    0x00C0_0000  4 MiB     net driver: frame buffers
+    0x0100_0000  ...       vCPU sweep region, to the end of memory
+
+A VM's VFs are functions of a PF on its host (the host creates them and
+gives their ports onto this memory); the VM only drives them through their
+registers, as a guest would.  Everything the guest "knows" that is not in its
+memory -- the vCPU's registers, the drivers' and workloads' bookkeeping --
+is :meth:`VirtualMachine.guest_state`, which migrates as CPU_STATE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from virtio_lm.drivers.blk_driver import BlkDriver
+from virtio_lm.drivers.net_driver import NetDriver
+from virtio_lm.errors import GuestStateError, VirtioLmError
+from virtio_lm.memory import PAGE_SIZE, Memory
+from virtio_lm.pci.function import VirtioPciFunction
+from virtio_lm.virtqueue.driver import Allocator
+from virtio_lm.vm import guest_state as gs
+from virtio_lm.vm.vcpu import SweepVcpu
+from virtio_lm.vm.workloads import BlkWorkload, NetWorkload
+from virtio_lm.wire.guest import decode_guest_state as split_cpu_state
+from virtio_lm.wire.guest import encode_guest_state as join_cpu_state
+from virtio_lm.wire.net import format_mac, parse_mac
+
+MIB = 1 << 20
+META_ADDR = 0x0010_0000
+CACHE_ADDR = 0x0011_0000
+MAX_BLOCKS = (4 * MIB) // 4096
+BLK_AREA = (0x0060_0000, 4 * MIB)
+NET_RING_AREA = (0x00A0_0000, 2 * MIB)
+NET_BUF_AREA = (0x00C0_0000, 4 * MIB)
+SWEEP_START = 0x0100_0000
+MIN_MEMORY_MIB = 32
+
+
+@dataclass
+class VmSpec:
+    """What a VM is made of (the same on both hosts, like QEMU's command line)."""
+
+    name: str = "vm0"
+    memory_mib: int = 256
+    blk_image: str | None = None
+    blk_blocks: int = 512
+    blk_qd: int = 16
+    blk_rate: float = 400.0
+    net_mac: str | None = None
+    peer_mac: str = "52:54:00:00:00:fe"
+    net_rate: float = 200.0
+    dirty_rate_mbps: float = 32.0  # MB/s of pages the vCPU dirties (0 = as fast as it can)
+    seed: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.memory_mib < MIN_MEMORY_MIB:
+            raise ValueError(f"a VM needs at least {MIN_MEMORY_MIB} MiB of memory")
+        if not 1 <= self.blk_blocks <= MAX_BLOCKS:
+            raise ValueError(f"blk_blocks must be in 1..{MAX_BLOCKS}")
+
+    @property
+    def vf_kinds(self) -> list[str]:
+        """The VM's VFs, in stream index order."""
+        return (["blk"] if self.blk_image else []) + (["net"] if self.net_mac else [])
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
+
+
+class VirtualMachine:
+    """One VM on a host; see the module docstring."""
+
+    def __init__(self, spec: VmSpec, memory: Memory) -> None:
+        if memory.size != spec.memory_mib * MIB:
+            raise ValueError("memory size does not match the spec")
+        self.spec = spec
+        self.memory = memory
+        self.vfs: dict[str, VirtioPciFunction] = {}  # kind -> function (set by the host)
+        self.vf_numbers: dict[str, int] = {}  # kind -> VF number on the host's PF
+        self.blk: BlkDriver | None = None
+        self.net: NetDriver | None = None
+        self.blk_work: BlkWorkload | None = None
+        self.net_work: NetWorkload | None = None
+        sweep_pages = (memory.size - SWEEP_START) // PAGE_SIZE
+        self.vcpu = SweepVcpu(memory, SWEEP_START, sweep_pages, dirty_rate=spec.dirty_rate_mbps * 1e6)
+        self.running = False
+        self.booted = False
+
+    # ------------------------------------------------------------------ bring-up
+    def attach(self, kind: str, number: int, fn: VirtioPciFunction) -> None:
+        self.vfs[kind] = fn
+        self.vf_numbers[kind] = number
+
+    def _allocators(self) -> tuple[Allocator, Allocator, Allocator]:
+        return Allocator(*BLK_AREA), Allocator(*NET_RING_AREA), Allocator(*NET_BUF_AREA)
+
+    def boot(self) -> None:
+        """Bring the VFs up through their registers and start the workloads."""
+        blk_alloc, ring_alloc, buf_alloc = self._allocators()
+        port = self.memory.cpu
+        if "blk" in self.vfs:
+            self.blk = BlkDriver(self.vfs["blk"], port, blk_alloc)
+            self.blk_work = self._make_blk_work(self.blk)
+        if "net" in self.vfs:
+            self.net = NetDriver(self.vfs["net"], port, ring_alloc=ring_alloc, buf_alloc=buf_alloc)
+            self.vfs["net"].on_interrupt = self.net.on_interrupt
+            self.net.bring_up()
+            self.net_work = self._make_net_work(self.net)
+        self.booted = True
+        self.resume()
+
+    def _make_blk_work(self, drv: BlkDriver) -> BlkWorkload:
+        s = self.spec
+        return BlkWorkload(
+            drv, self.memory, meta_addr=META_ADDR, cache_addr=CACHE_ADDR, nblocks=s.blk_blocks,
+            qd=s.blk_qd, seed=s.seed, rate=s.blk_rate,
+        )
+
+    def _make_net_work(self, drv: NetDriver) -> NetWorkload:
+        s = self.spec
+        assert s.net_mac is not None
+        return NetWorkload(drv, mac=parse_mac(s.net_mac), peer_mac=parse_mac(s.peer_mac), rate=s.net_rate)
+
+    # ------------------------------------------------------------------ run control
+    def _workers(self) -> list[Any]:
+        return [w for w in (self.vcpu, self.blk_work, self.net_work) if w is not None]
+
+    def pause(self) -> None:
+        for w in self._workers():
+            w.pause()
+        self.running = False
+
+    def resume(self) -> None:
+        for w in self._workers():
+            w.start()
+        self.running = True
+
+    def set_throttle(self, percent: int) -> None:
+        self.vcpu.set_throttle(min(max(percent, 0), 99))
+
+    def close(self) -> None:
+        for w in self._workers():
+            w.close()
+        self.running = False
+
+    # ------------------------------------------------------------------ guest state (CPU_STATE)
+    def guest_state(self) -> bytes:
+        """The vCPU state and the guest software's bookkeeping (the VM must be paused)."""
+        soft: dict[str, Any] = {"spec": {"name": self.spec.name, "memory_mib": self.spec.memory_mib}}
+        if self.blk is not None and self.blk_work is not None:
+            soft["blk"] = {"driver": gs.blk_state_to_json(self.blk.export_state()), "work": self.blk_work.export_state()}
+        if self.net is not None and self.net_work is not None:
+            soft["net"] = {"driver": gs.net_state_to_json(self.net.export_state()), "work": self.net_work.export_state()}
+        return join_cpu_state(self.vcpu.state().encode(), gs.encode_guest_state(soft))
+
+    def restore_guest_state(self, data: bytes) -> None:
+        """Rebuild the guest software on this (destination) VM from :meth:`guest_state` bytes.
+
+        Validates everything first; raises :class:`GuestStateError` (or a
+        WireError) and changes nothing when the state is refused.  The VM
+        stays paused; :meth:`resume` starts it.
+        """
+        vcpu_raw, soft_raw = split_cpu_state(data)
+        try:
+            vcpu = SweepVcpu.from_state(self.memory, vcpu_raw, dirty_rate=self.spec.dirty_rate_mbps * 1e6)
+        except ValueError as exc:
+            raise GuestStateError("vcpu", str(exc)) from exc
+        soft = gs.decode_guest_state(soft_raw)
+        kinds = sorted(k for k in soft if k != "spec")
+        if kinds != sorted(self.vfs):
+            raise GuestStateError("guest", f"state for VFs {kinds}, this VM has {sorted(self.vfs)}")
+        port = self.memory.cpu
+        blk = net = blk_work = net_work = None
+        try:
+            if "blk" in soft:
+                st = gs.blk_state_from_json(soft["blk"]["driver"])  # type: ignore[index]
+                blk = BlkDriver.from_state(self.vfs["blk"], port, st)
+                blk_work = self._make_blk_work(blk)
+                blk_work.import_state(soft["blk"]["work"])  # type: ignore[index,arg-type]
+            if "net" in soft:
+                nst = gs.net_state_from_json(soft["net"]["driver"])  # type: ignore[index]
+                net = NetDriver.import_state(nst, self.vfs["net"], port)
+                net_work = self._make_net_work(net)
+                net_work.import_state(soft["net"]["work"])  # type: ignore[index,arg-type]
+        except (KeyError, TypeError) as exc:
+            raise GuestStateError("guest", f"malformed software state: {exc!r}") from exc
+        if net is not None:
+            self.vfs["net"].on_interrupt = net.on_interrupt
+        self.vcpu.close()
+        self.vcpu = vcpu
+        self.blk, self.blk_work, self.net, self.net_work = blk, blk_work, net, net_work
+        self.booted = True
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, *, disk: bool = True) -> dict[str, Any]:
+        """Check everything the guest can check; the VM is paused for it and resumed after.
+
+        Returns ``{"passed": bool, "checks": {...}}`` with the problems found.
+        """
+        was_running = self.running
+        self.pause()
+        checks: dict[str, Any] = {}
+        try:
+            try:
+                self.vcpu.verify()
+                checks["memory"] = {"passed": True, "pages": self.vcpu.region_pages, "sweeps": self.vcpu.sweeps}
+            except VirtioLmError as exc:
+                checks["memory"] = {"passed": False, "problems": [str(exc)]}
+            if self.blk_work is not None:
+                w = self.blk_work
+                problems: list[str] = []
+                if w.crash is not None:
+                    problems.append(f"workload crashed: {w.crash!r}")
+                try:
+                    w.drain()
+                except VirtioLmError as exc:
+                    problems.append(str(exc))
+                problems += w.errors
+                problems += w.verify_cache()
+                if disk and not problems:
+                    problems += w.verify_disk()
+                checks["blk"] = {"passed": not problems, "problems": problems[:20], "stats": dict(w.stats)}
+            if self.net_work is not None:
+                n = self.net_work
+                st = n.stats()
+                problems = [f"workload crashed: {n.crash!r}"] if n.crash is not None else []
+                if st["rx-duplicates"]:
+                    problems.append(f"{st['rx-duplicates']} duplicate frames received from the peer")
+                checks["net"] = {"passed": not problems, "problems": problems, "stats": st, "received": list(n.received)}
+        finally:
+            if was_running:
+                self.resume()
+        return {"passed": all(c["passed"] for c in checks.values()), "checks": checks}
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.spec.name,
+            "memory-mib": self.spec.memory_mib,
+            "running": self.running,
+            "vcpu": {"sweeps": self.vcpu.sweeps, "position": self.vcpu.position, "throttle": self.vcpu.throttle},
+            "vfs": {k: self.vf_numbers[k] for k in self.vfs},
+        }
+        if self.blk_work is not None:
+            out["blk"] = dict(self.blk_work.stats, inflight=len(self.blk_work.inflight))
+        if self.net_work is not None:
+            out["net"] = self.net_work.stats()
+            if self.spec.net_mac:
+                out["net"]["mac"] = format_mac(parse_mac(self.spec.net_mac))
+        return out

@@ -1,0 +1,400 @@
+"""Guest workloads that verify their VFs: a block workload and a network workload.
+
+Both are guest software: they run on the guest drivers, keep what they must
+remember in guest memory or in their exportable state, and migrate with the
+VM.  Each runs on a thread of its own (like a vCPU) and parks at a step
+boundary when the VM pauses, leaving its requests in flight on the device.
+
+**Block** (:class:`BlkWorkload`).  Blocks of 4 KiB carry a stamp
+(lba, generation, CRC-32; :class:`~virtio_lm.wire.guest.BlockStamp`).  The guest
+keeps, in guest memory, the expected generation of every block and a page
+cache: one 4 KiB slot (one page) per block plus a "valid" byte.  Only the
+device ever writes a slot: a read DMAs the block into it, and on completion
+the slot must hold exactly the expected generation and is marked valid.  A
+write sends generation ``g + 1`` from a buffer of its own and, on
+completion, makes ``g + 1`` the expected generation and marks the slot
+stale.  So after a migration every valid slot must match its block's
+expected generation *in guest memory*: the slot's page is dirtied by device
+DMA alone, and if dirty tracking missed that write the destination holds an
+older generation (or zeros), which :meth:`BlkWorkload.verify_cache` names.
+Reading every block back through the VF then checks the disk.
+
+**Network** (:class:`NetWorkload`).  The VM sends sequence-numbered frames to
+a peer outside the VM at a fixed rate and records the sequence numbers it
+receives from the peer; the peer does the same.  Comparing the two sides
+after a migration gives loss, duplicates and reordering.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+
+from virtio_lm.drivers.blk_driver import BlkDriver
+from virtio_lm.drivers.net_driver import NetDriver
+from virtio_lm.errors import GuestStateError, VirtioLmError
+from virtio_lm.memory import Memory
+from virtio_lm.net.peer import parse_seq, seq_frame
+from virtio_lm.wire.blk import BlkReqType
+from virtio_lm.wire.guest import BLOCK_MAGIC, BLOCK_SIZE, BlockStamp
+
+SECTORS_PER_BLOCK = BLOCK_SIZE // 512
+_GOLDEN = 0x9E3779B97F4A7C15
+_U64 = (1 << 64) - 1
+
+
+def block_content(lba: int, generation: int) -> bytes:
+    """The 4 KiB a block holds at ``generation`` (all zero for generation 0)."""
+    if generation == 0:
+        return bytes(BLOCK_SIZE)
+    word = ((lba + 1) * _GOLDEN ^ generation * 0xD6E8FEB86659FD93) & _U64
+    body = np.full((BLOCK_SIZE - BlockStamp.SIZE) // 8, word, dtype="<u8")
+    body ^= np.arange(len(body), dtype="<u8")
+    raw = body.tobytes()
+    return BlockStamp(BLOCK_MAGIC, lba, generation, zlib.crc32(raw)).encode() + raw
+
+
+def describe_block(data: bytes, lba: int) -> str:
+    """What a block's bytes look like, for error messages."""
+    if data == bytes(len(data)):
+        return "all zero"
+    try:
+        st = BlockStamp.unpack_from(data, 0)
+    except VirtioLmError:
+        return "garbage"
+    if st.magic != BLOCK_MAGIC:
+        return "garbage (no stamp)"
+    ok = zlib.crc32(data[BlockStamp.SIZE :]) == st.crc32
+    return f"lba {st.lba} generation {st.generation}{'' if ok else ' with a bad checksum'}"
+
+
+class _Lcg:
+    """A tiny seeded generator whose whole state is one int (it migrates)."""
+
+    def __init__(self, state: int) -> None:
+        self.state = state & _U64
+
+    def next(self) -> int:
+        self.state = (self.state * 6364136223846793005 + 1442695040888963407) & _U64
+        return self.state >> 33
+
+
+class _Worker:
+    """A guest thread that runs ``step()`` until paused or closed."""
+
+    name = "worker"
+
+    def __init__(self) -> None:
+        self._run = threading.Event()
+        self._parked = threading.Event()
+        self._parked.set()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.crash: BaseException | None = None
+
+    def step(self) -> bool:  # returns whether it did anything
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+        self._parked.clear()
+        self._run.set()
+
+    def pause(self, timeout: float = 10.0) -> None:
+        self._run.clear()
+        if self._thread is not None and not self._parked.wait(timeout):
+            raise VirtioLmError(f"{self.name} did not park in time")
+
+    def close(self) -> None:
+        self._stop = True
+        self._run.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _idle(self) -> None:
+        time.sleep(0.001)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                if not self._run.is_set():
+                    self._parked.set()
+                    self._run.wait()
+                    if self._stop:
+                        return
+                    self._parked.clear()
+                if self._stop:
+                    return
+                if not self.step():
+                    self._idle()
+        except BaseException as exc:  # kept for the VM's verification report
+            self.crash = exc
+            self._parked.set()
+
+
+class BlkWorkload(_Worker):
+    """The verifying block workload; see the module docstring."""
+
+    name = "guest-blk"
+
+    def __init__(
+        self,
+        driver: BlkDriver,
+        memory: Memory,
+        *,
+        meta_addr: int,
+        cache_addr: int,
+        nblocks: int,
+        qd: int = 16,
+        write_percent: int = 60,
+        seed: int = 1,
+        rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if nblocks * SECTORS_PER_BLOCK > driver.capacity:
+            raise ValueError(f"{nblocks} blocks do not fit a disk of {driver.capacity} sectors")
+        self.driver = driver
+        self.memory = memory
+        self.meta_addr = meta_addr
+        self.cache_addr = cache_addr
+        self.nblocks = nblocks
+        self.qd = qd
+        self.write_percent = write_percent
+        self.rate = rate  # requests per second, 0 = as fast as the device goes
+        self.rng = _Lcg(seed)
+        self.inflight: dict[int, tuple[str, int, int]] = {}  # token -> (op, lba, generation)
+        self.busy: set[int] = set()
+        self.stats = {"writes": 0, "reads": 0, "errors": 0}
+        self.errors: list[str] = []
+        self._next_at = 0.0
+
+    # ------------------------------------------------------------------ guest memory views
+    @staticmethod
+    def meta_bytes(nblocks: int) -> int:
+        return nblocks * 5  # le32 generation + u8 valid per block
+
+    def _gen_addr(self, lba: int) -> int:
+        return self.meta_addr + 4 * lba
+
+    def _valid_addr(self, lba: int) -> int:
+        return self.meta_addr + 4 * self.nblocks + lba
+
+    def _slot(self, lba: int) -> int:
+        return self.cache_addr + lba * BLOCK_SIZE
+
+    def generations(self) -> np.ndarray:
+        return self.memory.array[self.meta_addr : self.meta_addr + 4 * self.nblocks].view("<u4").copy()
+
+    def valid(self) -> np.ndarray:
+        a = self.meta_addr + 4 * self.nblocks
+        return self.memory.array[a : a + self.nblocks].copy()
+
+    def _set_gen(self, lba: int, gen: int) -> None:
+        self.memory.cpu.write(self._gen_addr(lba), int(gen).to_bytes(4, "little"))
+
+    def _set_valid(self, lba: int, v: int) -> None:
+        self.memory.cpu.write(self._valid_addr(lba), bytes([v]))
+
+    def _fail(self, msg: str) -> None:
+        self.stats["errors"] += 1
+        if len(self.errors) < 50:
+            self.errors.append(msg)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> bool:
+        did = self._reap()
+        now = time.monotonic()
+        while len(self.inflight) < self.qd and len(self.busy) < self.nblocks:
+            if self.rate > 0:
+                if now < self._next_at:
+                    break
+                self._next_at = max(self._next_at, now) + 1.0 / self.rate
+            self._submit_one()
+            did = True
+        return did
+
+    def _idle(self) -> None:
+        self.driver._irq.wait(0.002)
+        self.driver._irq.clear()
+
+    def _pick(self) -> int:
+        while True:
+            lba = self.rng.next() % self.nblocks
+            if lba not in self.busy:
+                return lba
+
+    def _submit_one(self) -> None:
+        lba = self._pick()
+        gen = int(self.generations()[lba])
+        if self.rng.next() % 100 < self.write_percent:
+            new = gen + 1
+            token = self.driver.submit(BlkReqType.OUT, lba * SECTORS_PER_BLOCK, data=block_content(lba, new))
+            self.inflight[token] = ("w", lba, new)
+        else:
+            self._set_valid(lba, 0)
+            token = self.driver.submit(BlkReqType.IN, lba * SECTORS_PER_BLOCK, read_len=BLOCK_SIZE, buf=self._slot(lba))
+            self.inflight[token] = ("r", lba, gen)
+        self.busy.add(lba)
+
+    def _reap(self) -> bool:
+        done = self.driver.reap()
+        for c in done:
+            rec = self.inflight.pop(c.token, None)
+            if rec is None:
+                self._fail(f"completion for token {c.token} that the workload never submitted")
+                continue
+            op, lba, gen = rec
+            self.busy.discard(lba)
+            if not c.ok:
+                self._fail(f"{'write' if op == 'w' else 'read'} of block {lba} failed with status {c.status}")
+                continue
+            if op == "w":
+                self._set_gen(lba, gen)
+                self._set_valid(lba, 0)  # the slot holds an older generation now
+                self.stats["writes"] += 1
+            else:
+                got = self.memory.read(self._slot(lba), BLOCK_SIZE)
+                if got != block_content(lba, gen):
+                    self._fail(f"read of block {lba} returned {describe_block(got, lba)}, expected generation {gen}")
+                else:
+                    self._set_valid(lba, 1)
+                self.stats["reads"] += 1
+        return bool(done)
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait for every request in flight (the workload thread must be paused)."""
+        deadline = time.monotonic() + timeout
+        while self.inflight:
+            self._reap()
+            if time.monotonic() > deadline:
+                raise VirtioLmError(f"{len(self.inflight)} block requests still in flight after {timeout}s")
+            self._idle()
+
+    # ------------------------------------------------------------------ verification
+    def verify_cache(self) -> list[str]:
+        """Every valid page-cache slot holds its block's expected generation (guest memory only)."""
+        problems = []
+        gens, valid = self.generations(), self.valid()
+        for lba in np.flatnonzero(valid):
+            lba = int(lba)
+            got = self.memory.read(self._slot(lba), BLOCK_SIZE)
+            if got != block_content(lba, int(gens[lba])):
+                problems.append(
+                    f"page cache slot of block {lba} holds {describe_block(got, lba)}, "
+                    f"expected generation {int(gens[lba])}"
+                )
+        return problems
+
+    def verify_disk(self) -> list[str]:
+        """Read every block back through the VF and compare with the expected generations."""
+        problems = []
+        gens = self.generations()
+        for lba in range(self.nblocks):
+            got = self.driver.read(lba * SECTORS_PER_BLOCK, SECTORS_PER_BLOCK)
+            if got != block_content(lba, int(gens[lba])):
+                problems.append(f"disk block {lba} holds {describe_block(got, lba)}, expected generation {int(gens[lba])}")
+        return problems
+
+    # ------------------------------------------------------------------ migration of the guest
+    def export_state(self) -> dict[str, Any]:
+        return {
+            "nblocks": self.nblocks,
+            "meta_addr": self.meta_addr,
+            "cache_addr": self.cache_addr,
+            "qd": self.qd,
+            "write_percent": self.write_percent,
+            "rate": self.rate,
+            "rng": self.rng.state,
+            "inflight": [[t, op, lba, gen] for t, (op, lba, gen) in sorted(self.inflight.items())],
+            "stats": dict(self.stats),
+            "errors": list(self.errors),
+        }
+
+    def import_state(self, st: dict[str, Any]) -> None:
+        """Take over a workload's state (the driver is already rebuilt); strict."""
+        try:
+            if (st["nblocks"], st["meta_addr"], st["cache_addr"]) != (self.nblocks, self.meta_addr, self.cache_addr):
+                raise GuestStateError("blk_workload", "layout differs from this VM's")
+            self.qd, self.write_percent, self.rate = int(st["qd"]), int(st["write_percent"]), float(st["rate"])
+            self.rng = _Lcg(int(st["rng"]))
+            self.inflight, self.busy = {}, set()
+            for t, op, lba, gen in st["inflight"]:
+                if op not in ("r", "w") or not 0 <= lba < self.nblocks or lba in self.busy:
+                    raise GuestStateError("blk_workload.inflight", f"bad entry {[t, op, lba, gen]!r}")
+                self.inflight[int(t)] = (op, int(lba), int(gen))
+                self.busy.add(int(lba))
+            self.stats = {k: int(st["stats"][k]) for k in ("writes", "reads", "errors")}
+            self.errors = [str(e) for e in st["errors"]][:50]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GuestStateError("blk_workload", f"malformed: {exc!r}") from exc
+
+
+class NetWorkload(_Worker):
+    """Sequence-numbered frames to and from a peer outside the VM."""
+
+    name = "guest-net"
+
+    def __init__(self, driver: NetDriver, *, mac: bytes, peer_mac: bytes, rate: float = 200.0, stream: int = 2) -> None:
+        super().__init__()
+        self.driver = driver
+        self.mac = bytes(mac)
+        self.peer_mac = bytes(peer_mac)
+        self.rate = rate
+        self.stream = stream
+        self.next_seq = 0
+        self.received: list[int] = []  # the peer's sequence numbers, in arrival order
+        self.other_frames = 0
+        self._next_at = 0.0
+
+    def step(self) -> bool:
+        did = False
+        self.driver.poll()  # announce after migration
+        for _pair, frame in self.driver.receive():
+            did = True
+            p = parse_seq(frame)
+            if p is not None and p[1] == self.peer_mac:
+                self.received.append(p[3])
+            else:
+                self.other_frames += 1
+        self.driver.reap_tx()
+        now = time.monotonic()
+        if self.rate > 0 and now >= self._next_at:
+            self._next_at = max(self._next_at, now - 0.1) + 1.0 / self.rate
+            try:
+                self.driver.send(seq_frame(self.peer_mac, self.mac, self.stream, self.next_seq))
+                self.next_seq += 1
+                did = True
+            except VirtioLmError:
+                pass  # transmit ring full: try again on the next step
+        return did
+
+    def stats(self) -> dict[str, Any]:
+        rx = self.received
+        return {
+            "tx-sent": self.next_seq,
+            "rx-received": len(rx),
+            "rx-duplicates": len(rx) - len(set(rx)),
+            "rx-reordered": sum(1 for a, b in zip(rx, rx[1:]) if b < a),
+            "rx-highest": max(rx) if rx else -1,
+            "other-frames": self.other_frames,
+        }
+
+    def export_state(self) -> dict[str, Any]:
+        return {"next_seq": self.next_seq, "received": list(self.received), "other": self.other_frames, "rate": self.rate}
+
+    def import_state(self, st: dict[str, Any]) -> None:
+        try:
+            self.next_seq = int(st["next_seq"])
+            self.received = [int(x) for x in st["received"]]
+            self.other_frames = int(st["other"])
+            self.rate = float(st["rate"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GuestStateError("net_workload", f"malformed: {exc!r}") from exc
