@@ -170,7 +170,10 @@ class Host:
             if kind == "blk":
                 assert vm.spec.blk_image is not None
                 return BlkDevice(vm.spec.blk_image, num_queues=2), port
-            backend = UdpSwitchPort(config.switch, name=f"{vm.spec.name}.net") if config.switch else None
+            backend = None
+            if config.switch:  # a switch on another machine needs a port reachable from it
+                bind = "127.0.0.1" if config.switch[0].startswith("127.") or config.switch[0] == "localhost" else "0.0.0.0"
+                backend = UdpSwitchPort(config.switch, name=f"{vm.spec.name}.net", host=bind)
             assert vm.spec.net_mac is not None
             return NetDevice(backend, mac=parse_mac(vm.spec.net_mac)), port
 
