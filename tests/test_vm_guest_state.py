@@ -439,6 +439,8 @@ def mutation(draw, doc: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-un
     doc = copy.deepcopy(doc)
     for _ in range(draw(st.integers(1, 3))):
         where = nodes(doc)
+        if not where:
+            break
         parent, key = draw(st.sampled_from(where))
         value = parent[key]
         op = draw(st.sampled_from(["replace", "tweak", "delete", "add", "dup", "swap"]))
@@ -730,6 +732,7 @@ REFUSED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("buffer_length_without_address", lambda d: _req(d, "owned").update(buf_addr=None, owns_buf=False), ".buf_addr"),
     ("raw_request_with_buffer", lambda d: _req(d, "raw").update(buf_len=4), ".buf_len"),
     ("raw_request_without_pieces", lambda d: _req(d, "raw").update(raw=[]), ".raw"),
+    ("raw_piece_longer_than_allocation", lambda d: _req(d, "raw")["raw"][0].__setitem__(1, 4096), ".raw[0][1]"),
     ("raw_piece_shape", lambda d: _req(d, "raw")["raw"][0].pop(), ".raw[0]"),
     ("request_type_out_of_range", lambda d: d["blk"]["requests"][0].update(type=-2), "blk.requests[0].type"),
     ("parked_still_in_flight", _parked_in_flight, "blk.parked[0].token"),
@@ -748,6 +751,7 @@ REFUSED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("net_token_buffer_twice", _net_same_buffer, "net.queues.1.in_flight[1].token"),
     ("allocators_overlap", _net_alloc_overlap, "net.buf_alloc"),
     ("rx_buf_size_zero", _set(["net", "rx_buf_size"], 0), "net.rx_buf_size"),
+    ("rx_buf_size_above_buffers", lambda d: d["net"].update(rx_buf_size=d["net"]["rx_buf_size"] + 1), "net.queues.0.in_flight[0].token"),
     ("counter_negative", lambda d: d["net"]["counters"].update(tx_submitted=-1), "net.counters.tx_submitted"),
     ("counter_empty_name", lambda d: d["net"]["counters"].update({"": 1}), "net.counters."),
 ]

@@ -603,6 +603,8 @@ def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
             a = _int(tri[0], f"{pj}[0]", 0, U64)
             raw.append((a, _int(tri[1], f"{pj}[1]", 0, U32), _bool(tri[2], f"{pj}[2]")))
             own(a, f"{pj}[0]")
+            if raw[-1][1] > live[a]:
+                raise _fail(f"{pj}[1]", f"{raw[-1][1]} bytes in an allocation of {live[a]}")
         if hdr_addr < 0:  # a raw chain: everything is in ``raw``
             if not raw:
                 raise _fail(f"{p}.raw", "a raw request (hdr_addr -1) has at least one piece")
@@ -750,6 +752,8 @@ def net_state_from_json(v: Json, path: str = "net") -> NetDriverState:
                     raise _fail(p, f"buffer {addr:#x} is not a live allocation of the buffer allocator")
                 if addr in bufs:
                     raise _fail(p, f"buffer {addr:#x} also in flight at {bufs[addr]}")
+                if kind == "rx" and buf_alloc._live[addr] < rx_buf_size:
+                    raise _fail(p, f"receive buffer of {buf_alloc._live[addr]} bytes, rx_buf_size is {rx_buf_size}")
                 bufs[addr] = p
     if type(d["counters"]) is not dict:
         raise _fail(f"{path}.counters", f"expected an object, got {_kind(d['counters'])}")
