@@ -237,9 +237,8 @@ def test_blk_negative_control_stale_state_refused_at_reap(blk_rig: BlkRig) -> No
     try:
         drv = blk_restore(stale, rig.fn, mem_b)
         with pytest.raises(DriverError):
-            while drv.in_flight() or drv._parked:
+            for _ in range(3):
                 drv.reap()
-            drv.reap()
     finally:
         mem_b.close()
 
