@@ -14,6 +14,7 @@ orders them), never by its VF number, which differs between hosts.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import numpy as np
@@ -62,6 +63,15 @@ class VmSource:
         self.on_release = on_release
         self._tracking: list[int] = []
         self.vf_numbers = [vm.vf_numbers[k] for k in vm.spec.vf_kinds]
+        #: I/O in flight at the switch-over (query-migrate ``x-in-flight``):
+        #: ``guest`` -- requests the guest had submitted and not yet seen complete
+        #: when its vCPUs paused; ``vfs`` -- chains each VF held (taken, not
+        #: returned) once QUIESCED, by kind.
+        self.in_flight: dict[str, dict[str, int]] = {}
+        #: pages each VF reported dirty, summed over every collection, by kind
+        #: (query-migrate ``x-device-dirty-pages``)
+        self.device_dirty: dict[str, int] = {}
+        self._kind_of = {vm.vf_numbers[k]: k for k in vm.spec.vf_kinds}
 
     @property
     def num_pages(self) -> int:
@@ -76,11 +86,15 @@ class VmSource:
             for vf in self.vf_numbers:
                 self.pf.start_tracking(vf, self.mode)
                 self._tracking.append(vf)
+                self.device_dirty[self._kind_of[vf]] = 0
 
     def collect_dirty(self) -> np.ndarray:
         dirty = self.vm.memory.cpu.writer.log.collect()
         for vf in self._tracking:
-            dirty |= self.pf.collect_dirty(vf)
+            reported = self.pf.collect_dirty(vf)
+            kind = self._kind_of[vf]
+            self.device_dirty[kind] = self.device_dirty.get(kind, 0) + int(np.count_nonzero(reported))
+            dirty |= reported
         return dirty
 
     def zero_mask(self, page_numbers: np.ndarray) -> np.ndarray:
@@ -102,10 +116,14 @@ class VmSource:
 
     def pause_vcpus(self) -> None:
         self.vm.pause()
+        self.in_flight = {"guest": self.vm.requests_in_flight()}
 
     def quiesce_vfs(self) -> None:
         for vf in self.vf_numbers:
             self.pf.set_state(vf, VfState.QUIESCED)
+        self.in_flight["vfs"] = {
+            kind: int(getattr(self.vm.vfs[kind].device, "in_flight", 0)) for kind in self.vm.spec.vf_kinds
+        }
 
     def freeze_and_save_vfs(self) -> list[VfImage]:
         out = []
@@ -156,10 +174,18 @@ class VmSource:
 class VmDestination:
     """The VM shell receiving a migration: memory, its VFs in INIT, no guest running."""
 
-    def __init__(self, vm: VirtualMachine, pf: PfDriver, *, on_start: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        vm: VirtualMachine,
+        pf: PfDriver,
+        *,
+        on_start: Callable[[], None] | None = None,
+        restore_delay: float = 0.0,
+    ) -> None:
         self.vm = vm
         self.pf = pf
         self.on_start = on_start
+        self.restore_delay = restore_delay  # test knob (x-restore-delay-ms): hold the source in 'device'
         self.vf_numbers = [vm.vf_numbers[k] for k in vm.spec.vf_kinds]
         self._writer = Writer(f"{vm.spec.name}.incoming")  # the hypervisor's writes: nobody tracks them
 
@@ -208,6 +234,8 @@ class VmDestination:
     def restore_vfs(self, images: list[VfImage]) -> None:
         if sorted(i for i, _ in images) != list(range(len(self.vf_numbers))):
             raise VirtioLmError(f"images for VFs {sorted(i for i, _ in images)}, expected 0..{len(self.vf_numbers) - 1}")
+        if self.restore_delay > 0:
+            time.sleep(self.restore_delay)
         for index, image in images:
             vf = self.vf_numbers[index]
             self.pf.set_state(vf, VfState.FREEZED)

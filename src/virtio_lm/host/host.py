@@ -17,11 +17,15 @@ selects a VM where a host has several, default the first)::
     stop / cont             pause / resume the VM's vCPUs and workloads
     migrate                 {uri: "tcp:H:P" | "file:PATH", vm?}
     migrate-incoming        {uri, vm?}   (tcp port 0: query-migrate shows the port)
-    query-migrate           {vm?}        QEMU's fields + downtime-phases, socket-address
+    query-migrate           {vm?}        QEMU's fields + downtime-phases, socket-address,
+                            source: x-in-flight (I/O in flight at the switch-over),
+                            x-tracking-mode, x-device-dirty-pages (pages each VF reported)
     migrate-set-parameters  downtime-limit, max-bandwidth, cpu-throttle-initial,
                             cpu-throttle-increment, max-cpu-throttle,
                             x-tracking-mode, x-report-portion, x-state-portion,
-                            x-device-tracking, x-auto-converge, x-max-rounds
+                            x-device-tracking, x-auto-converge, x-max-rounds,
+                            x-restore-delay-ms (destination test knob: wait before
+                            RESTORE_STATE, holding the source in status 'device')
     query-migrate-parameters
     migrate_cancel
     query-vfs               every VF of the PF: VM, kind, state, tracking, counters
@@ -94,6 +98,7 @@ class Params:
     x_device_tracking: bool = True
     x_auto_converge: bool = True
     x_max_rounds: int = 100
+    x_restore_delay_ms: int = 0
 
     def to_qmp(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in vars(self).items()}
@@ -124,6 +129,7 @@ PARAM_SCHEMA = {
     "*x-device-tracking": "bool",
     "*x-auto-converge": "bool",
     "*x-max-rounds": "int",
+    "*x-restore-delay-ms": "uint64",
 }
 
 
@@ -135,6 +141,7 @@ class Slot:
         self.status = "paused"
         self.runner: Any = None
         self.session: SourceSession | DestSession | None = None
+        self.endpoint: VmSource | VmDestination | None = None
         self.direction: str | None = None
         self.listen_address: tuple | None = None
 
@@ -307,7 +314,7 @@ class Host:
                 runner = start_outgoing(session, args["uri"], on_event=lambda e: self._on_event(slot, e))
             except OSError as exc:
                 raise QmpError(f"Failed to connect to '{args['uri']}': {exc}") from exc
-            slot.runner, slot.session, slot.direction = runner, session, "out"
+            slot.runner, slot.session, slot.direction, slot.endpoint = runner, session, "out", endpoint
             if was_paused:
                 log.info("migrating a paused VM")
         return {}
@@ -323,14 +330,16 @@ class Host:
             def started() -> None:
                 slot.status = "running"
 
-            endpoint = VmDestination(slot.vm, self.pf_driver, on_start=started)
+            endpoint = VmDestination(
+                slot.vm, self.pf_driver, on_start=started, restore_delay=self.params.x_restore_delay_ms / 1000
+            )
             uri = parse_uri(args["uri"])
             session = DestSession(endpoint, clock=time.monotonic, from_file=uri.scheme == "file")
             try:
                 runner = start_incoming(session, args["uri"], on_event=lambda e: self._on_event(slot, e))
             except OSError as exc:
                 raise QmpError(f"Failed to listen on '{args['uri']}': {exc}") from exc
-            slot.runner, slot.session, slot.direction = runner, session, "in"
+            slot.runner, slot.session, slot.direction, slot.endpoint = runner, session, "in", endpoint
             slot.listen_address = runner.address
         return {}
 
@@ -342,6 +351,11 @@ class Host:
         if slot.direction == "in" and slot.listen_address:
             host, port = slot.listen_address[:2]
             info["socket-address"] = [{"type": "inet", "host": host, "port": str(port)}]
+        if slot.direction == "out" and isinstance(slot.endpoint, VmSource) and slot.endpoint.in_flight:
+            info["x-in-flight"] = {k: dict(v) for k, v in slot.endpoint.in_flight.items()}
+        if slot.direction == "out" and isinstance(slot.endpoint, VmSource):
+            info["x-tracking-mode"] = slot.endpoint.mode.cli_name if slot.endpoint.device_tracking else None
+            info["x-device-dirty-pages"] = dict(slot.endpoint.device_dirty)
         if slot.runner.crash is not None:
             info["status"] = "failed"
             info["error-desc"] = f"internal error: {slot.runner.crash!r}"

@@ -244,6 +244,15 @@ class VirtualMachine:
                 self.resume()
         return {"passed": all(c["passed"] for c in checks.values()), "checks": checks}
 
+    def requests_in_flight(self) -> dict[str, int]:
+        """What the guest has submitted to its VFs and not yet seen complete."""
+        out: dict[str, int] = {}
+        if self.blk_work is not None:
+            out["blk"] = len(self.blk_work.inflight)
+        if self.net is not None:
+            out["net-tx"] = self.net.tx_in_flight()
+        return out
+
     def info(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.spec.name,
