@@ -268,12 +268,14 @@ def assert_source_intact(src: Monitor, *, vm: str | None = None) -> dict:
 
 
 def finish_and_verify(
-    src: Monitor, dst: Monitor, peer: Peer | None, *, after: float = 0.5, vm: str | None = None
+    src: Monitor, dst: Monitor, peer: Peer | None, *, after: float = 0.5, vm: str | None = None,
+    first_stop: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """After a completed migration: let the VM run ``after`` seconds on the
     destination, stop it, stop the peer, run the guest's verification there and
     the network check (loss only inside the switch-over window, no duplicates).
-    Returns ``{"guest", "network"}``."""
+    ``first_stop``: judge the network from this (earlier) STOP timestamp on
+    instead of the last migration's STOP.  Returns ``{"guest", "network"}``."""
     vmarg = {"vm": vm} if vm else {}
     time.sleep(after)
     dst.cmd("stop", **vmarg)
@@ -285,7 +287,7 @@ def finish_and_verify(
         report = peer.finish()
         src.pull_events()
         dst.pull_events()
-        stop_t = next((e["timestamp"] for e in src.events if e["event"] == "STOP"), None)
+        stop_t = first_stop or next((e["timestamp"] for e in src.events if e["event"] == "STOP"), None)
         resume_t = next((e["timestamp"] for e in dst.events if e["event"] == "RESUME"), None)
         assert stop_t is not None and resume_t is not None, "STOP on the source / RESUME on the destination missing"
         window = (stop_t["seconds"] + stop_t["microseconds"] / 1e6, resume_t["seconds"] + resume_t["microseconds"] / 1e6)

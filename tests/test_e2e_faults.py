@@ -1,0 +1,268 @@
+"""Faults during a migration between real host processes.
+
+Every fault before the source commits must leave the source VM running with
+nothing lost -- it runs on, its VFs are RUNNING with dirty tracking off, its
+counters move, and its own verification (``x-vm-verify``: memory sweep, page
+cache, every disk block) passes -- and a retry to a fresh destination must then
+succeed and verify there (guest and network).  The destination that saw the
+failure must not run the VM (its VFs back in INIT).  After the source commits,
+a dropped link leaves the source in ``postmigrate``: it does not resume by itself.
+
+Faults: the destination SIGKILLed while the stream is active (slowed with
+max-bandwidth), the connection cut by a proxy (RST), one byte of the stream
+flipped by a proxy, a destination configured differently (other memory size,
+no net VF: refused at the configuration check), ``migrate_cancel`` in each
+status the source goes through (``setup``: a destination that never answers;
+``active``: a slow stream; ``device``: the destination's ``x-restore-delay-ms``
+holds the source there), a second ``migrate`` while one runs, and the link
+dropped after COMMIT.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+pytest.importorskip("qemu.qmp")
+
+from e2e_helpers import (  # noqa: E402
+    Cluster,
+    HostProc,
+    Peer,
+    assert_source_intact,
+    finish_and_verify,
+    listen_address,
+    migrate,
+    vm_arg,
+    vm_status,
+    wait_final,
+    wait_for,
+)
+
+from virtio_lm.orchestrate import Monitor, MonitorCommandError  # noqa: E402
+
+SLOW = 8_000_000  # bytes/s: round 0 of a 64 MiB VM takes seconds
+WARMUP = 0.8
+
+
+class Setup:
+    """A switch, a peer and a running source VM; fresh destinations on demand."""
+
+    def __init__(self, c: Cluster) -> None:
+        self.c = c
+        self.image = c.image()
+        self.sw = c.switch()
+        self.peer: Peer = c.peer(self.sw)
+        self.vm = vm_arg(self.image)
+        self.src_h: HostProc = c.host([self.vm], switch=self.sw)
+        self.src = self.src_h.monitor()
+        time.sleep(WARMUP)
+
+    def destination(self, vm: str | None = None) -> tuple[HostProc, Monitor]:
+        h = self.c.host([vm or self.vm], switch=self.sw, incoming=True)
+        return h, h.monitor()
+
+    def retry_and_verify(self, *, union_window_from_first_stop: bool = False) -> dict[str, Any]:
+        """A fresh destination, a normal migration, the guest's verification and the network check."""
+        first_stop = self._first_stop() if union_window_from_first_stop else None
+        self.src.pull_events()
+        self.src.events.clear()
+        _, dst = self.destination()
+        info = migrate(self.src, dst, {"max-bandwidth": 0})
+        assert info["status"] == "completed", info
+        assert vm_status(self.src) == "postmigrate"
+        res = finish_and_verify(self.src, dst, self.peer, after=0.3, first_stop=first_stop)
+        assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]
+        assert res["network"]["passed"], res["network"]
+        return res
+
+    def _first_stop(self) -> dict[str, int]:
+        self.src.pull_events()
+        return next(e["timestamp"] for e in self.src.events if e["event"] == "STOP")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        yield Setup(c)
+    finally:
+        c.close()
+
+
+def assert_destination_untouched(dst: Monitor) -> None:
+    """The destination of a failed migration runs nothing: shell state, VFs in INIT."""
+    info = wait_final(dst)
+    assert info["status"] in ("failed", "cancelled"), info
+    assert vm_status(dst) == "inmigrate"
+    vfs = dst.cmd("query-vfs")
+    assert all(v["state"] == "INIT" for v in vfs), vfs
+    with pytest.raises(MonitorCommandError):
+        dst.cmd("cont")
+
+
+def start_slow(s: Setup, uri: str) -> None:
+    s.src.cmd("migrate-set-parameters", **{"max-bandwidth": SLOW})
+    s.src.cmd("migrate", uri=uri)
+    wait_for(s.src, lambda i: i.get("status") == "active" and i["ram"]["transferred"] > (1 << 20), timeout=30)
+
+
+# ------------------------------------------------------------------------------ link and peer failures
+def test_destination_killed_mid_stream(setup: Setup) -> None:
+    dst_h, dst = setup.destination()
+    host, port = listen_address(dst)
+    start_slow(setup, f"tcp:{host}:{port}")
+    dst_h.proc.kill()
+    info = wait_final(setup.src)
+    assert info["status"] == "failed", info
+    assert "destination" in info["error-desc"], info
+    assert_source_intact(setup.src)
+    setup.retry_and_verify()
+
+
+def test_connection_cut_mid_stream(setup: Setup) -> None:
+    _, dst = setup.destination()
+    px = setup.c.proxy(listen_address(dst))
+    start_slow(setup, px.uri)
+    px.cut()
+    info = wait_final(setup.src)
+    assert info["status"] == "failed", info
+    assert_destination_untouched(dst)
+    assert_source_intact(setup.src)
+    setup.retry_and_verify()
+
+
+def test_corrupted_stream_byte(setup: Setup) -> None:
+    _, dst = setup.destination()
+    px = setup.c.proxy(listen_address(dst), corrupt_at=3 << 20)
+    start_slow(setup, px.uri)
+    assert px.corrupted.wait(30)
+    info = wait_final(setup.src)
+    assert info["status"] == "failed", info
+    dinfo = wait_final(dst)
+    assert "checksum" in dinfo.get("error-desc", "").lower() or "crc" in dinfo.get("error-desc", "").lower(), dinfo
+    assert_destination_untouched(dst)
+    assert_source_intact(setup.src)
+    setup.retry_and_verify()
+
+
+# ------------------------------------------------------------------------------ configuration mismatch
+@pytest.mark.parametrize("mismatch", ["memory-size", "no-net-vf"])
+def test_mismatched_destination_refused_before_anything_changes(setup: Setup, mismatch: str) -> None:
+    other = (
+        vm_arg(setup.image, memory=128) if mismatch == "memory-size" else vm_arg(setup.image, mac=None)
+    )
+    _, dst = setup.destination(other)
+    vfs_before = dst.cmd("query-vfs")
+    host, port = listen_address(dst)
+    setup.src.cmd("migrate", uri=f"tcp:{host}:{port}")
+    info = wait_final(setup.src)
+    assert info["status"] == "failed", info
+    want = "memory" if mismatch == "memory-size" else "VFs"
+    assert want in info["error-desc"], info
+    # refused at the configuration check: not one page went out
+    assert info["ram"]["normal"] == 0 and info["ram"]["duplicate"] == 0, info["ram"]
+    dinfo = wait_final(dst)
+    assert dinfo["status"] == "failed" and want in dinfo["error-desc"], dinfo
+    assert_destination_untouched(dst)
+    assert [v["state"] for v in dst.cmd("query-vfs")] == [v["state"] for v in vfs_before]
+    assert_source_intact(setup.src)
+    setup.retry_and_verify()
+
+
+# ------------------------------------------------------------------------------ cancel at every status
+class BlackHole:
+    """A TCP listener that accepts and reads but never answers: the source stays in setup."""
+
+    def __init__(self) -> None:
+        self.lst = socket.create_server(("127.0.0.1", 0))
+        self.uri = "tcp:127.0.0.1:%d" % self.lst.getsockname()[1]
+        self.got = bytearray()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        conn, _ = self.lst.accept()
+        with conn:
+            while data := conn.recv(65536):
+                self.got += data
+        self.lst.close()
+
+
+@pytest.mark.parametrize("status", ["setup", "active", "device"])
+def test_cancel_at_each_status(setup: Setup, status: str) -> None:
+    dst = None
+    if status == "setup":
+        hole = BlackHole()
+        setup.src.cmd("migrate", uri=hole.uri)
+        wait_for(setup.src, lambda i: i.get("status") == "setup")
+        time.sleep(0.2)  # it stays there: nobody answers
+        assert setup.src.cmd("query-migrate")["status"] == "setup"
+    elif status == "active":
+        _, dst = setup.destination()
+        start_slow(setup, "tcp:%s:%d" % listen_address(dst))
+    else:
+        _, dst = setup.destination()
+        dst.cmd("migrate-set-parameters", **{"x-restore-delay-ms": 1500})
+        setup.src.cmd("migrate", uri="tcp:%s:%d" % listen_address(dst))
+        wait_for(setup.src, lambda i: i.get("status") == "device")
+        deadline = time.monotonic() + 5  # the run state follows once the runner passes the event on
+        while vm_status(setup.src) != "finish-migrate":
+            assert time.monotonic() < deadline, vm_status(setup.src)
+            time.sleep(0.01)
+        assert setup.src.cmd("query-migrate")["status"] == "device"  # still held there by the destination
+    setup.src.cmd("migrate_cancel")
+    info = wait_final(setup.src)
+    assert info["status"] == "cancelled", info
+    if dst is not None:
+        assert_destination_untouched(dst)
+    assert_source_intact(setup.src)
+    # the device-status attempt paused the VM (its VFs quiesced) before the cancel:
+    # frames in that pause are lost too, so the network is judged from that pause on
+    setup.retry_and_verify(union_window_from_first_stop=status == "device")
+
+
+# ------------------------------------------------------------------------------ the monitor asked twice
+def test_second_migrate_refused_while_one_runs(setup: Setup) -> None:
+    _, dst = setup.destination()
+    _, other = setup.destination()
+    uri = "tcp:%s:%d" % listen_address(dst)
+    other_uri = "tcp:%s:%d" % listen_address(other)
+    dst.cmd("migrate-set-parameters", **{"x-restore-delay-ms": 800})  # the first one surely still runs
+    setup.src.cmd("migrate", uri=uri)
+    with pytest.raises(MonitorCommandError, match="in progress"):
+        setup.src.cmd("migrate", uri=other_uri)
+    with setup.src_h.monitor() as second:  # a second monitor connection: refused as well
+        with pytest.raises(MonitorCommandError, match="in progress"):
+            second.cmd("migrate", uri=other_uri)
+    assert setup.src.cmd("query-migrate")["status"] in ("setup", "active", "device")  # refused while it ran
+    # the first one goes on to completion, untouched by the refusals
+    info = wait_final(setup.src)
+    assert info["status"] == "completed", info
+    assert vm_status(other) == "inmigrate"
+    res = finish_and_verify(setup.src, dst, setup.peer, after=0.3)
+    assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]
+    assert res["network"]["passed"], res["network"]
+
+
+# ------------------------------------------------------------------------------ after the commit
+def test_link_drop_after_commit_leaves_source_in_postmigrate(setup: Setup) -> None:
+    _, dst = setup.destination()
+    px = setup.c.proxy(listen_address(dst), cut_after_ready=True)
+    setup.src.cmd("migrate", uri=px.uri)
+    info = wait_final(setup.src)
+    assert px.ready_seen.is_set() and px.dropped_after_ready > 0, "the proxy did not drop the COMMIT"
+    assert info["status"] == "failed", info
+    assert info["vm-status"] == "postmigrate"
+    # the source committed: it does not resume by itself, now or a little later
+    assert vm_status(setup.src) == "postmigrate"
+    time.sleep(0.5)
+    assert vm_status(setup.src) == "postmigrate"
+    with pytest.raises(MonitorCommandError):
+        setup.src.cmd("cont")
+    # and the destination never got the COMMIT: it does not run either
+    assert_destination_untouched(dst)
