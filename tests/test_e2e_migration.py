@@ -18,6 +18,8 @@ threads; each test judges its own run), since most of a run is waiting.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +30,18 @@ import pytest
 
 pytest.importorskip("qemu.qmp")
 
-from e2e_helpers import Cluster, finish_and_verify, migrate, vm_arg  # noqa: E402
+from e2e_helpers import (  # noqa: E402
+    PEER1_MAC,
+    VM1_MAC,
+    Cluster,
+    finish_and_verify,
+    migrate,
+    vm_arg,
+    vm_status,
+    wait_final,
+)
+
+from virtio_lm.demo import check_network  # noqa: E402
 
 MODES = ["push-bitmap", "push-bytemap", "pull-bitmap", "pull-bytemap"]
 
@@ -153,3 +166,151 @@ def test_e2e_negative_control_no_device_tracking_fails_verification(results: dic
     assert stale, guest["checks"]["blk"]
     # what the vCPU wrote was tracked: the memory sweep itself is intact
     assert guest["checks"]["memory"]["passed"], guest["checks"]["memory"]
+
+
+# ------------------------------------------------------------------------------ one PF, two VMs
+def _counters(vm: dict[str, Any]) -> tuple[int, ...]:
+    return (
+        vm["vcpu"]["sweeps"] * (1 << 32) + vm["vcpu"]["position"],
+        vm["blk"]["writes"] + vm["blk"]["reads"],
+        vm["net"]["tx-sent"],
+        vm["net"]["rx-received"],
+    )
+
+
+def test_one_pf_two_vms_migrating_one_never_disturbs_the_other(tmp_path: Path) -> None:
+    """A host with vm0 and vm1, their four VFs on its one PF; vm0 migrates (slowed by
+    max-bandwidth so it lasts), vm1 stays.  While vm0 migrates, vm1's workloads keep
+    running (every counter moves between samples), its VFs stay RUNNING and untracked;
+    afterwards vm1 verifies itself and lost no frame at all."""
+    c = Cluster(tmp_path)
+    try:
+        img0, img1 = c.image("disk0"), c.image("disk1")
+        sw = c.switch()
+        peer0 = c.peer(sw)
+        peer1 = c.peer(sw, vm_mac=VM1_MAC, mac=PEER1_MAC)
+        vm0 = vm_arg(img0, dirty_rate=8.0)
+        vm1 = vm_arg(img1, name="vm1", mac=VM1_MAC, peer=PEER1_MAC, seed=2)
+        src_h = c.host([vm0, vm1], switch=sw)
+        dst_h = c.host([vm0], switch=sw, incoming=True)
+        src, dst = src_h.monitor(), dst_h.monitor()
+        time.sleep(0.8)
+        vfs = src.cmd("query-vfs")
+        assert sorted(v["vm"] for v in vfs) == ["vm0", "vm0", "vm1", "vm1"]
+        assert len({v["vf"] for v in vfs}) == 4  # four VFs of the one PF
+        samples: list[tuple[dict, list[dict], str]] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            with src_h.monitor() as m:  # a monitor of its own: the migration's is busy polling
+                while not done.is_set():
+                    st = m.cmd("query-migrate", vm="vm0").get("status", "none")
+                    vm1_info = next(v for v in m.cmd("query-vms") if v["name"] == "vm1")
+                    vm1_vfs = [v for v in m.cmd("query-vfs") if v["vm"] == "vm1"]
+                    samples.append((vm1_info, vm1_vfs, st))
+                    time.sleep(0.1)
+
+        th = threading.Thread(target=sample, daemon=True)
+        th.start()
+        time.sleep(0.3)
+        info = migrate(src, dst, {"max-bandwidth": 16_000_000}, vm="vm0")
+        time.sleep(0.3)
+        done.set()
+        th.join(10)
+        assert info["status"] == "completed", info
+        during = [s for s in samples if s[2] in ("setup", "active", "device")]
+        assert len(during) >= 3, f"only {len(during)} samples while vm0 migrated: {[s[2] for s in samples]}"
+        for vm1_info, vm1_vfs, st in samples:
+            assert vm1_info["status"] == "running" and vm1_info["running"], (st, vm1_info)
+            assert len(vm1_vfs) == 2 and all(v["state"] == "RUNNING" and v["tracking"] is None for v in vm1_vfs), (st, vm1_vfs)
+            assert all(v["tracked-marks"] == 0 for v in vm1_vfs)
+        seq = [_counters(s[0]) for s in samples]
+        first_during = samples.index(during[0])
+        last_during = samples.index(during[-1])
+        for k, name in enumerate(("vcpu", "blk requests", "net tx", "net rx")):
+            assert seq[last_during][k] > seq[first_during][k], f"vm1 {name} stood still during vm0's migration: {seq}"
+        assert src.cmd("query-migrate", vm="vm1") == {}
+        # vm0 moved and verifies on the destination; its VFs on the source are reset
+        res = finish_and_verify(src, dst, peer0, after=0.3)
+        assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]
+        assert res["network"]["passed"], res["network"]
+        assert vm_status(src, "vm0") == "postmigrate"
+        assert all(v["state"] == "INIT" for v in src.cmd("query-vfs") if v["vm"] == "vm0")
+        # vm1 never noticed: it verifies, and not one frame was lost either way
+        assert vm_status(src, "vm1") == "running"
+        src.cmd("stop", vm="vm1")
+        t_stop = time.time()
+        time.sleep(0.3)
+        guest1 = src.cmd("x-vm-verify", vm="vm1")
+        assert guest1["passed"], json.dumps(guest1["checks"], default=str)[:3000]
+        net1 = guest1["checks"]["net"]
+        check = check_network(
+            peer1.finish(), dict(net1["stats"], received=net1["received"]), (0.0, 0.0), until=t_stop
+        )
+        assert check["passed"], check
+        assert check["peer-to-vm"]["sent-judged"] > 0 and check["peer-to-vm"]["lost"] == 0, check
+        assert check["vm-to-peer"]["received"] > 0 and check["vm-to-peer"]["lost"] == 0, check
+    finally:
+        c.close()
+
+
+# ------------------------------------------------------------------------------ file: save, analyze, restore
+def test_migrate_to_file_analyze_and_restore(tmp_path: Path) -> None:
+    """``migrate file:PATH`` saves the running VM (the source stays stopped,
+    postmigrate); ``virtio-lm analyze-stream`` decodes the file and agrees with
+    the source's figures; ``migrate-incoming file:PATH`` on a fresh destination
+    restores it, and it verifies there.  A truncated copy is not a valid stream."""
+    c = Cluster(tmp_path)
+    try:
+        image = c.image()
+        sw = c.switch()
+        peer = c.peer(sw)
+        vm = vm_arg(image)
+        src = c.host([vm], switch=sw).monitor()
+        time.sleep(0.8)
+        path = tmp_path / "vm0.stream"
+        src.cmd("migrate", uri=f"file:{path}")
+        info = wait_final(src)
+        assert info["status"] == "completed", info
+        assert vm_status(src) == "postmigrate"
+        assert info["x-in-flight"]["guest"]["blk"] > 0
+        size = path.stat().st_size
+        assert size == info["ram"]["transferred"]
+
+        out = subprocess.run(
+            [sys.executable, "-m", "virtio_lm.cli", "analyze-stream", "--json", str(path)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["valid"] and summary["complete"], summary.get("error")
+        assert summary["bytes"] == size
+        assert summary["config"]["memory-size"] == 64 << 20
+        assert len(summary["config"]["vfs"]) == 2
+        assert summary["pages"]["normal"] == info["ram"]["normal"]
+        assert summary["pages"]["zero"] == info["ram"]["duplicate"]
+        assert [d["vf-index"] for d in summary["devices"]] == [0, 1]
+        assert summary["cpu-state-bytes"] > 0
+        text = subprocess.run(
+            [sys.executable, "-m", "virtio_lm.cli", "analyze-stream", str(path)], capture_output=True, text=True, timeout=120
+        )
+        assert text.returncode == 0 and text.stdout.strip()
+
+        cut = tmp_path / "truncated.stream"
+        cut.write_bytes(path.read_bytes()[: size - 100])
+        bad = subprocess.run(
+            [sys.executable, "-m", "virtio_lm.cli", "analyze-stream", "--json", str(cut)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert bad.returncode == 1 and not json.loads(bad.stdout)["valid"]
+
+        dst = c.host([vm], switch=sw, incoming=True).monitor()
+        dst.cmd("migrate-incoming", uri=f"file:{path}")
+        dinfo = wait_final(dst)
+        assert dinfo["status"] == "completed", dinfo
+        assert vm_status(dst) == "running"
+        res = finish_and_verify(src, dst, peer, after=0.5)
+        assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]
+        assert res["network"]["passed"], res["network"]
+    finally:
+        c.close()
