@@ -275,7 +275,8 @@ def finish_and_verify(
     destination, stop it, stop the peer, run the guest's verification there and
     the network check (loss only inside the switch-over window, no duplicates).
     ``first_stop``: judge the network from this (earlier) STOP timestamp on
-    instead of the last migration's STOP.  Returns ``{"guest", "network"}``."""
+    instead of the last migration's STOP.  Returns ``{"guest", "network", "peer"}``
+    (the last: the peer's own report)."""
     vmarg = {"vm": vm} if vm else {}
     time.sleep(after)
     dst.cmd("stop", **vmarg)
@@ -294,6 +295,7 @@ def finish_and_verify(
         net = guest["checks"].get("net", {})
         vm_net = dict(net.get("stats", {}), received=net.get("received", []))
         out["network"] = check_network(report, vm_net, window, until=t_stop)
+        out["peer"] = report
     return out
 
 
