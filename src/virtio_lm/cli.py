@@ -238,5 +238,36 @@ def bench(which: tuple[str, ...], quick: bool) -> None:
     sys.exit(run_benches(which or ("migration",), quick=quick))
 
 
+@main.command("vhost-user-blk")
+@click.option("--socket", "socket_path", required=True, help="UNIX socket path to listen on (QEMU connects).")
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="Raw disk image.")
+@click.option("--read-only", is_flag=True, help="Offer VIRTIO_BLK_F_RO; refuse writes.")
+@click.option("--queues", default=1, show_default=True, type=click.IntRange(1, 64), help="Request queues.")
+@click.option("--unsafe-no-dirty-log", is_flag=True, hidden=True,
+              help="Negative control for tests: offer LOG_ALL but never write the dirty log.")
+def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, unsafe_no_dirty_log: bool) -> None:
+    """Serve the virtio-blk device model to a vhost-user front-end (QEMU), with dirty logging."""
+    from virtio_lm.devices.blk import BlkDevice
+    from virtio_lm.vhost.server import VhostUserServer
+
+    device = BlkDevice(image, read_only=read_only, num_queues=queues, queue_max_size=1024)
+    server = VhostUserServer(socket_path, device, log_writes=not unsafe_no_dirty_log)
+    server.listen()
+    done = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        done.set()
+        server.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    click.echo(f"vhost-user-blk: serving {image} on {socket_path}", err=True)
+    server.start()
+    while not done.wait(0.5):
+        pass
+    server.close()
+    device.close()
+
+
 if __name__ == "__main__":
     main()

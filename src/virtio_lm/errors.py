@@ -71,6 +71,15 @@ layer may use it (``wire`` and ``memory`` included).
           +-- MonitorAddressError       a listen address that does not parse or cannot be bound
      +-- BackendError                   a network back-end failed (socket, TAP)
      |    +-- BackendUnavailableError   the back-end cannot be used on this system (no /dev/net/tun, no CAP_NET_ADMIN)
+     +-- VhostUserError                 a vhost-user front-end's message the back-end refuses
+          |                             (the connection is closed; the server keeps listening)
+          +-- VhostMessageError         malformed: bad header / flags / version, unknown request,
+          |                             payload size wrong for the request, wrong number of fds
+          +-- VhostMemoryError          memory table refused: overlapping regions, a region past
+          |                             its fd's size or wrapping, too many regions, mmap failed
+          +-- VhostRingError            vring set-up refused: index out of range, bad size,
+          |                             a ring address outside every region, ring running
+          +-- VhostLogError             dirty log refused: no fd, size/offset past the fd
 
 Later layers add their own subtrees (control commands, device state images,
 migration) under :class:`VirtioLmError` and draw them here.
@@ -380,6 +389,27 @@ class BackendUnavailableError(BackendError):
         self.backend = backend
         self.reason = reason
         super().__init__(f"{backend} back-end unavailable: {reason}")
+
+
+# --------------------------------------------------------------------------- vhost-user
+class VhostUserError(VirtioLmError):
+    """A vhost-user message the back-end refuses; the connection that sent it is closed."""
+
+
+class VhostMessageError(VhostUserError):
+    """A malformed message: header, flags, version, unknown request, payload size or fd count."""
+
+
+class VhostMemoryError(VhostUserError):
+    """A memory table / region the back-end refuses (overlap, past the fd's size, mmap failure)."""
+
+
+class VhostRingError(VhostUserError):
+    """A vring set-up the back-end refuses (index, size, an address outside every region)."""
+
+
+class VhostLogError(VhostUserError):
+    """A dirty log (SET_LOG_BASE) the back-end refuses."""
 
 
 class BlkIOError(DriverError):
