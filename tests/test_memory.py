@@ -319,3 +319,12 @@ def test_bus_master_off_refuses_every_access_and_writes_nothing(mem):
     port.bus_master = True
     port.write(0, b"x")
     assert rec.pages == {0}
+
+
+def test_atomic_or_byte(mem):
+    port = mem.device_port("pf")
+    port.atomic_or_byte(5, 0x01)
+    port.atomic_or_byte(5, 0x80)
+    assert mem.read(5, 1) == b"\x81"
+    with pytest.raises(MemoryAccessError):
+        port.atomic_or_byte(SIZE, 1)

@@ -191,6 +191,14 @@ class Memory:
             np.bitwise_or(cur, np.frombuffer(data, dtype=np.uint8), out=cur)
         writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
 
+    def atomic_or_byte(self, addr: int, value: int, writer: Writer) -> None:
+        """OR one byte (the common case of a dirty mark), atomic like :meth:`atomic_or`."""
+        self.check(addr, 1)
+        mm = self._mm
+        with self._atomic:
+            mm[addr] = mm[addr] | value
+        writer.written(addr >> PAGE_SHIFT, addr >> PAGE_SHIFT, 1)
+
     def atomic_store_byte(self, addr: int, value: int, writer: Writer) -> None:
         """Store one byte, atomic against :meth:`atomic_fetch_and_clear`."""
         self.check(addr, 1)
@@ -303,6 +311,10 @@ class MemoryPort:
     def atomic_or(self, addr: int, data: Buffer) -> None:
         self._gate("write", addr, len(data))
         self.memory.atomic_or(addr, data, self.writer)
+
+    def atomic_or_byte(self, addr: int, value: int) -> None:
+        self._gate("write", addr, 1)
+        self.memory.atomic_or_byte(addr, value, self.writer)
 
     def atomic_store_byte(self, addr: int, value: int) -> None:
         self._gate("write", addr, 1)

@@ -177,6 +177,14 @@ class PushTracker(DirtyTracker):
                 self._fill_all()
                 self._pending_all = False
                 return
+            if first_page == last_page:  # the common case: one byte of the map
+                if self.mode.is_bitmap:
+                    off, value = first_page >> 3, 1 << (first_page & 7)
+                else:
+                    off, value = first_page, 1
+                k = bisect.bisect_right(self._starts, off) - 1
+                self.pf_port.atomic_or_byte(self.segments[k][0] + off - self._starts[k], value)
+                return
             if self.mode.is_bitmap:
                 b0, data = bitmap_range(first_page, last_page)
             else:
