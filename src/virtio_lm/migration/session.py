@@ -886,7 +886,8 @@ class DestSession:
         self.error: MigrationError | None = None
         self.abort_error: BaseException | None = None
         self.config: StreamConfig | None = None
-        self._dec = StreamDecoder(Direction.TO_DEST)
+        # sections are applied as they complete: one assembly buffer serves them all
+        self._dec = StreamDecoder(Direction.TO_DEST, reuse_buffers=True)
         self._enc = StreamEncoder()
         self._out: deque[bytes] = deque()
         self._events: list[Event] = []
@@ -925,6 +926,31 @@ class DestSession:
             return
         try:
             sections = self._dec.feed(data)
+        except StreamError as exc:
+            self._input(DestInput.BAD_STREAM, exc)
+            return
+        for sec in sections:
+            if self.finished:
+                break
+            self._on_section(sec)
+
+    def recv_buffer(self) -> memoryview:
+        """Where the transport may receive the next bytes straight into (zero copy):
+        write at most ``len()`` bytes there, then call :meth:`received`.  (After the
+        end or a refused stream: a scratch buffer whose bytes are ignored.)"""
+        if not self.finished:
+            try:
+                return self._dec.recv_buffer()
+            except StreamError:
+                pass
+        return memoryview(bytearray(65536))
+
+    def received(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last :meth:`recv_buffer`."""
+        if self.finished:
+            return
+        try:
+            sections = self._dec.received(n)
         except StreamError as exc:
             self._input(DestInput.BAD_STREAM, exc)
             return

@@ -412,8 +412,6 @@ class DestRunner(_Runner):
 
     def _run_socket(self, sock: socket.socket) -> None:
         s = self.session
-        buf = bytearray(self.recv_size)
-        view = memoryview(buf)
         sock.settimeout(POLL)
         last_heard = time.monotonic()
         try:
@@ -427,6 +425,8 @@ class DestRunner(_Runner):
                     self._pump_events(s)
                     if s.finished and not s.wants_to_send:
                         break
+                with self.lock:
+                    view = s.recv_buffer()  # straight into the section being assembled
                 try:
                     n = sock.recv_into(view)
                 except socket.timeout:
@@ -443,7 +443,7 @@ class DestRunner(_Runner):
                     if n == 0:
                         s.on_peer_closed(None)
                     else:
-                        s.receive(view[:n])
+                        s.received(n)
         finally:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -514,41 +514,98 @@ def start_incoming(
     return DestRunner(session, listener=listen(u.host, u.port), timeout=timeout, on_event=on_event).start()  # type: ignore[return-value]
 
 
-def raw_loopback_throughput(nbytes: int, *, chunk: int = 1 << 20) -> dict:
+def _raw_receiver(nbytes: int, into_memory: bool, port_q, out_q) -> None:
+    """The receiving end of :func:`raw_loopback_throughput` (thread or process)."""
+    lst = listen("127.0.0.1", 0)
+    port_q.put(lst.getsockname()[1])
+    lst.settimeout(60)
+    got, t_end = 0, 0.0
+    try:
+        conn, _ = lst.accept()
+    except OSError:
+        out_q.put((0, 0.0))
+        return
+    if into_memory:  # every byte lands in its own place of an nbytes buffer (mapped first)
+        buf = bytearray(nbytes)
+        memoryview(buf)[:: 4096] = b"\1" * len(range(0, nbytes, 4096))
+    else:  # one 4 MiB buffer, received into again and again (stays in the cache)
+        buf = bytearray(4 << 20)
+    view = memoryview(buf)
+    with conn:
+        conn.settimeout(60)
+        while got < nbytes:
+            try:
+                if into_memory:
+                    n = conn.recv_into(view[got : got + (4 << 20)])
+                else:
+                    n = conn.recv_into(view)
+            except OSError:
+                break
+            if not n:
+                break
+            got += n
+        t_end = time.monotonic()
+    lst.close()
+    out_q.put((got, t_end))
+
+
+def raw_loopback_throughput(
+    nbytes: int, *, chunk: int = 1 << 20, processes: bool = False, from_memory: bool = False
+) -> dict:
     """Send ``nbytes`` over a fresh loopback TCP connection, nothing else; time it.
+
+    ``processes``: the receiver is another process (as a migration's destination
+    is), else a thread of this one.  ``from_memory``: the bytes are ``nbytes``
+    of random data read from one buffer and received into another buffer of
+    ``nbytes`` (each byte crosses memory as a migrated page does), else a
+    ``chunk`` of random data is sent again and again and received into one
+    4 MiB buffer (cache-hot: only the sockets' own cost).
 
     Returns ``{"bytes", "seconds", "bytes-per-second", "mbps"}``; the clock runs
     from the first send to the receiver having read the last byte.
     """
-    lst = listen("127.0.0.1", 0)
-    got = {"n": 0, "t": 0.0}
+    if processes:
+        import multiprocessing as mp
 
-    def receiver() -> None:
-        conn, _ = lst.accept()
-        buf = bytearray(4 << 20)
-        view = memoryview(buf)
-        with conn:
-            while got["n"] < nbytes:
-                n = conn.recv_into(view)
-                if not n:
-                    break
-                got["n"] += n
-            got["t"] = time.perf_counter()
+        ctx = mp.get_context("spawn")
+        port_q, out_q = ctx.Queue(), ctx.Queue()
+        worker = ctx.Process(target=_raw_receiver, args=(nbytes, from_memory, port_q, out_q), daemon=True)
+    else:
+        port_q, out_q = queue.Queue(), queue.Queue()
+        worker = threading.Thread(target=_raw_receiver, args=(nbytes, from_memory, port_q, out_q), daemon=True)
+    worker.start()
 
-    th = threading.Thread(target=receiver, daemon=True)
-    th.start()
-    payload = memoryview(os.urandom(min(chunk, max(nbytes, 1))))
-    with socket.create_connection(lst.getsockname()) as sock:
-        t0 = time.perf_counter()
-        left = nbytes
-        while left > 0:
-            k = min(left, len(payload))
-            sock.sendall(payload[:k])
-            left -= k
-        th.join()
-    lst.close()
-    seconds = max(got["t"] - t0, 1e-9)
-    if got["n"] != nbytes:
-        raise PeerGoneError(f"loopback receiver read {got['n']} of {nbytes} bytes")
+    def wait_for(q, what: str, limit: float):
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                return q.get(timeout=0.2)
+            except queue.Empty:
+                if not worker.is_alive() or time.monotonic() > deadline:
+                    raise PeerGoneError(f"loopback receiver gave no {what}") from None
+
+    try:
+        port = wait_for(port_q, "port", 120)
+        if from_memory:
+            import numpy as np
+
+            block = np.frombuffer(os.urandom(min(nbytes, 16 << 20) or 1), dtype=np.uint8)
+            data = np.resize(block, nbytes) if nbytes else block[:0]
+            payload = memoryview(data).cast("B")
+        else:
+            payload = memoryview(os.urandom(min(chunk, max(nbytes, 1))))
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            t0 = time.monotonic()
+            off = 0
+            while off < nbytes:
+                k = min(chunk, nbytes - off)
+                sock.sendall(payload[off : off + k] if from_memory else payload[:k])
+                off += k
+            got, t_end = wait_for(out_q, "result", 600)
+    finally:
+        worker.join(10)
+    seconds = max(t_end - t0, 1e-9)
+    if got != nbytes:
+        raise PeerGoneError(f"loopback receiver read {got} of {nbytes} bytes")
     return {"bytes": nbytes, "seconds": seconds, "bytes-per-second": nbytes / seconds,
             "mbps": nbytes * 8 / seconds / 1e6}
