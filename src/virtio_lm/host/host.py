@@ -52,6 +52,7 @@ from virtio_lm.host.qmp import CommandTable, QmpServer
 from virtio_lm.memory import Memory
 from virtio_lm.migration.policy import MigrationParams
 from virtio_lm.migration.session import (
+    SWITCHOVER_HISTORY,
     DestSession,
     MigrationEvent,
     PassEvent,
@@ -309,7 +310,9 @@ class Host:
             endpoint = VmSource(
                 slot.vm, self.pf_driver, mode=mode, device_tracking=self.params.x_device_tracking, on_release=released
             )
-            session = SourceSession(endpoint, params, clock=time.monotonic, to_file=uri.scheme == "file")
+            session = SourceSession(
+                endpoint, params, clock=time.monotonic, to_file=uri.scheme == "file", history=SWITCHOVER_HISTORY
+            )
             try:
                 runner = start_outgoing(session, args["uri"], on_event=lambda e: self._on_event(slot, e))
             except OSError as exc:
@@ -334,7 +337,9 @@ class Host:
                 slot.vm, self.pf_driver, on_start=started, restore_delay=self.params.x_restore_delay_ms / 1000
             )
             uri = parse_uri(args["uri"])
-            session = DestSession(endpoint, clock=time.monotonic, from_file=uri.scheme == "file")
+            session = DestSession(
+                endpoint, clock=time.monotonic, from_file=uri.scheme == "file", history=SWITCHOVER_HISTORY
+            )
             try:
                 runner = start_incoming(session, args["uri"], on_event=lambda e: self._on_event(slot, e))
             except OSError as exc:
