@@ -40,6 +40,9 @@ def vm_stream_config(vm: VirtualMachine) -> StreamConfig:
     return StreamConfig(memory_size=vm.memory.size, page_size=PAGE_SIZE, vfs=tuple(vfs), workload=WORKLOAD_KIND)
 
 
+_PROBE = np.array([0, 1, 67, 200, 333, 450, 511])  # uint64 words of a page probed before a full check
+
+
 def _pages_view(vm: VirtualMachine) -> np.ndarray:
     return vm.memory.array.reshape(vm.memory.num_pages, PAGE_SIZE)
 
@@ -98,11 +101,18 @@ class VmSource:
         return dirty
 
     def zero_mask(self, page_numbers: np.ndarray) -> np.ndarray:
-        pages = _pages_view(self.vm)
+        words = _pages_view(self.vm).view(np.uint64)
         idx = np.asarray(page_numbers, dtype=np.int64)
-        if len(idx) and idx[-1] - idx[0] == len(idx) - 1:  # one run: no copy
-            return ~pages[idx[0] : idx[-1] + 1].view(np.uint64).any(axis=1)
-        return ~pages[idx].view(np.uint64).any(axis=1)
+        # a few words of each page first: a page with data shows it there almost always,
+        # so only the pages that look zero are read whole
+        zero = ~words[idx[:, None], _PROBE].any(axis=1)
+        cand = idx[zero]
+        if len(cand):
+            if cand[-1] - cand[0] == len(cand) - 1:  # one run: checked in place
+                zero[zero] = ~words[cand[0] : cand[-1] + 1].any(axis=1)
+            else:
+                zero[zero] = ~words[cand].any(axis=1)
+        return zero
 
     def read_pages(self, page_numbers: np.ndarray) -> bytes | memoryview:
         idx = np.asarray(page_numbers, dtype=np.int64)
