@@ -10,8 +10,16 @@ Rules (QEMU's where QEMU has one):
   divided by the round's duration (a round shorter than ``min_period_s`` keeps
   the previous estimate; before any estimate: unknown, treated as infinite).
 * **dirty rate** -- pages found dirty at a round's end / the round's duration.
-* **expected downtime** -- pending bytes / bandwidth.
-* **switch-over** -- when the pending bytes fit ``bandwidth x downtime_limit``.
+* **expected downtime** -- ``fixed_cost_s`` + pending bytes / bandwidth.  The
+  fixed cost is what a switch-over costs whatever the pages: pausing the
+  vCPUs, QUIESCE / final reports / FREEZE / SAVE_STATE on the source, the
+  images, RESTORE_STATE and the guest state on the destination, the READY and
+  COMMIT round trips, RUN.  The session learns it from earlier migrations of
+  the same kind of VM (:class:`~virtio_lm.migration.session.SwitchoverHistory`);
+  unknown, it is 0 (QEMU's estimate, pages only).
+* **switch-over** -- when the expected downtime fits ``downtime_limit``; when
+  the fixed cost alone exceeds it, the migration gives up at the end of
+  round 0 instead of throttling towards a limit it cannot meet.
 * **auto-converge** -- a round *without progress* is one whose dirtied bytes
   exceed ``throttle_trigger_threshold`` % of the bytes it transferred (QEMU:
   50 %).  After ``throttle_trigger_rounds`` such rounds (QEMU: 2) the vCPUs are
@@ -133,6 +141,7 @@ class Policy:
         self._round_start: float | None = None
         self._round_sent = 0
         self.started: float | None = None
+        self.fixed_cost_s = 0.0  # switch-over cost independent of the pages (see the module docstring)
 
     # ------------------------------------------------------------ estimators
     def begin(self, now: float) -> None:
@@ -146,13 +155,19 @@ class Policy:
     def expected_downtime(self, pending_pages: int) -> float:
         pending = pending_pages * self.page_cost
         if pending == 0:
-            return 0.0
+            return self.fixed_cost_s
         if self.bandwidth in (0.0, math.inf):
-            return 0.0 if self.bandwidth == math.inf else math.inf
-        return pending / self.bandwidth
+            return self.fixed_cost_s if self.bandwidth == math.inf else math.inf
+        return self.fixed_cost_s + pending / self.bandwidth
 
     def fits(self, pending_pages: int) -> bool:
-        return pending_pages * self.page_cost <= self.bandwidth * self.params.downtime_limit_ms / 1000.0
+        room = self.params.downtime_limit_ms / 1000.0 - self.fixed_cost_s
+        return room >= 0 and pending_pages * self.page_cost <= self.bandwidth * room
+
+    @property
+    def limit_unreachable(self) -> bool:
+        """The fixed switch-over cost alone exceeds downtime-limit."""
+        return self.fixed_cost_s > self.params.downtime_limit_ms / 1000.0
 
     # ------------------------------------------------------------ decision
     def end_round(self, now: float, dirty_pages: int) -> RoundReport:
@@ -169,7 +184,7 @@ class Policy:
         decision = Decision.CONTINUE
         if self.fits(dirty_pages):
             decision = Decision.SWITCH
-        elif self.rounds >= self.params.max_rounds or (
+        elif self.limit_unreachable or self.rounds >= self.params.max_rounds or (
             self.params.max_time_s is not None and now - self.started >= self.params.max_time_s
         ):
             decision = Decision.GIVE_UP

@@ -107,6 +107,8 @@ __all__ = [
     "SourcePhase",
     "SourceSession",
     "Step",
+    "SWITCHOVER_HISTORY",
+    "SwitchoverHistory",
     "ThrottleEvent",
     "VmStateEvent",
 ]
@@ -155,6 +157,41 @@ Event = MigrationEvent | PassEvent | VmStateEvent | ThrottleEvent
 class Step:
     next: enum.Enum
     action: enum.Enum
+
+
+# ====================================================================== learned switch-over cost
+class SwitchoverHistory:
+    """The fixed cost of a switch-over (everything but the final pages), as measured
+    by earlier migrations in this process, per kind of VM (workload and VF device types).
+
+    A source learns it from its own downtime phases (downtime minus the final
+    send); a destination from what it saw: the silence between the last
+    pre-copy section and the first FINAL one (the source pausing, quiescing,
+    freezing and saving), its own restore, the COMMIT round trip and its start.
+    So a host that received a VM knows the cost before it migrates the VM on.
+    The policy adds it to the expected downtime (see :mod:`~virtio_lm.migration.policy`).
+    """
+
+    def __init__(self, weight: float = 0.5) -> None:
+        self.weight = weight  # of a new measurement against what was known
+        self._costs: dict[tuple, float] = {}
+
+    @staticmethod
+    def key(cfg: StreamConfig) -> tuple:
+        return (cfg.workload, tuple(sorted((vf.index, vf.device_id) for vf in cfg.vfs)))
+
+    def get(self, cfg: StreamConfig) -> float | None:
+        return self._costs.get(self.key(cfg))
+
+    def record(self, cfg: StreamConfig, seconds: float) -> None:
+        if not (math.isfinite(seconds) and seconds >= 0):
+            return
+        k = self.key(cfg)
+        old = self._costs.get(k)
+        self._costs[k] = seconds if old is None else (1 - self.weight) * old + self.weight * seconds
+
+
+SWITCHOVER_HISTORY = SwitchoverHistory()  # a host process's memory of its migrations
 
 
 # ====================================================================== source table
@@ -281,6 +318,7 @@ class SourceSession:
         clock: Clock,
         to_file: bool = False,
         batch_pages: int = 256,
+        history: SwitchoverHistory | None = None,
     ) -> None:
         if not 1 <= batch_pages <= MAX_RAM_PAGES:
             raise ValueError(f"batch_pages must be 1..{MAX_RAM_PAGES}")
@@ -290,6 +328,8 @@ class SourceSession:
         self.clock = clock
         self.to_file = to_file
         self.batch_pages = batch_pages
+        self.history = history  # learned switch-over costs (None: pages-only estimate)
+        self.fixed_cost_estimate: float | None = None
         self.phase = SourcePhase.IDLE
         self.vm_state = "running"
         self.error: MigrationError | None = None
@@ -541,6 +581,15 @@ class SourceSession:
             self._pending = pages
             self._input(SourceInput.CONVERGED)
             return
+        if report.decision is Decision.GIVE_UP and self.policy.limit_unreachable:
+            self._input(
+                SourceInput.GIVE_UP,
+                NotConvergingError(
+                    f"the switch-over's fixed cost, {self.policy.fixed_cost_s * 1000:.1f} ms as measured by earlier "
+                    f"migrations, exceeds downtime-limit {self.params.downtime_limit_ms} ms"
+                ),
+            )
+            return
         if report.decision is Decision.GIVE_UP:
             self._input(
                 SourceInput.GIVE_UP,
@@ -647,6 +696,10 @@ class SourceSession:
                 raise MigrationError(f"config says {cfg.num_pages} pages, endpoint {ep.num_pages}")
             self.config = cfg
             self.policy = Policy(self.params, cfg.page_size, self._page_cost())
+            if self.history is not None:
+                self.fixed_cost_estimate = self.history.get(cfg)
+                if self.fixed_cost_estimate is not None:
+                    self.policy.fixed_cost_s = self.fixed_cost_estimate
             self._emit(Hello(cfg))
             ep.start_tracking()
             return
@@ -668,6 +721,8 @@ class SourceSession:
         if action is SourceAction.FINISH:
             self._t["running"] = self.clock()
             self._downtime()
+            if self.history is not None and self.config is not None and self.downtime is not None:
+                self.history.record(self.config, self.downtime - self.downtime_phases.get("send", 0.0))
             try:
                 ep.release()
             except Exception as e:  # the destination runs: completed regardless, but say so
@@ -780,6 +835,8 @@ class SourceSession:
                 "rounds": len(self.rounds),
             }
         )
+        if self.fixed_cost_estimate is not None:
+            out["x-switchover-cost-estimate"] = round(self.fixed_cost_estimate * 1000, 3)
         if self.downtime is not None:
             out["downtime"] = int(self.downtime * 1000)
             out["downtime-phases"] = {k: round(v * 1000, 3) for k, v in self.downtime_phases.items()}
@@ -878,8 +935,16 @@ class DestSession:
     end of the file right after COMPLETE takes the place of COMMIT.
     """
 
-    def __init__(self, endpoint: DestEndpoint, *, clock: Clock, from_file: bool = False) -> None:
+    def __init__(
+        self, endpoint: DestEndpoint, *, clock: Clock, from_file: bool = False,
+        history: SwitchoverHistory | None = None,
+    ) -> None:
         self.ep = endpoint
+        self.history = history
+        self._t_precopy: float | None = None  # arrival of the last pre-copy section
+        self._t_final: float | None = None  # arrival of the first FINAL section
+        self._t_ready: float | None = None
+        self.switchover_cost: float | None = None  # as seen from here (see SwitchoverHistory)
         self.clock = clock
         self.from_file = from_file
         self.phase = DestPhase.WAIT_HELLO
@@ -1019,6 +1084,11 @@ class DestSession:
             )
             self._input(DestInput.SOURCE_ABORT, err)
         else:
+            if sec.final:
+                if self._t_final is None:
+                    self._t_final = self.clock()
+            elif sec.type in (SectionType.RAM, SectionType.ZERO, SectionType.ROUND):
+                self._t_precopy = self.clock()
             self._input(DestInput.DATA)
 
     def _input(self, inp: DestInput, exc: MigrationError | None = None) -> None:
@@ -1080,6 +1150,13 @@ class DestSession:
             t0 = self.clock()
             ep.start()
             self.start_us = int((self.clock() - t0) * 1e6)
+            if None not in (self._t_precopy, self._t_final, self._t_ready) and not self.from_file:
+                self.switchover_cost = (
+                    (self._t_final - self._t_precopy) + self.restore_us / 1e6  # type: ignore[operator]
+                    + (t0 - self._t_ready) + self.start_us / 1e6  # type: ignore[operator]
+                )
+                if self.history is not None and self.config is not None:
+                    self.history.record(self.config, self.switchover_cost)
             self._send(Running(self.start_us))
             self._events.append(VmStateEvent("running", self.clock()))
             return
@@ -1155,6 +1232,7 @@ class DestSession:
         self._restoring = False
         self.restore_us = int((self.clock() - t0) * 1e6)
         self._send(Ready(self.restore_us))
+        self._t_ready = self.clock()
 
     def info(self) -> dict:
         now = self.clock()
@@ -1172,6 +1250,8 @@ class DestSession:
             }
             out["restore-us"] = self.restore_us
             out["start-us"] = self.start_us
+            if self.switchover_cost is not None:
+                out["x-switchover-cost"] = round(self.switchover_cost * 1000, 3)
         if self.error is not None:
             out["error-desc"] = str(self.error)
         return out
