@@ -246,7 +246,16 @@ class Host:
 
     def cmd_query_status(self, args: dict[str, Any]) -> dict[str, Any]:
         slot = self._slot(args)
-        return {"status": slot.status, "running": slot.status == "running", "singlestep": False}
+        status = slot.status
+        if slot.direction == "out" and self._busy(slot) and isinstance(slot.session, SourceSession):
+            # the session pauses the VM inside its switch-over step; its event reaches
+            # the slot only when the runner passes events on: answer from the session
+            # so query-status never says running while query-migrate says device
+            with slot.runner.lock:
+                vm_state = slot.session.vm_state
+            if vm_state in ("finish-migrate", "postmigrate"):
+                status = vm_state
+        return {"status": status, "running": status == "running", "singlestep": False}
 
     def cmd_stop(self, args: dict[str, Any]) -> dict[str, Any]:
         slot = self._slot(args)
