@@ -180,7 +180,7 @@ def _counters(vm: dict[str, Any]) -> tuple[int, ...]:
 
 def test_one_pf_two_vms_migrating_one_never_disturbs_the_other(tmp_path: Path) -> None:
     """A host with vm0 and vm1, their four VFs on its one PF; vm0 migrates (slowed by
-    max-bandwidth so it lasts), vm1 stays.  While vm0 migrates, vm1's workloads keep
+    max-bandwidth and the destination's x-restore-delay-ms so it lasts), vm1 stays.  While vm0 migrates, vm1's workloads keep
     running (every counter moves between samples), its VFs stay RUNNING and untracked;
     afterwards vm1 verifies itself and lost no frame at all."""
     c = Cluster(tmp_path)
@@ -213,6 +213,7 @@ def test_one_pf_two_vms_migrating_one_never_disturbs_the_other(tmp_path: Path) -
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         time.sleep(0.3)
+        dst.cmd("migrate-set-parameters", **{"x-restore-delay-ms": 800})  # vm0's migration surely lasts
         info = migrate(src, dst, {"max-bandwidth": 16_000_000}, vm="vm0")
         time.sleep(0.3)
         done.set()
