@@ -635,3 +635,29 @@ def test_server_closes_on_hostile_message_and_serves_reconnect(image, tmp_path) 
 def test_vhost_errors_are_one_subtree() -> None:
     for e in (VhostMessageError, VhostMemoryError, VhostRingError, VhostLogError):
         assert issubclass(e, VhostUserError)
+
+
+def test_guest_memory_map_offers_every_memory_port_operation() -> None:
+    """GuestMemoryMap stands in for Memory behind a MemoryPort: every memory call the port makes must exist."""
+    import inspect
+    import re
+
+    from virtio_lm.memory.region import MemoryPort
+
+    used = set(re.findall(r"self\.memory\.(\w+)", inspect.getsource(MemoryPort)))
+    gm = GuestMemoryMap("probe")
+    assert used and not [n for n in used if not hasattr(gm, n)]
+
+
+def test_guest_memory_map_atomic_or_byte(guest) -> None:
+    gm = GuestMemoryMap("t")
+    gm.set_table([MemRegion(0, MIB, UADDR, 0)], [os.dup(guest.fd)])
+    try:
+        port_writer = type("W", (), {"written": lambda self, a, b, n: None})()
+        gm.atomic_or_byte(5, 0x10, port_writer)
+        gm.atomic_or_byte(5, 0x01, port_writer)
+        assert guest.read(5, 1) == b"\x11"
+        with pytest.raises(MemoryAccessError):
+            gm.atomic_or_byte(MIB, 1, port_writer)
+    finally:
+        gm.close()

@@ -139,7 +139,7 @@ class Backend:
         self.socket_path = socket_path
         self.log_path = log_path or socket_path + ".log"
         if kind == "ours":
-            cmd = [sys.executable, "-m", "virtio_lm.cli", "vhost-user-blk", "--socket", socket_path, "--image", image]
+            cmd = [sys.executable, "-m", "virtio_lm.cli", "-v", "vhost-user-blk", "--socket", socket_path, "--image", image]
             if no_dirty_log:
                 cmd.append("--unsafe-no-dirty-log")
         elif kind == "qsd":
@@ -202,7 +202,7 @@ class Vm:
             "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
             "-m", f"{memory_mib}M", "-smp", "1",
             "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
+            "-append", "console=ttyS0 panic=-1 quiet loglevel=3 init_on_alloc=0",
             "-chardev", f"socket,id=vu0,path={vhost_socket}",
             "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={queues}",
             "-serial", "stdio",
@@ -288,6 +288,7 @@ class Vm:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
+            s.settimeout(60)
             self._qmp = s
             self._qmp_read()  # greeting
             self._qmp_cmd("qmp_capabilities", {})
@@ -323,7 +324,7 @@ class Vm:
         if self.proc.poll() is None:
             try:
                 self.qmp("quit")
-            except (OSError, RuntimeError):
+            except (OSError, RuntimeError):  # a socket timeout is an OSError: then it is killed
                 pass
             try:
                 self.proc.wait(10)

@@ -5,7 +5,7 @@ region, each with a guest-physical address, a size, the front-end's own
 virtual address of the region (``userspace_addr``, which ring addresses are
 given in) and an offset into the fd.  :class:`GuestMemoryMap` maps them and
 offers the same access surface as :class:`virtio_lm.memory.Memory` (read,
-readinto, write, fill, modify, atomic_or, atomic_store_byte,
+readinto, write, fill, modify, atomic_or, atomic_or_byte, atomic_store_byte,
 atomic_fetch_and_clear, check, contains, size), addressed by
 guest-physical address -- so a :class:`virtio_lm.memory.MemoryPort` built
 on it (``MemoryPort(gmap, DeviceWriter(name))``) is what
@@ -320,6 +320,13 @@ class GuestMemoryMap:
                 np.bitwise_or(cur, src[at : at + n], out=cur)
                 at += n
         self._mark(writer, addr, len(src))
+
+    def atomic_or_byte(self, addr: int, value: int, writer: Writer) -> None:
+        """OR one byte (a one-page dirty mark), atomic like :meth:`atomic_or`."""
+        with self.lock, self._atomic:
+            ((m, off, _),) = self._pieces(addr, 1)
+            m.view[off] |= value
+        self._mark(writer, addr, 1)
 
     def atomic_store_byte(self, addr: int, value: int, writer: Writer) -> None:
         with self.lock, self._atomic:

@@ -125,12 +125,17 @@ class VhostUserServer:
                 tag = key.data
                 if tag == "stop":
                     return
-                if tag == "listen":
-                    self._accept()
-                elif tag == "conn":
-                    self._on_readable()
-                else:
-                    self._on_kick(key.fd, tag[0])
+                try:
+                    if tag == "listen":
+                        self._accept()
+                    elif tag == "conn":
+                        self._on_readable()
+                    else:
+                        self._on_kick(key.fd, tag[0])
+                except Exception as exc:  # a bug must not end the server: drop the front-end, keep listening
+                    log.exception("%s: internal error; closing the connection", self.path)
+                    self.refusals.append(f"internal error: {exc!r}")
+                    self._drop_connection(f"internal error: {exc!r}")
 
     def _accept(self) -> None:
         assert self._listener is not None
