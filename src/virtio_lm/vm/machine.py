@@ -97,6 +97,10 @@ class VirtualMachine:
         self.vcpu = SweepVcpu(memory, SWEEP_START, sweep_pages, dirty_rate=spec.dirty_rate_mbps * 1e6)
         self.running = False
         self.booted = False
+        #: set by restore_guest_state: the guest checks what it received before it runs on
+        self._check_on_resume = False
+        #: what that check found (kept: later stores and reads would erase the evidence)
+        self.arrival_problems: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ bring-up
     def attach(self, kind: str, number: int, fn: VirtioPciFunction) -> None:
@@ -143,9 +147,23 @@ class VirtualMachine:
         self.running = False
 
     def resume(self) -> None:
+        if self._check_on_resume:
+            self._check_on_resume = False
+            self._check_arrival()
         for w in self._workers():
             w.start()
         self.running = True
+
+    def _check_arrival(self) -> None:
+        """Right after a migration, before the guest runs on: memory and page cache as received."""
+        try:
+            self.vcpu.verify()
+        except VirtioLmError as exc:
+            self.arrival_problems.setdefault("memory", []).append(f"on arrival: {exc}")
+        if self.blk_work is not None:
+            found = self.blk_work.verify_cache()
+            if found:
+                self.arrival_problems.setdefault("blk", []).extend(f"on arrival: {p}" for p in found[:20])
 
     def set_throttle(self, percent: int) -> None:
         self.vcpu.set_throttle(min(max(percent, 0), 99))
@@ -202,6 +220,7 @@ class VirtualMachine:
         self.vcpu = vcpu
         self.blk, self.blk_work, self.net, self.net_work = blk, blk_work, net, net_work
         self.booted = True
+        self._check_on_resume = True
 
     # ------------------------------------------------------------------ verification
     def verify(self, *, disk: bool = True) -> dict[str, Any]:
@@ -213,14 +232,18 @@ class VirtualMachine:
         self.pause()
         checks: dict[str, Any] = {}
         try:
+            mem_problems = list(self.arrival_problems.get("memory", []))
             try:
                 self.vcpu.verify()
-                checks["memory"] = {"passed": True, "pages": self.vcpu.region_pages, "sweeps": self.vcpu.sweeps}
             except VirtioLmError as exc:
-                checks["memory"] = {"passed": False, "problems": [str(exc)]}
+                mem_problems.append(str(exc))
+            checks["memory"] = {
+                "passed": not mem_problems, "problems": mem_problems,
+                "pages": self.vcpu.region_pages, "sweeps": self.vcpu.sweeps,
+            }
             if self.blk_work is not None:
                 w = self.blk_work
-                problems: list[str] = []
+                problems: list[str] = list(self.arrival_problems.get("blk", []))
                 if w.crash is not None:
                     problems.append(f"workload crashed: {w.crash!r}")
                 try:

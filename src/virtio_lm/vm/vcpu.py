@@ -66,6 +66,7 @@ class SweepVcpu:
         if state is not None:
             self._load(state)
         self._run = threading.Event()
+        self._pausing = threading.Event()  # set by pause(): cuts a rate-limit sleep short
         self._parked = threading.Event()
         self._parked.set()
         self._stop = False
@@ -132,11 +133,13 @@ class SweepVcpu:
             self._thread = threading.Thread(target=self._loop, name="vcpu0", daemon=True)
             self._thread.start()
         self._parked.clear()
+        self._pausing.clear()
         self._run.set()
 
     def pause(self, timeout: float = 10.0) -> None:
         """Stop at the next store boundary and wait until the vCPU is parked."""
         self._run.clear()
+        self._pausing.set()
         if self._thread is not None and not self._parked.wait(timeout):
             raise VirtioLmError("vCPU did not park in time")
 
@@ -152,6 +155,7 @@ class SweepVcpu:
 
     def close(self) -> None:
         self._stop = True
+        self._pausing.set()
         self._run.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -177,10 +181,4 @@ class SweepVcpu:
                 target = max(target, busy) / (1 - thr / 100.0)
             delay = target - busy
             if delay > 0:
-                self._run.wait(0)  # cheap check; then sleep in small slices so pause is prompt
-                end = time.perf_counter() + delay
-                while self._run.is_set() and not self._stop:
-                    left = end - time.perf_counter()
-                    if left <= 0:
-                        break
-                    time.sleep(min(left, 0.005))
+                self._pausing.wait(delay)  # returns at once when pause() or close() is called
