@@ -630,12 +630,19 @@ def _to_src(link: Link, body) -> None:
     link.src.receive(enc.encode(body))
 
 
-@pytest.mark.parametrize("phase", [SourcePhase.SETUP, SourcePhase.PRECOPY, SourcePhase.SWITCHOVER,
-                                   SourcePhase.WAIT_READY, SourcePhase.COMMITTED])
-@pytest.mark.parametrize("inp", list(_SOURCE_PEER_INPUTS))
+# In SETUP only HELLO was sent: an ACK there is the config ACK (or names an unsent section), so
+# (SETUP, ROUND_ACK) cannot be produced from outside and is left out of the product.
+_REACHABLE_PAIRS = [
+    (phase, inp)
+    for phase in (SourcePhase.SETUP, SourcePhase.PRECOPY, SourcePhase.SWITCHOVER, SourcePhase.WAIT_READY,
+                  SourcePhase.COMMITTED)
+    for inp in _SOURCE_PEER_INPUTS
+    if not (phase is SourcePhase.SETUP and inp is SourceInput.ROUND_ACK)
+]
+
+
+@pytest.mark.parametrize("phase,inp", _REACHABLE_PAIRS)
 def test_source_follows_its_table_for_every_external_input(phase, inp):
-    if phase is SourcePhase.SETUP and inp is SourceInput.ROUND_ACK:
-        pytest.skip("in SETUP only HELLO was sent: an ACK is the config ACK or names an unsent section")
     link = _reach(phase)
     _SOURCE_PEER_INPUTS[inp](link)
     step = SOURCE_TABLE[phase, inp] or SOURCE_TABLE[phase, SourceInput.BAD_STREAM]
