@@ -39,9 +39,9 @@ class Clock:
         return self.t
 
 
-def pump(vm, shell, *, params=None, history=None, seed=0, flip_at: int | None = None):
+def pump(vm, shell, *, params=None, history=None, seed=0, flip_at: int | None = None, clock=None):
     """Run a migration; the destination receives zero-copy in random-sized pieces."""
-    clock = Clock()
+    clock = clock or Clock()
     src = SourceSession(vm, params, clock=clock, history=history)
     dst = DestSession(shell, clock=clock, history=history)
     rng = random.Random(seed)
@@ -187,6 +187,26 @@ def test_sessions_learn_the_cost_and_the_next_migration_uses_it():
     assert src2.status == "completed" and src2.fixed_cost_estimate == learned
     assert src2.policy is not None and src2.policy.fixed_cost_s == learned
     assert "x-switchover-cost-estimate" in src2.info()
+
+
+def test_destination_learns_the_source_part_from_complete():
+    """COMPLETE carries the source's pause..save time; the destination adds it to what it saw."""
+    clock = Clock()
+
+    class SlowFreeze(MemoryVm):
+        def freeze_and_save_vfs(self):
+            clock.t += 0.025  # 25 ms of FREEZE + SAVE_STATE on the source
+            return super().freeze_and_save_vfs()
+
+    h = SwitchoverHistory()
+    vm = SlowFreeze(MEM, fill="half", seed=8)
+    src, dst = pump(vm, MemoryVmShell(MEM), history=h, clock=clock)
+    assert src.status == "completed"
+    source_part = src._t["send"] - src._t["pause"]
+    assert source_part >= 0.025 - 1e-9
+    assert dst._source_fixed_s is not None and abs(dst._source_fixed_s - source_part) < 1e-5
+    assert dst.switchover_cost is not None and dst.switchover_cost >= source_part
+    assert h.get(vm.config()) >= 0.025 - 1e-6  # without COMPLETE's figure the silence seen here would be 0
 
 
 def test_learned_cost_above_the_limit_fails_cleanly_and_the_vm_runs_on():

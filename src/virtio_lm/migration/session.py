@@ -615,7 +615,9 @@ class SourceSession:
                 raise MigrationError(f"freeze_and_save_vfs returned an image for VF {idx}, not in the configuration")
             self._emit(Device(idx, types[idx], bytes(image)))
         self._emit(CpuState(bytes(self._cpu)))
-        self._emit(self._enc.complete())
+        t = self._t
+        fixed_us = int((t["send"] - t["pause"]) * 1e6) if "send" in t and "pause" in t and not self.to_file else 0
+        self._emit(self._enc.complete(fixed_us))
         self._complete_at = self._enc.offset
 
     # ------------------------------------------------------------------ bytes in
@@ -943,6 +945,7 @@ class DestSession:
         self.history = history
         self._t_precopy: float | None = None  # arrival of the last pre-copy section
         self._t_final: float | None = None  # arrival of the first FINAL section
+        self._source_fixed_s: float | None = None  # the source's switch-over time before its final send (COMPLETE)
         self._t_ready: float | None = None
         self.switchover_cost: float | None = None  # as seen from here (see SwitchoverHistory)
         self.clock = clock
@@ -1074,6 +1077,7 @@ class DestSession:
             else:
                 self._input(DestInput.HELLO_BAD, ConfigMismatchError(reason))
         elif isinstance(body, CompleteRecord):
+            self._source_fixed_s = body.source_fixed_us / 1e6 if body.source_fixed_us else None
             self._input(DestInput.COMPLETE)
         elif isinstance(body, Commit):
             self._input(DestInput.COMMIT)
@@ -1151,8 +1155,12 @@ class DestSession:
             ep.start()
             self.start_us = int((self.clock() - t0) * 1e6)
             if None not in (self._t_precopy, self._t_final, self._t_ready) and not self.from_file:
+                # the source's part: as it reported it in COMPLETE, else the silence seen here
+                src_part = self._source_fixed_s
+                if src_part is None:
+                    src_part = self._t_final - self._t_precopy  # type: ignore[operator]
                 self.switchover_cost = (
-                    (self._t_final - self._t_precopy) + self.restore_us / 1e6  # type: ignore[operator]
+                    src_part + self.restore_us / 1e6
                     + (t0 - self._t_ready) + self.start_us / 1e6  # type: ignore[operator]
                 )
                 if self.history is not None and self.config is not None:

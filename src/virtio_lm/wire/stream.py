@@ -197,10 +197,13 @@ class DeviceHeader:
 @layout("<IIQ")
 @dataclass(frozen=True, slots=True)
 class CompleteRecord:
-    """COMPLETE payload (16 bytes): the sections and bytes before it (a consistency check)."""
+    """COMPLETE payload (16 bytes): the sections and bytes before it (a consistency check),
+    and how long the source's part of the switch-over took before the final send
+    (pause, quiesce, final dirty reports, freeze and save, in microseconds; 0 for a file
+    stream), so the destination learns the whole fixed cost of a switch-over."""
 
     sections: int
-    reserved: int = reserved()
+    source_fixed_us: int = 0
     stream_bytes: int = 0
 
 
@@ -477,9 +480,9 @@ class StreamEncoder:
     def encode(self, body: Body, flags: SectionFlags = SectionFlags.NONE) -> bytes:
         return b"".join(self.encode_parts(body, flags))
 
-    def complete(self) -> CompleteRecord:
+    def complete(self, source_fixed_us: int = 0) -> CompleteRecord:
         """The COMPLETE body for the sections produced so far."""
-        return CompleteRecord(self.seq, 0, self.offset)
+        return CompleteRecord(self.seq, min(max(int(source_fixed_us), 0), 0xFFFFFFFF), self.offset)
 
 
 def section_size(body: Body) -> int:
