@@ -206,7 +206,7 @@ def test_destination_learns_the_source_part_from_complete():
     assert source_part >= 0.025 - 1e-9
     assert dst._source_fixed_s is not None and abs(dst._source_fixed_s - source_part) < 1e-5
     assert dst.switchover_cost is not None and dst.switchover_cost >= source_part
-    assert h.get(vm.config()) >= 0.025 - 1e-6  # without COMPLETE's figure the silence seen here would be 0
+    assert h.get(vm.config()) >= 0.025 - 1e-6
 
 
 def test_learned_cost_above_the_limit_fails_cleanly_and_the_vm_runs_on():
