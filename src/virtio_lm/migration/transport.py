@@ -272,6 +272,7 @@ class SourceRunner(_Runner):
                     chunks = s.produce(self.chunk) if wants and (wait == 0 or urgent) else []
                     finished = s.finished
                     waiting = s.waiting_for
+                    self._pump_events(s)  # produce() may have paused the VM: say so before the send
                 if chunks:
                     try:
                         sock.settimeout(self.timeout)
