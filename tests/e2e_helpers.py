@@ -12,11 +12,7 @@ system, so the test process talks to them from the root namespace.
 from __future__ import annotations
 
 import json
-import os
-import selectors
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -25,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from virtio_lm.demo import check_network
-from virtio_lm.orchestrate import FINAL, Monitor, run_migration
+from virtio_lm.orchestrate import FINAL, ChildProcess, Monitor, run_migration
 from virtio_lm.wire.stream import Direction, Ready, StreamDecoder
 
 VM_MAC = "52:54:00:12:34:56"
@@ -64,58 +60,8 @@ def vm_arg(
     return ",".join(parts)
 
 
-class Proc:
-    """A child process with its stderr in a log file and its first stdout line as its handshake."""
-
-    def __init__(self, name: str, argv: list[str], workdir: Path, *, netns: str | None = None) -> None:
-        self.name = name
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "w")
-        if netns:
-            argv = ["ip", "netns", "exec", netns, *argv]
-        self.p = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    def first_line(self, timeout: float = 60.0) -> str:
-        sel = selectors.DefaultSelector()
-        assert self.p.stdout is not None
-        sel.register(self.p.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise RuntimeError(f"{self.name} did not start in {timeout} s: {self.log_tail()}")
-        line = self.p.stdout.readline().strip()
-        if not line:
-            raise RuntimeError(f"{self.name} exited with {self.p.wait()}: {self.log_tail()}")
-        return line
-
-    def log_tail(self, n: int = 2000) -> str:
-        try:
-            return self.log_path.read_text()[-n:]
-        except OSError:
-            return ""
-
-    @property
-    def alive(self) -> bool:
-        return self.p.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL this process (only this one: its own pid)."""
-        if self.alive:
-            self.p.send_signal(signal.SIGKILL)
-            self.p.wait(10)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.alive:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        if self.p.stdout is not None:
-            self.p.stdout.close()
-        self._log.close()
+# the demo's child-process helper serves the tests too
+Proc = ChildProcess
 
 
 @dataclass

@@ -23,7 +23,6 @@ from virtio_lm.memory.dirty import DirtyLog
 from virtio_lm.pci import VirtioPciFunction
 from virtio_lm.virtqueue.driver import Allocator
 from virtio_lm.wire.blk import (
-    BlkConfig,
     BlkFeature,
     BlkOutHdr,
     BlkReqType,

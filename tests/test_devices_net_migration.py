@@ -21,7 +21,7 @@ from virtio_lm.errors import CommandRefusedError, StateImageError
 from virtio_lm.net.backends import UdpSwitchPort
 from virtio_lm.net.peer import NetPeer, parse_seq, seq_frame
 from virtio_lm.net.switch import L2Switch
-from virtio_lm.net.testbed import NetVm, make_vm, migrate, save_image
+from virtio_lm.net.testbed import make_vm, migrate, save_image
 from virtio_lm.wire.ctrl import VfState
 from virtio_lm.wire.features import bit
 from virtio_lm.wire.net import MacTables, NetFeature, NetStatus, announce_frame

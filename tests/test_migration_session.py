@@ -106,7 +106,7 @@ class Link:
     ) -> "Link":
         """Pump until both sides are done.  ``hook`` runs every step (return True to stop);
         a tamper function returns the bytes to deliver, or None to cut the link there."""
-        src, dst = self.src, self.dst
+        src = self.src
         if start:
             src.start()
         for _ in range(max_steps):

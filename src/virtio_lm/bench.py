@@ -166,7 +166,6 @@ def _profile_lines(prof, top: int = 7) -> list[str]:
 
 
 def _stream_dest(memory_mib: int, port_q, out_q, profile: bool) -> None:
-    from virtio_lm.host.endpoints import VmDestination
     from virtio_lm.migration.session import DestSession
     from virtio_lm.migration.transport import DestRunner, listen
 
@@ -261,7 +260,7 @@ def bench_stream(quick: bool) -> list[Figure]:
     mib = 256 if quick else 1024
     label = f"{mib} MiB" if mib != 1024 else "1 GiB"
     figs: list[Figure] = []
-    warm = raw_loopback_throughput(64 * MIB, processes=True)  # noqa: F841 - first spawn pays imports
+    raw_loopback_throughput(64 * MIB, processes=True)  # warm-up: the first spawn pays the imports
     res = stream_migration(mib, "random")
     src, dst = res["source"], res["dest"]
     nbytes = src["bytes"]
@@ -314,7 +313,8 @@ def stream_profile(quick: bool) -> list[str]:
 # ---------------------------------------------------------------------- figure 3: downtime vs limit
 def bench_downtime(quick: bool) -> tuple[list[Figure], list[str]]:
     """A VM (blk + net VFs, vCPU dirtying memory) hops host to host, one migration per limit."""
-    from virtio_lm.demo import BLOCKS, IMAGE_MIB, PEER_MAC, VM_MAC, _cli, _Proc
+    from virtio_lm.demo import BLOCKS, IMAGE_MIB, PEER_MAC, VM_MAC, _cli
+    from virtio_lm.orchestrate import ChildProcess as _Proc
     from virtio_lm.orchestrate import Monitor, run_migration
 
     limits = (30, 100, 300)

@@ -20,9 +20,14 @@ import sys
 import threading
 import time
 
+from typing import TYPE_CHECKING
+
 import click
 
 from virtio_lm import __version__
+
+if TYPE_CHECKING:
+    from virtio_lm.vm.machine import VmSpec
 
 
 @click.group()

@@ -21,10 +21,7 @@ Exit status 0 only when the migration completed and every check passed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from virtio_lm.orchestrate import Monitor, run_migration
+from virtio_lm.orchestrate import ChildProcess, Monitor, run_migration
 
 VM_MAC = "52:54:00:12:34:56"
 PEER_MAC = "52:54:00:00:00:fe"
@@ -55,39 +52,6 @@ class DemoOptions:
     json_path: str | None = None
     keep: bool = False
     quiet: bool = False
-
-
-class _Proc:
-    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
-        self.name = name
-        self.log = open(workdir / f"{name}.log", "w")
-        self.p = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self.log, text=True, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-
-    def first_line(self, timeout: float = 60.0) -> str:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        assert self.p.stdout is not None
-        sel.register(self.p.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            raise RuntimeError(f"{self.name} did not start in {timeout} s (see {self.log.name})")
-        line = self.p.stdout.readline().strip()
-        if not line:
-            raise RuntimeError(f"{self.name} exited with {self.p.wait()} (see {self.log.name})")
-        return line
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(sig)
-            try:
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        self.log.close()
 
 
 def _cli(*args: str) -> list[str]:
@@ -156,18 +120,18 @@ def run_demo(opts: DemoOptions) -> int:
 
     console = Console(stderr=False, quiet=opts.quiet)
     work = Path(tempfile.mkdtemp(prefix="virtio-lm-demo-"))
-    procs: list[_Proc] = []
+    procs: list[ChildProcess] = []
     report: dict[str, Any] = {"status": "failed"}
     ok = False
     try:
         image = work / "disk.img"
         with open(image, "wb") as f:
             f.truncate(IMAGE_MIB << 20)
-        sw = _Proc("switch", _cli("switch", "--listen", "127.0.0.1:0", "--lifetime", "900"), work)
+        sw = ChildProcess("switch", _cli("switch", "--listen", "127.0.0.1:0", "--lifetime", "900"), work)
         procs.append(sw)
         switch_addr = sw.first_line().split()[-1]
         peer_report = work / "peer.json"
-        pr = _Proc(
+        pr = ChildProcess(
             "peer",
             _cli("peer", "--switch", switch_addr, "--mac", PEER_MAC, "--vm-mac", VM_MAC, "--rate", "200", "--report", str(peer_report)),
             work,
@@ -178,9 +142,9 @@ def run_demo(opts: DemoOptions) -> int:
             f"name=vm0,memory={opts.memory_mib},blk={image},blocks={BLOCKS},mac={VM_MAC},peer={PEER_MAC},"
             f"dirty-rate={opts.dirty_rate_mbps},seed={opts.seed}"
         )
-        src = _Proc("source", _cli("host", "--name", "source", "--qmp", f"unix:{work}/source.qmp", "--vm", vm, "--switch", switch_addr), work)
+        src = ChildProcess("source", _cli("host", "--name", "source", "--qmp", f"unix:{work}/source.qmp", "--vm", vm, "--switch", switch_addr), work)
         procs.append(src)
-        dst = _Proc(
+        dst = ChildProcess(
             "destination",
             _cli("host", "--name", "destination", "--qmp", f"unix:{work}/destination.qmp", "--vm", vm, "--switch", switch_addr, "--incoming"),
             work,

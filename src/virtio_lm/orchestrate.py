@@ -10,7 +10,12 @@ destination, ``migrate-set-parameters`` and ``migrate`` on the source, then
 
 from __future__ import annotations
 
+import os
+import selectors
+import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ExecuteError
@@ -19,6 +24,63 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from virtio_lm.errors import MigrationError, VirtioLmError
 
 FINAL = ("completed", "failed", "cancelled")
+
+
+class ChildProcess:
+    """A child process (a host, the switch, the peer): stderr to ``WORKDIR/NAME.log``,
+    its first stdout line is its handshake (``qmp ADDRESS``, ``listening on H:P``, ``ready``).
+    ``netns`` runs it inside a network namespace (``ip netns exec``)."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path, *, netns: str | None = None) -> None:
+        self.name = name
+        self.log_path = Path(workdir) / f"{name}.log"
+        self._log = open(self.log_path, "w")
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.p = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def first_line(self, timeout: float = 60.0) -> str:
+        sel = selectors.DefaultSelector()
+        assert self.p.stdout is not None
+        sel.register(self.p.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise RuntimeError(f"{self.name} did not start in {timeout} s: {self.log_tail()}")
+        line = self.p.stdout.readline().strip()
+        if not line:
+            raise RuntimeError(f"{self.name} exited with {self.p.wait()}: {self.log_tail()}")
+        return line
+
+    def log_tail(self, n: int = 2000) -> str:
+        try:
+            return self.log_path.read_text()[-n:]
+        except OSError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL this process (only this one: its own pid)."""
+        if self.alive:
+            self.p.send_signal(signal.SIGKILL)
+            self.p.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``; close its pipes and log."""
+        if self.alive:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        if self.p.stdout is not None:
+            self.p.stdout.close()
+        self._log.close()
 
 
 class MonitorCommandError(VirtioLmError):

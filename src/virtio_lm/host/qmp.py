@@ -99,13 +99,11 @@ import logging
 import os
 import queue
 import re
-import socket
 import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from virtio_lm import __version__

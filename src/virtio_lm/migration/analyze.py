@@ -24,7 +24,6 @@ from virtio_lm.wire.stream import (
     Hello,
     RamPages,
     RoundRecord,
-    SectionType,
     StreamDecoder,
     ZeroRuns,
 )

@@ -990,10 +990,13 @@ class DestSession:
 
     # ------------------------------------------------------------------ calls in
     def receive(self, data: bytes | bytearray | memoryview) -> None:
-        if self.finished:
-            return
+        if not self.finished:
+            self._deliver(lambda: self._dec.feed(data))
+
+    def _deliver(self, decode: Callable[[], list[Section]]) -> None:
+        """Decode (``feed`` or ``received``) and act on each complete section, in order."""
         try:
-            sections = self._dec.feed(data)
+            sections = decode()
         except StreamError as exc:
             self._input(DestInput.BAD_STREAM, exc)
             return
@@ -1015,17 +1018,8 @@ class DestSession:
 
     def received(self, n: int) -> None:
         """``n`` bytes were written at the start of the last :meth:`recv_buffer`."""
-        if self.finished:
-            return
-        try:
-            sections = self._dec.received(n)
-        except StreamError as exc:
-            self._input(DestInput.BAD_STREAM, exc)
-            return
-        for sec in sections:
-            if self.finished:
-                break
-            self._on_section(sec)
+        if not self.finished:
+            self._deliver(lambda: self._dec.received(n))
 
     def on_peer_closed(self, exc: BaseException | None = None) -> None:
         """The source's direction ended (EOF / end of file), or the link failed with ``exc``."""

@@ -36,7 +36,6 @@ from virtio_lm.errors import CommandRefusedError, WireError
 from virtio_lm.wire.ctrl import (
     CLASS_VF_MIGRATION,
     COMMANDS,
-    COMMON_CLASS_FIRST,
     DEVICE_SPECIFIC_CLASS_LAST,
     HEADER_SIZE,
     Ack,

@@ -17,12 +17,12 @@ of the vCPU's time away, as QEMU's cpu-throttle does.
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 
 from virtio_lm.errors import VirtioLmError
 from virtio_lm.memory import PAGE_SHIFT, PAGE_SIZE, Memory
+from virtio_lm.vm.worker import GuestThread
 from virtio_lm.wire.vcpu import KIND_PAGE_SWEEP, VCPU_MAGIC, VCPU_VERSION, VcpuState
 
 CHUNK_PAGES = 256  # pages per store burst (1 MiB of address space)
@@ -41,7 +41,7 @@ class SweepMismatchError(VirtioLmError):
         super().__init__(f"{n} page(s) do not match the vCPU state ({first}{', ...' if n > 5 else ''})")
 
 
-class SweepVcpu:
+class SweepVcpu(GuestThread):
     """One vCPU sweeping ``[region_start, region_start + region_pages * 4096)``."""
 
     def __init__(
@@ -56,6 +56,8 @@ class SweepVcpu:
         if region_start % PAGE_SIZE or region_pages <= 0:
             raise ValueError("the sweep region must be page aligned and non-empty")
         memory.check(region_start, region_pages * PAGE_SIZE)
+        super().__init__()
+        self.name = "vcpu0"
         self.memory = memory
         self.region_start = region_start
         self.region_pages = region_pages
@@ -65,14 +67,9 @@ class SweepVcpu:
         self.throttle = 0
         if state is not None:
             self._load(state)
-        self._run = threading.Event()
-        self._pausing = threading.Event()  # set by pause(): cuts a rate-limit sleep short
-        self._parked = threading.Event()
-        self._parked.set()
-        self._stop = False
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.pages_written = 0
+        self._last_n = 0
 
     # ------------------------------------------------------------------ state
     def state(self) -> VcpuState:
@@ -126,59 +123,22 @@ class SweepVcpu:
             self.pages_written += n
             return n
 
-    def start(self) -> None:
-        """Start (or resume) the vCPU thread."""
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="vcpu0", daemon=True)
-            self._thread.start()
-        self._parked.clear()
-        self._pausing.clear()
-        self._run.set()
-
-    def pause(self, timeout: float = 10.0) -> None:
-        """Stop at the next store boundary and wait until the vCPU is parked."""
-        self._run.clear()
-        self._pausing.set()
-        if self._thread is not None and not self._parked.wait(timeout):
-            raise VirtioLmError("vCPU did not park in time")
-
-    @property
-    def running(self) -> bool:
-        return self._run.is_set()
-
     def set_throttle(self, percent: int) -> None:
         if not 0 <= percent <= 99:
             raise ValueError("throttle is 0..99 percent")
         with self._lock:
             self.throttle = percent
 
-    def close(self) -> None:
-        self._stop = True
-        self._pausing.set()
-        self._run.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+    def _tick(self) -> bool:
+        self._last_n = self.step()
+        return True
 
-    def _loop(self) -> None:
-        while True:
-            if not self._run.is_set():
-                self._parked.set()
-                self._run.wait()
-                if self._stop:
-                    return
-                self._parked.clear()
-            if self._stop:
-                return
-            t0 = time.perf_counter()
-            n = self.step()
-            busy = time.perf_counter() - t0
-            # rate limit: n pages should take n*4096/rate seconds
-            target = (n * PAGE_SIZE / self.dirty_rate) if self.dirty_rate > 0 else 0.0
-            thr = self.throttle
-            if thr:
-                target = max(target, busy) / (1 - thr / 100.0)
-            delay = target - busy
-            if delay > 0:
-                self._pausing.wait(delay)  # returns at once when pause() or close() is called
+    def _pace(self, did: bool, busy: float) -> None:
+        # rate limit: n pages should take n*4096/rate seconds; throttle takes a share of the time
+        target = (self._last_n * PAGE_SIZE / self.dirty_rate) if self.dirty_rate > 0 else 0.0
+        thr = self.throttle
+        if thr:
+            target = max(target, busy) / (1 - thr / 100.0)
+        delay = target - busy
+        if delay > 0:
+            self._pausing.wait(delay)  # returns at once when pause() or close() is called

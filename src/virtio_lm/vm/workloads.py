@@ -27,7 +27,6 @@ after a migration gives loss, duplicates and reordering.
 
 from __future__ import annotations
 
-import threading
 import time
 import zlib
 from typing import Any
@@ -39,6 +38,7 @@ from virtio_lm.drivers.net_driver import NetDriver
 from virtio_lm.errors import GuestStateError, VirtioLmError
 from virtio_lm.memory import Memory
 from virtio_lm.net.peer import parse_seq, seq_frame
+from virtio_lm.vm.worker import GuestThread
 from virtio_lm.wire.blk import BlkReqType
 from virtio_lm.wire.guest import BLOCK_MAGIC, BLOCK_SIZE, BlockStamp
 
@@ -83,64 +83,7 @@ class _Lcg:
         return self.state >> 33
 
 
-class _Worker:
-    """A guest thread that runs ``step()`` until paused or closed."""
-
-    name = "worker"
-
-    def __init__(self) -> None:
-        self._run = threading.Event()
-        self._parked = threading.Event()
-        self._parked.set()
-        self._stop = False
-        self._thread: threading.Thread | None = None
-        self.crash: BaseException | None = None
-
-    def step(self) -> bool:  # returns whether it did anything
-        raise NotImplementedError
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._stop = False
-            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-            self._thread.start()
-        self._parked.clear()
-        self._run.set()
-
-    def pause(self, timeout: float = 10.0) -> None:
-        self._run.clear()
-        if self._thread is not None and not self._parked.wait(timeout):
-            raise VirtioLmError(f"{self.name} did not park in time")
-
-    def close(self) -> None:
-        self._stop = True
-        self._run.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def _idle(self) -> None:
-        time.sleep(0.001)
-
-    def _loop(self) -> None:
-        try:
-            while True:
-                if not self._run.is_set():
-                    self._parked.set()
-                    self._run.wait()
-                    if self._stop:
-                        return
-                    self._parked.clear()
-                if self._stop:
-                    return
-                if not self.step():
-                    self._idle()
-        except BaseException as exc:  # kept for the VM's verification report
-            self.crash = exc
-            self._parked.set()
-
-
-class BlkWorkload(_Worker):
+class BlkWorkload(GuestThread):
     """The verifying block workload; see the module docstring."""
 
     name = "guest-blk"
@@ -220,6 +163,13 @@ class BlkWorkload(_Worker):
             self._submit_one()
             did = True
         return did
+
+    def _tick(self) -> bool:
+        return self.step()
+
+    def _pace(self, did: bool, busy: float) -> None:
+        if not did:
+            self._idle()
 
     def _idle(self) -> None:
         self.driver._irq.wait(0.002)
@@ -337,7 +287,7 @@ class BlkWorkload(_Worker):
             raise GuestStateError("blk_workload", f"malformed: {exc!r}") from exc
 
 
-class NetWorkload(_Worker):
+class NetWorkload(GuestThread):
     """Sequence-numbered frames to and from a peer outside the VM."""
 
     name = "guest-net"
@@ -353,6 +303,9 @@ class NetWorkload(_Worker):
         self.received: list[int] = []  # the peer's sequence numbers, in arrival order
         self.other_frames = 0
         self._next_at = 0.0
+
+    def _tick(self) -> bool:
+        return self.step()
 
     def step(self) -> bool:
         did = False
