@@ -811,14 +811,17 @@ def _depth(doc: Json) -> int:
     return deepest
 
 
-def encode_guest_state(obj: Json) -> bytes:
+def encode_guest_state(obj: Json, *, check_depth: bool = True) -> bytes:
     """Canonical bytes of a JSON document (object): sorted keys, compact, ASCII.
 
     Refuses what :func:`decode_guest_state` would refuse (not an object, too
-    deep, too big, non-JSON values)."""
+    deep, too big, non-JSON values).  ``check_depth=False`` skips the nesting
+    walk for a document whose shape is fixed by the code that built it (the
+    VM's own state at switch-over, where every millisecond is downtime); the
+    decoder still checks it."""
     if type(obj) is not dict:
         raise _fail(DOCUMENT, f"a guest state document is a JSON object, got {_kind(obj)}")
-    if _depth(obj) > MAX_NESTING:
+    if check_depth and _depth(obj) > MAX_NESTING:
         raise _fail(DOCUMENT, f"nested deeper than {MAX_NESTING} levels")
     try:
         text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)

@@ -39,6 +39,9 @@ class GuestThread:
         if not did:
             self._pausing.wait(0.001)
 
+    def _wake(self) -> None:
+        """Cut short a wait that is not on :attr:`_pausing` (called by pause and close)."""
+
     # ------------------------------------------------------------------ control
     @property
     def running(self) -> bool:
@@ -58,12 +61,14 @@ class GuestThread:
         """Stop at the next step boundary and wait until parked."""
         self._run.clear()
         self._pausing.set()
+        self._wake()
         if self._thread is not None and not self._parked.wait(timeout):
             raise VirtioLmError(f"{self.name} did not park in time")
 
     def close(self) -> None:
         self._stop = True
         self._pausing.set()
+        self._wake()
         self._run.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

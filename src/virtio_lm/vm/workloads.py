@@ -175,6 +175,9 @@ class BlkWorkload(GuestThread):
         self.driver._irq.wait(0.002)
         self.driver._irq.clear()
 
+    def _wake(self) -> None:
+        self.driver._irq.set()  # a pause must not wait out the 2 ms idle wait
+
     def _pick(self) -> int:
         while True:
             lba = self.rng.next() % self.nblocks
