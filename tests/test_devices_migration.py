@@ -477,3 +477,43 @@ def save_function_image(r: Rig) -> bytes:
     for req in r.dev.requests():
         recs.append((RecordType.INFLIGHT, InflightHeader(req.queue, req.head, req.avail_idx, 0, 0).encode()))
     return build_image(63, recs)
+
+
+def test_work_that_raises_not_executed_goes_back_to_pending_and_runs_again_at_resume():
+    """QueueDevice's NotExecuted hook (used by net's transmit): the request is 'not executed'
+    again -- saved without data, re-run at resume -- and completes exactly once."""
+    from virtio_lm.devices.base import NotExecuted
+    from virtio_lm.devices.dmatest import DmaTestDevice
+
+    class GiveUpOnce(DmaTestDevice):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gave_up = False
+
+        def handle(self, fn, queue, chain):  # type: ignore[override]
+            work = super().handle(fn, queue, chain)
+            if not callable(work) or self.gave_up:
+                return work
+
+            def first_time() -> bytes:
+                self.gave_up = True
+                raise NotExecuted()
+
+            return first_time
+
+    rig = make_rig(GiveUpOnce())
+    try:
+        req = rig.fill(7, 256)
+        rig.dq.publish()
+        rig.kick()
+        wait_until(lambda: rig.dev.deferred == 1)
+        (held,) = rig.dev.requests()
+        assert held.state is ReqState.PENDING and rig.reap() == []
+        rig.dev.mig_quiesce()
+        rig.dev.mig_resume()  # re-executes it
+        rig.wait_idle()
+        ((token, used),) = rig.reap()
+        assert token is req and used == 257
+        check_result(rig.mem, req, used)
+    finally:
+        rig.close()

@@ -87,6 +87,12 @@ class Migratable(Protocol):
     def mig_restore(self, validated: object) -> None: ...
 
 
+class NotExecuted(Exception):
+    """Raised by back-end work that gave up before doing anything (e.g. a transmit still
+    waiting for the link when the device freezes): the request goes back to "not
+    executed" and is re-executed at resume, on this device or a restored one."""
+
+
 class ReqState(enum.Enum):
     PENDING = 0  # taken from the avail ring, not (or no longer) executing
     RUNNING = 1  # on the back-end pool
@@ -141,6 +147,7 @@ class QueueDevice(VirtioDevice):
         self._pool: ThreadPoolExecutor | None = None
         self.frozen = False  # mig_freeze succeeded; cleared by mig_unfreeze / mig_resume
         self.kicks_while_quiesced = 0
+        self.deferred = 0  # work that raised NotExecuted
         self.completed = 0
 
     # ================================================================== subclass hooks
@@ -244,6 +251,16 @@ class QueueDevice(VirtioDevice):
     def _run(self, req: Request, work: Work) -> None:
         try:
             data = work()
+        except NotExecuted:  # the work gave up before it did anything: "not executed" again
+            with self._lock:
+                req.future = None
+                if self._inflight.get((req.queue, req.head)) is req:
+                    req.state = ReqState.PENDING
+                    self.deferred += 1
+                else:  # dropped by a reset meanwhile
+                    req.state = ReqState.DONE
+                self._settled.notify_all()
+            return
         except Exception as exc:  # the back-end's failure becomes the request's status
             assert req.chain is not None
             try:

@@ -78,7 +78,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
-from virtio_lm.devices.base import QueueDevice, ReqState, Request, Work
+from virtio_lm.devices.base import NotExecuted, QueueDevice, Work
 from virtio_lm.errors import CommandRefusedError, StateImageError, VirtioLmError, WireError
 from virtio_lm.net.backends import NetBackend
 from virtio_lm.pci.function import VirtioPciFunction
@@ -174,8 +174,8 @@ _FOK = int(DeviceStatus.FEATURES_OK)
 _STATUS_BITS = int(NetStatus.LINK_UP | NetStatus.ANNOUNCE)
 
 
-class _TxNotSent(Exception):
-    """A transmit abandoned before the frame reached the wire (FREEZE)."""
+class _TxNotSent(NotExecuted):
+    """A transmit abandoned before the frame reached the wire (FREEZE): not executed."""
 
 
 @dataclass(frozen=True)
@@ -338,31 +338,6 @@ class NetDevice(QueueDevice):
     def backend_failed(self, queue: int, chain: DescriptorChain, exc: Exception) -> bytes:
         self.stats["tx_errors"] += 1  # the frame is lost, the chain completes
         return b""
-
-    def _run(self, req: Request, work: Work) -> None:
-        """Base :meth:`QueueDevice._run`, except that a transmit abandoned before it
-        reached the wire goes back to "not executed" (PENDING)."""
-        try:
-            data = work()
-        except _TxNotSent:
-            with self._lock:
-                req.future = None
-                if self._inflight.get((req.queue, req.head)) is req:
-                    req.state = ReqState.PENDING
-                    self.stats["tx_deferred"] += 1
-                else:
-                    req.state = ReqState.DONE
-                self._settled.notify_all()
-            return
-        except Exception as exc:
-            err = exc
-
-            def failed() -> bytes:
-                raise err
-
-            super()._run(req, failed)
-            return
-        super()._run(req, lambda: data)
 
     def _learn_flow(self, dst: bytes, pair: int) -> None:
         if is_multicast(dst):
