@@ -313,7 +313,7 @@ def stream_profile(quick: bool) -> list[str]:
 # ---------------------------------------------------------------------- figure 3: downtime vs limit
 def bench_downtime(quick: bool) -> tuple[list[Figure], list[str]]:
     """A VM (blk + net VFs, vCPU dirtying memory) hops host to host, one migration per limit."""
-    from virtio_lm.demo import BLOCKS, IMAGE_MIB, PEER_MAC, VM_MAC, _cli
+    from virtio_lm.demo import BLOCKS, PEER_MAC, VM_MAC, _cli, start_network
     from virtio_lm.orchestrate import ChildProcess as _Proc
     from virtio_lm.orchestrate import Monitor, run_migration
 
@@ -326,16 +326,8 @@ def bench_downtime(quick: bool) -> tuple[list[Figure], list[str]]:
     procs: list[_Proc] = []
     monitors: list[Monitor] = []
     try:
-        image = work / "disk.img"
-        with open(image, "wb") as f:
-            f.truncate(IMAGE_MIB << 20)
-        sw = _Proc("switch", _cli("switch", "--listen", "127.0.0.1:0", "--lifetime", "900"), work)
-        procs.append(sw)
-        switch = sw.first_line().split()[-1]
-        pr = _Proc("peer", _cli("peer", "--switch", switch, "--mac", PEER_MAC, "--vm-mac", VM_MAC, "--rate", "200",
-                                "--report", str(work / "peer.json")), work)
-        procs.append(pr)
-        pr.first_line()
+        net = start_network(work, procs)
+        image, switch = net.image, net.switch
         vm = (f"name=vm0,memory={memory_mib},blk={image},blocks={BLOCKS},qd=32,mac={VM_MAC},peer={PEER_MAC},"
               f"dirty-rate={dirty_mbps},seed=3")
 

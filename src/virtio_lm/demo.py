@@ -58,6 +58,35 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "virtio_lm.cli", *args]
 
 
+@dataclass
+class Network:
+    """The disk image, the switch and the peer a demo (or a bench) runs its hosts against."""
+
+    image: Path
+    switch: str  # HOST:PORT
+    peer: ChildProcess
+    peer_report: Path
+
+
+def start_network(work: Path, procs: list[ChildProcess]) -> Network:
+    """Create the disk image in ``work``, start the switch and the peer (appended to ``procs``)."""
+    image = work / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_MIB << 20)
+    sw = ChildProcess("switch", _cli("switch", "--listen", "127.0.0.1:0", "--lifetime", "900"), work)
+    procs.append(sw)
+    switch_addr = sw.first_line().split()[-1]
+    peer_report = work / "peer.json"
+    pr = ChildProcess(
+        "peer",
+        _cli("peer", "--switch", switch_addr, "--mac", PEER_MAC, "--vm-mac", VM_MAC, "--rate", "200", "--report", str(peer_report)),
+        work,
+    )
+    procs.append(pr)
+    pr.first_line()
+    return Network(image, switch_addr, pr, peer_report)
+
+
 def check_network(
     peer: dict[str, Any], vm_net: dict[str, Any], window: tuple[float, float], *, until: float
 ) -> dict[str, Any]:
@@ -124,20 +153,8 @@ def run_demo(opts: DemoOptions) -> int:
     report: dict[str, Any] = {"status": "failed"}
     ok = False
     try:
-        image = work / "disk.img"
-        with open(image, "wb") as f:
-            f.truncate(IMAGE_MIB << 20)
-        sw = ChildProcess("switch", _cli("switch", "--listen", "127.0.0.1:0", "--lifetime", "900"), work)
-        procs.append(sw)
-        switch_addr = sw.first_line().split()[-1]
-        peer_report = work / "peer.json"
-        pr = ChildProcess(
-            "peer",
-            _cli("peer", "--switch", switch_addr, "--mac", PEER_MAC, "--vm-mac", VM_MAC, "--rate", "200", "--report", str(peer_report)),
-            work,
-        )
-        procs.append(pr)
-        pr.first_line()
+        net = start_network(work, procs)
+        image, switch_addr, pr, peer_report = net.image, net.switch, net.peer, net.peer_report
         vm = (
             f"name=vm0,memory={opts.memory_mib},blk={image},blocks={BLOCKS},mac={VM_MAC},peer={PEER_MAC},"
             f"dirty-rate={opts.dirty_rate_mbps},seed={opts.seed}"
