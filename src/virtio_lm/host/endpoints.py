@@ -43,6 +43,11 @@ def vm_stream_config(vm: VirtualMachine) -> StreamConfig:
 _PROBE = np.array([0, 1, 67, 200, 333, 450, 511])  # uint64 words of a page probed before a full check
 
 
+def _one_run(idx: np.ndarray) -> bool:
+    """Whether sorted page numbers ``idx`` are one contiguous run (one slice serves them)."""
+    return bool(len(idx)) and idx[-1] - idx[0] == len(idx) - 1
+
+
 def _pages_view(vm: VirtualMachine) -> np.ndarray:
     return vm.memory.array.reshape(vm.memory.num_pages, PAGE_SIZE)
 
@@ -108,7 +113,7 @@ class VmSource:
         zero = ~words[idx[:, None], _PROBE].any(axis=1)
         cand = idx[zero]
         if len(cand):
-            if cand[-1] - cand[0] == len(cand) - 1:  # one run: checked in place
+            if _one_run(cand):  # checked in place
                 zero[zero] = ~words[cand[0] : cand[-1] + 1].any(axis=1)
             else:
                 zero[zero] = ~words[cand].any(axis=1)
@@ -117,7 +122,7 @@ class VmSource:
     def read_pages(self, page_numbers: np.ndarray) -> bytes | memoryview:
         idx = np.asarray(page_numbers, dtype=np.int64)
         mem = self.vm.memory
-        if len(idx) and idx[-1] - idx[0] == len(idx) - 1:
+        if _one_run(idx):
             return mem.read(int(idx[0]) << PAGE_SHIFT, len(idx) << PAGE_SHIFT)
         return _pages_view(self.vm)[idx].tobytes()
 
@@ -228,7 +233,7 @@ class VmDestination:
     def write_pages(self, page_numbers: np.ndarray, data: bytes | memoryview) -> None:
         idx = np.asarray(page_numbers, dtype=np.int64)
         mem = self.vm.memory
-        if len(idx) and idx[-1] - idx[0] == len(idx) - 1:
+        if _one_run(idx):
             mem.write(int(idx[0]) << PAGE_SHIFT, data, self._writer)
             return
         src = np.frombuffer(data, dtype=np.uint8).reshape(len(idx), PAGE_SIZE)
