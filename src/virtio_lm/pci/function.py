@@ -179,18 +179,10 @@ class VirtioPciFunction:
         self.on_interrupt: Callable[[int], None] = _no_interrupt
         # register state
         self.status = 0
-        self.driver_features = 0
-        self.negotiated = 0
-        self.device_feature_select = 0
-        self.driver_feature_select = 0
-        self.queue_select = 0
-        self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
-        self.queue_msix_vectors = [VIRTIO_MSI_NO_VECTOR] * len(self.queues)
         self.config_generation = 0
         self._isr = 0
+        self._clear_registers()
         # diagnostics
-        self.features_refusal: str | None = None  # why the last FEATURES_OK did not stick
-        self.needs_reset_reason: str | None = None
         self.notifies_ignored = 0
         self.interrupt_counts: dict[int, int] = {}
         self.reset_count = 0
@@ -428,6 +420,11 @@ class VirtioPciFunction:
         with self._irq_lock:
             self.status = 0
             self._isr = 0
+        self._clear_registers()
+        self.reset_count += 1
+
+    def _clear_registers(self) -> None:
+        """The registers and diagnostics a reset clears (status and ISR aside)."""
         self.driver_features = 0
         self.negotiated = 0
         self.device_feature_select = 0
@@ -435,9 +432,8 @@ class VirtioPciFunction:
         self.queue_select = 0
         self.config_msix_vector = VIRTIO_MSI_NO_VECTOR
         self.queue_msix_vectors = [VIRTIO_MSI_NO_VECTOR] * len(self.queues)
-        self.features_refusal = None
-        self.needs_reset_reason = None
-        self.reset_count += 1
+        self.features_refusal: str | None = None  # why the last FEATURES_OK did not stick
+        self.needs_reset_reason: str | None = None
 
     def reset(self) -> None:
         """Device reset, as a write of 0 to device_status."""
