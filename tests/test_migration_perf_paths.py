@@ -141,6 +141,7 @@ def _policy(limit_ms: int, fixed: float) -> Policy:
     p.fixed_cost_s = fixed
     p.begin(0.0)
     p.record_sent(10_000_000)
+    p.record_delivered(1.0, 10_000_000, 1.0)
     return p
 
 

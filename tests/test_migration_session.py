@@ -727,10 +727,12 @@ def test_policy_switches_when_pending_fits():
     p = Policy(MigrationParams(downtime_limit_ms=100), 4096, 4104)
     p.begin(0.0)
     p.record_sent(10_000_000)
+    p.record_delivered(1.0, 10_000_000, 1.0)
     r = p.end_round(1.0, 2000)  # 10 MB/s: 100 ms = 1 MB = ~243 pages
     assert r.decision is Decision.CONTINUE and r.bandwidth == 10_000_000
     assert math.isclose(r.expected_downtime_s, 2000 * 4104 / 1e7)
     p.record_sent(10_000_000)
+    p.record_delivered(2.0, 10_000_000, 1.0)
     r = p.end_round(2.0, 243)
     assert r.decision is Decision.SWITCH
 
@@ -741,6 +743,7 @@ def test_policy_auto_converge_steps_like_qemu():
     seen = []
     for i in range(1, 30):
         p.record_sent(1_000_000)
+        p.record_delivered(float(i), 1_000_000, 1.0)
         r = p.end_round(float(i), 1000)  # dirtied 4 MB > 50 % of 1 MB sent
         if r.decision is Decision.THROTTLE:
             seen.append(r.throttle)
@@ -753,6 +756,7 @@ def test_policy_gives_up_at_max_rounds():
     decisions = []
     for i in range(1, 4):
         p.record_sent(1_000_000)
+        p.record_delivered(float(i), 1_000_000, 1.0)
         decisions.append(p.end_round(float(i), 1000).decision)
     assert decisions == [Decision.CONTINUE, Decision.CONTINUE, Decision.GIVE_UP]
 
@@ -762,6 +766,7 @@ def test_policy_low_dirty_rate_does_not_throttle():
     p.begin(0.0)
     for i in range(1, 10):
         p.record_sent(10_000_000)
+        p.record_delivered(float(i), 10_000_000, 1.0)
         assert p.end_round(float(i), 100).decision is Decision.CONTINUE  # 0.4 MB dirtied < 5 MB
     assert p.throttle == 0
 

@@ -225,6 +225,28 @@ class Memory:
         words = self._ro[first_page << PAGE_SHIFT : (first_page + count) << PAGE_SHIFT].view(np.uint64)
         return ~words.reshape(count, PAGE_SIZE // 8).any(axis=1)
 
+    def populated_pages(self) -> np.ndarray:
+        """Boolean array over all pages: False where the page is certainly zero because
+        its backing has no data there (a hole of an fd-backed memory: a fresh memfd
+        is all holes), True where it may hold data.  Found with ``SEEK_DATA`` /
+        ``SEEK_HOLE``, without touching a page; anonymous memory: all True."""
+        out = np.ones(self.num_pages, dtype=bool)
+        if self.fd is None:
+            return out
+        out[:] = False
+        pos = 0
+        while pos < self.size:
+            try:
+                start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            if start >= self.size:
+                break
+            end = min(os.lseek(self.fd, start, os.SEEK_HOLE), self.size)
+            out[start >> PAGE_SHIFT : (end + PAGE_SIZE - 1) >> PAGE_SHIFT] = True
+            pos = end
+        return out
+
     def page(self, page: int) -> np.ndarray:
         """Read-only view of one page."""
         self.check(page << PAGE_SHIFT, PAGE_SIZE)

@@ -6,9 +6,18 @@ found) and asks it what to do next.
 
 Rules (QEMU's where QEMU has one):
 
-* **bandwidth** -- bytes the transport reported sent during the last round,
-  divided by the round's duration (a round shorter than ``min_period_s`` keeps
-  the previous estimate; before any estimate: unknown, treated as infinite).
+* **bandwidth** -- bytes the *destination* confirmed it received and applied
+  (its ACK of each round's ROUND record carries its stream offset), divided by
+  the time from the round's first section to that ACK
+  (:class:`BandwidthEstimator`).  Bytes still in socket buffers count for
+  nothing: a round ends only when its ACK arrives, so at every decision the
+  backlog is empty and the final send starts on an idle link.  Rounds too
+  small to time (an empty round is one ROUND record and one round trip) are
+  pooled until they reach ``min_sample_bytes``; the estimate is the pooled
+  rate of the samples in the last ``window_s`` seconds, so it follows a link
+  that slows down (contention) within a few rounds.  Before any sample:
+  unknown, treated as infinite.  A file stream has no ACKs: its bytes count
+  when written.
 * **dirty rate** -- pages found dirty at a round's end / the round's duration.
 * **expected downtime** -- ``fixed_cost_s`` + pending bytes / bandwidth.  The
   fixed cost is what a switch-over costs whatever the pages: pausing the
@@ -35,9 +44,10 @@ from __future__ import annotations
 
 import enum
 import math
+from collections import deque
 from dataclasses import dataclass
 
-__all__ = ["Decision", "MigrationParams", "Policy", "RoundReport", "TokenBucket"]
+__all__ = ["BandwidthEstimator", "Decision", "MigrationParams", "Policy", "RoundReport", "TokenBucket"]
 
 
 @dataclass
@@ -55,7 +65,8 @@ class MigrationParams:
     max_rounds: int = 100
     max_time_s: float | None = None
     burst_s: float = 0.05
-    min_period_s: float = 0.0005
+    min_sample_bytes: int = 256 * 1024  # bandwidth samples smaller than this are pooled
+    window_s: float = 0.3  # bandwidth: samples of the last window_s seconds
 
     def check(self) -> None:
         if self.downtime_limit_ms < 0 or self.max_bandwidth < 0:
@@ -125,6 +136,36 @@ class TokenBucket:
         return 0.0 if need < 1.0 else need / self.rate
 
 
+class BandwidthEstimator:
+    """Delivered bytes over time -> bytes/s (see the module docstring)."""
+
+    def __init__(self, min_sample_bytes: int = 256 * 1024, window_s: float = 0.3) -> None:
+        self.min_sample_bytes = min_sample_bytes
+        self.window_s = window_s
+        self.samples: deque[tuple[float, int, float]] = deque()  # (end time, bytes, seconds)
+        self._pool = [0, 0.0]
+
+    def add(self, now: float, nbytes: int, seconds: float) -> None:
+        """``nbytes`` were delivered in ``seconds`` ending at ``now``."""
+        if nbytes < 0 or not seconds >= 0:
+            raise ValueError(f"a bandwidth sample needs nbytes >= 0 and seconds >= 0, got {nbytes}, {seconds}")
+        self._pool[0] += nbytes
+        self._pool[1] += seconds
+        if self._pool[0] >= self.min_sample_bytes and self._pool[1] > 0:
+            self.samples.append((now, self._pool[0], self._pool[1]))
+            self._pool = [0, 0.0]
+            while len(self.samples) > 1 and self.samples[0][0] < now - self.window_s:
+                self.samples.popleft()
+
+    @property
+    def value(self) -> float:
+        """bytes/s; before the first whole sample, the pool's rate; ``inf`` before any byte."""
+        if not self.samples:
+            b, sec = self._pool
+            return b / sec if b > 0 and sec > 0 else math.inf
+        return sum(b for _, b, _ in self.samples) / sum(s for _, _, s in self.samples)
+
+
 class Policy:
     """Estimators and the switch-over / throttle / give-up decision."""
 
@@ -140,6 +181,7 @@ class Policy:
         self.high_rounds = 0
         self._round_start: float | None = None
         self._round_sent = 0
+        self.estimator = BandwidthEstimator(params.min_sample_bytes, params.window_s)
         self.started: float | None = None
         self.fixed_cost_s = 0.0  # switch-over cost independent of the pages (see the module docstring)
 
@@ -150,7 +192,13 @@ class Policy:
         self._round_sent = 0
 
     def record_sent(self, nbytes: int) -> None:
+        """Bytes handed to the transport (auto-converge compares the dirtied bytes with them)."""
         self._round_sent += nbytes
+
+    def record_delivered(self, now: float, nbytes: int, seconds: float) -> None:
+        """The destination confirmed ``nbytes`` more, delivered in ``seconds`` ending at ``now``."""
+        self.estimator.add(now, nbytes, seconds)
+        self.bandwidth = self.estimator.value
 
     def expected_downtime(self, pending_pages: int) -> float:
         pending = pending_pages * self.page_cost
@@ -175,8 +223,6 @@ class Policy:
         assert self._round_start is not None and self.started is not None, "begin() first"
         elapsed = now - self._round_start
         sent = self._round_sent
-        if elapsed >= self.params.min_period_s and sent > 0:
-            self.bandwidth = sent / elapsed
         if elapsed > 0:
             self.dirty_rate = dirty_pages / elapsed
         self.rounds += 1

@@ -230,6 +230,7 @@ class SourceAction(enum.Enum):
     IGNORE = "ignore"  # a late input after the end
     BEGIN = "begin"  # HELLO, start_tracking
     PRECOPY = "precopy"  # round 0 begins
+    ROUND_ACKED = "round-acked"  # the destination confirmed a round: collect dirty pages, decide
     SWITCH_OVER = "switch-over"  # pause, quiesce, final dirty, freeze+save, stop tracking, cpu state
     COMMIT = "commit"  # send COMMIT: the point of no return
     FINISH = "finish"  # release()
@@ -256,7 +257,8 @@ def _build_source_table() -> dict[tuple[SourcePhase, SourceInput], Step | None]:
             t[p, i] = Step(_S.FAILED, _SA.ROLLBACK)
         t[p, _SI.CANCEL] = Step(_S.CANCELLED, _SA.CANCEL)
     t[_S.SETUP, _SI.CONFIG_ACK] = Step(_S.PRECOPY, _SA.PRECOPY)
-    for p in (_S.PRECOPY, _S.SWITCHOVER, _S.WAIT_READY, _S.COMMITTED):
+    t[_S.PRECOPY, _SI.ROUND_ACK] = Step(_S.PRECOPY, _SA.ROUND_ACKED)
+    for p in (_S.SWITCHOVER, _S.WAIT_READY, _S.COMMITTED):
         t[p, _SI.ROUND_ACK] = Step(p, _SA.NONE)
     t[_S.PRECOPY, _SI.CONVERGED] = Step(_S.SWITCHOVER, _SA.SWITCH_OVER)
     t[_S.PRECOPY, _SI.GIVE_UP] = Step(_S.FAILED, _SA.ROLLBACK)
@@ -356,6 +358,10 @@ class SourceSession:
         self._images: list[tuple[int, bytes]] = []
         self._cpu = b""
         self._complete_at: int | None = None  # stream offset after COMPLETE
+        self._await_ack: int | None = None  # sequence number of the ROUND record whose ACK ends the round
+        self._acked = False  # that ACK came: decide at the next produce()
+        self._ack: Ack | None = None  # the latest ACK
+        self._acked_bytes = 0  # the destination's stream offset in its latest ACK
         # statistics
         self.t_start: float | None = None
         self.t_setup_done: float | None = None
@@ -370,6 +376,7 @@ class SourceSession:
         self.throttle = 0
         self.dest_bytes_received = 0
         self._pps = 0.0
+        self.collect_s = 0.0  # how long the latest dirty collection took (the final one costs about as much)
         self._t: dict[str, float] = {}
         self.downtime_phases: dict[str, float] = {}
         self.dest_restore_us: int | None = None
@@ -396,7 +403,14 @@ class SourceSession:
             return True
         if self._peer_dead:
             return False
-        return self.phase is SourcePhase.PRECOPY or (self.phase is SourcePhase.SWITCHOVER and self._complete_at is None)
+        return self._producing
+
+    @property
+    def _producing(self) -> bool:
+        """The current round has sections left to produce (not waiting for its ACK)."""
+        if self.phase is SourcePhase.PRECOPY:
+            return self._await_ack is None
+        return self.phase is SourcePhase.SWITCHOVER and self._complete_at is None
 
     @property
     def has_queued(self) -> bool:
@@ -409,6 +423,8 @@ class SourceSession:
         """What the session waits for from the destination (None: nothing)."""
         if self.to_file:
             return None
+        if self.phase is SourcePhase.PRECOPY and self._await_ack is not None:
+            return "round-ack"
         return {
             SourcePhase.SETUP: "config-ack",
             SourcePhase.WAIT_READY: "ready",
@@ -494,9 +510,7 @@ class SourceSession:
                 continue
             if n >= limit or self.finished or self._peer_dead:
                 break
-            if self.phase is SourcePhase.PRECOPY or (
-                self.phase is SourcePhase.SWITCHOVER and self._complete_at is None
-            ):
+            if self._producing:
                 try:
                     self._step(limit - n)
                 except Exception as exc:  # the endpoint failed: roll back
@@ -518,6 +532,10 @@ class SourceSession:
 
     def _step(self, room: int) -> None:
         """One piece of the current round: a window's zero check, or one RAM section."""
+        if self._acked:
+            self._acked = False
+            self._decide()
+            return
         flags = SectionFlags.FINAL if self._final else SectionFlags.NONE
         if self._nz_pos < len(self._nz):
             k = min(self.batch_pages, len(self._nz) - self._nz_pos, max(1, room // self._page_cost()))
@@ -567,9 +585,35 @@ class SourceSession:
         self._emit(rec, flags)
 
     def _end_round(self) -> None:
+        """The round's pages are out: its ROUND record follows.  Over a socket the round
+        ends when the destination ACKs that record (:meth:`_round_acked`); a file has
+        no ACKs, so its bytes count as delivered when written."""
         assert self.policy is not None
         self._round_record(SectionFlags.NONE)
+        if not self.to_file:
+            self._await_ack = self._enc.seq - 1
+            return
+        now = self.clock()
+        self.policy.record_delivered(now, self._round_stats[2], now - self._round_start)
+        self._decide()
+
+    def _round_acked(self) -> None:
+        ack = self._ack
+        assert ack is not None and self.policy is not None
+        if self._await_ack is None or ack.acked_seq < self._await_ack:
+            return  # an older record's ACK (not sent by this destination, but harmless)
+        now = self.clock()
+        self.policy.record_delivered(now, max(0, ack.bytes_received - self._acked_bytes), now - self._round_start)
+        self._acked_bytes = ack.bytes_received
+        self._await_ack = None
+        self._acked = True  # produce() decides next (not from inside this table step)
+
+    def _decide(self) -> None:
+        """Collect the dirty pages, ask the policy, and switch over, give up or go on."""
+        assert self.policy is not None
+        t0 = self.clock()
         dirty = np.asarray(self.ep.collect_dirty(), dtype=bool)
+        self.collect_s = self.clock() - t0
         self.dirty_sync_count += 1
         pages = np.flatnonzero(dirty).astype(np.uint64)
         now = self.clock()
@@ -631,7 +675,12 @@ class SourceSession:
                 )
                 return
             self.dest_bytes_received = max(self.dest_bytes_received, body.bytes_received)
-            self._input(SourceInput.CONFIG_ACK if body.acked_seq == 0 else SourceInput.ROUND_ACK)
+            self._ack = body
+            if body.acked_seq == 0:
+                self._acked_bytes = body.bytes_received
+                self._input(SourceInput.CONFIG_ACK)
+            else:
+                self._input(SourceInput.ROUND_ACK)
         elif isinstance(body, Ready):
             self.dest_restore_us = body.restore_us
             self._input(SourceInput.READY)
@@ -712,6 +761,9 @@ class SourceSession:
             self.policy.begin(now)
             self._begin_round(np.arange(self.config.num_pages, dtype=np.uint64))
             return
+        if action is SourceAction.ROUND_ACKED:
+            self._round_acked()
+            return
         if action is SourceAction.SWITCH_OVER:
             self._switch_over()
             return
@@ -779,6 +831,8 @@ class SourceSession:
         except Exception as e:
             self.rollback_error = e
         self._final = False
+        self._await_ack = None
+        self._acked = False
         self._set_vm("running")
 
     def _downtime(self) -> None:
