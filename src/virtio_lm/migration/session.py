@@ -653,12 +653,6 @@ class SourceSession:
     def _end_final(self) -> None:
         assert self.config is not None
         self._round_record(SectionFlags.FINAL)
-        types = {vf.index: vf.device_id for vf in self.config.vfs}
-        for idx, image in self._images:
-            if idx not in types:
-                raise MigrationError(f"freeze_and_save_vfs returned an image for VF {idx}, not in the configuration")
-            self._emit(Device(idx, types[idx], bytes(image)))
-        self._emit(CpuState(bytes(self._cpu)))
         t = self._t
         fixed_us = int((t["send"] - t["pause"]) * 1e6) if "send" in t and "pause" in t and not self.to_file else 0
         self._emit(self._enc.complete(fixed_us))
@@ -810,6 +804,15 @@ class SourceSession:
         ep.stop_tracking()
         self._cpu = bytes(ep.cpu_state())
         t["send"] = self.clock()
+        # the VF images and the CPU state go first: the destination restores them while
+        # the final pages are still on their way (two processes, two cores)
+        assert self.config is not None
+        types = {vf.index: vf.device_id for vf in self.config.vfs}
+        for idx, image in self._images:
+            if idx not in types:
+                raise MigrationError(f"freeze_and_save_vfs returned an image for VF {idx}, not in the configuration")
+            self._emit(Device(idx, types[idx], image))
+        self._emit(CpuState(self._cpu))
         pages = np.union1d(self._pending, np.flatnonzero(final).astype(np.uint64)).astype(np.uint64)
         self._final = True
         self._begin_round(pages)
@@ -1001,6 +1004,7 @@ class DestSession:
         self._t_final: float | None = None  # arrival of the first FINAL section
         self._source_fixed_s: float | None = None  # the source's switch-over time before its final send (COMPLETE)
         self._t_ready: float | None = None
+        self._t_complete: float | None = None  # arrival of COMPLETE
         self.switchover_cost: float | None = None  # as seen from here (see SwitchoverHistory)
         self.clock = clock
         self.from_file = from_file
@@ -1125,6 +1129,7 @@ class DestSession:
             else:
                 self._input(DestInput.HELLO_BAD, ConfigMismatchError(reason))
         elif isinstance(body, CompleteRecord):
+            self._t_complete = self.clock()
             self._source_fixed_s = body.source_fixed_us / 1e6 if body.source_fixed_us else None
             self._input(DestInput.COMPLETE)
         elif isinstance(body, Commit):
@@ -1208,7 +1213,7 @@ class DestSession:
                 if src_part is None:
                     src_part = self._t_final - self._t_precopy  # type: ignore[operator]
                 self.switchover_cost = (
-                    src_part + self.restore_us / 1e6
+                    src_part + (self._t_ready - self._t_complete)  # type: ignore[operator]
                     + (t0 - self._t_ready) + self.start_us / 1e6  # type: ignore[operator]
                 )
                 if self.history is not None and self.config is not None:
@@ -1262,6 +1267,8 @@ class DestSession:
             if rx.cpu is not None:
                 raise UnexpectedSectionError("a second CPU_STATE", section="CPU_STATE", offset=sec.offset)
             rx.cpu = body.data
+            if set(rx.images) == {vf.index for vf in self.config.vfs}:  # type: ignore[union-attr]
+                self._restore_devices()  # while the final pages still arrive
         else:  # pragma: no cover - _on_section routes only data here
             raise AssertionError(body)
 
@@ -1282,13 +1289,25 @@ class DestSession:
             )
         if rx.cpu is None:
             raise UnexpectedSectionError("COMPLETE without CPU_STATE", section="COMPLETE", offset=sec.offset)
+        if not self._restored:  # a stream with its images after the pages
+            self._restore_devices()
+            t0 = self.clock()
+        self.restore_us += int((self.clock() - t0) * 1e6)
+        self._send(Ready(self.restore_us))
+        self._t_ready = self.clock()
+
+    _restored = False
+
+    def _restore_devices(self) -> None:
+        rx = self._rx
+        assert rx is not None and rx.cpu is not None
+        t0 = self.clock()
         self._restoring = True
         self.ep.restore_vfs([(i, rx.images[i]) for i in sorted(rx.images)])
         self.ep.set_cpu_state(rx.cpu)
         self._restoring = False
-        self.restore_us = int((self.clock() - t0) * 1e6)
-        self._send(Ready(self.restore_us))
-        self._t_ready = self.clock()
+        self._restored = True
+        self.restore_us += int((self.clock() - t0) * 1e6)
 
     def info(self) -> dict:
         now = self.clock()
