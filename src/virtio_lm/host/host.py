@@ -47,6 +47,7 @@ from virtio_lm.devices.blk import BlkDevice
 from virtio_lm.devices.net import NetDevice
 from virtio_lm.drivers.pf_driver import PfDriver
 from virtio_lm.errors import QmpError, VirtioLmError
+from virtio_lm.host.calibrate import ScratchPair
 from virtio_lm.host.endpoints import VmDestination, VmSource
 from virtio_lm.host.qmp import CommandTable, QmpServer
 from virtio_lm.memory import Memory
@@ -82,6 +83,7 @@ class HostConfig:
     switch: tuple[str, int] | None = None
     incoming: bool = False
     total_vfs: int = 16
+    calibrate: bool = True  # time a scratch switch-over on spare VFs at start-up (host/calibrate.py)
 
 
 @dataclass
@@ -171,6 +173,23 @@ class Host:
             plan += [(vm, kind) for kind in spec.vf_kinds]
         if len(plan) > config.total_vfs:
             raise ValueError(f"{len(plan)} VFs needed, the PF has {config.total_vfs}")
+        # spare VFs, when the PF has room: one scratch pair per kind of VM, to calibrate the
+        # switch-over's fixed cost before the first migration (host/calibrate.py)
+        self._scratch: list[ScratchPair] = []
+        scratch_vfs: set[int] = set()
+        if config.calibrate:
+            kinds_seen: set[tuple[str, ...]] = set()
+            for spec in config.vms:
+                kinds = tuple(spec.vf_kinds)
+                if not kinds or kinds in kinds_seen or len(plan) + 2 * len(kinds) > config.total_vfs:
+                    continue
+                kinds_seen.add(kinds)
+                pair = ScratchPair(spec)
+                self._scratch.append(pair)
+                for vm in (pair.src, pair.dst):
+                    for kind in kinds:
+                        plan.append((vm, kind))
+                        scratch_vfs.add(len(plan))
 
         def factory(number: int) -> tuple[Any, Any]:
             vm, kind = plan[number - 1]
@@ -179,7 +198,7 @@ class Host:
                 assert vm.spec.blk_image is not None
                 return BlkDevice(vm.spec.blk_image, num_queues=2), port
             backend = None
-            if config.switch:  # a switch on another machine needs a port reachable from it
+            if config.switch and number not in scratch_vfs:  # a switch on another machine needs a port reachable from it
                 bind = "127.0.0.1" if config.switch[0].startswith("127.") or config.switch[0] == "localhost" else "0.0.0.0"
                 backend = UdpSwitchPort(config.switch, name=f"{vm.spec.name}.net", host=bind)
             assert vm.spec.net_mac is not None
@@ -188,6 +207,17 @@ class Host:
         fns = self.pf_driver.enable_vfs(len(plan), factory)
         for number, ((vm, kind), fn) in enumerate(zip(plan, fns), start=1):
             vm.attach(kind, number, fn)
+        self.calibrations = []
+        for pair in self._scratch:
+            try:
+                cal = pair.run(self.pf_driver)
+            except Exception:  # noqa: BLE001 - without a calibration the history starts empty
+                log.exception("switch-over calibration failed")
+                continue
+            self.calibrations.append(cal)
+            SWITCHOVER_HISTORY.calibrate(cal.config, cal.seconds)
+            log.info("switch-over calibrated: %.2f ms %s", cal.seconds * 1000,
+                     {k: round(v * 1000, 3) for k, v in cal.phases.items()})
         self.table = CommandTable()
         self._register()
         self.server = QmpServer(self.table, config.qmp)
@@ -284,7 +314,7 @@ class Host:
 
     def _on_event(self, slot: Slot, ev: Any) -> None:
         if isinstance(ev, MigrationEvent):
-            self.server.emit_event("MIGRATION", {"status": ev.status})
+            self.server.emit_event("MIGRATION", {"status": ev.status, **ev.data})
         elif isinstance(ev, PassEvent):
             self.server.emit_event("MIGRATION_PASS", {"pass": ev.pass_})
         elif isinstance(ev, VmStateEvent):

@@ -119,10 +119,12 @@ Clock = Callable[[], float]
 # ====================================================================== events
 @dataclass(frozen=True)
 class MigrationEvent:
-    """QMP MIGRATION: the status changed."""
+    """QMP MIGRATION: the status changed.  ``completed`` with a downtime over the limit
+    carries ``downtime-overrun`` (ms) and ``downtime-overrun-phase`` in ``data``."""
 
     status: str
     time: float
+    data: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -175,13 +177,24 @@ class SwitchoverHistory:
     def __init__(self, weight: float = 0.5) -> None:
         self.weight = weight  # of a new measurement against what was known
         self._costs: dict[tuple, float] = {}
+        self._calibrated: dict[tuple, float] = {}  # start-up calibrations (host/calibrate.py)
 
     @staticmethod
     def key(cfg: StreamConfig) -> tuple:
         return (cfg.workload, tuple(sorted((vf.index, vf.device_id) for vf in cfg.vfs)))
 
     def get(self, cfg: StreamConfig) -> float | None:
+        """What earlier migrations measured (the whole fixed cost), if any."""
         return self._costs.get(self.key(cfg))
+
+    def calibrated(self, cfg: StreamConfig) -> float | None:
+        """The start-up calibration: the switch-over without the pages, the network and the
+        final dirty collection (the session adds those, measured live)."""
+        return self._calibrated.get(self.key(cfg))
+
+    def calibrate(self, cfg: StreamConfig, seconds: float) -> None:
+        if math.isfinite(seconds) and seconds >= 0:
+            self._calibrated[self.key(cfg)] = seconds
 
     def record(self, cfg: StreamConfig, seconds: float) -> None:
         if not (math.isfinite(seconds) and seconds >= 0):
@@ -355,6 +368,7 @@ class SourceSession:
         self._pending = np.zeros(0, dtype=np.uint64)
         self._round_start = 0.0
         self._round_stats = [0, 0, 0]  # normal, zero, bytes
+        self._scan_s = 0.0  # time the round spent checking pages for zero
         self._images: list[tuple[int, bytes]] = []
         self._cpu = b""
         self._complete_at: int | None = None  # stream offset after COMPLETE
@@ -377,11 +391,18 @@ class SourceSession:
         self.dest_bytes_received = 0
         self._pps = 0.0
         self.collect_s = 0.0  # how long the latest dirty collection took (the final one costs about as much)
+        self.rtt_s: float | None = None  # shortest ROUND record -> ACK seen (an upper bound of the round trip)
+        self._ack_wait_from: float | None = None  # when the awaited ROUND record left
+        self._await_offset = 0  # stream offset just past that record
+        self._calibrated_s: float | None = None  # the host's start-up calibration (no learned cost yet)
+        self.fixed_cost_source = "none"  # where the fixed cost estimate came from: none | calibrated | learned
         self._t: dict[str, float] = {}
         self.downtime_phases: dict[str, float] = {}
         self.dest_restore_us: int | None = None
         self.dest_start_us: int | None = None
         self.downtime: float | None = None
+        self.downtime_overrun = 0.0  # seconds over downtime-limit (0: within)
+        self.downtime_overrun_phase: str | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -462,6 +483,8 @@ class SourceSession:
         self.sent += nbytes
         if self.policy is not None:
             self.policy.record_sent(nbytes)
+        if self._await_ack is not None and self._ack_wait_from is None and self.sent >= self._await_offset:
+            self._ack_wait_from = self.clock()
         if (
             self._complete_at is not None
             and self.sent >= self._complete_at
@@ -549,7 +572,9 @@ class SourceSession:
         if self._cursor < len(self._round_pages):
             window = self._round_pages[self._cursor : self._cursor + self.WINDOW_PAGES]
             self._cursor += len(window)
+            t0 = self.clock()
             zm = np.asarray(self.ep.zero_mask(window), dtype=bool)
+            self._scan_s += self.clock() - t0
             zeros = window[zm]
             if len(zeros):
                 runs = zero_runs(zeros)
@@ -572,6 +597,7 @@ class SourceSession:
         self._nz_pos = 0
         self._round_stats = [0, 0, 0]
         self._round_start = self.clock()
+        self._scan_s = 0.0
 
     def _round_record(self, flags: SectionFlags) -> None:
         elapsed = self.clock() - self._round_start
@@ -592,9 +618,11 @@ class SourceSession:
         self._round_record(SectionFlags.NONE)
         if not self.to_file:
             self._await_ack = self._enc.seq - 1
+            self._await_offset = self._enc.offset
+            self._ack_wait_from = None
             return
         now = self.clock()
-        self.policy.record_delivered(now, self._round_stats[2], now - self._round_start)
+        self.policy.record_delivered(now, self._round_stats[2], max(now - self._round_start - self._scan_s, 1e-6))
         self._decide()
 
     def _round_acked(self) -> None:
@@ -603,7 +631,12 @@ class SourceSession:
         if self._await_ack is None or ack.acked_seq < self._await_ack:
             return  # an older record's ACK (not sent by this destination, but harmless)
         now = self.clock()
-        self.policy.record_delivered(now, max(0, ack.bytes_received - self._acked_bytes), now - self._round_start)
+        if self._ack_wait_from is not None:
+            rtt = now - self._ack_wait_from
+            self.rtt_s = rtt if self.rtt_s is None else min(self.rtt_s, rtt)
+        # the zero check's time is not the link's: a final send is pages with data
+        seconds = max(now - self._round_start - self._scan_s, 1e-6)
+        self.policy.record_delivered(now, max(0, ack.bytes_received - self._acked_bytes), seconds)
         self._acked_bytes = ack.bytes_received
         self._await_ack = None
         self._acked = True  # produce() decides next (not from inside this table step)
@@ -614,6 +647,12 @@ class SourceSession:
         t0 = self.clock()
         dirty = np.asarray(self.ep.collect_dirty(), dtype=bool)
         self.collect_s = self.clock() - t0
+        if self._calibrated_s is not None:
+            # calibrated at start-up without the network and the final collection: add them as
+            # measured now (READY -> COMMIT -> RUNNING is two round trips, the final data's last
+            # bytes one more half)
+            self.fixed_cost_estimate = self._calibrated_s + self.collect_s + 2.5 * (self.rtt_s or 0.0)
+            self.policy.fixed_cost_s = self.fixed_cost_estimate
         self.dirty_sync_count += 1
         pages = np.flatnonzero(dirty).astype(np.uint64)
         now = self.clock()
@@ -629,8 +668,8 @@ class SourceSession:
             self._input(
                 SourceInput.GIVE_UP,
                 NotConvergingError(
-                    f"the switch-over's fixed cost, {self.policy.fixed_cost_s * 1000:.1f} ms as measured by earlier "
-                    f"migrations, exceeds downtime-limit {self.params.downtime_limit_ms} ms"
+                    f"the switch-over's fixed cost, {self.policy.fixed_cost_s * 1000:.1f} ms ({self.fixed_cost_source}), "
+                    f"exceeds downtime-limit {self.params.downtime_limit_ms} ms"
                 ),
             )
             return
@@ -723,7 +762,11 @@ class SourceSession:
         if phase in _SOURCE_TERMINAL and self.t_end is None:
             self.t_end = now
         if self.status != old_status:
-            self._events.append(MigrationEvent(self.status, now))
+            data = {}
+            if self.status == "completed" and self.downtime_overrun:
+                data = {"downtime-overrun": round(self.downtime_overrun * 1000, 3),
+                        "downtime-overrun-phase": self.downtime_overrun_phase}
+            self._events.append(MigrationEvent(self.status, now, data))
 
     def _set_vm(self, state: str) -> None:
         if state != self.vm_state:
@@ -743,6 +786,13 @@ class SourceSession:
             self.policy = Policy(self.params, cfg.page_size, self._page_cost())
             if self.history is not None:
                 self.fixed_cost_estimate = self.history.get(cfg)
+                if self.fixed_cost_estimate is not None:
+                    self.fixed_cost_source = "learned"
+                else:
+                    self._calibrated_s = self.history.calibrated(cfg)
+                    if self._calibrated_s is not None:
+                        self.fixed_cost_estimate = self._calibrated_s
+                        self.fixed_cost_source = "calibrated"
                 if self.fixed_cost_estimate is not None:
                     self.policy.fixed_cost_s = self.fixed_cost_estimate
             self._emit(Hello(cfg))
@@ -857,6 +907,30 @@ class SourceSession:
             d["run"] = t["running"] - t["ready"] - d["commit"]
         self.downtime_phases = d
         self.downtime = end - t["pause"]
+        self._overrun()
+
+    def _overrun(self) -> None:
+        """By how much the downtime exceeded downtime-limit, and the phase to blame: the
+        final send when it took longer over its estimate (pending bytes / bandwidth) than
+        the rest took over the fixed-cost estimate, else the longest of the other phases."""
+        assert self.downtime is not None
+        limit = self.params.downtime_limit_ms / 1000.0
+        self.downtime_overrun = max(0.0, self.downtime - limit)
+        if not self.downtime_overrun:
+            self.downtime_overrun_phase = None
+            return
+        d = self.downtime_phases
+        fixed_expected = self.policy.fixed_cost_s if self.policy else 0.0
+        send_expected = 0.0
+        if self.last_report is not None and math.isfinite(self.last_report.expected_downtime_s):
+            send_expected = max(0.0, self.last_report.expected_downtime_s - fixed_expected)
+        send_excess = d.get("send", 0.0) - send_expected
+        fixed_excess = (self.downtime - d.get("send", 0.0)) - fixed_expected
+        others = {k: v for k, v in d.items() if k != "send"}
+        if send_excess >= fixed_excess or not others:
+            self.downtime_overrun_phase = "send"
+        else:
+            self.downtime_overrun_phase = max(others, key=others.__getitem__)
 
     # ------------------------------------------------------------------ query-migrate
     def info(self) -> dict:
@@ -896,9 +970,14 @@ class SourceSession:
         )
         if self.fixed_cost_estimate is not None:
             out["x-switchover-cost-estimate"] = round(self.fixed_cost_estimate * 1000, 3)
+            out["x-switchover-cost-source"] = self.fixed_cost_source
         if self.downtime is not None:
             out["downtime"] = int(self.downtime * 1000)
             out["downtime-phases"] = {k: round(v * 1000, 3) for k, v in self.downtime_phases.items()}
+            out["downtime-limit"] = self.params.downtime_limit_ms
+            out["downtime-overrun"] = round(self.downtime_overrun * 1000, 3)
+            if self.downtime_overrun_phase is not None:
+                out["downtime-overrun-phase"] = self.downtime_overrun_phase
         if self.error is not None:
             out["error-desc"] = str(self.error)
         return out
