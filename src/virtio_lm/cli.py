@@ -40,6 +40,27 @@ def main(verbose: int) -> None:
 
 
 # ---------------------------------------------------------------------------- host
+def parse_rate(text: str | float) -> float:
+    """A dirty rate in MB/s: a number (0 = no dirtying) or ``max`` (as fast as the vCPU can)."""
+    if isinstance(text, str) and text.strip().lower() == "max":
+        return float("inf")
+    rate = float(text)
+    if not rate >= 0 or rate == float("inf"):
+        raise ValueError(f"a dirty rate is a number >= 0 or 'max', got {text!r}")
+    return rate
+
+
+def _rate_option(value: str) -> float:
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def format_rate(rate: float) -> str:
+    return "max" if rate == float("inf") else repr(float(rate))
+
+
 def parse_vm_spec(text: str) -> "VmSpec":
     """``name=vm0,memory=256,blk=PATH,blocks=512,mac=52:54:00:12:34:56,peer=...,dirty-rate=32,...``"""
     from virtio_lm.vm.machine import VmSpec
@@ -54,8 +75,10 @@ def parse_vm_spec(text: str) -> "VmSpec":
         "mac": ("net_mac", str),
         "peer": ("peer_mac", str),
         "net-rate": ("net_rate", float),
-        "dirty-rate": ("dirty_rate_mbps", float),
+        "dirty-rate": ("dirty_rate_mbps", parse_rate),
         "seed": ("seed", int),
+        "sweep": ("sweep_mib", int),
+        "fill": ("fill_mib", int),
     }
     kw: dict = {}
     for part in filter(None, text.split(",")):
@@ -201,7 +224,10 @@ def migrate(source: str, dest: str, uri: str | None, vm: str | None, downtime_li
 @main.command()
 @click.option("--memory-mib", default=256, show_default=True, help="Guest memory of the VM.")
 @click.option("--mode", default="pull-bitmap", type=click.Choice(["push-bitmap", "push-bytemap", "pull-bitmap", "pull-bytemap"]), show_default=True, help="Dirty page tracking mode of the VFs.")
-@click.option("--dirty-rate-mbps", default=32.0, show_default=True, help="MB/s of pages the vCPU dirties.")
+@click.option("--dirty-rate-mbps", default="32", show_default=True, callback=lambda c, p, v: _rate_option(v),
+              help="MB/s of pages the vCPU dirties: 0 = none, 'max' = as fast as it can.")
+@click.option("--fill-mib", default=0, show_default=True, help="MiB of random non-zero pages the guest writes at boot.")
+@click.option("--sweep-mib", default=None, type=int, help="MiB the vCPU sweeps (default: the rest of memory).")
 @click.option("--downtime-limit-ms", default=300, show_default=True)
 @click.option("--max-bandwidth", default=0, show_default=True, help="Bytes/s for the migration, 0 = unlimited.")
 @click.option("--seed", default=1, show_default=True)

@@ -42,7 +42,9 @@ WINDOW_SLACK = 0.5  # seconds of loss tolerated around the switch-over window (a
 class DemoOptions:
     memory_mib: int = 256
     mode: str = "pull-bitmap"
-    dirty_rate_mbps: float = 32.0
+    dirty_rate_mbps: float = 32.0  # 0 = none, inf = as fast as it can
+    fill_mib: int = 0
+    sweep_mib: int | None = None
     downtime_limit_ms: int = 300
     max_bandwidth: int = 0
     seed: int = 1
@@ -52,6 +54,18 @@ class DemoOptions:
     json_path: str | None = None
     keep: bool = False
     quiet: bool = False
+
+
+def vm_spec_text(memory_mib: int, image: Path | str, dirty_rate_mbps: float, seed: int, *, fill_mib: int = 0,
+                 sweep_mib: int | None = None, extra: str = "") -> str:
+    """The ``--vm`` argument of the demo's VM (blk + net VFs, the demo's MACs)."""
+    from virtio_lm.cli import format_rate
+
+    text = (f"name=vm0,memory={memory_mib},blk={image},blocks={BLOCKS},mac={VM_MAC},peer={PEER_MAC},"
+            f"dirty-rate={format_rate(dirty_rate_mbps)},seed={seed},fill={fill_mib}")
+    if sweep_mib is not None:
+        text += f",sweep={sweep_mib}"
+    return text + (f",{extra}" if extra else "")
 
 
 def _cli(*args: str) -> list[str]:
@@ -155,10 +169,8 @@ def run_demo(opts: DemoOptions) -> int:
     try:
         net = start_network(work, procs)
         image, switch_addr, pr, peer_report = net.image, net.switch, net.peer, net.peer_report
-        vm = (
-            f"name=vm0,memory={opts.memory_mib},blk={image},blocks={BLOCKS},mac={VM_MAC},peer={PEER_MAC},"
-            f"dirty-rate={opts.dirty_rate_mbps},seed={opts.seed}"
-        )
+        vm = vm_spec_text(opts.memory_mib, image, opts.dirty_rate_mbps, opts.seed, fill_mib=opts.fill_mib,
+                          sweep_mib=opts.sweep_mib)
         src = ChildProcess("source", _cli("host", "--name", "source", "--qmp", f"unix:{work}/source.qmp", "--vm", vm, "--switch", switch_addr), work)
         procs.append(src)
         dst = ChildProcess(

@@ -39,7 +39,8 @@ __all__ = ["Calibration", "ScratchPair", "scratch_specs"]
 def scratch_specs(spec: VmSpec, image: str) -> tuple[VmSpec, VmSpec]:
     """The scratch source and shell for VMs like ``spec`` (same VF kinds and queues)."""
     base = replace(
-        spec, memory_mib=MIN_MEMORY_MIB, blk_image=image if spec.blk_image else None, dirty_rate_mbps=1.0, extra={}
+        spec, memory_mib=MIN_MEMORY_MIB, blk_image=image if spec.blk_image else None, dirty_rate_mbps=1.0,
+        sweep_mib=None, fill_mib=0, extra={},
     )
     return replace(base, name=f"calib-{spec.name}-src"), replace(base, name=f"calib-{spec.name}-dst")
 

@@ -9,7 +9,10 @@ Guest-physical memory map (``memory_mib`` >= 32)::
     0x0060_0000  4 MiB     blk driver: rings, request headers
     0x00A0_0000  2 MiB     net driver: rings
     0x00C0_0000  4 MiB     net driver: frame buffers
-    0x0100_0000  ...       vCPU sweep region, to the end of memory
+    0x0100_0000  ...       vCPU sweep region (``sweep_mib``; by default to the end of memory
+                           less the fill), then the random fill (``fill_mib``): pages of
+                           seeded random non-zero bytes the guest writes at boot and
+                           checks in :meth:`VirtualMachine.verify`
 
 A VM's VFs are functions of a PF on its host (the host creates them and
 gives their ports onto this memory); the VM only drives them through their
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from virtio_lm.drivers.blk_driver import BlkDriver
 from virtio_lm.drivers.net_driver import NetDriver
@@ -60,8 +65,10 @@ class VmSpec:
     net_mac: str | None = None
     peer_mac: str = "52:54:00:00:00:fe"
     net_rate: float = 200.0
-    dirty_rate_mbps: float = 32.0  # MB/s of pages the vCPU dirties (0 = as fast as it can)
+    dirty_rate_mbps: float = 32.0  # MB/s of pages the vCPU dirties (0 = none, inf = as fast as it can)
     seed: int = 1
+    sweep_mib: int | None = None  # the vCPU's sweep region (None: the rest of memory after the fill)
+    fill_mib: int = 0  # MiB of random non-zero pages written at boot, after the sweep region
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +76,24 @@ class VmSpec:
             raise ValueError(f"a VM needs at least {MIN_MEMORY_MIB} MiB of memory")
         if not 1 <= self.blk_blocks <= MAX_BLOCKS:
             raise ValueError(f"blk_blocks must be in 1..{MAX_BLOCKS}")
+        if not self.dirty_rate_mbps >= 0:
+            raise ValueError("dirty_rate_mbps must be >= 0 (inf: as fast as it can)")
+        free = self.memory_mib - SWEEP_START // MIB
+        if self.fill_mib < 0 or (self.sweep_mib is not None and self.sweep_mib < 1):
+            raise ValueError("fill_mib must be >= 0 and sweep_mib >= 1")
+        if (self.sweep_mib or 1) + self.fill_mib > free:
+            raise ValueError(f"sweep ({self.sweep_mib or 1} MiB) + fill ({self.fill_mib} MiB) exceed the {free} MiB "
+                             f"after the guest's fixed areas")
+
+    @property
+    def sweep_bytes(self) -> int:
+        if self.sweep_mib is not None:
+            return self.sweep_mib * MIB
+        return (self.memory_mib - self.fill_mib) * MIB - SWEEP_START
+
+    @property
+    def fill_start(self) -> int:
+        return SWEEP_START + self.sweep_bytes
 
     @property
     def vf_kinds(self) -> list[str]:
@@ -93,7 +118,7 @@ class VirtualMachine:
         self.net: NetDriver | None = None
         self.blk_work: BlkWorkload | None = None
         self.net_work: NetWorkload | None = None
-        sweep_pages = (memory.size - SWEEP_START) // PAGE_SIZE
+        sweep_pages = spec.sweep_bytes // PAGE_SIZE
         self.vcpu = SweepVcpu(memory, SWEEP_START, sweep_pages, dirty_rate=spec.dirty_rate_mbps * 1e6)
         self.running = False
         self.booted = False
@@ -122,8 +147,28 @@ class VirtualMachine:
             self.vfs["net"].on_interrupt = self.net.on_interrupt
             self.net.bring_up()
             self.net_work = self._make_net_work(self.net)
+        self._write_fill()
         self.booted = True
         self.resume()
+
+    def _fill_block(self, index: int) -> np.ndarray:
+        """Fill MiB ``index``: seeded random bytes 1..255 (a fill page is never zero)."""
+        rng = np.random.default_rng([self.spec.seed, index])
+        return rng.integers(1, 256, MIB, dtype=np.uint8)
+
+    def _write_fill(self) -> None:
+        for i in range(self.spec.fill_mib):
+            self.memory.cpu.write(self.spec.fill_start + i * MIB, self._fill_block(i))
+
+    def _check_fill(self) -> list[str]:
+        bad = []
+        for i in range(self.spec.fill_mib):
+            addr = self.spec.fill_start + i * MIB
+            found = self.memory.array[addr : addr + MIB]
+            diff = np.flatnonzero(found != self._fill_block(i))
+            if len(diff):
+                bad.append(f"fill MiB {i}: {len(diff)} bytes differ, first at {addr + int(diff[0]):#x}")
+        return bad
 
     def _make_blk_work(self, drv: BlkDriver) -> BlkWorkload:
         s = self.spec
@@ -240,6 +285,7 @@ class VirtualMachine:
                 self.vcpu.verify()
             except VirtioLmError as exc:
                 mem_problems.append(str(exc))
+            mem_problems += self._check_fill()
             checks["memory"] = {
                 "passed": not mem_problems, "problems": mem_problems,
                 "pages": self.vcpu.region_pages, "sweeps": self.vcpu.sweeps,

@@ -61,7 +61,7 @@ class SweepVcpu(GuestThread):
         self.memory = memory
         self.region_start = region_start
         self.region_pages = region_pages
-        self.dirty_rate = dirty_rate  # bytes of pages dirtied per second; 0 = as fast as it can
+        self.dirty_rate = dirty_rate  # bytes of pages dirtied per second; 0 = none, inf = as fast as it can
         self.sweeps = 0
         self.position = 0
         self.throttle = 0
@@ -130,10 +130,15 @@ class SweepVcpu(GuestThread):
             self.throttle = percent
 
     def _tick(self) -> bool:
+        if self.dirty_rate == 0:  # an idle guest: no stores at all
+            return False
         self._last_n = self.step()
         return True
 
     def _pace(self, did: bool, busy: float) -> None:
+        if not did:
+            self._pausing.wait(0.01)
+            return
         # rate limit: n pages should take n*4096/rate seconds; throttle takes a share of the time
         target = (self._last_n * PAGE_SIZE / self.dirty_rate) if self.dirty_rate > 0 else 0.0
         thr = self.throttle
