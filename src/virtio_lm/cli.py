@@ -268,13 +268,50 @@ def analyze_stream(path: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("which", nargs=-1, type=click.Choice(["migration", "foundation", "pf", "devices", "all"]))
+@click.argument("which", nargs=-1, type=click.Choice(["migration", "downtime", "foundation", "pf", "devices", "all"]))
 @click.option("--quick", is_flag=True, help="Smaller sizes (a smoke run).")
-def bench(which: tuple[str, ...], quick: bool) -> None:
-    """Benchmarks: print figures and ratios against baselines measured in the same run."""
+@click.option("--runs", default=None, type=click.IntRange(1, 1000), help="downtime: runs per cell (default 10, quick 2).")
+@click.option("--limits", default=None, help="downtime: limits in ms, comma separated (default 30,100,300).")
+@click.option("--modes", default=None, help="downtime: tracking modes, comma separated (default all four).")
+@click.option("--rates", default=None, help="downtime: vCPU dirty rates in MB/s, comma separated (default 32,128).")
+@click.option("--label", default="", help="downtime: a label for the table and the file names (e.g. 'stress').")
+@click.option("--out", "out_dir", default="bench-out", show_default=True, type=click.Path(file_okay=False),
+              help="downtime: where the JSON and PNG go.")
+@click.option("--vs-qemu", is_flag=True, help="downtime: QEMU 7.2 (TCG) on the same work in the same run.")
+def bench(which: tuple[str, ...], quick: bool, runs: int | None, limits: str | None, modes: str | None,
+          rates: str | None, label: str, out_dir: str, vs_qemu: bool) -> None:
+    """Benchmarks: print figures and ratios against baselines measured in the same run.
+
+    `downtime` runs the downtime matrix (limits x tracking modes x dirty rates, every
+    run on a fresh pair of host processes) and writes OUT/downtime[-LABEL].json/.png."""
+    from pathlib import Path
+
     from virtio_lm.bench import run_benches
 
-    sys.exit(run_benches(which or ("migration",), quick=quick))
+    rc = 0
+    rest = tuple(w for w in which if w != "downtime")
+    if "downtime" in which:
+        from virtio_lm import bench_downtime as bd
+
+        m = bd.Matrix.quick() if quick else bd.Matrix()
+        if runs:
+            m.runs = runs
+        if limits:
+            m.limits = tuple(int(x) for x in limits.split(","))
+        if modes:
+            m.modes = tuple(x.strip() for x in modes.split(","))
+            for x in m.modes:
+                if x not in bd.MODES:
+                    raise click.BadParameter(f"{x!r} is not one of {', '.join(bd.MODES)}")
+        if rates:
+            m.rates = tuple(parse_rate(x) for x in rates.split(","))
+        m.label = label
+        bd.run(m, Path(out_dir))
+        if vs_qemu:
+            rc |= bd.run_vs_qemu(m, Path(out_dir))
+    if rest or not which:
+        rc |= run_benches(rest or ("migration",), quick=quick)
+    sys.exit(rc)
 
 
 @main.command("vhost-user-blk")
