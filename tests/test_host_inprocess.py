@@ -109,3 +109,26 @@ def test_refused_configuration_leaves_the_source_running(tmp_path, switch):
     finally:
         src.close()
         dst.close()
+
+
+@pytest.mark.parametrize("limit", [1, 300])
+def test_downtime_overrun_is_consistent_with_downtime_and_limit(tmp_path, switch, limit):
+    """limit 1 ms: whatever happens is over it (completed with an overrun, or a clean give-up);
+    300 ms: within.  No timing is asserted, only the accounting."""
+    src, dst = make_hosts(tmp_path, switch)
+    try:
+        time.sleep(0.3)
+        info = migrate(src, dst, **{"downtime-limit": limit})
+        if info["status"] != "completed":
+            assert limit == 1 and "fixed cost" in info["error-desc"], info
+            return
+        downtime = sum(info["downtime-phases"].values())
+        assert info["downtime-limit"] == limit
+        assert info["downtime-overrun"] == pytest.approx(max(0.0, downtime - limit), abs=0.01)
+        if info["downtime-overrun"] > 0:
+            assert info["downtime-overrun-phase"] in info["downtime-phases"]
+        else:
+            assert "downtime-overrun-phase" not in info
+    finally:
+        src.close()
+        dst.close()
