@@ -13,9 +13,11 @@ orders them), never by its VF number, which differs between hosts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -46,6 +48,21 @@ _PROBE = np.array([0, 1, 67, 200, 333, 450, 511])  # uint64 words of a page prob
 def _one_run(idx: np.ndarray) -> bool:
     """Whether sorted page numbers ``idx`` are one contiguous run (one slice serves them)."""
     return bool(len(idx)) and idx[-1] - idx[0] == len(idx) - 1
+
+
+class _Steps:
+    """Wall time of each switch-over step, in ms (query-migrate ``x-switchover-steps``)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1000, 3)
 
 
 def _pages_view(vm: VirtualMachine) -> np.ndarray:
@@ -80,6 +97,7 @@ class VmSource:
         #: (query-migrate ``x-device-dirty-pages``)
         self.device_dirty: dict[str, int] = {}
         self._kind_of = {vm.vf_numbers[k]: k for k in vm.spec.vf_kinds}
+        self.steps = _Steps()
 
     @property
     def num_pages(self) -> int:
@@ -129,13 +147,26 @@ class VmSource:
     def set_throttle(self, percent: int) -> None:
         self.vm.set_throttle(percent)
 
+    def prepare_switchover(self) -> None:
+        """Write the disk images back while the guest still runs (the host's own fd on the
+        shared storage; the device's FREEZE flush then has only the last writes left)."""
+        with self.steps("prepare-flush"):
+            for path in self.vm.disk_images():
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+
     def pause_vcpus(self) -> None:
-        self.vm.pause()
+        with self.steps("pause"):
+            self.vm.pause()
         self.in_flight = {"guest": self.vm.requests_in_flight()}
 
     def quiesce_vfs(self) -> None:
         for vf in self.vf_numbers:
-            self.pf.set_state(vf, VfState.QUIESCED)
+            with self.steps(f"quiesce-{self._kind_of[vf]}"):
+                self.pf.set_state(vf, VfState.QUIESCED)
         self.in_flight["vfs"] = {
             kind: int(getattr(self.vm.vfs[kind].device, "in_flight", 0)) for kind in self.vm.spec.vf_kinds
         }
@@ -143,8 +174,11 @@ class VmSource:
     def freeze_and_save_vfs(self) -> list[VfImage]:
         out = []
         for index, vf in enumerate(self.vf_numbers):
-            self.pf.set_state(vf, VfState.FREEZED)
-            out.append((index, self.pf.save_image(vf)))
+            kind = self._kind_of[vf]
+            with self.steps(f"freeze-{kind}"):
+                self.pf.set_state(vf, VfState.FREEZED)
+            with self.steps(f"save-{kind}"):
+                out.append((index, self.pf.save_image(vf)))
         return out
 
     def stop_tracking(self) -> None:
@@ -153,7 +187,8 @@ class VmSource:
         self.vm.memory.cpu.writer.log.stop()
 
     def cpu_state(self) -> bytes:
-        return self.vm.guest_state()
+        with self.steps("guest-state"):
+            return self.vm.guest_state()
 
     def rollback(self) -> None:
         """Whatever step failed, put every VF back to RUNNING and the VM back to running."""
@@ -202,6 +237,7 @@ class VmDestination:
         self.on_start = on_start
         self.restore_delay = restore_delay  # test knob (x-restore-delay-ms): hold the source in 'device'
         self.vf_numbers = [vm.vf_numbers[k] for k in vm.spec.vf_kinds]
+        self.steps = _Steps()
         self._writer = Writer(f"{vm.spec.name}.incoming")  # the hypervisor's writes: nobody tracks them
         # pages that may hold data (None: not looked yet).  A fresh memfd is all holes,
         # so ZERO runs write nothing there: touching fresh memory costs more than the
@@ -271,17 +307,22 @@ class VmDestination:
             time.sleep(self.restore_delay)
         for index, image in images:
             vf = self.vf_numbers[index]
-            self.pf.set_state(vf, VfState.FREEZED)
-            self.pf.restore_image(vf, image)
-            self.pf.set_state(vf, VfState.QUIESCED)  # validates and applies the image
+            kind = self.vm.spec.vf_kinds[index]
+            with self.steps(f"restore-{kind}"):
+                self.pf.set_state(vf, VfState.FREEZED)
+                self.pf.restore_image(vf, image)
+                self.pf.set_state(vf, VfState.QUIESCED)  # validates and applies the image
 
     def set_cpu_state(self, data: bytes) -> None:
-        self.vm.restore_guest_state(data)
+        with self.steps("guest-state"):
+            self.vm.restore_guest_state(data)
 
     def start(self) -> None:
-        for vf in self.vf_numbers:
-            self.pf.set_state(vf, VfState.RUNNING)
-        self.vm.resume()
+        with self.steps("run-vfs"):
+            for vf in self.vf_numbers:
+                self.pf.set_state(vf, VfState.RUNNING)
+        with self.steps("resume"):
+            self.vm.resume()
         if self.on_start is not None:
             self.on_start()
 

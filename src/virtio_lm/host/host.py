@@ -400,6 +400,9 @@ class Host:
         if slot.direction == "out" and isinstance(slot.endpoint, VmSource):
             info["x-tracking-mode"] = slot.endpoint.mode.cli_name if slot.endpoint.device_tracking else None
             info["x-device-dirty-pages"] = dict(slot.endpoint.device_dirty)
+        steps = getattr(slot.endpoint, "steps", None)
+        if steps is not None and steps.ms:
+            info["x-switchover-steps"] = dict(steps.ms)
         if slot.runner.crash is not None:
             info["status"] = "failed"
             info["error-desc"] = f"internal error: {slot.runner.crash!r}"

@@ -12,6 +12,8 @@ Source side, in the order a migration calls it::
     zero_mask / read_pages    pre-copy rounds (round 0: all pages)
     collect_dirty()           at the end of each round
     set_throttle(pct)         auto-converge (0 = off)
+    prepare_switchover()      the policy decided to switch over; the VM still runs: flush what can
+                              be flushed now (the disk image) so the downtime has less to do
     pause_vcpus()             switch-over begins: the downtime starts here
     quiesce_vfs()             SET_STATE QUIESCED for each VF: no more device DMA
     collect_dirty()           the final dirty reports
@@ -76,6 +78,11 @@ class SourceEndpoint(Protocol):
 
     def set_throttle(self, percent: int) -> None:
         """Throttle the vCPU workload to run ``100 - percent`` % of the time (0 = off)."""
+        ...
+
+    def prepare_switchover(self) -> None:
+        """Right before :meth:`pause_vcpus`, the VM still running: work that shortens the
+        switch-over (e.g. write back the disk image, so FREEZE's flush has little left)."""
         ...
 
     def pause_vcpus(self) -> None:

@@ -194,6 +194,9 @@ class MemoryVm(_Calls):
         self._call("set_throttle")
         self.throttle = percent
 
+    def prepare_switchover(self) -> None:
+        self._call("prepare_switchover")
+
     def pause_vcpus(self) -> None:
         self._call("pause_vcpus")
         self.paused = True

@@ -390,6 +390,7 @@ class SourceSession:
         self.throttle = 0
         self.dest_bytes_received = 0
         self._pps = 0.0
+        self.prepare_s = 0.0  # prepare_switchover's time (before the pause: not downtime)
         self.collect_s = 0.0  # how long the latest dirty collection took (the final one costs about as much)
         self.rtt_s: float | None = None  # shortest ROUND record -> ACK seen (an upper bound of the round trip)
         self._ack_wait_from: float | None = None  # when the awaited ROUND record left
@@ -661,6 +662,12 @@ class SourceSession:
         self._events.append(PassEvent(self.dirty_sync_count, report, now))
         self._round += 1
         if report.decision is Decision.SWITCH:
+            t0 = self.clock()
+            self.ep.prepare_switchover()
+            self.prepare_s = self.clock() - t0
+            if self.prepare_s > 0.001:  # pages dirtied meanwhile go too
+                pages = np.union1d(pages, np.flatnonzero(np.asarray(self.ep.collect_dirty(), dtype=bool)))
+                pages = pages.astype(np.uint64)
             self._pending = pages
             self._input(SourceInput.CONVERGED)
             return

@@ -55,6 +55,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from virtio_lm.drivers.blk_driver import BlkCompletion, BlkDriverState, _Req
 from virtio_lm.drivers.net_driver import NetDriverState
 from virtio_lm.errors import GuestStateError, WireError
@@ -134,6 +136,15 @@ def _int(v: Json, path: str, lo: int, hi: int) -> int:
     return v
 
 
+def _int_list(v: Json, path: str, lo: int, hi: int) -> list[int]:
+    """A list of integers in ``lo..hi``; the element's path is built only for the error."""
+    xs = _list(v, path)
+    for j, x in enumerate(xs):
+        if type(x) is not int or not lo <= x <= hi:
+            _int(x, f"{path}[{j}]", lo, hi)
+    return xs
+
+
 def _opt_int(v: Json, path: str, lo: int, hi: int) -> int | None:
     return None if v is None else _int(v, path, lo, hi)
 
@@ -206,6 +217,10 @@ def token_to_json(token: object, path: str = "token", depth: int = 1) -> Json:
 
 def token_from_json(v: Json, path: str = "token", depth: int = 1) -> object:
     """The inverse of :func:`token_to_json` (lists become tuples)."""
+    if type(v) is list and depth < MAX_TOKEN_DEPTH and len(v) <= MAX_TOKEN_ITEMS and all(
+        type(t) is int and TOKEN_INT_MIN <= t <= U64 for t in v
+    ):
+        return tuple(v)  # the common token: a flat tuple of integers
     if v is None or type(v) is bool:
         return v
     if type(v) is int:
@@ -376,11 +391,11 @@ def queue_from_json(v: Json, path: str = "queue", *, alloc: Allocator | None = N
             raise _fail(p, f"descriptor {desc} already in {owner[desc]}")
         owner[desc] = p
 
-    free = []
-    for i, x in enumerate(_list(d["free"], f"{path}.free")):
-        p = f"{path}.free[{i}]"
-        free.append(_int(x, p, 0, size - 1))
-        claim(free[-1], p)
+    free = list(_int_list(d["free"], f"{path}.free", 0, size - 1))
+    if len(set(free)) != len(free):
+        for i, x in enumerate(free):
+            claim(x, f"{path}.free[{i}]")
+    owner.update(dict.fromkeys(free, "free"))
     inflight: dict[int, _InFlight] = {}
     tables: set[int] = set()
     live = alloc._live if alloc is not None else None
@@ -388,13 +403,13 @@ def queue_from_json(v: Json, path: str = "queue", *, alloc: Allocator | None = N
         p = f"{path}.in_flight[{i}]"
         rec = _obj(item, p, _IF_KEYS)
         head = _int(rec["head"], f"{p}.head", 0, size - 1)
-        descs_raw = _list(rec["descs"], f"{p}.descs")
-        if not descs_raw:
+        descs = list(_int_list(rec["descs"], f"{p}.descs", 0, size - 1))
+        if not descs:
             raise _fail(f"{p}.descs", "a chain has at least one descriptor")
-        descs = []
-        for j, x in enumerate(descs_raw):
-            descs.append(_int(x, f"{p}.descs[{j}]", 0, size - 1))
-            claim(descs[-1], f"{p}.descs[{j}]")
+        for j, x in enumerate(descs):
+            if x in owner:
+                claim(x, f"{p}.descs[{j}]")  # raises, naming both places
+            owner[x] = p
         if descs[0] != head:
             raise _fail(f"{p}.head", f"head {head} is not the chain's first descriptor {descs[0]}")
         table = _opt_int(rec["table"], f"{p}.table", 0, U64)
@@ -811,6 +826,32 @@ def _depth(doc: Json) -> int:
     return deepest
 
 
+_OPEN = np.zeros(256, dtype=np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_OPEN[[ord("]"), ord("}")]] = -1
+
+
+def _text_depth(raw: bytes) -> int:
+    """Nesting depth of a *valid* JSON text, from its bytes (vectorized, no recursion):
+    brackets outside strings, where a string's quotes are those preceded by an even
+    number of backslashes."""
+    a = np.frombuffer(raw, dtype=np.uint8)
+    if not len(a):
+        return 0
+    idx = np.arange(len(a))
+    backslash = a == ord("\\")
+    last_plain = np.maximum.accumulate(np.where(backslash, -1, idx))  # last non-backslash at or before i
+    quote = a == ord('"')
+    q = np.flatnonzero(quote)
+    run_before = (q - 1) - np.where(q > 0, last_plain[np.maximum(q - 1, 0)], -1)  # backslashes right before
+    real = np.zeros(len(a), dtype=np.int64)
+    real[q[run_before % 2 == 0]] = 1
+    in_string = (np.cumsum(real) % 2).astype(bool)  # an opening quote and what follows it
+    step = _OPEN[a].astype(np.int64)
+    step[in_string] = 0
+    return int(np.cumsum(step).max(initial=0))
+
+
 def encode_guest_state(obj: Json, *, check_depth: bool = True) -> bytes:
     """Canonical bytes of a JSON document (object): sorted keys, compact, ASCII.
 
@@ -840,8 +881,9 @@ def decode_guest_state(data: bytes | bytearray | memoryview) -> dict[str, Json]:
         raise _fail(DOCUMENT, f"expected bytes, got {_kind(data)}")
     if len(data) > MAX_DOCUMENT_BYTES:
         raise _fail(DOCUMENT, f"{len(data)} bytes (at most {MAX_DOCUMENT_BYTES})")
+    raw = bytes(data)
     try:
-        text = bytes(data).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise _fail(DOCUMENT, f"not UTF-8 at byte {exc.start}") from exc
     try:
@@ -854,6 +896,6 @@ def decode_guest_state(data: bytes | bytearray | memoryview) -> dict[str, Json]:
         raise _fail(DOCUMENT, f"not JSON: {exc}") from exc
     if type(doc) is not dict:
         raise _fail(DOCUMENT, f"a guest state document is a JSON object, got {_kind(doc)}")
-    if _depth(doc) > MAX_NESTING:
+    if _text_depth(raw) > MAX_NESTING:
         raise _fail(DOCUMENT, f"nested deeper than {MAX_NESTING} levels")
     return doc

@@ -210,6 +210,10 @@ class VirtualMachine:
             if found:
                 self.arrival_problems.setdefault("blk", []).extend(f"on arrival: {p}" for p in found[:20])
 
+    def disk_images(self) -> list[str]:
+        """Paths of the disk images the VM's block VFs serve (shared storage)."""
+        return [self.spec.blk_image] if self.spec.blk_image and "blk" in self.vfs else []
+
     def set_throttle(self, percent: int) -> None:
         self.vcpu.set_throttle(min(max(percent, 0), 99))
 
@@ -264,9 +268,12 @@ class VirtualMachine:
             raise GuestStateError("guest", f"malformed software state: {exc!r}") from exc
         if net is not None:
             self.vfs["net"].on_interrupt = net.on_interrupt
-        self.vcpu.close()
+        for old in self._workers():
+            old.close()
         self.vcpu = vcpu
         self.blk, self.blk_work, self.net, self.net_work = blk, blk_work, net, net_work
+        for w in self._workers():
+            w.prepare()
         self.booted = True
         self._check_on_resume = True
 

@@ -47,12 +47,17 @@ class GuestThread:
     def running(self) -> bool:
         return self._run.is_set()
 
-    def start(self) -> None:
-        """Start, or resume after :meth:`pause`."""
+    def prepare(self) -> None:
+        """Create the thread, parked (a VM about to resume on a destination: its resume is
+        then a matter of setting an event, not of starting threads inside the downtime)."""
         if self._thread is None:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
+
+    def start(self) -> None:
+        """Start, or resume after :meth:`pause`."""
+        self.prepare()
         self._parked.clear()
         self._pausing.clear()
         self._run.set()
