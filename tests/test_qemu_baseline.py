@@ -1,0 +1,125 @@
+"""The QEMU downtime baseline (virtio_lm.qemu_baseline): one real QEMU 7.2 TCG migration, and
+the guest program's verifier with its negative control.
+
+The migration test is skipped (with the reason) only where QEMU, busybox-static, gcc or the
+Debian 6.1 kernel cannot be had.  The verifier tests run the very static binary the guest
+runs, natively on this host (they need only gcc).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from virtio_lm.qemu_baseline import QemuBaseline, QemuBaselineError, QemuUnavailable, build_dirtier
+
+
+@pytest.fixture(scope="module")
+def dirtier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dirtier") / "dirtier"
+    try:
+        build_dirtier(out)
+    except QemuUnavailable as exc:
+        pytest.skip(f"the guest program needs gcc with static libc: {exc}")
+    return out
+
+
+def _run_dirtier(binary: Path, *args: str, settle_s: float = 0.3, timeout: float = 20.0) -> tuple[int, str]:
+    """Start it, wait for DIRTIER_STEADY, let it sweep ``settle_s``, SIGUSR1, collect its output."""
+    p = subprocess.Popen([str(binary), *args], stdout=subprocess.PIPE)
+    try:
+        assert p.stdout is not None
+        out = b""
+        deadline = time.monotonic() + timeout
+        while b"DIRTIER_STEADY" not in out:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no DIRTIER_STEADY: {out!r}"
+            if select.select([p.stdout], [], [], left)[0]:
+                chunk = os.read(p.stdout.fileno(), 4096)
+                assert chunk, f"dirtier exited early: {out!r}"
+                out += chunk
+        time.sleep(settle_s)
+        p.send_signal(signal.SIGUSR1)
+        rest, _ = p.communicate(timeout=timeout)
+        return p.returncode, (out + rest).decode()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_dirtier_verifies_ok_when_nothing_is_lost(dirtier: Path) -> None:
+    rc, out = _run_dirtier(dirtier, "8", "8", "32")
+    assert rc == 0, out
+    m = re.search(r"^DIRTIER_OK .*sweeps=(\d+) position=(\d+) pages_written=(\d+)", out, re.M)
+    assert m, out
+    sweeps, position, written = map(int, m.groups())
+    assert written == sweeps * 2048 + position and written > 0
+
+
+def test_dirtier_negative_control_catches_a_lost_page(dirtier: Path) -> None:
+    """--selftest-corrupt takes one sweep page's latest increment back and flips a fill byte."""
+    rc, out = _run_dirtier(dirtier, "8", "8", "32", "--selftest-corrupt")
+    assert rc == 1, out
+    m = re.search(r"^DIRTIER_BAD bad_fill_pages=(\d+) bad_sweep_pages=(\d+)", out, re.M)
+    assert m and m.groups() == ("1", "1"), out
+    assert "fill page 1024 word 15" in out and "sweep page" in out
+
+
+def test_dirtier_negative_control_without_dirtying(dirtier: Path) -> None:
+    rc, out = _run_dirtier(dirtier, "0", "4", "0", "--selftest-corrupt", settle_s=0.0)
+    assert rc == 1 and "bad_sweep_pages=1" in out and "sweep page 1023: expected 0 found 255" in out, out
+
+
+@pytest.mark.qemu
+def test_qemu_migration_with_dirtier_completes_and_verifies(tmp_path: Path) -> None:
+    try:
+        qb = QemuBaseline(str(tmp_path)).__enter__()
+    except QemuUnavailable as exc:
+        pytest.skip(f"the QEMU baseline needs QEMU, busybox-static, gcc and the Debian 6.1 kernel: {exc}")
+    try:
+        r = qb.run(memory_mib=128, fill_mib=16, sweep_mib=16, dirty_rate_mbps=32,
+                   downtime_limit_ms=300, timeout_s=50)
+    finally:
+        qb.__exit__(None, None, None)
+    assert not list(tmp_path.iterdir())  # the temp dir is cleaned
+    assert r["status"] == "completed"
+    assert r["guest_verify"] == "ok"
+    assert r["downtime_ms"] > 0 and r["qemu_downtime_ms"] > 0
+    assert r["total_time_ms"] >= r["downtime_ms"]
+    assert r["total_time_ms"] >= r["setup_time_ms"] >= 0
+    assert r["transferred"] > 16 << 20
+    assert r["normal_pages"] >= (16 << 20) // 4096  # the random fill cannot go as zero pages
+    assert r["duplicate_pages"] > 0 and r["dirty_sync_count"] >= 2 and r["mbps"] > 0
+    assert r["throughput_MiBps"] == pytest.approx(r["transferred"] / 2**20 / (r["total_time_ms"] / 1000))
+    assert qb.last_guest["verdict"].startswith("DIRTIER_OK")
+    assert set(r) == {
+        "downtime_ms", "qemu_downtime_ms", "expected_downtime_ms", "total_time_ms", "setup_time_ms",
+        "transferred", "mbps", "throughput_MiBps", "normal_pages", "duplicate_pages", "dirty_sync_count",
+        "status", "guest_verify",
+    }  # fmt: skip
+
+
+@pytest.mark.qemu
+def test_qemu_failure_is_typed_with_the_console_tail(tmp_path: Path) -> None:
+    """A fill larger than the guest's RAM: QemuBaselineError with the guest's words, QEMUs gone."""
+    try:
+        qb = QemuBaseline(str(tmp_path)).__enter__()
+    except QemuUnavailable as exc:
+        pytest.skip(f"the QEMU baseline needs QEMU, busybox-static, gcc and the Debian 6.1 kernel: {exc}")
+    try:
+        with pytest.raises(QemuBaselineError) as info:
+            qb.run(memory_mib=128, fill_mib=200, sweep_mib=0, timeout_s=40)
+    finally:
+        qb.__exit__(None, None, None)
+    text = str(info.value)
+    assert "the dirtier failed: DIRTIER_BAD cannot map the fill region" in text
+    assert "--- source console tail:" in text and "BASELINE_READY" in text
+    assert not list(tmp_path.iterdir())
