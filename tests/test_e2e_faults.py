@@ -74,7 +74,7 @@ class Setup:
         self.src.events.clear()
         _, dst = self.destination()
         info = migrate(self.src, dst, {"max-bandwidth": 0})
-        assert info["status"] == "completed", info
+        assert info["status"] == "completed", (info.get("error-desc"), info)
         assert vm_status(self.src) == "postmigrate"
         res = finish_and_verify(self.src, dst, self.peer, after=0.3, first_stop=first_stop)
         assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]

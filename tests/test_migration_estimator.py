@@ -102,3 +102,14 @@ def test_history_calibration_is_separate_from_what_migrations_learned():
     assert h.get(_cfg()) == 0.02
     h.calibrate(_cfg(), float("nan"))  # ignored
     assert h.calibrated(_cfg()) == 0.012
+
+
+def test_history_ratio_scales_the_calibration_and_refuses_broken_samples():
+    h = SwitchoverHistory(weight=0.5)
+    assert h.ratio(_cfg()) is None
+    h.record_ratio(_cfg(), 2.0)
+    h.record_ratio(_cfg(), 1.0)
+    assert h.ratio(_cfg()) == pytest.approx(1.5)
+    h.record_ratio(_cfg(), 500.0)  # a sample no real switch-over gives: ignored
+    h.record_ratio(_cfg(), float("inf"))
+    assert h.ratio(_cfg()) == pytest.approx(1.5)

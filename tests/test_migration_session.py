@@ -218,7 +218,7 @@ def test_idle_vm_migrates_and_dest_memory_matches():
     order = [c for c in vm.calls if c not in ("read_pages", "collect_dirty", "config")]
     assert_completed(link)
     src = link.src
-    assert order == ["start_tracking", "prepare_switchover", "pause_vcpus", "quiesce_vfs", "freeze_and_save_vfs", "stop_tracking",
+    assert order == ["start_tracking", "calibrate_switchover", "prepare_switchover", "pause_vcpus", "quiesce_vfs", "freeze_and_save_vfs", "stop_tracking",
                      "cpu_state", "release"]
     assert link.shell.calls == ["check_config", "restore_vfs", "set_cpu_state", "start"]
     info = src.info()
@@ -352,7 +352,7 @@ def test_destination_refuses_a_state_image_and_source_rolls_back():
     second_migration_succeeds(vm)
 
 
-@pytest.mark.parametrize("method", ["start_tracking", "read_pages", "prepare_switchover", "pause_vcpus", "quiesce_vfs",
+@pytest.mark.parametrize("method", ["start_tracking", "calibrate_switchover", "read_pages", "prepare_switchover", "pause_vcpus", "quiesce_vfs",
                                     "collect_dirty", "freeze_and_save_vfs", "stop_tracking", "cpu_state"])
 def test_a_source_endpoint_failure_rolls_back(method):
     vm = MemoryVm(MEM, fill="half", dirty_rate=500)

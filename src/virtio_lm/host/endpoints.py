@@ -80,9 +80,11 @@ class VmSource:
         mode: TrackMode = TrackMode.PULL_BITMAP,
         device_tracking: bool = True,
         on_release: Callable[[], None] | None = None,
+        calibrator: Callable[[], object] | None = None,
     ) -> None:
         self.vm = vm
         self.pf = pf
+        self.calibrator = calibrator  # -> a host.calibrate.Calibration or None
         self.mode = TrackMode(mode)
         self.device_tracking = device_tracking
         self.on_release = on_release
@@ -146,6 +148,14 @@ class VmSource:
 
     def set_throttle(self, percent: int) -> None:
         self.vm.set_throttle(percent)
+
+    def calibrate_switchover(self) -> float | None:
+        """Time a scratch switch-over on the host's spare VFs now (host/calibrate.py)."""
+        if self.calibrator is None:
+            return None
+        with self.steps("calibration"):
+            cal = self.calibrator()
+        return getattr(cal, "seconds", None)
 
     def prepare_switchover(self) -> None:
         """Write the disk images back while the guest still runs (the host's own fd on the

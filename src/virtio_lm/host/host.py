@@ -47,7 +47,7 @@ from virtio_lm.devices.blk import BlkDevice
 from virtio_lm.devices.net import NetDevice
 from virtio_lm.drivers.pf_driver import PfDriver
 from virtio_lm.errors import QmpError, VirtioLmError
-from virtio_lm.host.calibrate import ScratchPair
+from virtio_lm.host.calibrate import Calibrator
 from virtio_lm.host.endpoints import VmDestination, VmSource
 from virtio_lm.host.qmp import CommandTable, QmpServer
 from virtio_lm.memory import Memory
@@ -173,20 +173,17 @@ class Host:
             plan += [(vm, kind) for kind in spec.vf_kinds]
         if len(plan) > config.total_vfs:
             raise ValueError(f"{len(plan)} VFs needed, the PF has {config.total_vfs}")
-        # spare VFs, when the PF has room: one scratch pair per kind of VM, to calibrate the
-        # switch-over's fixed cost before the first migration (host/calibrate.py)
-        self._scratch: list[ScratchPair] = []
+        # spare VFs, when the PF has room: two scratch VMs per kind of VM, to calibrate the
+        # switch-over's fixed cost before the first migration and at each one (host/calibrate.py)
+        self.calibrators: dict[tuple[str, ...], Calibrator] = {}
         scratch_vfs: set[int] = set()
         if config.calibrate:
-            kinds_seen: set[tuple[str, ...]] = set()
             for spec in config.vms:
                 kinds = tuple(spec.vf_kinds)
-                if not kinds or kinds in kinds_seen or len(plan) + 2 * len(kinds) > config.total_vfs:
+                if not kinds or kinds in self.calibrators or len(plan) + 2 * len(kinds) > config.total_vfs:
                     continue
-                kinds_seen.add(kinds)
-                pair = ScratchPair(spec)
-                self._scratch.append(pair)
-                for vm in (pair.src, pair.dst):
+                cal = self.calibrators[kinds] = Calibrator(spec)
+                for vm in cal.vms:
                     for kind in kinds:
                         plan.append((vm, kind))
                         scratch_vfs.add(len(plan))
@@ -207,17 +204,12 @@ class Host:
         fns = self.pf_driver.enable_vfs(len(plan), factory)
         for number, ((vm, kind), fn) in enumerate(zip(plan, fns), start=1):
             vm.attach(kind, number, fn)
-        self.calibrations = []
-        for pair in self._scratch:
-            try:
-                cal = pair.run(self.pf_driver)
-            except Exception:  # noqa: BLE001 - without a calibration the history starts empty
-                log.exception("switch-over calibration failed")
-                continue
-            self.calibrations.append(cal)
-            SWITCHOVER_HISTORY.calibrate(cal.config, cal.seconds)
-            log.info("switch-over calibrated: %.2f ms %s", cal.seconds * 1000,
-                     {k: round(v * 1000, 3) for k, v in cal.phases.items()})
+        for calibrator in self.calibrators.values():
+            best = calibrator.best_of(self.pf_driver, 3)
+            if best is not None:
+                SWITCHOVER_HISTORY.calibrate(best.config, best.seconds)
+                log.info("switch-over calibrated: %.2f ms %s", best.seconds * 1000,
+                         {k: round(v * 1000, 3) for k, v in best.phases.items()})
         self.table = CommandTable()
         self._register()
         self.server = QmpServer(self.table, config.qmp)
@@ -244,6 +236,8 @@ class Host:
                 slot.runner.cancel()
                 slot.runner.join(10)
             slot.vm.close()
+        for calibrator in self.calibrators.values():
+            calibrator.close()
         self.server.close()
         self.closed.set()
 
@@ -346,8 +340,10 @@ class Host:
             def released() -> None:
                 slot.status = "postmigrate"
 
+            calibrator = self.calibrators.get(tuple(slot.vm.spec.vf_kinds))
             endpoint = VmSource(
-                slot.vm, self.pf_driver, mode=mode, device_tracking=self.params.x_device_tracking, on_release=released
+                slot.vm, self.pf_driver, mode=mode, device_tracking=self.params.x_device_tracking, on_release=released,
+                calibrator=(lambda c=calibrator: c.measure(self.pf_driver)) if calibrator is not None else None,
             )
             session = SourceSession(
                 endpoint, params, clock=time.monotonic, to_file=uri.scheme == "file", history=SWITCHOVER_HISTORY

@@ -9,6 +9,7 @@ Source side, in the order a migration calls it::
 
     config()                  once, for HELLO
     start_tracking()          CPU dirty log on; START_DIRTY_PAGE_TRACK for each VF
+    calibrate_switchover()    time a scratch switch-over on spare VFs, under the load of the moment
     zero_mask / read_pages    pre-copy rounds (round 0: all pages)
     collect_dirty()           at the end of each round
     set_throttle(pct)         auto-converge (0 = off)
@@ -61,6 +62,11 @@ class SourceEndpoint(Protocol):
 
     def start_tracking(self) -> None:
         """Turn on the CPU dirty log and each VF's dirty page tracking."""
+        ...
+
+    def calibrate_switchover(self) -> float | None:
+        """Seconds a switch-over of this kind of VM takes now, pages, network and final dirty
+        collection left out (None: no way to tell).  Must not pause the VM."""
         ...
 
     def collect_dirty(self) -> np.ndarray:

@@ -194,6 +194,12 @@ class MemoryVm(_Calls):
         self._call("set_throttle")
         self.throttle = percent
 
+    calibration: float | None = None  # what calibrate_switchover answers
+
+    def calibrate_switchover(self) -> float | None:
+        self._call("calibrate_switchover")
+        return self.calibration
+
     def prepare_switchover(self) -> None:
         self._call("prepare_switchover")
 

@@ -163,45 +163,62 @@ class Step:
 
 # ====================================================================== learned switch-over cost
 class SwitchoverHistory:
-    """The fixed cost of a switch-over (everything but the final pages), as measured
-    by earlier migrations in this process, per kind of VM (workload and VF device types).
+    """What a host process knows of a switch-over's fixed cost (everything but the final
+    pages), per kind of VM (workload and VF device types):
 
-    A source learns it from its own downtime phases (downtime minus the final
-    send); a destination from what it saw: the silence between the last
-    pre-copy section and the first FINAL one (the source pausing, quiescing,
-    freezing and saving), its own restore, the COMMIT round trip and its start.
-    So a host that received a VM knows the cost before it migrates the VM on.
-    The policy adds it to the expected downtime (see :mod:`~virtio_lm.migration.policy`).
+    * **calibrated** -- the latest timed scratch switch-over on the host's spare VFs
+      (:mod:`virtio_lm.host.calibrate`: at start-up, then at the start of every
+      migration), which leaves out the network and the final dirty collection;
+    * **ratio** -- how completed migrations compared with the calibration taken at
+      their start: (their fixed cost less the final collection and 2.5 round trips) /
+      calibration, averaged; 1 until a migration completed;
+    * **learned** -- the whole fixed cost completed migrations measured, averaged.  A
+      source learns it from its downtime phases; a destination from what it saw (the
+      source's part as COMPLETE reports it, its own restore after COMPLETE, the
+      COMMIT round trip and its start), so a host that received a VM knows it too.
+
+    A source estimates ``calibrated x ratio + final collection + 2.5 round trips``
+    (the last two measured live), or ``learned`` when it has no calibration; the
+    policy adds that to the expected downtime (:mod:`~virtio_lm.migration.policy`).
     """
 
     def __init__(self, weight: float = 0.5) -> None:
         self.weight = weight  # of a new measurement against what was known
         self._costs: dict[tuple, float] = {}
-        self._calibrated: dict[tuple, float] = {}  # start-up calibrations (host/calibrate.py)
+        self._calibrated: dict[tuple, float] = {}
+        self._ratios: dict[tuple, float] = {}
 
     @staticmethod
     def key(cfg: StreamConfig) -> tuple:
         return (cfg.workload, tuple(sorted((vf.index, vf.device_id) for vf in cfg.vfs)))
 
+    def _blend(self, table: dict[tuple, float], cfg: StreamConfig, value: float) -> None:
+        if not (math.isfinite(value) and value >= 0):
+            return
+        k = self.key(cfg)
+        old = table.get(k)
+        table[k] = value if old is None else (1 - self.weight) * old + self.weight * value
+
     def get(self, cfg: StreamConfig) -> float | None:
-        """What earlier migrations measured (the whole fixed cost), if any."""
+        """The learned whole fixed cost, if a migration of this kind completed here."""
         return self._costs.get(self.key(cfg))
 
+    def record(self, cfg: StreamConfig, seconds: float) -> None:
+        self._blend(self._costs, cfg, seconds)
+
     def calibrated(self, cfg: StreamConfig) -> float | None:
-        """The start-up calibration: the switch-over without the pages, the network and the
-        final dirty collection (the session adds those, measured live)."""
         return self._calibrated.get(self.key(cfg))
 
     def calibrate(self, cfg: StreamConfig, seconds: float) -> None:
-        if math.isfinite(seconds) and seconds >= 0:
+        if math.isfinite(seconds) and seconds > 0:
             self._calibrated[self.key(cfg)] = seconds
 
-    def record(self, cfg: StreamConfig, seconds: float) -> None:
-        if not (math.isfinite(seconds) and seconds >= 0):
-            return
-        k = self.key(cfg)
-        old = self._costs.get(k)
-        self._costs[k] = seconds if old is None else (1 - self.weight) * old + self.weight * seconds
+    def ratio(self, cfg: StreamConfig) -> float | None:
+        return self._ratios.get(self.key(cfg))
+
+    def record_ratio(self, cfg: StreamConfig, ratio: float) -> None:
+        if math.isfinite(ratio) and 0.05 <= ratio <= 20:  # outside: a broken sample, not a trend
+            self._blend(self._ratios, cfg, ratio)
 
 
 SWITCHOVER_HISTORY = SwitchoverHistory()  # a host process's memory of its migrations
@@ -303,6 +320,8 @@ SOURCE_STATUS = {
     _S.LOST: "failed",
 }
 
+RECALIBRATE = 0.5  # a calibration at or above this share of downtime-limit is measured again at the start
+
 DOWNTIME_PHASES = ("pause", "quiesce", "final-dirty", "freeze-save", "send", "restore", "commit", "run")
 
 
@@ -395,8 +414,9 @@ class SourceSession:
         self.rtt_s: float | None = None  # shortest ROUND record -> ACK seen (an upper bound of the round trip)
         self._ack_wait_from: float | None = None  # when the awaited ROUND record left
         self._await_offset = 0  # stream offset just past that record
-        self._calibrated_s: float | None = None  # the host's start-up calibration (no learned cost yet)
-        self.fixed_cost_source = "none"  # where the fixed cost estimate came from: none | calibrated | learned
+        self._calibrated_s: float | None = None  # the latest calibration (at start-up, then at our start)
+        self.calibration_s = 0.0  # how long our own calibration took (part of setup)
+        self.fixed_cost_source = "none"  # none | calibrated | calibrated+learned | learned
         self._t: dict[str, float] = {}
         self.downtime_phases: dict[str, float] = {}
         self.dest_restore_us: int | None = None
@@ -626,6 +646,24 @@ class SourceSession:
         self.policy.record_delivered(now, self._round_stats[2], max(now - self._round_start - self._scan_s, 1e-6))
         self._decide()
 
+    def _refresh_fixed_cost(self) -> None:
+        """The fixed-cost estimate from what is known now (see :class:`SwitchoverHistory`)."""
+        assert self.policy is not None and self.config is not None
+        hist = self.history
+        if self._calibrated_s is not None:
+            # calibrated without the network and the final collection: add them as measured now
+            # (READY -> COMMIT -> RUNNING is two round trips, the final data's last bytes half one)
+            ratio = hist.ratio(self.config) if hist is not None else None
+            self.fixed_cost_source = "calibrated" if ratio is None else "calibrated+learned"
+            self.fixed_cost_estimate = (
+                self._calibrated_s * (ratio or 1.0) + self.collect_s + 2.5 * (self.rtt_s or 0.0)
+            )
+        elif hist is not None and hist.get(self.config) is not None:
+            self.fixed_cost_source = "learned"
+            self.fixed_cost_estimate = hist.get(self.config)
+        if self.fixed_cost_estimate is not None:
+            self.policy.fixed_cost_s = self.fixed_cost_estimate
+
     def _round_acked(self) -> None:
         ack = self._ack
         assert ack is not None and self.policy is not None
@@ -648,12 +686,7 @@ class SourceSession:
         t0 = self.clock()
         dirty = np.asarray(self.ep.collect_dirty(), dtype=bool)
         self.collect_s = self.clock() - t0
-        if self._calibrated_s is not None:
-            # calibrated at start-up without the network and the final collection: add them as
-            # measured now (READY -> COMMIT -> RUNNING is two round trips, the final data's last
-            # bytes one more half)
-            self.fixed_cost_estimate = self._calibrated_s + self.collect_s + 2.5 * (self.rtt_s or 0.0)
-            self.policy.fixed_cost_s = self.fixed_cost_estimate
+        self._refresh_fixed_cost()
         self.dirty_sync_count += 1
         pages = np.flatnonzero(dirty).astype(np.uint64)
         now = self.clock()
@@ -792,21 +825,27 @@ class SourceSession:
             self.config = cfg
             self.policy = Policy(self.params, cfg.page_size, self._page_cost())
             if self.history is not None:
-                self.fixed_cost_estimate = self.history.get(cfg)
-                if self.fixed_cost_estimate is not None:
-                    self.fixed_cost_source = "learned"
-                else:
-                    self._calibrated_s = self.history.calibrated(cfg)
-                    if self._calibrated_s is not None:
-                        self.fixed_cost_estimate = self._calibrated_s
-                        self.fixed_cost_source = "calibrated"
-                if self.fixed_cost_estimate is not None:
-                    self.policy.fixed_cost_s = self.fixed_cost_estimate
+                self._calibrated_s = self.history.calibrated(cfg)
+            self._refresh_fixed_cost()
             self._emit(Hello(cfg))
             ep.start_tracking()
             return
         if action is SourceAction.PRECOPY:
             assert self.config is not None and self.policy is not None
+            limit = self.params.downtime_limit_ms / 1000.0
+            if not self.to_file and (self._calibrated_s is None or self._calibrated_s >= RECALIBRATE * limit):
+                # no calibration, or one that leaves the pages little room: measure again now
+                # (a start-up calibration may have met a passing load); the smaller one counts
+                # (now, the VM's own threads compete with the scratch switch-over; they are
+                # paused during the real one)
+                t0 = self.clock()
+                live = ep.calibrate_switchover()
+                self.calibration_s = self.clock() - t0
+                if live is not None and math.isfinite(live) and live > 0:
+                    self._calibrated_s = live if self._calibrated_s is None else min(live, self._calibrated_s)
+                    if self.history is not None:
+                        self.history.calibrate(self.config, self._calibrated_s)
+                self._refresh_fixed_cost()
             now = self.clock()
             self.t_setup_done = now
             self.policy.begin(now)
@@ -827,7 +866,11 @@ class SourceSession:
             self._t["running"] = self.clock()
             self._downtime()
             if self.history is not None and self.config is not None and self.downtime is not None:
-                self.history.record(self.config, self.downtime - self.downtime_phases.get("send", 0.0))
+                d = self.downtime_phases
+                self.history.record(self.config, self.downtime - d.get("send", 0.0))
+                if self._calibrated_s is not None:
+                    core = self.downtime - d.get("send", 0.0) - d.get("final-dirty", 0.0) - 2.5 * (self.rtt_s or 0.0)
+                    self.history.record_ratio(self.config, core / self._calibrated_s)
             try:
                 ep.release()
             except Exception as e:  # the destination runs: completed regardless, but say so
