@@ -922,3 +922,45 @@ def test_errors_are_virtio_lm_errors() -> None:
     e = GuestStateError("blk.queues.0.free[3]", "descriptor 3 twice")
     assert isinstance(e, VirtioLmError)
     assert str(e) == "guest state blk.queues.0.free[3]: descriptor 3 twice"
+
+
+# ------------------------------------------------------------------ the bulk path for in-flight chains
+def _rx_queue(n: int = 8) -> dict[str, Any]:
+    return {
+        "size": n, "desc_addr": 0x10000, "avail_addr": 0x11000, "used_addr": 0x12000, "event_idx": False,
+        "free": [], "in_flight": [{"head": i, "descs": [i], "table": None, "token": ["rx", 0x20000 + 1536 * i]}
+                                  for i in range(n)],
+        "avail_idx": n, "pending": 0, "kick_old": n, "last_used_idx": 0, "interrupts": True,
+    }
+
+
+def test_bulk_and_checked_in_flight_paths_agree():
+    from virtio_lm.vm import guest_state as gs
+
+    doc = _rx_queue()
+    fast = queue_from_json(copy.deepcopy(doc))
+    owner: dict[int, str] = {}
+    checked = gs._inflight_checked(copy.deepcopy(doc)["in_flight"], 8, owner, "q", None)
+    assert {h: (r.token, r.descs, r.table) for h, r in fast._inflight.items()} == {
+        h: (r.token, r.descs, r.table) for h, r in checked.items()
+    }
+    assert gs._inflight_fast(doc["in_flight"], 8, {}) is not None
+
+
+@pytest.mark.parametrize("mutate, where", [
+    (lambda d: d["in_flight"][3].update(descs=[2]), "in_flight[3]"),  # descriptor 2 twice
+    (lambda d: d["in_flight"][1].pop("table"), "in_flight[1].table"),  # a key missing
+    (lambda d: d["in_flight"][1].update(extra=1), "in_flight[1].extra"),  # a key too many
+    (lambda d: d["in_flight"][5].update(token=["rx", "x" * 65]), "in_flight[5].token"),  # string too long
+    (lambda d: d["in_flight"][6].update(descs=[6, 8]), "in_flight[6].descs[1]"),  # out of range
+    (lambda d: d["in_flight"][0].update(head=True), "in_flight[0].head"),  # a bool is not an index
+])
+def test_bulk_path_refuses_what_the_checked_path_names(mutate, where):
+    from virtio_lm.vm import guest_state as gs
+
+    doc = _rx_queue()
+    mutate(doc)
+    assert gs._inflight_fast(doc["in_flight"], 8, {}) is None
+    with pytest.raises(GuestStateError) as exc:
+        queue_from_json(doc, "q")
+    assert where in str(exc.value)

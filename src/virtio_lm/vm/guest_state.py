@@ -215,12 +215,18 @@ def token_to_json(token: object, path: str = "token", depth: int = 1) -> Json:
     raise _fail(path, f"a token of type {_kind(token)} cannot migrate (None, bool, int, str or tuple)")
 
 
+def _flat_token_item(t: Json) -> bool:
+    """An integer or string a token may hold (what token_from_json accepts at a leaf)."""
+    tt = type(t)
+    return (tt is int and TOKEN_INT_MIN <= t <= U64) or (tt is str and len(t) <= MAX_TOKEN_STR)
+
+
 def token_from_json(v: Json, path: str = "token", depth: int = 1) -> object:
     """The inverse of :func:`token_to_json` (lists become tuples)."""
     if type(v) is list and depth < MAX_TOKEN_DEPTH and len(v) <= MAX_TOKEN_ITEMS and all(
-        type(t) is int and TOKEN_INT_MIN <= t <= U64 for t in v
+        _flat_token_item(t) for t in v
     ):
-        return tuple(v)  # the common token: a flat tuple of integers
+        return tuple(v)  # the common token: a flat tuple of integers and short strings
     if v is None or type(v) is bool:
         return v
     if type(v) is int:
@@ -320,6 +326,7 @@ _DQ_KEYS = (
     "avail_idx", "pending", "kick_old", "last_used_idx", "interrupts",
 )
 _IF_KEYS = ("head", "descs", "table", "token")
+_IF_KEYSET = frozenset(_IF_KEYS)
 
 
 def queue_to_json(dq: DriverQueue | dict[str, Any], path: str = "queue", *, validate: bool = True) -> dict[str, Json]:
@@ -336,7 +343,11 @@ def queue_to_json(dq: DriverQueue | dict[str, Any], path: str = "queue", *, vali
                 "head": head,
                 "descs": list(rec.descs),
                 "table": rec.table,
-                "token": token_to_json(rec.token, f"{path}.in_flight[{i}].token"),
+                "token": (
+                    list(rec.token) if type(rec.token) is tuple and len(rec.token) <= MAX_TOKEN_ITEMS
+                    and all(_flat_token_item(t) for t in rec.token)
+                    else token_to_json(rec.token, f"{path}.in_flight[{i}].token")
+                ),
             }
             for i, (head, rec) in enumerate(attrs["_inflight"].items())
         ]
@@ -359,6 +370,77 @@ def queue_to_json(dq: DriverQueue | dict[str, Any], path: str = "queue", *, vali
     if validate:
         queue_from_json(out, path)
     return out
+
+
+def _inflight_fast(items: list[Json], size: int, owner: dict[int, str]) -> dict[int, _InFlight] | None:
+    """The common in-flight list -- direct chains (no indirect table) of distinct in-range
+    descriptors with flat integer tokens -- checked in bulk; None for anything else (then
+    :func:`_inflight_checked` goes through it element by element and names the culprit).
+    Adds the chains' descriptors to ``owner`` only when it accepts."""
+    out: dict[int, _InFlight] = {}
+    seen: list[int] = []
+    hi = size - 1
+    for item in items:
+        if type(item) is not dict or item.keys() != _IF_KEYSET or item["table"] is not None:
+            return None
+        head, descs, token = item.get("head"), item.get("descs"), item.get("token")
+        if type(descs) is not list or not descs or descs[0] != head or type(head) is not int:
+            return None
+        if not all(type(x) is int and 0 <= x <= hi for x in descs):
+            return None
+        if type(token) is list:
+            if len(token) > MAX_TOKEN_ITEMS or not all(_flat_token_item(t) for t in token):
+                return None
+            token = tuple(token)
+        elif not (token is None or type(token) is bool or (type(token) is int and TOKEN_INT_MIN <= token <= U64)):
+            return None
+        seen.extend(descs)
+        out[head] = _InFlight(token, list(descs), None)
+    if len(set(seen)) != len(seen) or not owner.keys().isdisjoint(seen) or len(out) != len(items):
+        return None
+    owner.update(dict.fromkeys(seen, "in flight"))
+    return out
+
+
+def _inflight_checked(
+    items: list[Json], size: int, owner: dict[int, str], path: str, alloc: Allocator | None
+) -> dict[int, _InFlight]:
+    inflight: dict[int, _InFlight] = {}
+    tables: set[int] = set()
+    live = alloc._live if alloc is not None else None
+
+    def claim(desc: int, p: str) -> None:
+        if desc in owner:
+            raise _fail(p, f"descriptor {desc} already in {owner[desc]}")
+        owner[desc] = p
+
+    for i, item in enumerate(items):
+        p = f"{path}.in_flight[{i}]"
+        rec = _obj(item, p, _IF_KEYS)
+        head = _int(rec["head"], f"{p}.head", 0, size - 1)
+        descs = list(_int_list(rec["descs"], f"{p}.descs", 0, size - 1))
+        if not descs:
+            raise _fail(f"{p}.descs", "a chain has at least one descriptor")
+        for j, x in enumerate(descs):
+            if x in owner:
+                claim(x, f"{p}.descs[{j}]")  # raises, naming both places
+            owner[x] = p
+        if descs[0] != head:
+            raise _fail(f"{p}.head", f"head {head} is not the chain's first descriptor {descs[0]}")
+        table = _opt_int(rec["table"], f"{p}.table", 0, U64)
+        if table is not None:
+            if len(descs) != 1:
+                raise _fail(f"{p}.descs", "an indirect chain uses exactly one descriptor")
+            if table % DESC_ALIGN:
+                raise _fail(f"{p}.table", f"indirect table {table:#x} not aligned to {DESC_ALIGN}")
+            if table in tables:
+                raise _fail(f"{p}.table", f"indirect table {table:#x} used by two chains")
+            if live is not None and table not in live:
+                raise _fail(f"{p}.table", f"indirect table {table:#x} is not a live allocation")
+            tables.add(table)
+        token = token_from_json(rec["token"], f"{p}.token")
+        inflight[head] = _InFlight(token, descs, table)
+    return inflight
 
 
 def queue_from_json(v: Json, path: str = "queue", *, alloc: Allocator | None = None) -> DriverQueue:
@@ -396,35 +478,10 @@ def queue_from_json(v: Json, path: str = "queue", *, alloc: Allocator | None = N
         for i, x in enumerate(free):
             claim(x, f"{path}.free[{i}]")
     owner.update(dict.fromkeys(free, "free"))
-    inflight: dict[int, _InFlight] = {}
-    tables: set[int] = set()
-    live = alloc._live if alloc is not None else None
-    for i, item in enumerate(_list(d["in_flight"], f"{path}.in_flight")):
-        p = f"{path}.in_flight[{i}]"
-        rec = _obj(item, p, _IF_KEYS)
-        head = _int(rec["head"], f"{p}.head", 0, size - 1)
-        descs = list(_int_list(rec["descs"], f"{p}.descs", 0, size - 1))
-        if not descs:
-            raise _fail(f"{p}.descs", "a chain has at least one descriptor")
-        for j, x in enumerate(descs):
-            if x in owner:
-                claim(x, f"{p}.descs[{j}]")  # raises, naming both places
-            owner[x] = p
-        if descs[0] != head:
-            raise _fail(f"{p}.head", f"head {head} is not the chain's first descriptor {descs[0]}")
-        table = _opt_int(rec["table"], f"{p}.table", 0, U64)
-        if table is not None:
-            if len(descs) != 1:
-                raise _fail(f"{p}.descs", "an indirect chain uses exactly one descriptor")
-            if table % DESC_ALIGN:
-                raise _fail(f"{p}.table", f"indirect table {table:#x} not aligned to {DESC_ALIGN}")
-            if table in tables:
-                raise _fail(f"{p}.table", f"indirect table {table:#x} used by two chains")
-            if live is not None and table not in live:
-                raise _fail(f"{p}.table", f"indirect table {table:#x} is not a live allocation")
-            tables.add(table)
-        token = token_from_json(rec["token"], f"{p}.token")
-        inflight[head] = _InFlight(token, descs, table)
+    items = _list(d["in_flight"], f"{path}.in_flight")
+    inflight = _inflight_fast(items, size, owner)
+    if inflight is None:
+        inflight = _inflight_checked(items, size, owner, path, alloc)
     if len(owner) != size:
         lost = min(set(range(size)) - set(owner))
         raise _fail(f"{path}.free", f"descriptor {lost} is neither free nor in flight")
