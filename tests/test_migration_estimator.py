@@ -95,13 +95,14 @@ def _cfg(kind=1):
 def test_history_calibration_is_separate_from_what_migrations_learned():
     h = SwitchoverHistory()
     assert h.get(_cfg()) is None and h.calibrated(_cfg()) is None
-    h.calibrate(_cfg(), 0.012)
-    assert h.calibrated(_cfg()) == 0.012 and h.get(_cfg()) is None
+    h.calibrate(_cfg(), 0.012, 0.005)
+    assert h.calibrated(_cfg()) == (0.012, 0.005) and h.get(_cfg()) is None
     assert h.calibrated(_cfg(kind=2)) is None  # another kind of VM
     h.record(_cfg(), 0.02)
     assert h.get(_cfg()) == 0.02
     h.calibrate(_cfg(), float("nan"))  # ignored
-    assert h.calibrated(_cfg()) == 0.012
+    h.calibrate(_cfg(), 0.01, 0.02)  # an overlap longer than the whole: ignored
+    assert h.calibrated(_cfg()) == (0.012, 0.005)
 
 
 def test_history_ratio_scales_the_calibration_and_refuses_broken_samples():
@@ -113,3 +114,29 @@ def test_history_ratio_scales_the_calibration_and_refuses_broken_samples():
     h.record_ratio(_cfg(), 500.0)  # a sample no real switch-over gives: ignored
     h.record_ratio(_cfg(), float("inf"))
     assert h.ratio(_cfg()) == pytest.approx(1.5)
+
+
+def test_round_zero_counts_only_until_a_later_round_gives_a_sample():
+    e = BandwidthEstimator(min_sample_bytes=1_000_000, window_s=10)
+    e.add(0.2, 64_000_000, 0.2, provisional=True)  # first touch of the destination's memory: 320 MB/s
+    assert e.value == pytest.approx(320e6)
+    e.add(0.21, 500_000, 0.001)  # too small to time alone: the provisional one still stands
+    assert e.value == pytest.approx(320e6)
+    e.add(0.25, 20_000_000, 0.02)  # a later round: ~1 GB/s, and round 0 no longer counts
+    assert e.value == pytest.approx(20_500_000 / 0.021)
+
+
+def test_a_big_final_send_waits_for_a_bandwidth_sample_past_round_zero():
+    p = Policy(MigrationParams(downtime_limit_ms=100), 4096, 4104)
+    p.begin(0.0)
+    p.record_sent(64_000_000)
+    p.record_delivered(0.2, 64_000_000, 0.2, provisional=True)  # 320 MB/s, first touch
+    r = p.end_round(0.2, 2000)  # 8.2 MB: 26 ms > 10 % of the limit
+    assert r.decision is Decision.CONTINUE
+    p.record_delivered(0.23, 8_200_000, 0.01)  # round 1: 820 MB/s
+    assert p.end_round(0.23, 2000).decision is Decision.SWITCH
+    # negative control: a small final send switches on round 0's figure
+    q = Policy(MigrationParams(downtime_limit_ms=100), 4096, 4104)
+    q.begin(0.0)
+    q.record_delivered(0.2, 64_000_000, 0.2, provisional=True)
+    assert q.end_round(0.2, 100).decision is Decision.SWITCH

@@ -258,8 +258,8 @@ def test_switch_over_rule_pending_fits_bandwidth_times_limit():
     link = migrate(vm, params=params)
     assert_completed(link)
     passes = [e.report for e in link.src_events if isinstance(e, PassEvent)]
-    for r in passes[:-1]:
-        assert r.pending_bytes > r.bandwidth * 0.002  # did not fit: went on
+    for r in passes[:-1]:  # did not fit, or fit on round 0's bandwidth alone with a send > 10 % of the limit
+        assert r.pending_bytes > r.bandwidth * 0.002 or (r.provisional and r.pending_bytes > r.bandwidth * 0.0002)
     last = passes[-1]
     assert len(passes) >= 2 and last.decision is Decision.SWITCH
     assert last.pending_bytes <= last.bandwidth * 0.002

@@ -149,13 +149,14 @@ class VmSource:
     def set_throttle(self, percent: int) -> None:
         self.vm.set_throttle(percent)
 
-    def calibrate_switchover(self) -> float | None:
-        """Time a scratch switch-over on the host's spare VFs now (host/calibrate.py)."""
+    def calibrate_switchover(self) -> tuple[float, float] | None:
+        """Time a scratch switch-over on the host's spare VFs now (host/calibrate.py):
+        (seconds, of which the destination's restore)."""
         if self.calibrator is None:
             return None
         with self.steps("calibration"):
             cal = self.calibrator()
-        return getattr(cal, "seconds", None)
+        return None if cal is None else (cal.seconds, cal.phases.get("restore", 0.0))
 
     def prepare_switchover(self) -> None:
         """Write the disk images back while the guest still runs (the host's own fd on the

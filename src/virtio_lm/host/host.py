@@ -207,7 +207,7 @@ class Host:
         for calibrator in self.calibrators.values():
             best = calibrator.best_of(self.pf_driver, 3)
             if best is not None:
-                SWITCHOVER_HISTORY.calibrate(best.config, best.seconds)
+                SWITCHOVER_HISTORY.calibrate(best.config, best.seconds, best.phases.get("restore", 0.0))
                 log.info("switch-over calibrated: %.2f ms %s", best.seconds * 1000,
                          {k: round(v * 1000, 3) for k, v in best.phases.items()})
         self.table = CommandTable()

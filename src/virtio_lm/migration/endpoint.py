@@ -64,9 +64,11 @@ class SourceEndpoint(Protocol):
         """Turn on the CPU dirty log and each VF's dirty page tracking."""
         ...
 
-    def calibrate_switchover(self) -> float | None:
-        """Seconds a switch-over of this kind of VM takes now, pages, network and final dirty
-        collection left out (None: no way to tell).  Must not pause the VM."""
+    def calibrate_switchover(self) -> tuple[float, float] | None:
+        """``(seconds, overlap)``: how long a switch-over of this kind of VM takes now, pages,
+        network and final dirty collection left out, and how much of it is the destination
+        restoring (which runs while the final pages arrive); None: no way to tell.  Must not
+        pause the VM."""
         ...
 
     def collect_dirty(self) -> np.ndarray:

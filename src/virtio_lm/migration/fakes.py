@@ -194,9 +194,9 @@ class MemoryVm(_Calls):
         self._call("set_throttle")
         self.throttle = percent
 
-    calibration: float | None = None  # what calibrate_switchover answers
+    calibration: tuple[float, float] | None = None  # what calibrate_switchover answers
 
-    def calibrate_switchover(self) -> float | None:
+    def calibrate_switchover(self) -> tuple[float, float] | None:
         self._call("calibrate_switchover")
         return self.calibration
 

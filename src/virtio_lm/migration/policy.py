@@ -15,11 +15,19 @@ Rules (QEMU's where QEMU has one):
   small to time (an empty round is one ROUND record and one round trip) are
   pooled until they reach ``min_sample_bytes``; the estimate is the pooled
   rate of the samples in the last ``window_s`` seconds, so it follows a link
-  that slows down (contention) within a few rounds.  Before any sample:
+  that slows down (contention) within a few rounds.  Round 0 is *provisional*:
+  it writes every page into the destination's fresh memory for the first time
+  (page faults a later round never pays: 64 MiB cost ~30 ms here) and it is
+  most of the bytes, so it would pull the estimate down for the final send,
+  which writes pages already there; it counts only until a later round gave a
+  sample.  Before any sample:
   unknown, treated as infinite.  A file stream has no ACKs: its bytes count
   when written.
 * **dirty rate** -- pages found dirty at a round's end / the round's duration.
-* **expected downtime** -- ``fixed_cost_s`` + pending bytes / bandwidth.  The
+* **expected downtime** -- ``fixed_cost_s`` + pending bytes / bandwidth.  (The
+  destination restores the VFs and the guest state while the final pages
+  arrive, but that hides nothing: it stops reading meanwhile, so the pages
+  wait in socket buffers and the send takes that much longer.)  The
   fixed cost is what a switch-over costs whatever the pages: pausing the
   vCPUs, QUIESCE / final reports / FREEZE / SAVE_STATE on the source, the
   images, RESTORE_STATE and the guest state on the destination, the READY and
@@ -28,7 +36,10 @@ Rules (QEMU's where QEMU has one):
   unknown, it is 0 (QEMU's estimate, pages only).
 * **switch-over** -- when the expected downtime fits ``downtime_limit``; when
   the fixed cost alone exceeds it, the migration gives up at the end of
-  round 0 instead of throttling towards a limit it cannot meet.
+  round 0 instead of throttling towards a limit it cannot meet.  Not on round
+  0's bandwidth alone, though, when the final send would be more than
+  ``PROVISIONAL_SHARE`` of the limit: one more round measures the link as the
+  final send will use it.
 * **auto-converge** -- a round *without progress* is one whose dirtied bytes
   exceed ``throttle_trigger_threshold`` % of the bytes it transferred (QEMU:
   50 %).  After ``throttle_trigger_rounds`` such rounds (QEMU: 2) the vCPUs are
@@ -98,6 +109,7 @@ class RoundReport:
     expected_downtime_s: float
     decision: Decision
     throttle: int
+    provisional: bool = False  # the bandwidth rested on round 0 alone (and so the round went on)
 
 
 class TokenBucket:
@@ -144,11 +156,17 @@ class BandwidthEstimator:
         self.window_s = window_s
         self.samples: deque[tuple[float, int, float]] = deque()  # (end time, bytes, seconds)
         self._pool = [0, 0.0]
+        self._provisional: tuple[float, int, float] | None = None
 
-    def add(self, now: float, nbytes: int, seconds: float) -> None:
-        """``nbytes`` were delivered in ``seconds`` ending at ``now``."""
+    def add(self, now: float, nbytes: int, seconds: float, *, provisional: bool = False) -> None:
+        """``nbytes`` were delivered in ``seconds`` ending at ``now``; a *provisional*
+        sample stands only until the first ordinary one."""
         if nbytes < 0 or not seconds >= 0:
             raise ValueError(f"a bandwidth sample needs nbytes >= 0 and seconds >= 0, got {nbytes}, {seconds}")
+        if provisional:
+            if nbytes > 0 and seconds > 0:
+                self._provisional = (now, nbytes, seconds)
+            return
         self._pool[0] += nbytes
         self._pool[1] += seconds
         if self._pool[0] >= self.min_sample_bytes and self._pool[1] > 0:
@@ -158,12 +176,22 @@ class BandwidthEstimator:
                 self.samples.popleft()
 
     @property
+    def provisional_only(self) -> bool:
+        """The estimate rests on round 0 alone."""
+        return not self.samples and self._provisional is not None
+
+    @property
     def value(self) -> float:
         """bytes/s; before the first whole sample, the pool's rate; ``inf`` before any byte."""
         if not self.samples:
+            if self._provisional is not None:
+                return self._provisional[1] / self._provisional[2]
             b, sec = self._pool
             return b / sec if b > 0 and sec > 0 else math.inf
         return sum(b for _, b, _ in self.samples) / sum(s for _, _, s in self.samples)
+
+
+PROVISIONAL_SHARE = 0.1
 
 
 class Policy:
@@ -195,9 +223,10 @@ class Policy:
         """Bytes handed to the transport (auto-converge compares the dirtied bytes with them)."""
         self._round_sent += nbytes
 
-    def record_delivered(self, now: float, nbytes: int, seconds: float) -> None:
-        """The destination confirmed ``nbytes`` more, delivered in ``seconds`` ending at ``now``."""
-        self.estimator.add(now, nbytes, seconds)
+    def record_delivered(self, now: float, nbytes: int, seconds: float, *, provisional: bool = False) -> None:
+        """The destination confirmed ``nbytes`` more, delivered in ``seconds`` ending at ``now``
+        (``provisional``: round 0, see :class:`BandwidthEstimator`)."""
+        self.estimator.add(now, nbytes, seconds, provisional=provisional)
         self.bandwidth = self.estimator.value
 
     def expected_downtime(self, pending_pages: int) -> float:
@@ -228,7 +257,10 @@ class Policy:
         self.rounds += 1
         pending_bytes = dirty_pages * self.page_cost
         decision = Decision.CONTINUE
-        if self.fits(dirty_pages):
+        provisional = self.estimator.provisional_only and (
+            pending_bytes / self.bandwidth > PROVISIONAL_SHARE * self.params.downtime_limit_ms / 1000.0
+        )
+        if self.fits(dirty_pages) and not provisional:
             decision = Decision.SWITCH
         elif self.limit_unreachable or self.rounds >= self.params.max_rounds or (
             self.params.max_time_s is not None and now - self.started >= self.params.max_time_s
@@ -259,4 +291,5 @@ class Policy:
             self.expected_downtime(dirty_pages),
             decision,
             self.throttle,
+            provisional,
         )

@@ -185,7 +185,7 @@ class SwitchoverHistory:
     def __init__(self, weight: float = 0.5) -> None:
         self.weight = weight  # of a new measurement against what was known
         self._costs: dict[tuple, float] = {}
-        self._calibrated: dict[tuple, float] = {}
+        self._calibrated: dict[tuple, tuple[float, float]] = {}
         self._ratios: dict[tuple, float] = {}
 
     @staticmethod
@@ -206,12 +206,13 @@ class SwitchoverHistory:
     def record(self, cfg: StreamConfig, seconds: float) -> None:
         self._blend(self._costs, cfg, seconds)
 
-    def calibrated(self, cfg: StreamConfig) -> float | None:
+    def calibrated(self, cfg: StreamConfig) -> tuple[float, float] | None:
+        """(seconds, of which the destination's restore) of the latest calibration."""
         return self._calibrated.get(self.key(cfg))
 
-    def calibrate(self, cfg: StreamConfig, seconds: float) -> None:
-        if math.isfinite(seconds) and seconds > 0:
-            self._calibrated[self.key(cfg)] = seconds
+    def calibrate(self, cfg: StreamConfig, seconds: float, overlap: float = 0.0) -> None:
+        if math.isfinite(seconds) and seconds > 0 and math.isfinite(overlap) and 0 <= overlap <= seconds:
+            self._calibrated[self.key(cfg)] = (seconds, overlap)
 
     def ratio(self, cfg: StreamConfig) -> float | None:
         return self._ratios.get(self.key(cfg))
@@ -416,6 +417,7 @@ class SourceSession:
         self._await_offset = 0  # stream offset just past that record
         self._calibrated_s: float | None = None  # the latest calibration (at start-up, then at our start)
         self.calibration_s = 0.0  # how long our own calibration took (part of setup)
+        self._overlap_s = 0.0  # of the calibration: the destination's part (restore and start)
         self.fixed_cost_source = "none"  # none | calibrated | calibrated+learned | learned
         self._t: dict[str, float] = {}
         self.downtime_phases: dict[str, float] = {}
@@ -643,7 +645,9 @@ class SourceSession:
             self._ack_wait_from = None
             return
         now = self.clock()
-        self.policy.record_delivered(now, self._round_stats[2], max(now - self._round_start - self._scan_s, 1e-6))
+        self.policy.record_delivered(
+            now, self._round_stats[2], max(now - self._round_start - self._scan_s, 1e-6), provisional=self._round == 0
+        )
         self._decide()
 
     def _refresh_fixed_cost(self) -> None:
@@ -675,7 +679,9 @@ class SourceSession:
             self.rtt_s = rtt if self.rtt_s is None else min(self.rtt_s, rtt)
         # the zero check's time is not the link's: a final send is pages with data
         seconds = max(now - self._round_start - self._scan_s, 1e-6)
-        self.policy.record_delivered(now, max(0, ack.bytes_received - self._acked_bytes), seconds)
+        self.policy.record_delivered(
+            now, max(0, ack.bytes_received - self._acked_bytes), seconds, provisional=self._round == 0
+        )
         self._acked_bytes = ack.bytes_received
         self._await_ack = None
         self._acked = True  # produce() decides next (not from inside this table step)
@@ -824,8 +830,8 @@ class SourceSession:
                 raise MigrationError(f"config says {cfg.num_pages} pages, endpoint {ep.num_pages}")
             self.config = cfg
             self.policy = Policy(self.params, cfg.page_size, self._page_cost())
-            if self.history is not None:
-                self._calibrated_s = self.history.calibrated(cfg)
+            if self.history is not None and self.history.calibrated(cfg) is not None:
+                self._calibrated_s, self._overlap_s = self.history.calibrated(cfg)  # type: ignore[misc]
             self._refresh_fixed_cost()
             self._emit(Hello(cfg))
             ep.start_tracking()
@@ -841,10 +847,11 @@ class SourceSession:
                 t0 = self.clock()
                 live = ep.calibrate_switchover()
                 self.calibration_s = self.clock() - t0
-                if live is not None and math.isfinite(live) and live > 0:
-                    self._calibrated_s = live if self._calibrated_s is None else min(live, self._calibrated_s)
+                if live is not None and math.isfinite(live[0]) and live[0] > 0:
+                    if self._calibrated_s is None or live[0] < self._calibrated_s:
+                        self._calibrated_s, self._overlap_s = live
                     if self.history is not None:
-                        self.history.calibrate(self.config, self._calibrated_s)
+                        self.history.calibrate(self.config, self._calibrated_s, self._overlap_s)
                 self._refresh_fixed_cost()
             now = self.clock()
             self.t_setup_done = now
@@ -972,8 +979,8 @@ class SourceSession:
         d = self.downtime_phases
         fixed_expected = self.policy.fixed_cost_s if self.policy else 0.0
         send_expected = 0.0
-        if self.last_report is not None and math.isfinite(self.last_report.expected_downtime_s):
-            send_expected = max(0.0, self.last_report.expected_downtime_s - fixed_expected)
+        if self.last_report is not None and math.isfinite(self.last_report.bandwidth) and self.last_report.bandwidth:
+            send_expected = self.last_report.pending_bytes / self.last_report.bandwidth
         send_excess = d.get("send", 0.0) - send_expected
         fixed_excess = (self.downtime - d.get("send", 0.0)) - fixed_expected
         others = {k: v for k, v in d.items() if k != "send"}
@@ -1021,6 +1028,11 @@ class SourceSession:
         if self.fixed_cost_estimate is not None:
             out["x-switchover-cost-estimate"] = round(self.fixed_cost_estimate * 1000, 3)
             out["x-switchover-cost-source"] = self.fixed_cost_source
+        if self._calibrated_s is not None:
+            out["x-switchover-calibration"] = {
+                "ms": round(self._calibrated_s * 1000, 3), "restore-ms": round(self._overlap_s * 1000, 3),
+                "measured-at-start-ms": round(self.calibration_s * 1000, 3),
+            }
         if self.downtime is not None:
             out["downtime"] = int(self.downtime * 1000)
             out["downtime-phases"] = {k: round(v * 1000, 3) for k, v in self.downtime_phases.items()}
