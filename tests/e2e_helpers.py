@@ -311,11 +311,13 @@ class Proxy:
                         buf[self.corrupt_at - off] ^= 0x5A
                         data = bytes(buf)
                         self.corrupted.set()
-                dst.sendall(data)
-                self.forwarded[direction] += len(data)
+                # READY is noted before it is passed on: the source answers it with COMMIT at
+                # once, and the other pump must already know by then
                 if dec is not None and not self.ready_seen.is_set():
                     if any(isinstance(sec.body, Ready) for sec in dec.feed(data)):
                         self.ready_seen.set()
+                dst.sendall(data)
+                self.forwarded[direction] += len(data)
         except OSError:
             return
 

@@ -36,7 +36,9 @@ Rules (QEMU's where QEMU has one):
   unknown, it is 0 (QEMU's estimate, pages only).
 * **switch-over** -- when the expected downtime fits ``downtime_limit``; when
   the fixed cost alone exceeds it, the migration gives up at the end of
-  round 0 instead of throttling towards a limit it cannot meet.  Not on round
+  round 0 instead of throttling towards a limit it cannot meet (the session
+  hands the policy a fixed cost that exceeds the limit only when real
+  switch-overs back it, not on a scratch calibration alone).  Not on round
   0's bandwidth alone, though, when the final send would be more than
   ``PROVISIONAL_SHARE`` of the limit: one more round measures the link as the
   final send will use it.

@@ -418,7 +418,8 @@ class SourceSession:
         self._calibrated_s: float | None = None  # the latest calibration (at start-up, then at our start)
         self.calibration_s = 0.0  # how long our own calibration took (part of setup)
         self._overlap_s = 0.0  # of the calibration: the destination's part (restore and start)
-        self.fixed_cost_source = "none"  # none | calibrated | calibrated+learned | learned
+        # none | calibrated | calibrated+learned | learned | calibrated-over-limit-ignored
+        self.fixed_cost_source = "none"
         self._t: dict[str, float] = {}
         self.downtime_phases: dict[str, float] = {}
         self.dest_restore_us: int | None = None
@@ -665,8 +666,16 @@ class SourceSession:
         elif hist is not None and hist.get(self.config) is not None:
             self.fixed_cost_source = "learned"
             self.fixed_cost_estimate = hist.get(self.config)
-        if self.fixed_cost_estimate is not None:
-            self.policy.fixed_cost_s = self.fixed_cost_estimate
+        if self.fixed_cost_estimate is None:
+            return
+        if self.fixed_cost_source == "calibrated" and self.fixed_cost_estimate > self.params.downtime_limit_ms / 1000.0:
+            # a scratch switch-over alone, never checked against a real one here, says the limit
+            # cannot be met: too little to refuse the migration on (a busy host inflates it);
+            # go on as QEMU does, on the pages alone, and say so (query-migrate)
+            self.fixed_cost_source = "calibrated-over-limit-ignored"
+            self.policy.fixed_cost_s = 0.0
+            return
+        self.policy.fixed_cost_s = self.fixed_cost_estimate
 
     def _round_acked(self) -> None:
         ack = self._ack
