@@ -78,17 +78,24 @@ def test_dirtier_negative_control_without_dirtying(dirtier: Path) -> None:
     assert rc == 1 and "bad_sweep_pages=1" in out and "sweep page 1023: expected 0 found 255" in out, out
 
 
-@pytest.mark.qemu
-def test_qemu_migration_with_dirtier_completes_and_verifies(tmp_path: Path) -> None:
+@pytest.fixture
+def baseline(tmp_path: Path):
+    """A QemuBaseline in ``tmp_path`` (skips where QEMU, busybox-static, gcc or the kernel are missing)."""
     try:
         qb = QemuBaseline(str(tmp_path)).__enter__()
     except QemuUnavailable as exc:
         pytest.skip(f"the QEMU baseline needs QEMU, busybox-static, gcc and the Debian 6.1 kernel: {exc}")
     try:
-        r = qb.run(memory_mib=128, fill_mib=16, sweep_mib=16, dirty_rate_mbps=32,
-                   downtime_limit_ms=300, timeout_s=50)
+        yield qb
     finally:
         qb.__exit__(None, None, None)
+
+
+@pytest.mark.qemu
+def test_qemu_migration_with_dirtier_completes_and_verifies(baseline: QemuBaseline, tmp_path: Path) -> None:
+    qb = baseline
+    r = qb.run(memory_mib=128, fill_mib=16, sweep_mib=16, dirty_rate_mbps=32, downtime_limit_ms=300, timeout_s=50)
+    qb.close()
     assert not list(tmp_path.iterdir())  # the temp dir is cleaned
     assert r["status"] == "completed"
     assert r["guest_verify"] == "ok"
@@ -108,17 +115,11 @@ def test_qemu_migration_with_dirtier_completes_and_verifies(tmp_path: Path) -> N
 
 
 @pytest.mark.qemu
-def test_qemu_failure_is_typed_with_the_console_tail(tmp_path: Path) -> None:
+def test_qemu_failure_is_typed_with_the_console_tail(baseline: QemuBaseline, tmp_path: Path) -> None:
     """A fill larger than the guest's RAM: QemuBaselineError with the guest's words, QEMUs gone."""
-    try:
-        qb = QemuBaseline(str(tmp_path)).__enter__()
-    except QemuUnavailable as exc:
-        pytest.skip(f"the QEMU baseline needs QEMU, busybox-static, gcc and the Debian 6.1 kernel: {exc}")
-    try:
-        with pytest.raises(QemuBaselineError) as info:
-            qb.run(memory_mib=128, fill_mib=200, sweep_mib=0, timeout_s=40)
-    finally:
-        qb.__exit__(None, None, None)
+    with pytest.raises(QemuBaselineError) as info:
+        baseline.run(memory_mib=128, fill_mib=200, sweep_mib=0, timeout_s=40)
+    baseline.close()
     text = str(info.value)
     assert "the dirtier failed: DIRTIER_BAD cannot map the fill region" in text
     assert "--- source console tail:" in text and "BASELINE_READY" in text

@@ -35,24 +35,30 @@ Usage::
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import os
-import queue
 import re
 import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-QEMU = "qemu-system-x86_64"
-GUEST_DIR = Path(os.environ.get("VLM_GUEST_DIR", "/tmp/virtio-lm-guest"))
+from virtio_lm.qemu_guest import (
+    GUEST_DIR,
+    QEMU,
+    QemuProcess,
+    QemuUnavailable,
+    cpio_entry,
+    event_time,
+    fetch_kernel,
+    static_busybox,
+)
+
+__all__ = ["QemuBaseline", "QemuBaselineError", "QemuUnavailable", "build_dirtier", "guest_assets"]
 LINE = r"[^\r\n]*"  # the rest of a console line (its end is matched too: complete lines only)
 
 INIT_SCRIPT = b"""#!/bin/busybox sh
@@ -68,10 +74,6 @@ exec sh
 """
 
 
-class QemuUnavailable(Exception):
-    """QEMU, the kernel, busybox-static or gcc cannot be had here (the reason is the message)."""
-
-
 class QemuBaselineError(Exception):
     """A baseline run failed (boot, guest program, QMP, migration); the message has the consoles' tails."""
 
@@ -79,33 +81,6 @@ class QemuBaselineError(Exception):
 # ---------------------------------------------------------------------------- assets
 def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, capture_output=True, timeout=600, **kw)
-
-
-def _kernel() -> Path:
-    """Debian's 6.1 vmlinuz, extracted under GUEST_DIR (fetched with apt-get download if missing)."""
-
-    def found() -> Path | None:
-        hits = sorted(glob.glob(str(GUEST_DIR / "x/boot/vmlinuz-6.1.*-amd64")))
-        return Path(hits[-1]) if hits else None
-
-    if k := found():
-        return k
-    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise QemuUnavailable("no extracted linux-image-6.1 kernel and no apt-get/dpkg-deb to fetch one")
-    GUEST_DIR.mkdir(parents=True, exist_ok=True)
-    try:
-        out = _run(["apt-cache", "depends", "linux-image-amd64"]).stdout.decode()
-        m = re.search(r"Depends: (linux-image-6\.1\.\S+-amd64)", out)
-        if not m:
-            raise QemuUnavailable(f"apt-cache names no linux-image-6.1 package: {out.strip()[:200]}")
-        _run(["apt-get", "download", m.group(1)], cwd=GUEST_DIR)
-        debs = sorted(GUEST_DIR.glob("linux-image-6.1.*.deb"))
-        _run(["dpkg-deb", "-x", str(debs[-1]), str(GUEST_DIR / "x")])
-    except (subprocess.SubprocessError, OSError, IndexError) as exc:
-        raise QemuUnavailable(f"could not fetch the kernel package: {exc}") from exc
-    if k := found():
-        return k
-    raise QemuUnavailable("kernel package extracted but no vmlinuz-6.1.*-amd64 inside")
 
 
 def dirtier_source() -> bytes:
@@ -128,26 +103,12 @@ def build_dirtier(out: Path) -> None:
         os.replace(Path(td) / "dirtier", out)
 
 
-def _cpio(name: str, mode: int, ino: int, data: bytes = b"") -> bytes:
-    """One newc cpio record: the ASCII-hex header, the name and the data, each padded to 4 bytes."""
-    nb = name.encode() + b"\0"
-    fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(nb), 0]
-    rec = b"070701" + b"".join(b"%08X" % f for f in fields) + nb
-    rec += b"\0" * (-len(rec) % 4)
-    return rec + data + b"\0" * (-len(data) % 4)
-
-
 def guest_assets() -> tuple[Path, Path]:
     """``(kernel, initramfs)``, the initramfs built once and cached; QemuUnavailable with the reason."""
     if shutil.which(QEMU) is None:
         raise QemuUnavailable(f"{QEMU} is not installed")
-    busybox = shutil.which("busybox")
-    if busybox is None:
-        raise QemuUnavailable("busybox (busybox-static) is not installed")
-    bb = Path(busybox).read_bytes()
-    if b"/lib64/ld-linux" in bb[:4096]:
-        raise QemuUnavailable(f"{busybox} is dynamically linked (install busybox-static)")
-    kernel = _kernel()
+    bb = static_busybox()
+    kernel, _ = fetch_kernel()
     key = hashlib.sha256(dirtier_source() + INIT_SCRIPT + hashlib.sha256(bb).digest()).hexdigest()[:16]
     cache = GUEST_DIR / "baseline"
     initrd = cache / f"initramfs-{key}.cpio"
@@ -156,11 +117,11 @@ def guest_assets() -> tuple[Path, Path]:
     dirtier = cache / f"dirtier-{hashlib.sha256(dirtier_source()).hexdigest()[:16]}"
     if not dirtier.exists():
         build_dirtier(dirtier)
-    recs = [_cpio(d, 0o040755, i + 1) for i, d in enumerate(("bin", "dev", "proc", "sys", "tmp"))]
-    recs.append(_cpio("bin/busybox", 0o100755, 10, bb))
-    recs.append(_cpio("bin/dirtier", 0o100755, 11, dirtier.read_bytes()))
-    recs.append(_cpio("init", 0o100755, 12, INIT_SCRIPT))
-    recs.append(_cpio("TRAILER!!!", 0, 0))
+    recs = [cpio_entry(d, 0o040755, ino=i + 1) for i, d in enumerate(("bin", "dev", "proc", "sys", "tmp"))]
+    recs.append(cpio_entry("bin/busybox", 0o100755, bb, ino=10))
+    recs.append(cpio_entry("bin/dirtier", 0o100755, dirtier.read_bytes(), ino=11))
+    recs.append(cpio_entry("init", 0o100755, INIT_SCRIPT, ino=12))
+    recs.append(cpio_entry("TRAILER!!!", 0, ino=0))
     tmp = initrd.with_suffix(f".tmp{os.getpid()}")
     tmp.write_bytes(b"".join(recs))
     os.replace(tmp, initrd)
@@ -168,174 +129,24 @@ def guest_assets() -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------------- QEMU + QMP
-class _Qemu:
-    """One QEMU process: the serial console on stdin/stdout, QMP on a UNIX socket (events kept)."""
-
-    def __init__(self, name: str, workdir: Path, sock_dir: Path, kernel: Path, initrd: Path, memory_mib: int,
-                 incoming_port: int | None = None) -> None:
-        self.name = name
-        self.qmp_path = str(sock_dir / f"{name}.qmp")
-        self.stderr_path = workdir / f"{name}.stderr"
-        self.console = bytearray()
-        self.events: list[dict] = []
-        self._cv = threading.Condition()
-        self._replies: queue.Queue[dict | None] = queue.Queue()
-        self._sock: socket.socket | None = None
-        self._seq = 0
-        cmd = [
-            QEMU, "-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot",
-            "-machine", "q35", "-m", f"{memory_mib * 1024 - 8}k", "-smp", "1",
-            "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 quiet loglevel=3 init_on_alloc=0",
-            "-serial", "stdio",
-            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-        ]  # fmt: skip
-        if incoming_port is not None:
-            cmd += ["-incoming", f"tcp:127.0.0.1:{incoming_port}"]
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
-        threading.Thread(target=self._pump_console, daemon=True).start()
-
-    # -------------------------------------------------------------- console
-    def _pump_console(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(65536):  # type: ignore[attr-defined]
-            with self._cv:
-                self.console += chunk
-                self._cv.notify_all()
-        with self._cv:
-            self._cv.notify_all()
-
-    def text(self) -> str:
-        with self._cv:
-            return self.console.decode(errors="replace")
-
-    def wait_for(self, pattern: str, deadline: float, start: int = 0) -> re.Match[str]:
-        """The first match of ``pattern`` in the console from ``start`` (a monotonic ``deadline``)."""
-        rx = re.compile(pattern, re.M)
-        with self._cv:
-            while True:
-                m = rx.search(self.console.decode(errors="replace"), start)
-                if m:
-                    return m
-                if self.proc.poll() is not None:
-                    raise QemuBaselineError(f"{self.name}: QEMU exited ({self.proc.returncode}) "
-                                            f"waiting for {pattern!r}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise QemuBaselineError(f"{self.name}: no {pattern!r} on the console in time")
-                self._cv.wait(min(left, 0.5))
-
-    def sh(self, command: str, deadline: float) -> tuple[int, str]:
-        """Run ``command`` in the guest shell; ``(status, output)``."""
-        self._seq += 1
-        n = self._seq
-        start = len(self.text())
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f'{command}\necho "@@""END {n} $?"\n'.encode())  # (a command may end in &)
-        self.proc.stdin.flush()
-        m = self.wait_for(rf"^@@END {n} (\d+)", deadline, start)
-        return int(m.group(1)), self.text()[start : m.start()].strip()
-
-    def tail(self) -> str:
-        err = self.stderr_path.read_text(errors="replace")[-1000:] if self.stderr_path.exists() else ""
-        return f"--- {self.name} console tail:\n{self.text()[-2000:]}\n--- {self.name} stderr tail:\n{err}"
-
-    # -------------------------------------------------------------- QMP
-    def connect(self, deadline: float) -> None:
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(self.qmp_path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):  # not up yet
-                s.close()
-                if self.proc.poll() is not None:
-                    raise QemuBaselineError(f"{self.name}: QEMU exited ({self.proc.returncode}) before QMP")
-                if time.monotonic() > deadline:
-                    raise QemuBaselineError(f"{self.name}: QMP socket did not come up in time")
-                time.sleep(0.05)
-        self._sock = s
-        threading.Thread(target=self._pump_qmp, args=(s,), daemon=True).start()
-        greeting = self._replies.get(timeout=max(1.0, deadline - time.monotonic()))
-        if not greeting or "QMP" not in greeting:
-            raise QemuBaselineError(f"{self.name}: no QMP greeting ({greeting})")
-        self.qmp("qmp_capabilities", deadline)
-
-    def _pump_qmp(self, s: socket.socket) -> None:
-        buf = b""
-        try:
-            while chunk := s.recv(65536):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if not line.strip():
-                        continue
-                    msg = json.loads(line)
-                    if "event" in msg:
-                        with self._cv:
-                            self.events.append(msg)
-                            self._cv.notify_all()
-                    else:
-                        self._replies.put(msg)
-        except (OSError, ValueError):
-            pass
-        self._replies.put(None)
-
-    def qmp(self, command: str, deadline: float, **arguments: Any) -> Any:
-        assert self._sock is not None
-        msg: dict[str, Any] = {"execute": command}
-        if arguments:
-            msg["arguments"] = arguments
-        self._sock.sendall(json.dumps(msg).encode() + b"\n")
-        try:
-            r = self._replies.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            raise QemuBaselineError(f"{self.name}: no QMP reply to {command} in time") from None
-        if r is None:
-            raise QemuBaselineError(f"{self.name}: QMP connection closed during {command}")
-        if "error" in r:
-            raise QemuBaselineError(f"{self.name}: QMP {command}: {r['error']}")
-        return r["return"]
-
-    def wait_event(self, name: str, deadline: float) -> dict:
-        """The last ``name`` event received, waiting for one until ``deadline``."""
-        with self._cv:
-            while True:
-                hits = [e for e in self.events if e["event"] == name]
-                if hits:
-                    return hits[-1]
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise QemuBaselineError(f"{self.name}: no {name} QMP event")
-                self._cv.wait(min(left, 0.5))
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        if self._sock is not None:
-            self._sock.close()
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                if f is not None:
-                    f.close()
-            except OSError:
-                pass
+def _qemu(name: str, workdir: Path, sock_dir: Path, kernel: Path, initrd: Path, memory_mib: int,
+          incoming_port: int | None = None) -> QemuProcess:
+    """One guest: RAM not a multiple of 64 pages (see the module docstring), no devices but the console."""
+    args = [
+        "-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot",
+        "-machine", "q35", "-m", f"{memory_mib * 1024 - 8}k", "-smp", "1",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1 quiet loglevel=3 init_on_alloc=0",
+    ]  # fmt: skip
+    if incoming_port is not None:
+        args += ["-incoming", f"tcp:127.0.0.1:{incoming_port}"]
+    return QemuProcess(name, workdir, args, str(sock_dir / f"{name}.qmp"), error=QemuBaselineError)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _event_time(ev: dict) -> float:
-    ts = ev["timestamp"]
-    return ts["seconds"] + ts["microseconds"] / 1e6
 
 
 # ---------------------------------------------------------------------------- the baseline
@@ -381,9 +192,9 @@ class QemuBaseline:
         # a UNIX socket path has at most 107 bytes: the QMP sockets go to a short directory if need be
         sock_dir = run_dir if len(str(run_dir)) < 80 else Path(tempfile.mkdtemp(prefix="vlmq-"))
         deadline = time.monotonic() + timeout_s
-        procs: list[_Qemu] = []
+        procs: list[QemuProcess] = []
         try:
-            src = _Qemu("source", run_dir, sock_dir, kernel, initrd, memory_mib)
+            src = _qemu("source", run_dir, sock_dir, kernel, initrd, memory_mib)
             procs.append(src)
             src.connect(deadline)
             dst, port = self._start_destination(procs, run_dir, sock_dir, kernel, initrd, memory_mib, deadline)
@@ -400,8 +211,8 @@ class QemuBaseline:
             shutil.rmtree(sock_dir, ignore_errors=True)
 
     @staticmethod
-    def _start_destination(procs: list[_Qemu], run_dir: Path, sock_dir: Path, kernel: Path, initrd: Path,
-                           memory_mib: int, deadline: float) -> tuple[_Qemu, int]:
+    def _start_destination(procs: list[QemuProcess], run_dir: Path, sock_dir: Path, kernel: Path, initrd: Path,
+                           memory_mib: int, deadline: float) -> tuple[QemuProcess, int]:
         """The destination on a free port, QMP connected (another try when the port was taken in between).
 
         QEMU answers QMP only from its main loop, which starts after the -incoming socket is
@@ -409,7 +220,7 @@ class QemuBaseline:
         """
         for attempt in range(3):
             port = _free_port()
-            q = _Qemu(f"destination{attempt or ''}", run_dir, sock_dir, kernel, initrd, memory_mib,
+            q = _qemu(f"destination{attempt or ''}", run_dir, sock_dir, kernel, initrd, memory_mib,
                       incoming_port=port)
             procs.append(q)
             try:
@@ -424,7 +235,7 @@ class QemuBaseline:
                     raise
         raise QemuBaselineError("no free port for the destination's -incoming")
 
-    def _migrate(self, src: _Qemu, dst: _Qemu, port: int, *, fill_mib: int, sweep_mib: int, rate: float,
+    def _migrate(self, src: QemuProcess, dst: QemuProcess, port: int, *, fill_mib: int, sweep_mib: int, rate: float,
                  downtime_limit_ms: int, max_bandwidth: int, deadline: float) -> dict:
         # boot, start the dirtier, wait for its steady rate.  A subshell reports the dirtier's
         # PID and, whenever it ends (verdict, OOM kill, crash), its exit status.
@@ -481,7 +292,7 @@ class QemuBaseline:
         total = int(info.get("total-time", 0))
         transferred = int(ram.get("transferred", 0))
         return {
-            "downtime_ms": (_event_time(resume) - _event_time(stop)) * 1000.0,
+            "downtime_ms": (event_time(resume) - event_time(stop)) * 1000.0,
             "qemu_downtime_ms": int(info.get("downtime", 0)),
             "expected_downtime_ms": expected,
             "total_time_ms": total,
