@@ -315,7 +315,7 @@ def bench_downtime(quick: bool) -> tuple[list[Figure], list[str]]:
     """A VM (blk + net VFs, vCPU dirtying memory) hops host to host, one migration per limit."""
     from virtio_lm.demo import BLOCKS, PEER_MAC, VM_MAC, _cli, start_network
     from virtio_lm.orchestrate import ChildProcess as _Proc
-    from virtio_lm.orchestrate import Monitor, run_migration
+    from virtio_lm.orchestrate import Monitor, run_migration, shut_down
 
     limits = (30, 100, 300)
     memory_mib = 128 if quick else 512
@@ -374,13 +374,7 @@ def bench_downtime(quick: bool) -> tuple[list[Figure], list[str]]:
         details.append(f"  after the hops the guest verifies: {'passed' if ver.get('passed') else 'FAILED'}"
                        + ("" if ver.get("passed") else f" {ver}"))
     finally:
-        for m in monitors:
-            with contextlib.suppress(Exception):
-                m.cmd("quit")
-            with contextlib.suppress(Exception):
-                m.close()
-        for p in reversed(procs):
-            p.stop()
+        shut_down(monitors, procs)
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)

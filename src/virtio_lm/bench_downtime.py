@@ -18,7 +18,6 @@ Downtime is the source's: from the pause to the destination's RUNNING
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -83,7 +82,7 @@ class Cell:
 def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int) -> dict[str, Any]:
     """A fresh source and destination host (separate processes), one migration."""
     from virtio_lm.demo import start_network, vm_spec_text, _cli
-    from virtio_lm.orchestrate import ChildProcess, Monitor, run_migration
+    from virtio_lm.orchestrate import ChildProcess, Monitor, run_migration, shut_down
 
     procs: list[ChildProcess] = []
     monitors: list[Monitor] = []
@@ -120,13 +119,7 @@ def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int
             out["verified"] = bool(ver.get("passed"))
         return out
     finally:
-        for mon in monitors:
-            with contextlib.suppress(Exception):
-                mon.cmd("quit")
-            with contextlib.suppress(Exception):
-                mon.close()
-        for p in reversed(procs):
-            p.stop()
+        shut_down(monitors, procs)
 
 
 def run_matrix(m: Matrix, *, progress: bool = True) -> list[Cell]:

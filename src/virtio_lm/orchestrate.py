@@ -143,6 +143,22 @@ class Monitor:
         self.close()
 
 
+def shut_down(monitors: list["Monitor"], procs: list[ChildProcess]) -> None:
+    """Ask every monitor's host to quit (errors ignored: it may be gone), close the monitors,
+    then stop the processes, last started first."""
+    for mon in monitors:
+        try:
+            mon.cmd("quit")
+        except Exception:  # noqa: BLE001 - a host that is gone cannot quit
+            pass
+        try:
+            mon.close()
+        except Exception:  # noqa: BLE001
+            pass
+    for p in reversed(procs):
+        p.stop()
+
+
 def run_migration(
     src: Monitor,
     dst: Monitor,
