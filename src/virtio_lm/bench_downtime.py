@@ -177,8 +177,9 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
         ax.scatter(x, [r["downtime"] for r in done], marker=markers.get(c.mode, "o"),
                    color=colors.get(c.rate, "tab:gray"), alpha=0.6, s=18,
                    label=f"{c.mode}, {c.rate:.0f} MB/s")
-    lim = max(cl.limit for cl in cells) * 1.3
-    ax.plot([1, lim], [1, lim], "k--", lw=1, label="y = x (the limit)")
+    lo, hi = min(cl.limit for cl in cells) / 2, max(cl.limit for cl in cells) * 1.5
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x (the limit)")
+    ax.set_xlim(lo, hi)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("downtime-limit (ms)")
