@@ -328,3 +328,24 @@ def test_atomic_or_byte(mem):
     assert mem.read(5, 1) == b"\x81"
     with pytest.raises(MemoryAccessError):
         port.atomic_or_byte(SIZE, 1)
+
+
+# ---------------------------------------------------------------------- populated pages (SEEK_DATA)
+def test_populated_pages_of_a_fresh_memfd_are_none_and_written_ones_show():
+    from virtio_lm.memory import Memory, Writer
+
+    with Memory(64 * 4096, name="pop", backing="memfd") as mem:
+        assert not mem.populated_pages().any()  # all holes: reads as zero without touching a page
+        w = Writer("t")
+        mem.write(5 * 4096 + 10, b"\x01", w)
+        mem.fill(40 * 4096, 2 * 4096, 7, w)
+        got = np.flatnonzero(mem.populated_pages())
+        assert {5, 40, 41} <= set(got.tolist())
+        assert len(got) < 64  # a hole stays a hole
+
+
+def test_populated_pages_of_anonymous_memory_are_all_maybe():
+    from virtio_lm.memory import Memory
+
+    with Memory(8 * 4096, name="anon") as mem:
+        assert mem.populated_pages().all()  # no fd to ask: every page may hold data
