@@ -285,8 +285,9 @@ def analyze_stream(path: str, as_json: bool) -> None:
 @click.option("--out", "out_dir", default="bench-out", show_default=True, type=click.Path(file_okay=False),
               help="downtime: where the JSON and PNG go.")
 @click.option("--vs-qemu", is_flag=True, help="downtime: QEMU 7.2 (TCG) on the same work in the same run.")
+@click.option("--no-matrix", is_flag=True, help="downtime: with --vs-qemu, only the comparison.")
 def bench(which: tuple[str, ...], quick: bool, runs: int | None, limits: str | None, modes: str | None,
-          rates: str | None, label: str, out_dir: str, vs_qemu: bool) -> None:
+          rates: str | None, label: str, out_dir: str, vs_qemu: bool, no_matrix: bool) -> None:
     """Benchmarks: print figures and ratios against baselines measured in the same run.
 
     `downtime` runs the downtime matrix (limits x tracking modes x dirty rates, every
@@ -313,9 +314,10 @@ def bench(which: tuple[str, ...], quick: bool, runs: int | None, limits: str | N
         if rates:
             m.rates = tuple(parse_rate(x) for x in rates.split(","))
         m.label = label
-        bd.run(m, Path(out_dir))
+        if not (no_matrix and vs_qemu):
+            bd.run(m, Path(out_dir))
         if vs_qemu:
-            rc |= bd.run_vs_qemu(m, Path(out_dir))
+            rc |= bd.run_vs_qemu(m, Path(out_dir), runs=runs)
     if rest or not which:
         rc |= run_benches(rest or ("migration",), quick=quick)
     sys.exit(rc)
