@@ -263,3 +263,25 @@ def test_link_drop_after_commit_leaves_source_in_postmigrate(setup: Setup) -> No
         setup.src.cmd("cont")
     # and the destination never got the COMMIT: it does not run either
     assert_destination_untouched(dst)
+
+
+# ------------------------------------------------------------------------------ over the limit
+def test_an_overrun_is_reported_in_query_migrate_and_the_migration_event(setup: Setup) -> None:
+    """downtime-limit 1 ms: no switch-over meets it.  The migration still completes (the host's
+    scratch calibration alone does not refuse it) and says by how much and where it overran."""
+    _, dst = setup.destination()
+    setup.src.pull_events()
+    setup.src.events.clear()
+    info = migrate(setup.src, dst, {"downtime-limit": 1})
+    assert info["status"] == "completed", (info.get("error-desc"), info)
+    downtime = sum(info["downtime-phases"].values())
+    assert info["downtime-limit"] == 1
+    assert info["downtime-overrun"] == pytest.approx(downtime - 1, abs=0.01) and info["downtime-overrun"] > 0
+    assert info["downtime-overrun-phase"] in info["downtime-phases"]
+    setup.src.pull_events()
+    done = [e for e in setup.src.events if e["event"] == "MIGRATION" and e["data"]["status"] == "completed"]
+    assert len(done) == 1, setup.src.events
+    assert done[0]["data"]["downtime-overrun"] == info["downtime-overrun"]
+    assert done[0]["data"]["downtime-overrun-phase"] == info["downtime-overrun-phase"]
+    res = finish_and_verify(setup.src, dst, setup.peer, after=0.3)
+    assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]
