@@ -182,6 +182,12 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
     ax.set_xlim(lo, hi)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xticks(sorted({cl.limit for cl in cells}))
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("downtime-limit (ms)")
     ax.set_ylabel("measured downtime (ms)")
     ax.set_title(title)
