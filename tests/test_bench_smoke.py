@@ -11,6 +11,8 @@ import re
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real host processes: seconds per test
+
 from virtio_lm import bench
 
 

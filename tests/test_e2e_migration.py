@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real host processes: seconds per test
+
 pytest.importorskip("qemu.qmp")
 
 from e2e_helpers import (  # noqa: E402

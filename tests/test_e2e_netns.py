@@ -31,6 +31,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real host processes: seconds per test
+
 pytest.importorskip("qemu.qmp")
 
 from e2e_helpers import Cluster, finish_and_verify, migrate, vm_arg, vm_status  # noqa: E402

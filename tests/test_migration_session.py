@@ -545,6 +545,7 @@ def _sections_in(link: Link, off: int, data: bytes):
 
 
 # ====================================================================== idle zero VM
+@pytest.mark.slow
 def test_idle_all_zero_1gib_vm_costs_at_most_1mib_on_the_wire():
     gib = 1 << 30
     vm = MemoryVm(gib, vfs=default_vfs())

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]  # a Linux guest under QEMU (TCG)
+
 from qemu.guest import Backend, GuestUnavailable, Vm, free_port, guest_assets
 
 IMAGE_MIB = 128
