@@ -47,6 +47,7 @@ def vm_arg(
     qd: int = 16,
     dirty_rate: float = 32.0,
     seed: int = 1,
+    sweep: int | None = None,
 ) -> str:
     """A ``--vm`` argument.  ``blk_rate=0`` runs the blk workload flat out, so it
     always has ``qd`` requests submitted when its thread parks: I/O in flight at
@@ -55,6 +56,8 @@ def vm_arg(
         f"name={name}", f"memory={memory}", f"blk={image}", f"blocks={BLOCKS}", f"qd={qd}",
         f"blk-rate={blk_rate}", f"dirty-rate={dirty_rate}", f"seed={seed}",
     ]
+    if sweep is not None:
+        parts.append(f"sweep={sweep}")
     if mac:
         parts += [f"mac={mac}", f"peer={peer}"]
     return ",".join(parts)

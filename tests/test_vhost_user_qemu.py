@@ -147,7 +147,7 @@ def migrate_with_dma(assets, image: Path, tmp_path: Path, *, kind: str = "ours",
             assert time.monotonic() < deadline, info
             time.sleep(0.1)
         # device DMA into pages already sent: a large read through the page cache
-        rc, _ = src.sh(f"dd if=/dev/vda of=/dev/null bs=1M skip={BIG_SKIP_MIB} count={BIG_MIB} 2>/dev/null", 120)
+        rc, _ = src.sh(f"dd if=/dev/vda of=/dev/null bs=1M skip={BIG_SKIP_MIB} count={BIG_MIB} 2>/dev/null", 300)  # TCG on a busy host
         assert rc == 0
         src.qmp("migrate-set-parameters", **{"max-bandwidth": HIGH_BW})
         info = _wait_status(src, {"completed", "failed", "cancelled"}, 120)
