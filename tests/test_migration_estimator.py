@@ -101,7 +101,7 @@ def test_history_calibration_is_separate_from_what_migrations_learned():
     h.record(_cfg(), 0.02)
     assert h.get(_cfg()) == 0.02
     h.calibrate(_cfg(), float("nan"))  # ignored
-    h.calibrate(_cfg(), 0.01, 0.02)  # an overlap longer than the whole: ignored
+    h.calibrate(_cfg(), 0.01, 0.02)  # a restore part longer than the whole: ignored
     assert h.calibrated(_cfg()) == (0.012, 0.005)
 
 

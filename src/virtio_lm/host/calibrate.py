@@ -59,7 +59,6 @@ class Calibration:
     config: StreamConfig  # the kind of VM (what SWITCHOVER_HISTORY keys on)
     seconds: float  # the timed switch-over
     phases: dict[str, float]
-    in_flight: dict[str, int]
 
 
 class Calibrator:
@@ -131,7 +130,7 @@ class Calibrator:
                 prev = t1
             phases[k] = t[k] - prev
             prev = t[k]
-        return Calibration(vm_stream_config(src_vm), sum(phases.values()), phases, dict(src.in_flight.get("vfs", {})))
+        return Calibration(vm_stream_config(src_vm), sum(phases.values()), phases)
 
     def best_of(self, pf: PfDriver, n: int) -> Calibration | None:
         runs = [c for c in (self.measure(pf) for _ in range(n)) if c is not None]

@@ -174,7 +174,7 @@ class Host:
         if len(plan) > config.total_vfs:
             raise ValueError(f"{len(plan)} VFs needed, the PF has {config.total_vfs}")
         # spare VFs, when the PF has room: two scratch VMs per kind of VM, to calibrate the
-        # switch-over's fixed cost before the first migration and at each one (host/calibrate.py)
+        # switch-over's fixed cost before the first migration (host/calibrate.py)
         self.calibrators: dict[tuple[str, ...], Calibrator] = {}
         scratch_vfs: set[int] = set()
         if config.calibrate:

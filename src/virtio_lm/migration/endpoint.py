@@ -65,10 +65,9 @@ class SourceEndpoint(Protocol):
         ...
 
     def calibrate_switchover(self) -> tuple[float, float] | None:
-        """``(seconds, overlap)``: how long a switch-over of this kind of VM takes now, pages,
+        """``(seconds, restore)``: how long a switch-over of this kind of VM takes now, pages,
         network and final dirty collection left out, and how much of it is the destination
-        restoring (which runs while the final pages arrive); None: no way to tell.  Must not
-        pause the VM."""
+        restoring; None: no way to tell.  Must not pause the VM."""
         ...
 
     def collect_dirty(self) -> np.ndarray:

@@ -167,17 +167,18 @@ class SwitchoverHistory:
     pages), per kind of VM (workload and VF device types):
 
     * **calibrated** -- the latest timed scratch switch-over on the host's spare VFs
-      (:mod:`virtio_lm.host.calibrate`: at start-up, then at the start of every
-      migration), which leaves out the network and the final dirty collection;
-    * **ratio** -- how completed migrations compared with the calibration taken at
-      their start: (their fixed cost less the final collection and 2.5 round trips) /
+      (:mod:`virtio_lm.host.calibrate`: at start-up, and again at a migration's start
+      when it leaves the pages little room), which leaves out the network and the
+      final dirty collection; with the part of it the destination's restore took;
+    * **ratio** -- how completed migrations compared with the calibration they used:
+      (their fixed cost less the final collection and ``ROUND_TRIPS`` round trips) /
       calibration, averaged; 1 until a migration completed;
     * **learned** -- the whole fixed cost completed migrations measured, averaged.  A
       source learns it from its downtime phases; a destination from what it saw (the
       source's part as COMPLETE reports it, its own restore after COMPLETE, the
       COMMIT round trip and its start), so a host that received a VM knows it too.
 
-    A source estimates ``calibrated x ratio + final collection + 2.5 round trips``
+    A source estimates ``calibrated x ratio + final collection + ROUND_TRIPS round trips``
     (the last two measured live), or ``learned`` when it has no calibration; the
     policy adds that to the expected downtime (:mod:`~virtio_lm.migration.policy`).
     """
@@ -210,9 +211,9 @@ class SwitchoverHistory:
         """(seconds, of which the destination's restore) of the latest calibration."""
         return self._calibrated.get(self.key(cfg))
 
-    def calibrate(self, cfg: StreamConfig, seconds: float, overlap: float = 0.0) -> None:
-        if math.isfinite(seconds) and seconds > 0 and math.isfinite(overlap) and 0 <= overlap <= seconds:
-            self._calibrated[self.key(cfg)] = (seconds, overlap)
+    def calibrate(self, cfg: StreamConfig, seconds: float, restore: float = 0.0) -> None:
+        if math.isfinite(seconds) and seconds > 0 and math.isfinite(restore) and 0 <= restore <= seconds:
+            self._calibrated[self.key(cfg)] = (seconds, restore)
 
     def ratio(self, cfg: StreamConfig) -> float | None:
         return self._ratios.get(self.key(cfg))
@@ -322,6 +323,9 @@ SOURCE_STATUS = {
 }
 
 RECALIBRATE = 0.5  # a calibration at or above this share of downtime-limit is measured again at the start
+# what a calibration cannot see: READY -> COMMIT -> RUNNING is two round trips, the final data's
+# last bytes half of one
+ROUND_TRIPS = 2.5
 
 DOWNTIME_PHASES = ("pause", "quiesce", "final-dirty", "freeze-save", "send", "restore", "commit", "run")
 
@@ -417,7 +421,7 @@ class SourceSession:
         self._await_offset = 0  # stream offset just past that record
         self._calibrated_s: float | None = None  # the latest calibration (at start-up, then at our start)
         self.calibration_s = 0.0  # how long our own calibration took (part of setup)
-        self._overlap_s = 0.0  # of the calibration: the destination's part (restore and start)
+        self._calibrated_restore_s = 0.0  # of the calibration: the destination's restore (reported only)
         # none | calibrated | calibrated+learned | learned | calibrated-over-limit-ignored
         self.fixed_cost_source = "none"
         self._t: dict[str, float] = {}
@@ -645,11 +649,16 @@ class SourceSession:
             self._await_offset = self._enc.offset
             self._ack_wait_from = None
             return
-        now = self.clock()
-        self.policy.record_delivered(
-            now, self._round_stats[2], max(now - self._round_start - self._scan_s, 1e-6), provisional=self._round == 0
-        )
+        self._record_delivered(self._round_stats[2])
         self._decide()
+
+    def _record_delivered(self, nbytes: int) -> None:
+        """The round's ``nbytes`` arrived: a bandwidth sample over the round's time, the zero
+        check left out (it is not the link's: a final send is pages with data)."""
+        assert self.policy is not None
+        now = self.clock()
+        seconds = max(now - self._round_start - self._scan_s, 1e-6)
+        self.policy.record_delivered(now, nbytes, seconds, provisional=self._round == 0)
 
     def _refresh_fixed_cost(self) -> None:
         """The fixed-cost estimate from what is known now (see :class:`SwitchoverHistory`)."""
@@ -657,11 +666,10 @@ class SourceSession:
         hist = self.history
         if self._calibrated_s is not None:
             # calibrated without the network and the final collection: add them as measured now
-            # (READY -> COMMIT -> RUNNING is two round trips, the final data's last bytes half one)
             ratio = hist.ratio(self.config) if hist is not None else None
             self.fixed_cost_source = "calibrated" if ratio is None else "calibrated+learned"
             self.fixed_cost_estimate = (
-                self._calibrated_s * (ratio or 1.0) + self.collect_s + 2.5 * (self.rtt_s or 0.0)
+                self._calibrated_s * (ratio or 1.0) + self.collect_s + ROUND_TRIPS * (self.rtt_s or 0.0)
             )
         elif hist is not None and hist.get(self.config) is not None:
             self.fixed_cost_source = "learned"
@@ -686,11 +694,7 @@ class SourceSession:
         if self._ack_wait_from is not None:
             rtt = now - self._ack_wait_from
             self.rtt_s = rtt if self.rtt_s is None else min(self.rtt_s, rtt)
-        # the zero check's time is not the link's: a final send is pages with data
-        seconds = max(now - self._round_start - self._scan_s, 1e-6)
-        self.policy.record_delivered(
-            now, max(0, ack.bytes_received - self._acked_bytes), seconds, provisional=self._round == 0
-        )
+        self._record_delivered(max(0, ack.bytes_received - self._acked_bytes))
         self._acked_bytes = ack.bytes_received
         self._await_ack = None
         self._acked = True  # produce() decides next (not from inside this table step)
@@ -840,7 +844,7 @@ class SourceSession:
             self.config = cfg
             self.policy = Policy(self.params, cfg.page_size, self._page_cost())
             if self.history is not None and self.history.calibrated(cfg) is not None:
-                self._calibrated_s, self._overlap_s = self.history.calibrated(cfg)  # type: ignore[misc]
+                self._calibrated_s, self._calibrated_restore_s = self.history.calibrated(cfg)  # type: ignore[misc]
             self._refresh_fixed_cost()
             self._emit(Hello(cfg))
             ep.start_tracking()
@@ -858,9 +862,9 @@ class SourceSession:
                 self.calibration_s = self.clock() - t0
                 if live is not None and math.isfinite(live[0]) and live[0] > 0:
                     if self._calibrated_s is None or live[0] < self._calibrated_s:
-                        self._calibrated_s, self._overlap_s = live
+                        self._calibrated_s, self._calibrated_restore_s = live
                     if self.history is not None:
-                        self.history.calibrate(self.config, self._calibrated_s, self._overlap_s)
+                        self.history.calibrate(self.config, self._calibrated_s, self._calibrated_restore_s)
                 self._refresh_fixed_cost()
             now = self.clock()
             self.t_setup_done = now
@@ -885,7 +889,8 @@ class SourceSession:
                 d = self.downtime_phases
                 self.history.record(self.config, self.downtime - d.get("send", 0.0))
                 if self._calibrated_s is not None:
-                    core = self.downtime - d.get("send", 0.0) - d.get("final-dirty", 0.0) - 2.5 * (self.rtt_s or 0.0)
+                    core = (self.downtime - d.get("send", 0.0) - d.get("final-dirty", 0.0)
+                            - ROUND_TRIPS * (self.rtt_s or 0.0))
                     self.history.record_ratio(self.config, core / self._calibrated_s)
             try:
                 ep.release()
@@ -1039,7 +1044,7 @@ class SourceSession:
             out["x-switchover-cost-source"] = self.fixed_cost_source
         if self._calibrated_s is not None:
             out["x-switchover-calibration"] = {
-                "ms": round(self._calibrated_s * 1000, 3), "restore-ms": round(self._overlap_s * 1000, 3),
+                "ms": round(self._calibrated_s * 1000, 3), "restore-ms": round(self._calibrated_restore_s * 1000, 3),
                 "measured-at-start-ms": round(self.calibration_s * 1000, 3),
             }
         if self.downtime is not None:
