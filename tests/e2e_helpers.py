@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from virtio_lm.demo import check_network
+from virtio_lm.demo import check_network, cli_command
 from virtio_lm.orchestrate import FINAL, ChildProcess, Monitor, run_migration
 from virtio_lm.wire.stream import Direction, Ready, StreamDecoder
 
@@ -30,10 +29,6 @@ VM1_MAC = "52:54:00:12:34:57"
 PEER1_MAC = "52:54:00:00:00:fd"
 IMAGE_MIB = 16
 BLOCKS = 256
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "virtio_lm.cli", *args]
 
 
 def vm_arg(
@@ -111,7 +106,7 @@ class Cluster:
         return path
 
     def switch(self, listen: str = "127.0.0.1:0", *, netns: str | None = None) -> str:
-        p = Proc(self._name("switch"), _cli("switch", "--listen", listen, "--lifetime", "600"), self.work, netns=netns)
+        p = Proc(self._name("switch"), cli_command("switch", "--listen", listen, "--lifetime", "600"), self.work, netns=netns)
         self.procs.append(p)
         return p.first_line().split()[-1]
 
@@ -122,7 +117,7 @@ class Cluster:
         report = self.work / f"{name}.json"
         p = Proc(
             name,
-            _cli("peer", "--switch", switch, "--mac", mac, "--vm-mac", vm_mac, "--rate", str(rate), "--report", str(report)),
+            cli_command("peer", "--switch", switch, "--mac", mac, "--vm-mac", vm_mac, "--rate", str(rate), "--report", str(report)),
             self.work,
             netns=netns,
         )
@@ -142,7 +137,7 @@ class Cluster:
             argv += ["--switch", switch]
         if incoming:
             argv.append("--incoming")
-        p = Proc(name, _cli(*argv), self.work, netns=netns)
+        p = Proc(name, cli_command(*argv), self.work, netns=netns)
         self.procs.append(p)
         h = HostProc(p, p.first_line().split()[-1])
         self.hosts.append(h)

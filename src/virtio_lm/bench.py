@@ -313,7 +313,7 @@ def stream_profile(quick: bool) -> list[str]:
 # ---------------------------------------------------------------------- figure 3: downtime vs limit
 def bench_downtime(quick: bool) -> tuple[list[Figure], list[str]]:
     """A VM (blk + net VFs, vCPU dirtying memory) hops host to host, one migration per limit."""
-    from virtio_lm.demo import BLOCKS, PEER_MAC, VM_MAC, _cli, start_network
+    from virtio_lm.demo import BLOCKS, PEER_MAC, VM_MAC, cli_command, start_network
     from virtio_lm.orchestrate import ChildProcess as _Proc
     from virtio_lm.orchestrate import Monitor, run_migration, shut_down
 
@@ -333,7 +333,7 @@ def bench_downtime(quick: bool) -> tuple[list[Figure], list[str]]:
 
         def host(i: int, incoming: bool) -> Monitor:
             argv = ["host", "--name", f"h{i}", "--qmp", f"unix:{work}/h{i}.qmp", "--vm", vm, "--switch", switch]
-            p = _Proc(f"h{i}", _cli(*argv, *(["--incoming"] if incoming else [])), work)
+            p = _Proc(f"h{i}", cli_command(*argv, *(["--incoming"] if incoming else [])), work)
             procs.append(p)
             m = Monitor(p.first_line().split()[-1])
             monitors.append(m)

@@ -81,7 +81,7 @@ class Cell:
 
 def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int) -> dict[str, Any]:
     """A fresh source and destination host (separate processes), one migration."""
-    from virtio_lm.demo import start_network, vm_spec_text, _cli
+    from virtio_lm.demo import cli_command, start_network, vm_spec_text
     from virtio_lm.orchestrate import ChildProcess, Monitor, run_migration, shut_down
 
     procs: list[ChildProcess] = []
@@ -92,7 +92,7 @@ def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int
         mons = []
         for name, incoming in (("src", False), ("dst", True)):
             argv = ["host", "--name", name, "--qmp", f"unix:{work}/{name}.qmp", "--vm", vm, "--switch", net.switch]
-            p = ChildProcess(name, _cli(*argv, *(["--incoming"] if incoming else [])), work)
+            p = ChildProcess(name, cli_command(*argv, *(["--incoming"] if incoming else [])), work)
             procs.append(p)
             mons.append(Monitor(p.first_line().split()[-1]))
         monitors.extend(mons)

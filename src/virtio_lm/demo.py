@@ -68,7 +68,9 @@ def vm_spec_text(memory_mib: int, image: Path | str, dirty_rate_mbps: float, see
     return text + (f",{extra}" if extra else "")
 
 
-def _cli(*args: str) -> list[str]:
+def cli_command(*args: str) -> list[str]:
+    """The argv that runs ``virtio-lm ARGS`` with this interpreter (the demo's, the benches' and
+    the tests' child processes)."""
     return [sys.executable, "-m", "virtio_lm.cli", *args]
 
 
@@ -87,13 +89,13 @@ def start_network(work: Path, procs: list[ChildProcess]) -> Network:
     image = work / "disk.img"
     with open(image, "wb") as f:
         f.truncate(IMAGE_MIB << 20)
-    sw = ChildProcess("switch", _cli("switch", "--listen", "127.0.0.1:0", "--lifetime", "900"), work)
+    sw = ChildProcess("switch", cli_command("switch", "--listen", "127.0.0.1:0", "--lifetime", "900"), work)
     procs.append(sw)
     switch_addr = sw.first_line().split()[-1]
     peer_report = work / "peer.json"
     pr = ChildProcess(
         "peer",
-        _cli("peer", "--switch", switch_addr, "--mac", PEER_MAC, "--vm-mac", VM_MAC, "--rate", "200", "--report", str(peer_report)),
+        cli_command("peer", "--switch", switch_addr, "--mac", PEER_MAC, "--vm-mac", VM_MAC, "--rate", "200", "--report", str(peer_report)),
         work,
     )
     procs.append(pr)
@@ -171,11 +173,11 @@ def run_demo(opts: DemoOptions) -> int:
         image, switch_addr, pr, peer_report = net.image, net.switch, net.peer, net.peer_report
         vm = vm_spec_text(opts.memory_mib, image, opts.dirty_rate_mbps, opts.seed, fill_mib=opts.fill_mib,
                           sweep_mib=opts.sweep_mib)
-        src = ChildProcess("source", _cli("host", "--name", "source", "--qmp", f"unix:{work}/source.qmp", "--vm", vm, "--switch", switch_addr), work)
+        src = ChildProcess("source", cli_command("host", "--name", "source", "--qmp", f"unix:{work}/source.qmp", "--vm", vm, "--switch", switch_addr), work)
         procs.append(src)
         dst = ChildProcess(
             "destination",
-            _cli("host", "--name", "destination", "--qmp", f"unix:{work}/destination.qmp", "--vm", vm, "--switch", switch_addr, "--incoming"),
+            cli_command("host", "--name", "destination", "--qmp", f"unix:{work}/destination.qmp", "--vm", vm, "--switch", switch_addr, "--incoming"),
             work,
         )
         procs.append(dst)
