@@ -18,6 +18,7 @@ Downtime is the source's: from the pause to the destination's RUNNING
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -242,12 +243,12 @@ def run_vs_qemu(m: Matrix, out_dir: Path, *, runs: int | None = None) -> int:
     n = runs or max(1, min(m.runs, 3))
     rows: list[dict[str, Any]] = []
     try:
-        qb_ctx = QemuBaseline()
+        prepared = QemuBaseline().__enter__()  # QEMU, the kernel, busybox and gcc are looked for here
     except QemuUnavailable as exc:
         print(f"\n== vs QEMU: skipped ({exc})")
         return 1
     max_fill = m.memory_mib - SWEEP_START // (1 << 20) - m.sweep_mib
-    with qb_ctx as qb:
+    with contextlib.closing(prepared) as qb:
         for name, fill, rate, limit in SCENARIOS:
             theirs: list[dict[str, Any]] = []
             for _ in range(n):
