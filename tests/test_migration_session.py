@@ -218,9 +218,10 @@ def test_idle_vm_migrates_and_dest_memory_matches():
     order = [c for c in vm.calls if c not in ("read_pages", "collect_dirty", "config")]
     assert_completed(link)
     src = link.src
-    assert order == ["start_tracking", "calibrate_switchover", "prepare_switchover", "pause_vcpus", "quiesce_vfs", "freeze_and_save_vfs", "stop_tracking",
-                     "cpu_state", "release"]
-    assert link.shell.calls == ["check_config", "restore_vfs", "set_cpu_state", "start"]
+    # the guest state goes first (the destination rebuilds it while the VFs freeze here)
+    assert order == ["start_tracking", "calibrate_switchover", "prepare_switchover", "pause_vcpus", "cpu_state",
+                     "quiesce_vfs", "freeze_and_save_vfs", "stop_tracking", "release"]
+    assert link.shell.calls == ["check_config", "set_cpu_state", "restore_vfs", "start"]
     info = src.info()
     ram = info["ram"]
     assert ram["total"] == MEM and ram["normal"] == 512 and ram["duplicate"] == 512
@@ -233,6 +234,23 @@ def test_idle_vm_migrates_and_dest_memory_matches():
     statuses = [e.status for e in link.src_events if isinstance(e, MigrationEvent)]
     assert statuses == ["setup", "active", "device", "completed"]
     assert [e.state for e in link.src_events if isinstance(e, VmStateEvent)] == ["finish-migrate", "postmigrate"]
+
+
+def test_guest_state_reaches_the_destination_before_the_vfs_quiesce():
+    """The switch-over in two stages: produce() hands out CPU_STATE and returns, so the
+    destination rebuilds the guest while the source quiesces and freezes its VFs."""
+    vm = MemoryVm(MEM, fill="half", seed=3)
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def hook(link: Link) -> None:
+        if "set_cpu_state" in link.shell.calls and not seen:
+            seen.append((list(link.vm.calls), list(link.shell.calls)))
+
+    link = Link(vm, MemoryVmShell(vm.memory_size)).run(hook=hook)
+    assert_completed(link)
+    src_calls, dst_calls = seen[0]
+    assert "cpu_state" in src_calls and "quiesce_vfs" not in src_calls and "freeze_and_save_vfs" not in src_calls
+    assert dst_calls[-1] == "set_cpu_state" and "restore_vfs" not in dst_calls
 
 
 def test_dirtying_vm_converges_with_devices_writing():

@@ -946,3 +946,52 @@ def test_bad_image_is_refused_at_unfreeze_and_the_vf_is_unchanged(h, damage):
         h.drv.restore_image(2, image, 100)
         h.drv.set_state(2, S.QUIESCED)
         assert h.drv.get_state(2) is S.QUIESCED
+
+
+# ====================================================================== batched switch-over
+def test_batched_switch_over_equals_one_command_at_a_time(h):
+    """set_states / freeze_and_save / restore_and_quiesce (one kick per step for all VFs)
+    give the images save_image gives, in small portions too, and restore an image that
+    save_image reads back unchanged."""
+    image = _busy_freezed_vf(h, 1)
+    drive(h, 2, S.QUIESCED)
+    before = h.drv.stats.commands
+    images = h.drv.freeze_and_save([1, 2], portion=50)  # 1 is FREEZED already: a no-op SET_STATE
+    assert h.drv.stats.commands - before == 6 + sum(-(-len(i) // 50) - 1 for i in images)
+    assert images == [image, h.drv.save_image(2)]
+    h.drv.flr_vf(2)
+    h.drv.restore_and_quiesce([(2, image)], portion=37)  # 37-byte portions: many chains, one batch
+    assert h.drv.get_state(2) is S.QUIESCED
+    h.drv.set_state(2, S.FREEZED)
+    assert h.drv.save_image(2) == image
+    h.drv.set_states([1, 2], S.QUIESCED)
+    h.drv.set_states([1, 2], S.RUNNING)
+    assert [h.drv.get_state(v) for v in (1, 2)] == [S.RUNNING, S.RUNNING]
+
+
+def test_batched_switch_over_refusals_name_the_vf(h):
+    drive(h, 1, S.RUNNING)
+    drive(h, 2, S.RUNNING)
+    # RUNNING -> FREEZED is not a transition: the batch raises for the first VF that refused
+    with pytest.raises(ControlCommandError) as ei:
+        h.drv.freeze_and_save([1, 2])
+    assert (ei.value.command, ei.value.func_id) == ("SET_STATE", 1)
+    assert [h.drv.get_state(v) for v in (1, 2)] == [S.RUNNING, S.RUNNING]
+    # a bad image: the VF stays FREEZED, the other one in the batch restored
+    image = _busy_freezed_vf(h, 1)
+    h.drv.flr_vf(2)
+    bad = bytearray(image)
+    bad[len(bad) // 2] ^= 0x40
+    h.drv.flr_vf(1)
+    with pytest.raises(ControlCommandError) as ei:
+        h.drv.restore_and_quiesce([(1, image), (2, bytes(bad))])
+    assert (ei.value.command, ei.value.func_id, ei.value.state) == ("SET_STATE", 2, S.FREEZED)
+    assert h.drv.get_state(1) is S.QUIESCED
+
+
+def test_a_batch_longer_than_the_queue_goes_in_several_kicks(h):
+    n = h.drv.queue_size  # chains of two descriptors: twice what one kick can carry
+    before = h.drv.stats.commands
+    h.drv.set_states([1] * n, S.QUIESCED)
+    assert h.drv.stats.commands - before == n and h.drv.get_state(1) is S.QUIESCED
+    assert h.drv.ctrlq.num_free() == h.drv.queue_size  # every descriptor back

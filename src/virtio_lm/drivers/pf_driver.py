@@ -324,65 +324,118 @@ class PfDriver:
         return result, ack
 
     def _submit(self, readable: bytes, result_space: int) -> tuple[bytes, Ack]:
-        if result_space < 0:
-            raise ValueError(f"result_space {result_space} < 0")
+        return self._submit_many([(readable, result_space)])[0]
+
+    def _submit_many(self, requests: list[tuple[bytes, int]]) -> list[tuple[bytes, Ack]]:
+        """Send several generic v1 buffers with one kick; their ``(result, ack)`` in order.
+
+        The device takes the control queue's chains in order (a command's
+        effect is in place before the next one runs), so a dependent sequence
+        -- FREEZED, RESTORE_STATE, QUIESCED -- can go in one kick: what one
+        kick costs (two thread hand-offs here, a doorbell and an interrupt on
+        real hardware) is paid once per batch, not per command.  Each command
+        still gets its own ack: when one fails, the later ones ran anyway and
+        met the state it left (the caller reads every ack).
+        """
+        for _, space in requests:
+            if space < 0:
+                raise ValueError(f"result_space {space} < 0")
+        out: list[tuple[bytes, Ack]] = []
         with self._lock:
-            dq = self.ctrlq
-            if dq is None or self.ctrl_index is None:
-                raise DriverError(f"{self._name}: the PF driver is not up (bring_up first)")
-            wlen = result_space + ACK_SIZE
-            try:
-                rd = self.alloc.alloc(len(readable), 8)
-            except AllocationError as exc:
-                raise DriverError(f"{self._name}: no host memory for a {len(readable)}-byte command") from exc
-            try:
-                wr = self.alloc.alloc(wlen, 8)
-            except AllocationError as exc:
-                self.alloc.free(rd)
-                raise DriverError(f"{self._name}: no host memory for a {wlen}-byte result") from exc
-            token = next(self._tokens)
-            try:
+            per_kick = max(1, self.queue_size // 2)  # two descriptors a chain
+            for i in range(0, len(requests), per_kick):
+                out += self._submit_chunk(requests[i : i + per_kick])
+        return out
+
+    def _submit_chunk(self, requests: list[tuple[bytes, int]]) -> list[tuple[bytes, Ack]]:
+        dq = self.ctrlq
+        if dq is None or self.ctrl_index is None:
+            raise DriverError(f"{self._name}: the PF driver is not up (bring_up first)")
+        if 2 * len(requests) > dq.num_free():
+            raise DriverError(
+                f"{self._name}: {len(requests)} commands need {2 * len(requests)} descriptors, "
+                f"{dq.num_free()} free (commands abandoned by timeouts hold the rest)"
+            )
+        bufs: list[tuple[int, int, int]] = []  # (read buffer, write buffer, writable length)
+        try:
+            for readable, space in requests:
+                wlen = space + ACK_SIZE
+                try:
+                    rd = self.alloc.alloc(len(readable), 8)
+                except AllocationError as exc:
+                    raise DriverError(f"{self._name}: no host memory for a {len(readable)}-byte command") from exc
+                try:
+                    wr = self.alloc.alloc(wlen, 8)
+                except AllocationError as exc:
+                    self.alloc.free(rd)
+                    raise DriverError(f"{self._name}: no host memory for a {wlen}-byte result") from exc
+                bufs.append((rd, wr, wlen))
                 self.port.write(rd, readable)
-                dq.add([Segment(rd, len(readable))], [Segment(wr, wlen)], token=token)
-            except VirtioLmError:
+        except BaseException:
+            for rd, wr, _ in bufs:
                 self.alloc.free(rd)
                 self.alloc.free(wr)
-                raise
-            self._irq.clear()
-            self.stats.commands += 1
-            self.transport.kick(self.ctrl_index)
-            used_len = self._wait(dq, token, rd, wr)
+            raise
+        tokens: list[int] = []
+        for (readable, _), (rd, wr, wlen) in zip(requests, bufs):
+            token = next(self._tokens)
+            dq.add([Segment(rd, len(readable))], [Segment(wr, wlen)], token=token)  # room checked above
+            tokens.append(token)
+        self._irq.clear()
+        self.stats.commands += len(tokens)
+        self.transport.kick(self.ctrl_index)
+        used = self._wait_all(dq, dict(zip(tokens, bufs)))
+        results: list[tuple[bytes, Ack]] = []
+        problem: VirtioLmError | None = None
+        for token, (rd, wr, wlen) in zip(tokens, bufs):
+            used_len = used[token]
             try:
                 if used_len > wlen:
                     raise UsedRingError(
                         f"{self._name}: control command used_len {used_len} exceeds its writable {wlen} bytes"
                     )
-                written = self.port.read(wr, used_len)
+                result, ack = decode_response(self.port.read(wr, used_len))
+                if ack is Ack.ERR:
+                    self.stats.errors += 1
+                    if result:
+                        raise TrailingDataError("virtio_generic_v1_ctrl", 0, len(result))
+                results.append((result, ack))
+            except VirtioLmError as exc:
+                problem = problem or exc
             finally:
                 self.alloc.free(rd)
                 self.alloc.free(wr)
-            result, ack = decode_response(written)
-            if ack is Ack.ERR:
-                self.stats.errors += 1
-                if result:
-                    raise TrailingDataError("virtio_generic_v1_ctrl", 0, len(result))
-            return result, ack
+        if problem is not None:
+            raise problem
+        return results
 
-    def _wait(self, dq: DriverQueue, token: int, rd: int, wr: int) -> int:
-        """The used length of the chain ``token``; raises on timeout / NEEDS_RESET."""
+    def _wait_all(self, dq: DriverQueue, pending: dict[int, tuple[int, int, int]]) -> dict[int, int]:
+        """The used length of each chain in ``pending``; raises on timeout / NEEDS_RESET.
+
+        On either, the chains not yet returned are abandoned: their buffers are
+        freed when (if) the device returns them."""
         deadline = time.monotonic() + self.timeout
+        waiting = dict(pending)
+        used: dict[int, int] = {}
+
+        def abandon() -> None:
+            for token, (rd, wr, _) in waiting.items():
+                self._abandoned[token] = (rd, wr)
+
         while True:
             self._irq.clear()
-            item = dq.get_used()
-            if item is not None:
+            while (item := dq.get_used()) is not None:
                 got, used_len = item
-                if got == token:
-                    return used_len
-                self._reap(got)
-                continue
+                if got in waiting:
+                    del waiting[got]  # type: ignore[arg-type]
+                    used[got] = used_len  # type: ignore[index]
+                else:
+                    self._reap(got)
+            if not waiting:
+                return used
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._abandoned[token] = (rd, wr)  # the device may still write them: freed when it returns
+                abandon()
                 self.stats.timeouts += 1
                 raise CommandTimeoutError(
                     f"{self._name}: control command not completed within {self.timeout}s"
@@ -392,7 +445,7 @@ class PfDriver:
             else:
                 self.stats.polls += 1
             if self.transport.status & (int(DeviceStatus.DEVICE_NEEDS_RESET) | int(DeviceStatus.FAILED)):
-                self._abandoned[token] = (rd, wr)
+                abandon()
                 raise DeviceNeedsResetError(f"{self._name}: the PF needs a reset; control command abandoned")
 
     def _reap(self, token: object) -> None:
@@ -424,6 +477,20 @@ class PfDriver:
         if ack is Ack.ERR:
             raise self._error(command.name, func_id, detail)
         return result
+
+    def _migration_many(self, commands: list[tuple[MigrationCommand, bytes, int, int, str]]) -> list[bytes]:
+        """Several class-128 commands ``(command, data, result space, VF, detail)`` with one kick.
+
+        Every command runs (see :meth:`_submit_many`); the first ERR ack, in
+        order, raises its :class:`ControlCommandError` (the VF's state in it
+        is read after the whole batch)."""
+        replies = self._submit_many(
+            [(encode_request(CLASS_VF_MIGRATION, cmd, data), space) for cmd, data, space, _, _ in commands]
+        )
+        for (cmd, _, _, vf, detail), (_, ack) in zip(commands, replies):
+            if ack is Ack.ERR:
+                raise self._error(cmd.name, vf, detail)
+        return [result for result, _ in replies]
 
     # ================================================================== the nine commands
     def identify(self) -> IdentifyResult:
@@ -479,6 +546,95 @@ class PfDriver:
         """RESTORE_STATE: one portion of an image at ``offset``."""
         payload = FuncOffset(vf, offset=offset).encode() + bytes(data)
         self._expect_empty(self._migration(MigrationCommand.RESTORE_STATE, payload, 0, vf))
+
+    # ================================================================== a switch-over, batched
+    # The sequence of a VF switch-over (quiesce -> final dirty -> freeze -> save on the
+    # source; restore -> unfreeze -> run on the destination), every step for all of a VM's
+    # VFs in one kick.  The host's endpoints, the calibrator, the net testbed and the
+    # benches all switch over through these.
+    def set_states(self, vfs: list[int], state: VfState) -> None:
+        """SET_STATE ``state`` for each VF of ``vfs``, one kick."""
+        state = VfState(state)
+        for result in self._migration_many(
+            [(MigrationCommand.SET_STATE, SetState(vf, state).encode(), 0, vf, f"to {state.name}") for vf in vfs]
+        ):
+            self._expect_empty(result)
+
+    def freeze_and_save(self, vfs: list[int], portion: int | None = None) -> list[bytes]:
+        """FREEZE each VF and return its whole state image, in ``vfs`` order.
+
+        One kick carries, per VF, SET_STATE FREEZED, GET_STATE_ATTRS and the
+        first SAVE_STATE portion; images longer than a portion take one more
+        kick per further portion (all VFs together)."""
+        portion = portion or self.state_portion
+        freeze = [(MigrationCommand.SET_STATE, SetState(vf, VfState.FREEZED).encode(), 0, vf, "to FREEZED") for vf in vfs]
+        attrs = [(MigrationCommand.GET_STATE_ATTRS, FuncId(vf).encode(), StateAttrsResult.SIZE, vf, "") for vf in vfs]  # type: ignore[attr-defined]
+        first = [(MigrationCommand.SAVE_STATE, FuncOffset(vf, offset=0).encode(), portion, vf, "") for vf in vfs]
+        with self._lock:
+            replies = self._migration_many(freeze + attrs + first)
+            n = len(vfs)
+            for result in replies[:n]:
+                self._expect_empty(result)
+            lengths: list[int] = []
+            for vf, raw in zip(vfs, replies[n : 2 * n]):
+                a = StateAttrsResult.decode(raw)  # type: ignore[attr-defined]
+                if a.state is not VfState.FREEZED:
+                    raise DriverError(f"VF {vf} in {a.state.name} after SET_STATE FREEZED succeeded")
+                lengths.append(a.len)
+            images = [bytearray(chunk) for chunk in replies[2 * n :]]
+            for vf, img, length in zip(vfs, images, lengths):
+                if len(img) > length:
+                    raise UsedRingError(f"VF {vf}: SAVE_STATE returned {len(img)} bytes of a {length}-byte image")
+            while True:
+                todo = [(i, vf) for i, vf in enumerate(vfs) if len(images[i]) < lengths[i]]
+                if not todo:
+                    return [bytes(img) for img in images]
+                chunks = self._migration_many([
+                    (MigrationCommand.SAVE_STATE, FuncOffset(vf, offset=len(images[i])).encode(),
+                     min(portion, lengths[i] - len(images[i])), vf, "")
+                    for i, vf in todo
+                ])
+                for (i, vf), chunk in zip(todo, chunks):
+                    if not chunk:
+                        raise UsedRingError(
+                            f"VF {vf}: SAVE_STATE returned nothing at {len(images[i])} of {lengths[i]} bytes"
+                        )
+                    images[i] += chunk
+
+    def restore_and_quiesce(self, images: list[tuple[int, bytes]], portion: int | None = None) -> None:
+        """Per VF: SET_STATE FREEZED, RESTORE_STATE in portions, SET_STATE QUIESCED (which
+        validates and applies the image) -- all VFs in one kick (more when the chains
+        exceed the queue).  The first refusal raises; the VFs are left for the caller to
+        reset (FLR), as after any failed restore."""
+        portion = portion or self.state_portion
+        cmds: list[tuple[MigrationCommand, bytes, int, int, str]] = []
+        for vf, blob in images:
+            cmds.append((MigrationCommand.SET_STATE, SetState(vf, VfState.FREEZED).encode(), 0, vf, "to FREEZED"))
+            for off in range(0, len(blob), portion):
+                cmds.append((MigrationCommand.RESTORE_STATE,
+                             FuncOffset(vf, offset=off).encode() + bytes(blob[off : off + portion]), 0, vf, ""))
+            cmds.append((MigrationCommand.SET_STATE, SetState(vf, VfState.QUIESCED).encode(), 0, vf, "to QUIESCED"))
+        for result in self._migration_many(cmds):
+            self._expect_empty(result)
+
+    def stop_tracking_all(self, vfs: list[int]) -> None:
+        """STOP_DIRTY_PAGE_TRACK for each VF of ``vfs`` (one kick), then free the push maps
+        of those the device stopped; the first refusal raises after that."""
+        with self._lock:
+            replies = self._submit_many(
+                [(encode_request(CLASS_VF_MIGRATION, MigrationCommand.STOP_DIRTY_PAGE_TRACK, FuncId(vf).encode()), 0)
+                 for vf in vfs]
+            )
+            with self._track_lock:
+                for vf, (_, ack) in zip(vfs, replies):
+                    if ack is Ack.OK:
+                        tr = self._tracking.pop(vf, None)
+                        if tr is not None:
+                            self._free_segments(tr)
+            for vf, (result, ack) in zip(vfs, replies):
+                if ack is Ack.ERR:
+                    raise self._error(MigrationCommand.STOP_DIRTY_PAGE_TRACK.name, vf)
+                self._expect_empty(result)
 
     def _expect_empty(self, result: bytes) -> None:
         if result:

@@ -7,8 +7,10 @@ image (the net VF has no back-end: nothing reaches the network).  One of
 them runs; :meth:`Calibrator.measure` lets it run briefly (its requests get
 in flight), then times the switch-over sequence of a real migration to the
 other one, with the same control-queue commands of the PF driver: pause,
-QUIESCE, FREEZE + SAVE_STATE (blk: the flush), the guest state, FREEZE +
-RESTORE_STATE + QUIESCE, the guest state restored, RUN, resume.  The pages,
+the guest state, QUIESCE, FREEZE + SAVE_STATE (blk: the flush), the guest
+state restored, FREEZE + RESTORE_STATE + QUIESCE, RUN, resume; the total
+counts the destination's guest restore as overlapping the source's QUIESCE
+.. SAVE_STATE, as it does in a migration (:func:`switchover_seconds`).  The pages,
 the network and the final dirty collection are left out: the migration
 measures those live.  The source's VFs are then reset (FLR), the one now
 running is paused until the next measurement, and the next one goes the
@@ -40,9 +42,19 @@ from virtio_lm.wire.stream import StreamConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Calibration", "Calibrator", "scratch_specs"]
+__all__ = ["Calibration", "Calibrator", "scratch_specs", "switchover_seconds"]
 
-STEPS = ("pause", "quiesce", "freeze-save", "restore", "run")
+STEPS = ("pause", "guest-state", "quiesce", "freeze-save", "guest-restore", "restore", "run")
+
+
+def switchover_seconds(steps: dict[str, float]) -> float:
+    """A switch-over's length from its steps timed one after another in one process: the
+    destination rebuilds the guest state (``guest-restore``) while the source quiesces
+    and freezes its VFs, in another process (the session sends CPU_STATE first), so
+    those overlap; the rest is in series."""
+    return (steps["pause"] + steps["guest-state"]
+            + max(steps["guest-restore"], steps["quiesce"] + steps["freeze-save"])
+            + steps["restore"] + steps["run"])
 
 
 def scratch_specs(spec: VmSpec, image: str) -> tuple[VmSpec, VmSpec]:
@@ -104,33 +116,35 @@ class Calibrator:
             time.sleep(0.001)
         src, dst = VmSource(src_vm, pf), VmDestination(dst_vm, pf)
         c = time.perf_counter
-        t = {"start": c()}
+        t: dict[str, float] = {}
+        t0 = c()
         src.pause_vcpus()
-        t["pause"] = c()
-        src.quiesce_vfs()
-        t["quiesce"] = c()
-        images = src.freeze_and_save_vfs()
+        t["pause"] = c() - t0
+        t0 = c()
         cpu = src.cpu_state()
-        t["freeze-save"] = c()
+        t["guest-state"] = c() - t0
+        t0 = c()
+        src.quiesce_vfs()
+        t["quiesce"] = c() - t0
+        t0 = c()
+        images = src.freeze_and_save_vfs()
+        t["freeze-save"] = c() - t0
         # the pages the drivers and workloads use (not the vCPU's sweep region): outside the clock
         dst_vm.memory.cpu.write(0, src_vm.memory.read(0, SWEEP_START))
-        t1 = c()
-        dst.restore_vfs(images)
+        t0 = c()
         dst.set_cpu_state(cpu)
-        t["restore"] = c()
+        t["guest-restore"] = c() - t0
+        t0 = c()
+        dst.restore_vfs(images)
+        t["restore"] = c() - t0
+        t0 = c()
         dst.start()
-        t["run"] = c()
+        t["run"] = c() - t0
         dst_vm.pause()  # idle until the next measurement
         for number in src_vm.vf_numbers.values():
             pf.flr_vf(number)  # the old source becomes the next shell
         self._running = dst_vm
-        phases, prev = {}, t["start"]
-        for k in STEPS:
-            if k == "restore":
-                prev = t1
-            phases[k] = t[k] - prev
-            prev = t[k]
-        return Calibration(vm_stream_config(src_vm), sum(phases.values()), phases)
+        return Calibration(vm_stream_config(src_vm), switchover_seconds(t), t)
 
     def best_of(self, pf: PfDriver, n: int) -> Calibration | None:
         runs = [c for c in (self.measure(pf) for _ in range(n)) if c is not None]

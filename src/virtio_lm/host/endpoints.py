@@ -175,27 +175,22 @@ class VmSource:
         self.in_flight = {"guest": self.vm.requests_in_flight()}
 
     def quiesce_vfs(self) -> None:
-        for vf in self.vf_numbers:
-            with self.steps(f"quiesce-{self._kind_of[vf]}"):
-                self.pf.set_state(vf, VfState.QUIESCED)
+        with self.steps("quiesce-vfs"):
+            self.pf.set_states(list(self.vf_numbers), VfState.QUIESCED)
         self.in_flight["vfs"] = {
             kind: int(getattr(self.vm.vfs[kind].device, "in_flight", 0)) for kind in self.vm.spec.vf_kinds
         }
 
     def freeze_and_save_vfs(self) -> list[VfImage]:
-        out = []
-        for index, vf in enumerate(self.vf_numbers):
-            kind = self._kind_of[vf]
-            with self.steps(f"freeze-{kind}"):
-                self.pf.set_state(vf, VfState.FREEZED)
-            with self.steps(f"save-{kind}"):
-                out.append((index, self.pf.save_image(vf)))
-        return out
+        with self.steps("freeze-save-vfs"):
+            images = self.pf.freeze_and_save(list(self.vf_numbers))
+        return list(enumerate(images))
 
     def stop_tracking(self) -> None:
-        while self._tracking:
-            self.pf.stop_tracking(self._tracking.pop())
-        self.vm.memory.cpu.writer.log.stop()
+        with self.steps("stop-tracking"):
+            vfs, self._tracking = list(self._tracking), []
+            self.pf.stop_tracking_all(vfs)
+            self.vm.memory.cpu.writer.log.stop()
 
     def cpu_state(self) -> bytes:
         with self.steps("guest-state"):
@@ -316,13 +311,8 @@ class VmDestination:
             raise VirtioLmError(f"images for VFs {sorted(i for i, _ in images)}, expected 0..{len(self.vf_numbers) - 1}")
         if self.restore_delay > 0:
             time.sleep(self.restore_delay)
-        for index, image in images:
-            vf = self.vf_numbers[index]
-            kind = self.vm.spec.vf_kinds[index]
-            with self.steps(f"restore-{kind}"):
-                self.pf.set_state(vf, VfState.FREEZED)
-                self.pf.restore_image(vf, image)
-                self.pf.set_state(vf, VfState.QUIESCED)  # validates and applies the image
+        with self.steps("restore-vfs"):  # QUIESCED validates and applies each image
+            self.pf.restore_and_quiesce([(self.vf_numbers[index], image) for index, image in images])
 
     def set_cpu_state(self, data: bytes) -> None:
         with self.steps("guest-state"):
@@ -330,8 +320,7 @@ class VmDestination:
 
     def start(self) -> None:
         with self.steps("run-vfs"):
-            for vf in self.vf_numbers:
-                self.pf.set_state(vf, VfState.RUNNING)
+            self.pf.set_states(list(self.vf_numbers), VfState.RUNNING)
         with self.steps("resume"):
             self.vm.resume()
         if self.on_start is not None:

@@ -327,7 +327,7 @@ RECALIBRATE = 0.5  # a calibration at or above this share of downtime-limit is m
 # last bytes half of one
 ROUND_TRIPS = 2.5
 
-DOWNTIME_PHASES = ("pause", "quiesce", "final-dirty", "freeze-save", "send", "restore", "commit", "run")
+DOWNTIME_PHASES = ("pause", "guest-state", "quiesce", "final-dirty", "freeze-save", "send", "restore", "commit", "run")
 
 
 def _as_migration_error(exc: BaseException, what: str) -> MigrationError:
@@ -559,6 +559,9 @@ class SourceSession:
                 out.extend(parts)
                 n += sum(len(p) for p in parts)
                 continue
+            if self._flush_now:  # these bytes go to the peer before the next step
+                self._flush_now = False
+                break
             if n >= limit or self.finished or self._peer_dead:
                 break
             if self._producing:
@@ -586,6 +589,9 @@ class SourceSession:
         if self._acked:
             self._acked = False
             self._decide()
+            return
+        if self._stage_vfs:
+            self._switch_vfs()
             return
         flags = SectionFlags.FINAL if self._final else SectionFlags.NONE
         if self._nz_pos < len(self._nz):
@@ -910,11 +916,27 @@ class SourceSession:
         raise AssertionError(action)  # pragma: no cover
 
     def _switch_over(self) -> None:
+        """The switch-over's first stage: pause the vCPUs, take the guest state and send it
+        at once -- the destination rebuilds the guest's software while this side
+        quiesces, collects and freezes the VFs (:meth:`_switch_vfs`, the next step,
+        after :meth:`produce` handed the CPU_STATE section to the transport)."""
         ep = self.ep
         t = self._t
         t["pause"] = self.clock()
         ep.pause_vcpus()
         self._set_vm("finish-migrate")
+        t["guest-state"] = self.clock()
+        self._cpu = bytes(ep.cpu_state())
+        self._emit(CpuState(self._cpu))
+        self._stage_vfs = True
+        self._flush_now = True
+
+    def _switch_vfs(self) -> None:
+        """The second stage: quiesce, the final dirty pages, freeze + save; the VF images
+        go out before the final pages (the destination restores them meanwhile)."""
+        ep = self.ep
+        t = self._t
+        self._stage_vfs = False
         t["quiesce"] = self.clock()
         ep.quiesce_vfs()
         t["final-dirty"] = self.clock()
@@ -923,20 +945,19 @@ class SourceSession:
         t["freeze-save"] = self.clock()
         self._images = [(int(i), bytes(img)) for i, img in ep.freeze_and_save_vfs()]
         ep.stop_tracking()
-        self._cpu = bytes(ep.cpu_state())
         t["send"] = self.clock()
-        # the VF images and the CPU state go first: the destination restores them while
-        # the final pages are still on their way (two processes, two cores)
         assert self.config is not None
         types = {vf.index: vf.device_id for vf in self.config.vfs}
         for idx, image in self._images:
             if idx not in types:
                 raise MigrationError(f"freeze_and_save_vfs returned an image for VF {idx}, not in the configuration")
             self._emit(Device(idx, types[idx], image))
-        self._emit(CpuState(self._cpu))
         pages = np.union1d(self._pending, np.flatnonzero(final).astype(np.uint64)).astype(np.uint64)
         self._final = True
         self._begin_round(pages)
+
+    _stage_vfs = False  # the switch-over's second stage is next (see _switch_over)
+    _flush_now = False  # produce() returns what it has before stepping on
 
     def _rollback(self, *, cancelled: bool) -> None:
         if self.phase is SourcePhase.IDLE:
@@ -955,6 +976,7 @@ class SourceSession:
         except Exception as e:
             self.rollback_error = e
         self._final = False
+        self._stage_vfs = self._flush_now = False
         self._await_ack = None
         self._acked = False
         self._set_vm("running")
@@ -965,7 +987,8 @@ class SourceSession:
             return
         end = t.get("running", t.get("sent", self.clock()))
         d = {
-            "pause": t["quiesce"] - t["pause"],
+            "pause": t["guest-state"] - t["pause"],
+            "guest-state": t["quiesce"] - t["guest-state"],
             "quiesce": t["final-dirty"] - t["quiesce"],
             "final-dirty": t["freeze-save"] - t["final-dirty"],
             "freeze-save": t["send"] - t["freeze-save"],
@@ -1418,12 +1441,13 @@ class DestSession:
                     f"a second state image for VF {body.vf_index}", section="DEVICE", offset=sec.offset
                 )
             rx.images[body.vf_index] = body.image
+            if set(rx.images) == {vf.index for vf in self.config.vfs}:  # type: ignore[union-attr]
+                self._restore_vfs()  # while the final pages still arrive
         elif isinstance(body, CpuState):
             if rx.cpu is not None:
                 raise UnexpectedSectionError("a second CPU_STATE", section="CPU_STATE", offset=sec.offset)
             rx.cpu = body.data
-            if set(rx.images) == {vf.index for vf in self.config.vfs}:  # type: ignore[union-attr]
-                self._restore_devices()  # while the final pages still arrive
+            self._restore_guest()  # while the source quiesces and freezes its VFs
         else:  # pragma: no cover - _on_section routes only data here
             raise AssertionError(body)
 
@@ -1444,24 +1468,28 @@ class DestSession:
             )
         if rx.cpu is None:
             raise UnexpectedSectionError("COMPLETE without CPU_STATE", section="COMPLETE", offset=sec.offset)
-        if not self._restored:  # a stream with its images after the pages
-            self._restore_devices()
-            t0 = self.clock()
         self.restore_us += int((self.clock() - t0) * 1e6)
         self._send(Ready(self.restore_us))
         self._t_ready = self.clock()
 
-    _restored = False
-
-    def _restore_devices(self) -> None:
+    def _restore_guest(self) -> None:
+        """CPU_STATE arrived: rebuild the guest's software now (the VM stays paused)."""
         rx = self._rx
         assert rx is not None and rx.cpu is not None
         t0 = self.clock()
         self._restoring = True
-        self.ep.restore_vfs([(i, rx.images[i]) for i in sorted(rx.images)])
         self.ep.set_cpu_state(rx.cpu)
         self._restoring = False
-        self._restored = True
+        self.restore_us += int((self.clock() - t0) * 1e6)
+
+    def _restore_vfs(self) -> None:
+        """Every VF's image arrived: restore them now (FREEZED .. QUIESCED)."""
+        rx = self._rx
+        assert rx is not None
+        t0 = self.clock()
+        self._restoring = True
+        self.ep.restore_vfs([(i, rx.images[i]) for i in sorted(rx.images)])
+        self._restoring = False
         self.restore_us += int((self.clock() - t0) * 1e6)
 
     def info(self) -> dict:
