@@ -802,6 +802,30 @@ def test_document_nesting_limit() -> None:
         decode_guest_state(very_deep)
 
 
+from virtio_lm.vm import guest_state as gs  # noqa: E402 - the private scanners under test
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab', max_size=6),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\ab', max_size=4), kids, max_size=3),
+    max_leaves=20,
+)
+
+
+@given(doc=_JSON)
+@settings(max_examples=300, deadline=None)
+def test_text_depth_is_the_parsed_depth_with_brackets_quotes_and_backslashes_in_strings(doc) -> None:
+    """The byte scan (both its no-backslash fast path and the general one) against a walk
+    of the parsed document."""
+    for ascii_only in (True, False):
+        raw = json.dumps(doc, ensure_ascii=ascii_only).encode()
+        assert gs._text_depth(raw) == gs._depth(doc)
+
+
+def test_text_depth_counts_brackets_after_an_escaped_backslash_at_a_string_end() -> None:
+    assert gs._text_depth(br'{"a":"\\\\","b":[[1]]}') == 3  # the string ends after two escaped backslashes
+    assert gs._text_depth(br'{"a":"[[[\"]]]"}') == 1  # brackets inside the string (escaped quote)
+
+
 def test_document_duplicate_keys() -> None:
     with pytest.raises(GuestStateError, match="duplicate"):
         decode_guest_state(b'{"a":1,"a":2}')

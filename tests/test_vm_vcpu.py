@@ -119,3 +119,46 @@ def test_state_for_another_region_refused(mem):
     blob = SweepVcpu(mem, 64 * PAGE_SIZE, PAGES).state().encode()
     with pytest.raises(ValueError):
         SweepVcpu(mem, 0, PAGES, state=VcpuState.decode(blob))
+
+
+def test_guest_threads_reuse_the_pools_parked_os_threads():
+    """prepare/close cycles take OS threads from the pool and give them back: no thread
+    is created inside them once the pool is warm, and a crashed loop returns its thread."""
+    from virtio_lm.vm.worker import THREADS, GuestThread
+
+    class Ticker(GuestThread):
+        name = "ticker"
+
+        def __init__(self, fail: bool = False) -> None:
+            super().__init__()
+            self.ticks = 0
+            self.fail = fail
+            self.seen_name = ""
+
+        def _tick(self) -> bool:
+            import threading as _t
+
+            self.seen_name = _t.current_thread().name
+            self.ticks += 1
+            if self.fail:
+                raise RuntimeError("boom")
+            return True
+
+    THREADS.warm(4)
+    created = THREADS.created
+    for _ in range(20):
+        ws = [Ticker(), Ticker(), Ticker(fail=True)]
+        for w in ws:
+            w.prepare()
+        for w in ws:
+            w.start()
+        deadline = time.monotonic() + 30
+        while any(w.ticks == 0 for w in ws) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        for w in ws[:2]:
+            w.pause()
+        assert all(w.ticks > 0 for w in ws) and ws[0].seen_name == "ticker"
+        for w in ws:
+            w.close()
+        assert isinstance(ws[2].crash, RuntimeError)
+    assert THREADS.created == created  # every cycle ran on threads parked before it

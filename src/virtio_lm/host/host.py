@@ -65,12 +65,14 @@ from virtio_lm.net.backends import UdpSwitchPort
 from virtio_lm.pf.device import build_pf
 from virtio_lm.virtqueue.driver import Allocator
 from virtio_lm.vm.machine import MIB, VirtualMachine, VmSpec
+from virtio_lm.vm.worker import THREADS
 from virtio_lm.wire.ctrl import TrackMode
 from virtio_lm.wire.net import parse_mac
 
 log = logging.getLogger(__name__)
 
 HOST_MEMORY = 64 * MIB
+GUEST_THREADS_PER_VM = 3  # vCPU, blk workload, net workload
 PF_DRIVER_AREA = (0x10_0000, HOST_MEMORY - 0x10_0000)
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -158,6 +160,9 @@ class Host:
         self.config = config
         self.params = Params()
         self._lock = threading.RLock()
+        # the guest threads' OS threads, parked before any VM boots or arrives (vm/worker.py):
+        # three per VM (vCPU, blk and net workloads), for the VMs and the calibration's scratch VMs
+        THREADS.warm(GUEST_THREADS_PER_VM * 3 * len(config.vms))
         self.host_memory = Memory(HOST_MEMORY, name=f"{config.name}.host")
         self.pf = build_pf(self.host_memory.device_port(f"{config.name}.pf"), total_vfs=config.total_vfs)
         self.pf_driver = PfDriver(self.pf, self.host_memory.cpu, Allocator(*PF_DRIVER_AREA))

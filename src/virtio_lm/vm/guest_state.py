@@ -854,11 +854,13 @@ def _reject_constant(name: str) -> object:
 
 
 def _no_duplicates(pairs: list[tuple[str, Json]]) -> dict[str, Json]:
-    out: dict[str, Json] = {}
-    for k, val in pairs:
-        if k in out:
-            raise _fail(DOCUMENT, f"duplicate key {k!r}")
-        out[k] = val
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _fail(DOCUMENT, f"duplicate key {k!r}")
+            seen.add(k)
     return out
 
 
@@ -891,10 +893,17 @@ _OPEN[[ord("]"), ord("}")]] = -1
 def _text_depth(raw: bytes) -> int:
     """Nesting depth of a *valid* JSON text, from its bytes (vectorized, no recursion):
     brackets outside strings, where a string's quotes are those preceded by an even
-    number of backslashes."""
+    number of backslashes.  Without a backslash in the text (the usual document), every
+    quote is real and only the brackets and quotes are looked at past the first pass."""
     a = np.frombuffer(raw, dtype=np.uint8)
     if not len(a):
         return 0
+    if b"\\" not in raw:
+        b = a[_BRACKET_OR_QUOTE[a]]
+        in_string = (np.cumsum(b == ord('"')) % 2).astype(bool)
+        step = _OPEN[b].astype(np.int64)
+        step[in_string] = 0
+        return int(np.cumsum(step).max(initial=0))
     idx = np.arange(len(a))
     backslash = a == ord("\\")
     last_plain = np.maximum.accumulate(np.where(backslash, -1, idx))  # last non-backslash at or before i
@@ -907,6 +916,10 @@ def _text_depth(raw: bytes) -> int:
     step = _OPEN[a].astype(np.int64)
     step[in_string] = 0
     return int(np.cumsum(step).max(initial=0))
+
+
+_BRACKET_OR_QUOTE = np.zeros(256, dtype=bool)
+_BRACKET_OR_QUOTE[[ord(c) for c in '[]{}"']] = True
 
 
 def encode_guest_state(obj: Json, *, check_depth: bool = True) -> bytes:

@@ -7,14 +7,81 @@ and how to wait between steps (:meth:`GuestThread._pace`); any wait should be
 on :attr:`GuestThread._pausing`, which ``pause()`` and ``close()`` set, so a
 pause is never held up by a rate limit.  An exception in a step ends the
 thread and is kept in :attr:`GuestThread.crash` for the VM's verification.
+
+A guest thread runs on an OS thread taken from :data:`THREADS`, a pool of
+parked threads: starting a Python thread waits until the new thread has run
+(two hand-offs of the interpreter lock; milliseconds on a busy host), which a
+destination would otherwise pay for every guest thread inside the downtime.
+A host warms the pool (:meth:`ThreadPool.warm`) before a migration arrives;
+a guest thread that ends gives its OS thread back.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+from typing import Callable
 
 from virtio_lm.errors import VirtioLmError
+
+
+_Job = tuple[Callable[[], None], str, Callable[[], None]]
+
+
+class ThreadPool:
+    """Parked OS threads that run one function each, then park again (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[_Job | None]] = []
+        self.created = 0
+
+    def warm(self, n: int) -> None:
+        """Have at least ``n`` threads parked (creating them now, outside any downtime)."""
+        with self._lock:
+            missing = n - len(self._idle)
+        for _ in range(missing):
+            inbox: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+            t = threading.Thread(target=self._serve, args=(inbox,), name="guest-pool", daemon=True)
+            t.start()
+            with self._lock:
+                self._idle.append(inbox)
+                self.created += 1
+
+    def idle(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+    def run(self, fn: Callable[[], None], name: str, done: Callable[[], None]) -> None:
+        """Run ``fn`` on a parked thread (without waiting for it), or on a new one; ``done``
+        is called after ``fn`` returned and the thread is parked again."""
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            self.warm(1)
+            with self._lock:
+                inbox = self._idle.pop()
+        inbox.put((fn, name, done))
+
+    def _serve(self, inbox: "queue.SimpleQueue[_Job | None]") -> None:
+        me = threading.current_thread()
+        while True:
+            job = inbox.get()
+            if job is None:
+                return
+            fn, me.name, done = job
+            try:
+                fn()
+            finally:
+                me.name = "guest-pool"
+                with self._lock:
+                    self._idle.append(inbox)
+                done()
+
+
+#: the process's pool of guest OS threads
+THREADS = ThreadPool()
 
 
 class GuestThread:
@@ -26,7 +93,8 @@ class GuestThread:
         self._parked = threading.Event()
         self._parked.set()
         self._stop = False
-        self._thread: threading.Thread | None = None
+        self._started = False  # an OS thread runs (or is about to run) _loop
+        self._done = threading.Event()  # _loop returned
         self.crash: BaseException | None = None
 
     # ------------------------------------------------------------------ subclass hooks
@@ -48,12 +116,13 @@ class GuestThread:
         return self._run.is_set()
 
     def prepare(self) -> None:
-        """Create the thread, parked (a VM about to resume on a destination: its resume is
-        then a matter of setting an event, not of starting threads inside the downtime)."""
-        if self._thread is None:
+        """Put the loop on an OS thread of the pool, parked (a VM about to resume on a
+        destination: its resume is then a matter of setting an event)."""
+        if not self._started:
             self._stop = False
-            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-            self._thread.start()
+            self._done.clear()
+            self._started = True
+            THREADS.run(self._loop, self.name, self._done.set)
 
     def start(self) -> None:
         """Start, or resume after :meth:`pause`."""
@@ -67,7 +136,7 @@ class GuestThread:
         self._run.clear()
         self._pausing.set()
         self._wake()
-        if self._thread is not None and not self._parked.wait(timeout):
+        if self._started and not self._parked.wait(timeout):
             raise VirtioLmError(f"{self.name} did not park in time")
 
     def close(self) -> None:
@@ -75,9 +144,10 @@ class GuestThread:
         self._pausing.set()
         self._wake()
         self._run.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        if self._started:
+            if not self._done.wait(timeout=10):
+                raise VirtioLmError(f"{self.name} did not end in time")
+            self._started = False
 
     def _loop(self) -> None:
         try:
