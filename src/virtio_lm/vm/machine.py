@@ -194,21 +194,24 @@ class VirtualMachine:
     def resume(self) -> None:
         if self._check_on_resume:
             self._check_on_resume = False
-            self._check_arrival()
+            if self.blk_work is not None:
+                self.blk_work.check_cache_first()
         for w in self._workers():
             w.start()
         self.running = True
 
-    def _check_arrival(self) -> None:
-        """Right after a migration, before the guest runs on: the page cache as received.
+    def _arrival_problems(self, kind: str) -> list[str]:
+        """What the arrival checks found: right after a migration, before the guest goes on,
+        the block workload checks its page cache as received -- in its own thread, its
+        first step (a guest's work, not the switch-over's).
 
         (Memory needs no arrival check: the vCPU only ever increments, so a page that
         arrived stale stays wrong and :meth:`verify` finds it later.  A page-cache slot
         does not: the next read of its block overwrites the evidence.)"""
-        if self.blk_work is not None:
-            found = self.blk_work.verify_cache()
-            if found:
-                self.arrival_problems.setdefault("blk", []).extend(f"on arrival: {p}" for p in found[:20])
+        found = list(self.arrival_problems.get(kind, []))
+        if kind == "blk" and self.blk_work is not None:
+            found += [f"on arrival: {p}" for p in self.blk_work.arrival_check()[:20]]
+        return found
 
     def disk_images(self) -> list[str]:
         """Paths of the disk images the VM's block VFs serve (shared storage)."""
@@ -299,7 +302,7 @@ class VirtualMachine:
             }
             if self.blk_work is not None:
                 w = self.blk_work
-                problems: list[str] = list(self.arrival_problems.get("blk", []))
+                problems: list[str] = self._arrival_problems("blk")
                 if w.crash is not None:
                     problems.append(f"workload crashed: {w.crash!r}")
                 try:

@@ -118,6 +118,8 @@ class BlkWorkload(GuestThread):
         self.stats = {"writes": 0, "reads": 0, "errors": 0}
         self.errors: list[str] = []
         self._next_at = 0.0
+        self._check_first = False
+        self.arrival_problems: list[str] = []  # what the first step after a migration found
 
     # ------------------------------------------------------------------ guest memory views
     @staticmethod
@@ -164,7 +166,23 @@ class BlkWorkload(GuestThread):
             did = True
         return did
 
+    def check_cache_first(self) -> None:
+        """The VM arrived by migration: the next step checks the page cache as received
+        (:meth:`verify_cache`) before any request -- the next read of a block would
+        overwrite the evidence -- and keeps what it finds in :attr:`arrival_problems`."""
+        self._check_first = True
+
+    def arrival_check(self) -> list[str]:
+        """What the arrival check found; run now if the workload has not stepped since (it
+        must be paused then)."""
+        if self._check_first:
+            self._check_first = False
+            self.arrival_problems += self.verify_cache()
+        return self.arrival_problems
+
     def _tick(self) -> bool:
+        if self._check_first:
+            self.arrival_check()
         return self.step()
 
     def _pace(self, did: bool, busy: float) -> None:
