@@ -17,7 +17,7 @@ import pytest
 
 from virtio_lm.devices.net import NetDevice
 from virtio_lm.drivers.net_driver import DEFAULT_WANTED, NetDriver
-from virtio_lm.errors import CommandRefusedError, StateImageError
+from virtio_lm.errors import ControlCommandError, CommandRefusedError, StateImageError
 from virtio_lm.net.backends import UdpSwitchPort
 from virtio_lm.net.peer import NetPeer, parse_seq, seq_frame
 from virtio_lm.net.switch import L2Switch
@@ -214,8 +214,10 @@ def test_negative_control_dropping_inflight_tx_is_refused(pair: Pair) -> None:
     pair.send_tx(8)
     wait_until(lambda: src.dev.in_flight == 8, "8 TX in flight")
     drop_two = tamper_records(lambda recs: [r for r in recs if r.type != RecordType.INFLIGHT][:] + [r for r in recs if r.type == RecordType.INFLIGHT][2:])
-    with pytest.raises(CommandRefusedError, match="INFLIGHT"):
+    with pytest.raises(ControlCommandError) as ei:  # through the control queue: an ERR ack
         migrate(src, dst, tamper=drop_two)
+    assert (ei.value.command, ei.value.func_id, ei.value.state) == ("SET_STATE", 1, VfState.FREEZED)
+    assert "INFLIGHT" in dst.pf.device.dispatcher.last_error  # the device's reason, kept at the PF
     assert dst.controller.get_state_attrs(1)[1] is VfState.FREEZED
     assert dst.fn.status == 0 and dst.dev.in_flight == 0 and not dst.fn.queues[1].enabled
     # the source can still go on: unfreeze and run, everything is sent once

@@ -8,9 +8,10 @@ them runs; :meth:`Calibrator.measure` lets it run briefly (its requests get
 in flight), then times the switch-over sequence of a real migration to the
 other one, with the same control-queue commands of the PF driver: pause,
 the guest state, QUIESCE, FREEZE + SAVE_STATE (blk: the flush), the guest
-state restored, FREEZE + RESTORE_STATE + QUIESCE, RUN, resume; the total
-counts the destination's guest restore as overlapping the source's QUIESCE
-.. SAVE_STATE, as it does in a migration (:func:`switchover_seconds`).  The pages,
+state restored, FREEZE + RESTORE_STATE + QUIESCE, RUN, resume
+(:func:`~virtio_lm.host.switchover.timed_switchover`); the total counts the
+destination's guest restore as overlapping the source's QUIESCE .. SAVE_STATE,
+as it does in a migration.  The pages,
 the network and the final dirty collection are left out: the migration
 measures those live.  The source's VFs are then reset (FLR), the one now
 running is paused until the next measurement, and the next one goes the
@@ -36,26 +37,14 @@ from dataclasses import dataclass, replace
 
 from virtio_lm.drivers.pf_driver import PfDriver
 from virtio_lm.host.endpoints import VmDestination, VmSource, vm_stream_config
+from virtio_lm.host.switchover import switchover_seconds, timed_switchover
 from virtio_lm.memory import Memory
 from virtio_lm.vm.machine import MIB, MIN_MEMORY_MIB, SWEEP_START, VirtualMachine, VmSpec
 from virtio_lm.wire.stream import StreamConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Calibration", "Calibrator", "scratch_specs", "switchover_seconds"]
-
-STEPS = ("pause", "guest-state", "quiesce", "freeze-save", "guest-restore", "restore", "run")
-
-
-def switchover_seconds(steps: dict[str, float]) -> float:
-    """A switch-over's length from its steps timed one after another in one process: the
-    destination rebuilds the guest state (``guest-restore``) while the source quiesces
-    and freezes its VFs, in another process (the session sends CPU_STATE first), so
-    those overlap; the rest is in series."""
-    return (steps["pause"] + steps["guest-state"]
-            + max(steps["guest-restore"], steps["quiesce"] + steps["freeze-save"])
-            + steps["restore"] + steps["run"])
-
+__all__ = ["Calibration", "Calibrator", "scratch_specs"]
 
 def scratch_specs(spec: VmSpec, image: str) -> tuple[VmSpec, VmSpec]:
     """Two scratch VMs like ``spec`` (same VF kinds and queues), small and nearly idle."""
@@ -115,31 +104,8 @@ class Calibrator:
         while time.monotonic() < deadline and sum(src_vm.requests_in_flight().values()) < want:
             time.sleep(0.001)
         src, dst = VmSource(src_vm, pf), VmDestination(dst_vm, pf)
-        c = time.perf_counter
-        t: dict[str, float] = {}
-        t0 = c()
-        src.pause_vcpus()
-        t["pause"] = c() - t0
-        t0 = c()
-        cpu = src.cpu_state()
-        t["guest-state"] = c() - t0
-        t0 = c()
-        src.quiesce_vfs()
-        t["quiesce"] = c() - t0
-        t0 = c()
-        images = src.freeze_and_save_vfs()
-        t["freeze-save"] = c() - t0
         # the pages the drivers and workloads use (not the vCPU's sweep region): outside the clock
-        dst_vm.memory.cpu.write(0, src_vm.memory.read(0, SWEEP_START))
-        t0 = c()
-        dst.set_cpu_state(cpu)
-        t["guest-restore"] = c() - t0
-        t0 = c()
-        dst.restore_vfs(images)
-        t["restore"] = c() - t0
-        t0 = c()
-        dst.start()
-        t["run"] = c() - t0
+        t = timed_switchover(src, dst, lambda: dst_vm.memory.cpu.write(0, src_vm.memory.read(0, SWEEP_START)))
         dst_vm.pause()  # idle until the next measurement
         for number in src_vm.vf_numbers.values():
             pf.flr_vf(number)  # the old source becomes the next shell

@@ -5,7 +5,10 @@ SR-IOV PF built with :func:`virtio_lm.pf.device.build_pf`, or a standalone
 function) and the guest's :class:`~virtio_lm.drivers.net_driver.NetDriver`.
 :func:`migrate` moves a running VM from one such VF to another through the
 PF control path (QUIESCE, FREEZE, SAVE portions / RESTORE portions, guest
-memory copy, UNFREEZE, RUN) and hands the guest driver's bookkeeping over.
+memory copy, UNFREEZE, RUN) -- the host PF driver's batched switch-over
+(:meth:`~virtio_lm.drivers.pf_driver.PfDriver.freeze_and_save` and its
+siblings), through the PF's real control queue -- and hands the guest
+driver's bookkeeping over.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Callable
 
 from virtio_lm.devices.net import DEFAULT_MAC, NetDevice
 from virtio_lm.drivers.net_driver import DEFAULT_WANTED, NetDriver
+from virtio_lm.drivers.pf_driver import PfDriver
 from virtio_lm.memory import Memory
 from virtio_lm.net.backends import NetBackend
 from virtio_lm.pci.function import VirtioPciFunction
@@ -28,6 +32,7 @@ GUEST_MEM = 8 << 20
 RING_AREA = (0x1000, 0x1FF000)
 BUF_AREA = (0x200000, GUEST_MEM - 0x200000)
 HOST_MEM = 1 << 20
+PF_DRIVER_AREA = (0x1000, HOST_MEM - 0x1000)
 SAVE_CHUNK = 4096
 
 
@@ -42,11 +47,17 @@ class NetVm:
     host_mem: Memory | None = None
     drv: NetDriver | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    pf_driver: PfDriver | None = None  # the host's PF driver, up when the VM has a PF
 
     @property
     def controller(self):  # type: ignore[no-untyped-def]
         assert self.pf is not None
         return self.pf.device.controller  # type: ignore[attr-defined]
+
+    @property
+    def host(self) -> PfDriver:
+        assert self.pf_driver is not None, "a VM without a PF has no PF driver"
+        return self.pf_driver
 
     def bring_up(self, wanted: int = DEFAULT_WANTED, *, queue_size: int | None = 128, pairs: int | None = None) -> NetDriver:
         drv = NetDriver(self.fn, self.mem.cpu, ring_alloc=Allocator(*RING_AREA), buf_alloc=Allocator(*BUF_AREA))
@@ -80,27 +91,22 @@ def make_vm(
     if with_pf:
         host_mem = Memory(HOST_MEM, name=f"{name}-pf")
         pf = build_pf(host_mem.device_port(f"{name}-pf"), total_vfs=1, name=f"{name}-pf", threaded=False)
-        (vf,) = pf.enable_vfs(1, lambda n: (dev, mem.device_port(f"{name}-vf{n}")))
-        return NetVm(mem, vf, dev, pf, host_mem)
+        pfd = PfDriver(pf, host_mem.cpu, Allocator(*PF_DRIVER_AREA), state_portion=SAVE_CHUNK)
+        pfd.bring_up()
+        (vf,) = pfd.enable_vfs(1, lambda n: (dev, mem.device_port(f"{name}-vf{n}")))
+        return NetVm(mem, vf, dev, pf, host_mem, pf_driver=pfd)
     fn = VirtioPciFunction(dev, mem.device_port(f"{name}-vf"), name=f"{name}-vf")
     return NetVm(mem, fn, dev)
 
 
 def save_image(vm: NetVm, func_id: int = 1) -> bytes:
-    """SAVE_STATE portions of a FREEZED VF, as the PF driver reads them."""
-    ctl = vm.controller
-    length, state = ctl.get_state_attrs(func_id)
-    assert state is VfState.FREEZED
-    out = bytearray()
-    while len(out) < length:
-        out += ctl.save_state(func_id, len(out), SAVE_CHUNK)
-    return bytes(out)
+    """SAVE_STATE portions of a FREEZED VF, through the PF driver."""
+    return vm.host.save_image(func_id)
 
 
 def restore_image(vm: NetVm, image: bytes, func_id: int = 1) -> None:
-    ctl = vm.controller
-    for off in range(0, len(image), SAVE_CHUNK):
-        ctl.restore_state(func_id, off, image[off : off + SAVE_CHUNK])
+    """RESTORE_STATE portions into a FREEZED VF, through the PF driver."""
+    vm.host.restore_image(func_id, image)
 
 
 def migrate(
@@ -116,32 +122,30 @@ def migrate(
     Timings of each step land in ``src.timings`` / ``dst.timings``.
     """
     assert src.drv is not None
-    sc, dc = src.controller, dst.controller
+    sp, dp = src.host, dst.host
 
     def timed(vm: NetVm, what: str, f: Callable[[], object]) -> None:
         t = time.perf_counter()
         f()
         vm.timings[what] = time.perf_counter() - t
 
-    timed(src, "quiesce", lambda: sc.set_state(1, VfState.QUIESCED))
+    timed(src, "quiesce", lambda: sp.set_states([1], VfState.QUIESCED))
     if between_quiesce_and_freeze is not None:
         between_quiesce_and_freeze()
-    timed(src, "freeze", lambda: sc.set_state(1, VfState.FREEZED))
     image = b""
 
-    def save() -> None:
+    def freeze_save() -> None:
         nonlocal image
-        image = save_image(src)
+        (image,) = sp.freeze_and_save([1])
 
-    timed(src, "save", save)
+    timed(src, "freeze-save", freeze_save)
     if tamper is not None:
         image = tamper(image)
     state = src.drv.export_state()
     dst.mem.cpu.write(0, src.mem.read(0, src.mem.size))  # the last round of guest memory
-    timed(dst, "freeze", lambda: dc.set_state(1, VfState.FREEZED))
-    timed(dst, "restore", lambda: (restore_image(dst, image), dc.set_state(1, VfState.QUIESCED)))
+    timed(dst, "restore", lambda: dp.restore_and_quiesce([(1, image)]))
     drv = NetDriver.import_state(state, dst.fn, dst.mem.cpu)
     dst.fn.on_interrupt = drv.on_interrupt
     dst.drv = drv
-    timed(dst, "resume", lambda: dc.set_state(1, VfState.RUNNING))
+    timed(dst, "resume", lambda: dp.set_states([1], VfState.RUNNING))
     return drv
