@@ -253,3 +253,28 @@ def test_set_start_index_writes_both_rings():
     dq.add([Segment(0x10000, 1)], [])
     with pytest.raises(DriverError):
         dq.set_start_index(0)
+
+
+def test_allocator_clone_is_independent() -> None:
+    a = Allocator(0x1000, 0x1000)
+    x = a.alloc(0x100)
+    b = a.clone()
+    y = b.alloc(0x200)
+    b.free(x)
+    assert a.allocated() == 1 and b.allocated() == 1 and a.free_bytes() == 0x1000 - 0x100
+    with pytest.raises(AllocationError):
+        a.free(y)  # never allocated from a
+    a.free(x)
+    assert a.free_bytes() == 0x1000 and b.free_bytes() == 0x1000 - 0x200
+
+
+def test_driver_queue_clone_is_independent_and_rebound() -> None:
+    mem, alloc, dq = make(8)
+    buf = alloc.alloc(64)
+    dq.add([Segment(buf, 16)], [], token="a")
+    c = dq.clone(None, None)
+    assert (c.port, c.alloc) == (None, None) and (dq.port, dq.alloc) == (mem.cpu, alloc)
+    c2 = c.clone(mem.cpu, alloc)
+    c2.add([Segment(buf, 8)], [Segment(buf + 16, 8)], token="b")
+    assert dq.in_flight() == 1 and c.in_flight() == 1 and c2.in_flight() == 2
+    assert dq.num_free() == 7 and c2.num_free() == 5

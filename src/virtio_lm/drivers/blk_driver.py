@@ -31,10 +31,9 @@ bookkeeping as plain data (:class:`BlkDriverState`, picklable) and
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from virtio_lm.errors import BlkIOError, CommandTimeoutError, DriverError
@@ -96,6 +95,9 @@ class _Req:
     status_addr: int = -1
     raw: list[tuple[int, int, bool]] = field(default_factory=list)  # raw chains: (addr, len, writable), all owned
 
+    def copy(self) -> "_Req":
+        return replace(self, raw=list(self.raw))
+
 
 @dataclass(frozen=True)
 class BlkCompletion:
@@ -120,25 +122,12 @@ class BlkDriverState:
 
     features: int
     config: BlkConfig
-    queues: dict[int, dict[str, Any]]
+    queues: dict[int, DriverQueue]  # detached (no port, no allocator)
     alloc: Allocator
     requests: dict[int, _Req]
     parked: list[BlkCompletion]
     next_token: int
     rr: int
-
-
-def _dq_export(dq: DriverQueue) -> dict[str, Any]:
-    d = {k: v for k, v in vars(dq).items() if k not in ("port", "alloc")}
-    return copy.deepcopy(d)
-
-
-def _dq_import(port: MemoryPort, alloc: Allocator, state: dict[str, Any]) -> DriverQueue:
-    dq = DriverQueue.__new__(DriverQueue)
-    vars(dq).update(copy.deepcopy(state))
-    dq.port = port
-    dq.alloc = alloc
-    return dq
 
 
 class BlkDriver:
@@ -512,9 +501,9 @@ class BlkDriver:
         return BlkDriverState(
             features=self.features,
             config=self.config,
-            queues={i: _dq_export(dq) for i, dq in self.queues.items()},
-            alloc=copy.deepcopy(self.alloc),
-            requests=copy.deepcopy(self._requests),
+            queues={i: dq.clone(None, None) for i, dq in self.queues.items()},
+            alloc=self.alloc.clone(),
+            requests={t: r.copy() for t, r in self._requests.items()},
             parked=list(self._parked),
             next_token=self._next_token,
             rr=self._rr,
@@ -534,16 +523,16 @@ class BlkDriver:
 
         Nothing is written to the device or to memory: the device's state came
         with the migration, the rings and buffers with the guest memory."""
-        alloc = copy.deepcopy(state.alloc)
+        alloc = state.alloc.clone()
         drv = cls(fn, port, alloc, attach_interrupts=attach_interrupts, timeout=timeout, bring_up=False)
         drv.features = state.features
         drv.transport.features = state.features
         drv.config = state.config
         for i, st in state.queues.items():
-            dq = _dq_import(port, alloc, st)
+            dq = st.clone(port, alloc)
             drv.queues[i] = dq
             drv.transport.queues[i] = dq
-        drv._requests = copy.deepcopy(state.requests)
+        drv._requests = {t: r.copy() for t, r in state.requests.items()}
         drv._parked = list(state.parked)
         drv._next_token = state.next_token
         drv._rr = state.rr

@@ -30,7 +30,6 @@ destination function and memory (whose content is the migrated guest RAM).
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -99,15 +98,6 @@ class NetDriverState:
     ring_alloc: Allocator
     buf_alloc: Allocator
     counters: dict[str, int] = field(default_factory=dict)
-
-
-def _detach(dq: DriverQueue, port: MemoryPort | None, alloc: Allocator | None) -> DriverQueue:
-    new = copy.copy(dq)
-    new.port = port  # type: ignore[assignment]
-    new._free = list(dq._free)
-    new._inflight = dict(dq._inflight)
-    new.alloc = alloc
-    return new
 
 
 class NetDriver:
@@ -364,7 +354,7 @@ class NetDriver:
     # ================================================================== migration handover
     def export_state(self) -> NetDriverState:
         """The driver's bookkeeping, detached from memory (it moves with the VM)."""
-        ring_alloc = copy.deepcopy(self.ring_alloc)
+        ring_alloc = self.ring_alloc.clone()
         return NetDriverState(
             features=self.features,
             device_features=self.tr.device_features,
@@ -372,9 +362,9 @@ class NetDriver:
             max_pairs=self.max_pairs,
             curr_pairs=self.curr_pairs,
             rx_buf_size=self.rx_buf_size,
-            queues={i: _detach(dq, None, ring_alloc) for i, dq in self.tr.queues.items()},
+            queues={i: dq.clone(None, ring_alloc) for i, dq in self.tr.queues.items()},
             ring_alloc=ring_alloc,
-            buf_alloc=copy.deepcopy(self.buf_alloc),
+            buf_alloc=self.buf_alloc.clone(),
             counters=dict(self.counters),
         )
 
@@ -385,7 +375,7 @@ class NetDriver:
         drv.features = state.features
         drv.tr.features = state.features
         drv.tr.device_features = state.device_features
-        drv.tr.queues = {i: _detach(dq, port, state.ring_alloc) for i, dq in state.queues.items()}
+        drv.tr.queues = {i: dq.clone(port, state.ring_alloc) for i, dq in state.queues.items()}
         drv.mac = state.mac
         drv.max_pairs = state.max_pairs
         drv.curr_pairs = state.curr_pairs

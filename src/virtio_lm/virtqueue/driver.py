@@ -15,6 +15,8 @@ the queue size ahead, raises :class:`~virtio_lm.errors.UsedRingError`.
 
 from __future__ import annotations
 
+import copy
+
 import bisect
 from typing import Sequence
 
@@ -102,6 +104,13 @@ class Allocator:
     def free_bytes(self) -> int:
         return sum(e - s for s, e in zip(self._starts, self._ends))
 
+    def clone(self) -> "Allocator":
+        """An independent copy (a guest driver's bookkeeping handed over in a migration)."""
+        new = Allocator.__new__(Allocator)
+        new.base, new.size = self.base, self.size
+        new._starts, new._ends, new._live = list(self._starts), list(self._ends), dict(self._live)
+        return new
+
     def allocated(self) -> int:
         return len(self._live)
 
@@ -177,6 +186,17 @@ class DriverQueue:
 
     def num_free(self) -> int:
         return len(self._free)
+
+    def clone(self, port: MemoryPort | None, alloc: Allocator | None) -> "DriverQueue":
+        """An independent copy of the queue's bookkeeping on ``port`` / ``alloc`` (None: detached,
+        as it travels in a migration).  The chains in flight are shared records, never
+        changed after :meth:`add` made them."""
+        new = copy.copy(self)
+        new.port = port  # type: ignore[assignment]
+        new.alloc = alloc
+        new._free = list(self._free)
+        new._inflight = dict(self._inflight)
+        return new
 
     def in_flight(self) -> int:
         return len(self._inflight)

@@ -541,7 +541,6 @@ _REQ_KEYS = (
     "device_writes_buf", "status_addr", "raw",
 )
 _DONE_KEYS = ("token", "type", "sector", "queue", "status", "used_len", "data")
-_DQ_VARS_SKIP = ("port", "alloc")
 
 
 def blk_state_to_json(state: BlkDriverState, path: str = "blk", *, validate: bool = True) -> dict[str, Json]:
@@ -731,10 +730,7 @@ def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
     return BlkDriverState(
         features=features,
         config=config,
-        queues={
-            n: {k: val for k, val in vars(dq).items() if k not in _DQ_VARS_SKIP}
-            for n, dq in sorted(queues.items())
-        },
+        queues=dict(sorted(queues.items())),
         alloc=alloc,
         requests=requests,
         parked=parked,
