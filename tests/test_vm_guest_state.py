@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace as dataclasses_replace
 import json
 import threading
 import time
@@ -36,6 +37,7 @@ from virtio_lm.net.peer import parse_seq, seq_frame
 from virtio_lm.net.switch import POLL
 from virtio_lm.net.testbed import NetVm, make_vm, restore_image, save_image
 from virtio_lm.pci import VirtioPciFunction
+from virtio_lm.virtqueue.device import Segment
 from virtio_lm.virtqueue.driver import Allocator, DriverQueue
 from virtio_lm.vm.guest_state import (
     MAX_DOCUMENT_BYTES,
@@ -930,14 +932,29 @@ def test_driver_queue_round_trip_keeps_working_on_copied_memory() -> None:
         mem_b.close()
 
 
-def test_queue_with_unknown_attribute_refused_at_encode() -> None:
+def test_the_codecs_keys_are_the_states_fields() -> None:
+    """A field added to a saved state must appear in the document (or the two disagree here)."""
+    import dataclasses
+
+    from virtio_lm.virtqueue.driver import AllocatorState, ChainState, DriverQueueState
+
+    assert set(gs._DQ_KEYS) == {f.name for f in dataclasses.fields(DriverQueueState)}
+    assert set(gs._ALLOC_KEYS) == {f.name for f in dataclasses.fields(AllocatorState)}
+    assert set(gs._IF_KEYS) == set(ChainState._fields)
+
+
+def test_a_queue_saves_and_restores_to_the_same_state() -> None:
     mem = Memory(1 << 20, name="q")
     try:
-        dq = DriverQueue.allocate(mem.cpu, Allocator(0x1000, 0x10000), 4)
-        dq.something_new = 1  # type: ignore[attr-defined]
-        with pytest.raises(GuestStateError, match="does not know") as info:
-            queue_to_json(dq, "q")
-        assert info.value.path == "q.something_new"
+        alloc = Allocator(0x1000, 0x10000)
+        dq = DriverQueue.allocate(mem.cpu, alloc, 8, event_idx=True)
+        dq.add([Segment(0x20000, 16)], [Segment(0x20010, 8)], token=("a", 1))
+        dq.add([Segment(0x20000, 16), Segment(0x20020, 4)], [], indirect=True, token=7)
+        st = dq.save()
+        again = DriverQueue.from_state(st, port=mem.cpu, alloc=Allocator.from_state(alloc.save()))
+        assert again.save() == st
+        with pytest.raises(GuestStateError, match="neither free nor in flight"):
+            DriverQueue.from_state(dataclasses_replace(st, free=st.free[1:]), port=None, alloc=None)
     finally:
         mem.close()
 
@@ -958,17 +975,11 @@ def _rx_queue(n: int = 8) -> dict[str, Any]:
     }
 
 
-def test_bulk_and_checked_in_flight_paths_agree():
-    from virtio_lm.vm import guest_state as gs
-
-    doc = _rx_queue()
-    fast = queue_from_json(copy.deepcopy(doc))
-    owner: dict[int, str] = {}
-    checked = gs._inflight_checked(copy.deepcopy(doc)["in_flight"], 8, owner, "q", None)
-    assert {h: (r.token, r.descs, r.table) for h, r in fast._inflight.items()} == {
-        h: (r.token, r.descs, r.table) for h, r in checked.items()
-    }
-    assert gs._inflight_fast(doc["in_flight"], 8, {}) is not None
+def test_a_well_formed_in_flight_list_restores_on_the_bulk_path():
+    dq = queue_from_json(_rx_queue())
+    assert [(c.head, c.descs, c.table, c.token) for c in dq.chains()] == [
+        (i, (i,), None, ("rx", 0x20000 + 1536 * i)) for i in range(8)
+    ]
 
 
 @pytest.mark.parametrize("mutate, where", [
@@ -980,11 +991,8 @@ def test_bulk_and_checked_in_flight_paths_agree():
     (lambda d: d["in_flight"][0].update(head=True), "in_flight[0].head"),  # a bool is not an index
 ])
 def test_bulk_path_refuses_what_the_checked_path_names(mutate, where):
-    from virtio_lm.vm import guest_state as gs
-
     doc = _rx_queue()
     mutate(doc)
-    assert gs._inflight_fast(doc["in_flight"], 8, {}) is None
     with pytest.raises(GuestStateError) as exc:
         queue_from_json(doc, "q")
     assert where in str(exc.value)

@@ -59,7 +59,7 @@ from virtio_lm.wire.blk import (
 )
 from virtio_lm.wire.features import Feature, bit
 
-__all__ = ["BlkCompletion", "BlkDriver", "BlkDriverState", "DEFAULT_FEATURES"]
+__all__ = ["BlkCompletion", "BlkDriver", "BlkDriverState", "BlkRequest", "DEFAULT_FEATURES"]
 
 DEFAULT_FEATURES = (
     bit(Feature.VERSION_1)
@@ -80,7 +80,7 @@ _POISON = 0xFF  # status byte before the device writes it (not a valid status)
 
 
 @dataclass
-class _Req:
+class BlkRequest:
     """The driver's record of one submitted request."""
 
     token: int
@@ -95,7 +95,7 @@ class _Req:
     status_addr: int = -1
     raw: list[tuple[int, int, bool]] = field(default_factory=list)  # raw chains: (addr, len, writable), all owned
 
-    def copy(self) -> "_Req":
+    def copy(self) -> "BlkRequest":
         return replace(self, raw=list(self.raw))
 
 
@@ -124,7 +124,7 @@ class BlkDriverState:
     config: BlkConfig
     queues: dict[int, DriverQueue]  # detached (no port, no allocator)
     alloc: Allocator
-    requests: dict[int, _Req]
+    requests: dict[int, BlkRequest]
     parked: list[BlkCompletion]
     next_token: int
     rr: int
@@ -160,7 +160,7 @@ class BlkDriver:
         self.features = 0
         self.config = BlkConfig()
         self.queues: dict[int, DriverQueue] = {}
-        self._requests: dict[int, _Req] = {}
+        self._requests: dict[int, BlkRequest] = {}
         self._parked: list[BlkCompletion] = []
         self._next_token = 1
         self._rr = 0
@@ -320,7 +320,7 @@ class BlkDriver:
                 self.alloc.free(buf_addr)
             raise
         self._next_token += 1
-        self._requests[token] = _Req(
+        self._requests[token] = BlkRequest(
             token, int(type), sector, q, hdr_addr, buf_addr, buf_len, owns, data is None and read_len > 0, status_addr
         )
         if kick:
@@ -363,7 +363,7 @@ class BlkDriver:
                 self.alloc.free(a)
             raise
         self._next_token += 1
-        req = _Req(token, type, sector, q, -1, None, 0, False, False, -1, pieces)
+        req = BlkRequest(token, type, sector, q, -1, None, 0, False, False, -1, pieces)
         self._requests[token] = req
         if kick:
             self.transport.kick(q)

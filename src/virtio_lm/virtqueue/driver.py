@@ -11,16 +11,32 @@ chain was added with.
 The device is trusted less than our own code but more than nothing: a used
 entry naming a head that is not in flight, or a used idx running more than
 the queue size ahead, raises :class:`~virtio_lm.errors.UsedRingError`.
+
+Both own their saved state (a guest driver's bookkeeping moves with a
+migration): :meth:`Allocator.save` / :meth:`Allocator.from_state` and
+:meth:`DriverQueue.save` / :meth:`DriverQueue.from_state` turn them into frozen
+:class:`AllocatorState` / :class:`DriverQueueState` and back, and
+``from_state`` checks every invariant the class keeps (saved state is
+untrusted: it crossed the network), raising
+:class:`~virtio_lm.errors.GuestStateError` with the field's path relative to
+the state (``"free[3]"``).
 """
 
 from __future__ import annotations
 
-import copy
-
 import bisect
-from typing import Sequence
+import copy
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
 
-from virtio_lm.errors import AllocationError, DriverError, MemoryAccessError, QueueFullError, UsedRingError
+from virtio_lm.errors import (
+    AllocationError,
+    DriverError,
+    GuestStateError,
+    MemoryAccessError,
+    QueueFullError,
+    UsedRingError,
+)
 from virtio_lm.memory.region import MemoryPort
 from virtio_lm.virtqueue.device import Segment
 from virtio_lm.wire.codec import read_u16, u16
@@ -28,6 +44,7 @@ from virtio_lm.wire.ring import (
     AVAIL_ALIGN,
     DESC_ALIGN,
     DESC_SIZE,
+    MAX_QUEUE_SIZE,
     USED_ALIGN,
     AvailFlags,
     DescFlags,
@@ -46,6 +63,22 @@ from virtio_lm.wire.ring import (
 )
 
 U16 = 0xFFFF
+U64 = (1 << 64) - 1
+
+
+def _at(path: str, sub: str) -> str:
+    return f"{path}.{sub}" if path else sub
+
+
+@dataclass(frozen=True)
+class AllocatorState:
+    """An :class:`Allocator`'s bookkeeping: its range, the free ranges ``(start, end)`` and the
+    live allocations ``(addr, length)``, both sorted by address."""
+
+    base: int
+    size: int
+    free: tuple[tuple[int, int], ...]
+    live: tuple[tuple[int, int], ...]
 
 
 class Allocator:
@@ -104,6 +137,62 @@ class Allocator:
     def free_bytes(self) -> int:
         return sum(e - s for s, e in zip(self._starts, self._ends))
 
+    def length_of(self, addr: int) -> int | None:
+        """The length of the live allocation at ``addr`` (None: not one)."""
+        return self._live.get(addr)
+
+    def save(self) -> AllocatorState:
+        return AllocatorState(self.base, self.size, tuple(zip(self._starts, self._ends)), tuple(sorted(self._live.items())))
+
+    @classmethod
+    def from_state(cls, st: AllocatorState, path: str = "") -> "Allocator":
+        """An allocator continuing ``st``: its free ranges are non-empty, sorted and merged,
+        its live allocations sorted, and together they tile ``[base, base + size)``."""
+        base, size = st.base, st.size
+        if base < 0 or size < 1:
+            raise GuestStateError(_at(path, "size"), f"range [{base:#x}, +{size:#x}) is empty or negative")
+        end = base + size
+        if end > U64 + 1:
+            raise GuestStateError(_at(path, "size"), f"range [{base:#x}, +{size:#x}) passes 2**64")
+        pieces: list[tuple[int, int, str]] = []
+
+        def ranges(key: str, items: tuple[tuple[int, int], ...], second_is_end: bool) -> None:
+            prev_end = -1
+            for i, (s, x) in enumerate(items):
+                p = _at(path, f"{key}[{i}]")
+                if not base <= s <= end:
+                    raise GuestStateError(f"{p}[0]", f"{s} is outside {base}..{end}")
+                if not 1 <= x <= U64:
+                    raise GuestStateError(f"{p}[1]", f"{x} is outside 1..{U64}")
+                e = x if second_is_end else s + x
+                if e <= s:
+                    raise GuestStateError(p, f"empty range [{s:#x}, {e:#x})")
+                if e > end:
+                    raise GuestStateError(p, f"range [{s:#x}, {e:#x}) leaves the allocator's [{base:#x}, {end:#x})")
+                if s < prev_end or (second_is_end and s == prev_end):
+                    raise GuestStateError(p, "ranges not sorted, overlapping" + (" or not merged" if second_is_end else ""))
+                prev_end = e
+                pieces.append((s, e, p))
+
+        ranges("free", st.free, True)
+        ranges("live", st.live, False)
+        pieces.sort()
+        pos = base
+        for s, e, p in pieces:
+            if s < pos:
+                raise GuestStateError(p, f"range [{s:#x}, {e:#x}) overlaps another free or live range")
+            if s > pos:
+                raise GuestStateError(p, f"bytes [{pos:#x}, {s:#x}) are neither free nor allocated")
+            pos = e
+        if pos != end:
+            raise GuestStateError(path or "alloc", f"bytes [{pos:#x}, {end:#x}) are neither free nor allocated")
+        a = cls.__new__(cls)
+        a.base, a.size = base, size
+        a._starts = [s for s, _ in st.free]
+        a._ends = [e for _, e in st.free]
+        a._live = dict(st.live)
+        return a
+
     def clone(self) -> "Allocator":
         """An independent copy (a guest driver's bookkeeping handed over in a migration)."""
         new = Allocator.__new__(Allocator)
@@ -115,13 +204,33 @@ class Allocator:
         return len(self._live)
 
 
-class _InFlight:
-    __slots__ = ("token", "descs", "table")
+class ChainState(NamedTuple):
+    """One chain in flight: its head, its descriptors in chain order (the head first), its
+    indirect table (a live allocation of the queue's allocator) or None, and the token the
+    driver added it with.  The queue keeps these records as they are (immutable)."""
 
-    def __init__(self, token: object, descs: list[int], table: int | None) -> None:
-        self.token = token
-        self.descs = descs
-        self.table = table
+    head: int
+    descs: tuple[int, ...]
+    table: int | None
+    token: object
+
+
+@dataclass(frozen=True)
+class DriverQueueState:
+    """A :class:`DriverQueue`'s bookkeeping (the rings themselves are guest memory)."""
+
+    size: int
+    desc_addr: int
+    avail_addr: int
+    used_addr: int
+    event_idx: bool
+    free: tuple[int, ...]  # the free-descriptor stack, bottom first
+    in_flight: tuple[ChainState, ...]  # in the order they were added
+    avail_idx: int
+    pending: int  # added, not yet published
+    kick_old: int
+    last_used_idx: int
+    interrupts: bool
 
 
 class DriverQueue:
@@ -154,7 +263,7 @@ class DriverQueue:
         port.fill(avail_addr, avail_ring_size(size, event_idx), 0)
         port.fill(used_addr, used_ring_size(size, event_idx), 0)
         self._free: list[int] = list(range(size - 1, -1, -1))  # a stack; pops 0 first
-        self._inflight: dict[int, _InFlight] = {}
+        self._inflight: dict[int, ChainState] = {}
         self.avail_idx = 0  # published avail idx
         self._pending = 0  # added, not yet published
         self._kick_old = 0  # avail idx at the last kick_needed()
@@ -186,6 +295,137 @@ class DriverQueue:
 
     def num_free(self) -> int:
         return len(self._free)
+
+    def chains(self) -> Iterator[ChainState]:
+        """The chains in flight, in the order they were added."""
+        return iter(self._inflight.values())
+
+    def save(self) -> DriverQueueState:
+        return DriverQueueState(
+            self.size, self.desc_addr, self.avail_addr, self.used_addr, self.event_idx, tuple(self._free),
+            tuple(self._inflight.values()), self.avail_idx, self._pending, self._kick_old, self.last_used_idx,
+            self.interrupts,
+        )
+
+    @classmethod
+    def from_state(
+        cls, st: DriverQueueState, *, port: MemoryPort | None, alloc: Allocator | None, path: str = ""
+    ) -> "DriverQueue":
+        """A queue continuing ``st`` on ``port`` (None: detached) with ``alloc`` for its indirect
+        tables.  Checks: the size is a power of two in 1..32768; the ring parts are aligned,
+        in the address space and disjoint; the free list and the chains in flight partition
+        the descriptors ``0..size-1``; each chain's head is its first descriptor; an
+        indirect chain has one descriptor and its own aligned table, a live allocation of
+        ``alloc`` (when given); the indices are u16 and the chains in flight number
+        ``avail_idx + pending - last_used_idx`` (mod 2**16).  Nothing is written to memory."""
+        size = st.size
+        if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise GuestStateError(_at(path, "size"), f"queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        parts = []
+        for key, addr, align, length in (
+            ("desc_addr", st.desc_addr, DESC_ALIGN, desc_table_size(size)),
+            ("avail_addr", st.avail_addr, AVAIL_ALIGN, avail_ring_size(size, st.event_idx)),
+            ("used_addr", st.used_addr, USED_ALIGN, used_ring_size(size, st.event_idx)),
+        ):
+            if not 0 <= addr <= U64 + 1 - length:
+                raise GuestStateError(_at(path, key), f"{addr} is outside 0..{U64 + 1 - length}")
+            if addr % align:
+                raise GuestStateError(_at(path, key), f"address {addr:#x} not aligned to {align}")
+            parts.append((addr, addr + length, key))
+        parts.sort()
+        for (_, e1, k1), (s2, _, k2) in zip(parts, parts[1:]):
+            if s2 < e1:
+                raise GuestStateError(_at(path, k2), f"ring part overlaps {k1}")
+        free = list(st.free)
+        seen: set[int] = set(free)
+        if len(seen) != len(free) or (free and not (0 <= min(free) and max(free) < size)):
+            owner: dict[int, str] = {}
+            for i, x in enumerate(free):
+                p = _at(path, f"free[{i}]")
+                if not 0 <= x < size:
+                    raise GuestStateError(p, f"{x} is outside 0..{size - 1}")
+                if x in owner:
+                    raise GuestStateError(p, f"descriptor {x} already in {owner[x]}")
+                owner[x] = p
+        inflight: dict[int, ChainState] = {}
+        tables: set[int] = set()
+        n_descs = len(free)
+        for i, c in enumerate(st.in_flight):
+            descs = c.descs
+            if descs and descs[0] == c.head and c.table is None and c.head not in inflight:
+                # the common chain: direct, head first; its descriptors' range and ownership below
+                n_descs += len(descs)
+                seen.update(descs)
+                inflight[c.head] = c if type(descs) is tuple else c._replace(descs=tuple(descs))
+                continue
+            p = _at(path, f"in_flight[{i}]")
+            if not 0 <= c.head < size:
+                raise GuestStateError(f"{p}.head", f"{c.head} is outside 0..{size - 1}")
+            if not descs:
+                raise GuestStateError(f"{p}.descs", "a chain has at least one descriptor")
+            if descs[0] != c.head:
+                raise GuestStateError(f"{p}.head", f"head {c.head} is not the chain's first descriptor {descs[0]}")
+            if c.head in inflight:
+                raise GuestStateError(f"{p}.head", f"head {c.head} is in flight twice")
+            if c.table is not None:
+                if len(descs) != 1:
+                    raise GuestStateError(f"{p}.descs", "an indirect chain uses exactly one descriptor")
+                if c.table % DESC_ALIGN:
+                    raise GuestStateError(f"{p}.table", f"indirect table {c.table:#x} not aligned to {DESC_ALIGN}")
+                if c.table in tables:
+                    raise GuestStateError(f"{p}.table", f"indirect table {c.table:#x} used by two chains")
+                if alloc is not None and alloc.length_of(c.table) is None:
+                    raise GuestStateError(f"{p}.table", f"indirect table {c.table:#x} is not a live allocation")
+                tables.add(c.table)
+            n_descs += len(descs)
+            seen.update(descs)
+            inflight[c.head] = c._replace(descs=tuple(descs))
+        if n_descs != len(seen) or len(seen) != size or min(seen, default=0) < 0 or max(seen, default=0) >= size:
+            cls._culprit(st, size, path)  # raises, naming the descriptor and where it is
+        for key, v in (("avail_idx", st.avail_idx), ("kick_old", st.kick_old), ("last_used_idx", st.last_used_idx)):
+            if not 0 <= v <= U16:
+                raise GuestStateError(_at(path, key), f"{v} is outside 0..{U16}")
+        if not 0 <= st.pending <= size:
+            raise GuestStateError(_at(path, "pending"), f"{st.pending} is outside 0..{size}")
+        outstanding = (st.avail_idx + st.pending - st.last_used_idx) & U16
+        if outstanding != len(inflight):
+            raise GuestStateError(
+                _at(path, "in_flight"),
+                f"{len(inflight)} chains in flight, but avail_idx {st.avail_idx} + pending {st.pending} - "
+                f"last_used_idx {st.last_used_idx} = {outstanding}",
+            )
+        dq = cls.__new__(cls)
+        dq.port = port  # type: ignore[assignment]
+        dq.size = size
+        dq.desc_addr, dq.avail_addr, dq.used_addr = st.desc_addr, st.avail_addr, st.used_addr
+        dq.event_idx = st.event_idx
+        dq.alloc = alloc
+        dq._free = free
+        dq._inflight = inflight
+        dq.avail_idx = st.avail_idx
+        dq._pending = st.pending
+        dq._kick_old = st.kick_old
+        dq.last_used_idx = st.last_used_idx
+        dq.interrupts = st.interrupts
+        return dq
+
+    @staticmethod
+    def _culprit(st: DriverQueueState, size: int, path: str) -> None:
+        """The descriptor that breaks the partition of ``0..size-1``: out of range, in two
+        places, or in none."""
+        owner: dict[int, str] = {}
+        for i, x in enumerate(st.free):
+            owner[x] = _at(path, f"free[{i}]")
+        for i, c in enumerate(st.in_flight):
+            for j, x in enumerate(c.descs):
+                p = _at(path, f"in_flight[{i}]")
+                if not 0 <= x < size:
+                    raise GuestStateError(f"{p}.descs[{j}]", f"{x} is outside 0..{size - 1}")
+                if x in owner:
+                    raise GuestStateError(f"{p}.descs[{j}]", f"descriptor {x} already in {owner[x]}")
+                owner[x] = p
+        lost = min(set(range(size)) - set(owner))
+        raise GuestStateError(_at(path, "free"), f"descriptor {lost} is neither free nor in flight")
 
     def clone(self, port: MemoryPort | None, alloc: Allocator | None) -> "DriverQueue":
         """An independent copy of the queue's bookkeeping on ``port`` / ``alloc`` (None: detached,
@@ -250,7 +490,7 @@ class DriverQueue:
                     VirtqDesc(s.addr, s.len, DescFlags(flags), 0 if last else descs[i + 1]).encode(),
                 )
             head = descs[0]
-        self._inflight[head] = _InFlight(token, descs, table)
+        self._inflight[head] = ChainState(head, tuple(descs), table, token)
         slot = (self.avail_idx + self._pending) % self.size
         port.write(self.avail_addr + avail_entry_offset(slot), u16(head))
         self._pending += 1

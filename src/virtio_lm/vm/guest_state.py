@@ -42,12 +42,13 @@ canonical bytes (sorted keys, compact, ASCII) and back; decoding refuses
 non-UTF-8 bytes, a document that is not a JSON object, documents over
 16 MiB, nesting over 64 levels, duplicate keys and ``NaN`` / ``Infinity``.
 
-Rebuilding: :class:`DriverQueue` and :class:`Allocator` have no public
-restore API, so they are rebuilt the way the drivers' own ``from_state`` /
-``import_state`` do it -- an instance made with ``__new__`` whose attributes
-are filled -- and in-flight records are ``virtio_lm.virtqueue.driver._InFlight``.
-The encoder refuses a queue with attributes it does not know, so a new
-DriverQueue field cannot be dropped silently.
+Rebuilding: an :class:`Allocator` and a :class:`DriverQueue` own their saved
+state (``save()`` gives a frozen :class:`AllocatorState` /
+:class:`DriverQueueState`, ``from_state()`` checks the invariants the class
+keeps and rebuilds it); this module checks the document's types and ranges,
+turns it into those states and prefixes their errors' paths.  A new field of a
+state is a new dataclass field: the JSON here must name it, or the codec's
+keys and the state's fields disagree (a test compares them).
 """
 
 from __future__ import annotations
@@ -57,21 +58,15 @@ from typing import Any
 
 import numpy as np
 
-from virtio_lm.drivers.blk_driver import BlkCompletion, BlkDriverState, _Req
+from virtio_lm.drivers.blk_driver import BlkCompletion, BlkDriverState, BlkRequest
 from virtio_lm.drivers.net_driver import NetDriverState
 from virtio_lm.errors import GuestStateError, WireError
-from virtio_lm.virtqueue.driver import Allocator, DriverQueue, _InFlight
+from virtio_lm.virtqueue.driver import Allocator, AllocatorState, ChainState, DriverQueue, DriverQueueState
 from virtio_lm.wire.blk import BLK_CONFIG_SIZE, BlkConfig, BlkFeature
 from virtio_lm.wire.features import Feature, bit
 from virtio_lm.wire.net import ETH_ALEN, NetFeature
 from virtio_lm.wire.ring import (
-    AVAIL_ALIGN,
-    DESC_ALIGN,
     MAX_QUEUE_SIZE,
-    USED_ALIGN,
-    avail_ring_size,
-    desc_table_size,
-    used_ring_size,
 )
 
 __all__ = [
@@ -248,79 +243,41 @@ _ALLOC_KEYS = ("base", "size", "free", "live")
 
 def allocator_to_json(a: Allocator, path: str = "alloc", *, validate: bool = True) -> dict[str, Json]:
     """``{"base", "size", "free": [[start, end], ...], "live": [[addr, length], ...]}`` (live sorted)."""
-    try:
-        out = {
-            "base": a.base,
-            "size": a.size,
-            "free": [[s, e] for s, e in zip(a._starts, a._ends)],
-            "live": [[addr, n] for addr, n in sorted(a._live.items())],
-        }
-    except (AttributeError, TypeError) as exc:
-        raise _fail(path, f"not an Allocator: {exc}") from exc
+    st = a.save()
+    out = {"base": st.base, "size": st.size, "free": [list(r) for r in st.free], "live": [list(r) for r in st.live]}
     if validate:
         allocator_from_json(out, path)
     return out
 
 
+def _pairs(v: Json, path: str, what: str) -> tuple[tuple[int, int], ...]:
+    items = _list(v, path)
+    if all(type(x) is list and len(x) == 2 and type(x[0]) is int and type(x[1]) is int for x in items):
+        return tuple((x[0], x[1]) for x in items)
+    for i, item in enumerate(items):  # name the culprit
+        p = f"{path}[{i}]"
+        pair = _list(item, p)
+        if len(pair) != 2:
+            raise _fail(p, f"expected [start, {what}], got {len(pair)} items")
+        _int(pair[0], f"{p}[0]", 0, U64)
+        _int(pair[1], f"{p}[1]", 0, U64)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def allocator_from_json(v: Json, path: str = "alloc") -> Allocator:
+    """An :class:`Allocator` from JSON: the document's types here, the allocator's invariants
+    in :meth:`Allocator.from_state`."""
     d = _obj(v, path, _ALLOC_KEYS)
-    base = _int(d["base"], f"{path}.base", 0, U64)
-    size = _int(d["size"], f"{path}.size", 1, U64)
-    end = base + size
-    if end > U64 + 1:
-        raise _fail(f"{path}.size", f"range [{base:#x}, +{size:#x}) passes 2**64")
-    pieces: list[tuple[int, int, str]] = []  # (start, end, path)
-
-    def ranges(key: str, second_is_end: bool) -> list[tuple[int, int]]:
-        out = []
-        prev_end = -1
-        for i, item in enumerate(_list(d[key], f"{path}.{key}")):
-            p = f"{path}.{key}[{i}]"
-            pair = _list(item, p)
-            if len(pair) != 2:
-                raise _fail(p, f"expected [start, {'end' if second_is_end else 'length'}], got {len(pair)} items")
-            s = _int(pair[0], f"{p}[0]", base, end)
-            x = _int(pair[1], f"{p}[1]", 1, U64)
-            e = x if second_is_end else s + x
-            if e <= s:
-                raise _fail(p, f"empty range [{s:#x}, {e:#x})")
-            if e > end:
-                raise _fail(p, f"range [{s:#x}, {e:#x}) leaves the allocator's [{base:#x}, {end:#x})")
-            if s < prev_end or (second_is_end and s == prev_end):
-                raise _fail(p, "ranges not sorted, overlapping" + (" or not merged" if second_is_end else ""))
-            prev_end = e
-            out.append((s, e))
-            pieces.append((s, e, p))
-        return out
-
-    free = ranges("free", True)
-    live = ranges("live", False)
-    pieces.sort()
-    pos = base
-    for s, e, p in pieces:
-        if s < pos:
-            raise _fail(p, f"range [{s:#x}, {e:#x}) overlaps another free or live range")
-        if s > pos:
-            raise _fail(p, f"bytes [{pos:#x}, {s:#x}) are neither free nor allocated")
-        pos = e
-    if pos != end:
-        raise _fail(path, f"bytes [{pos:#x}, {end:#x}) are neither free nor allocated")
-    a = Allocator.__new__(Allocator)
-    a.base = base
-    a.size = size
-    a._starts = [s for s, _ in free]
-    a._ends = [e for _, e in free]
-    a._live = {s: e - s for s, e in live}
-    return a
+    st = AllocatorState(
+        _int(d["base"], f"{path}.base", 0, U64),
+        _int(d["size"], f"{path}.size", 1, U64),
+        _pairs(d["free"], f"{path}.free", "end"),
+        _pairs(d["live"], f"{path}.live", "length"),
+    )
+    return Allocator.from_state(st, path)
 
 
 # =========================================================================== queue
-_DQ_ATTRS = frozenset(
-    {
-        "port", "alloc", "size", "desc_addr", "avail_addr", "used_addr", "event_idx", "_free",
-        "_inflight", "avail_idx", "_pending", "_kick_old", "last_used_idx", "interrupts",
-    }
-)
 _DQ_KEYS = (
     "size", "desc_addr", "avail_addr", "used_addr", "event_idx", "free", "in_flight",
     "avail_idx", "pending", "kick_old", "last_used_idx", "interrupts",
@@ -329,190 +286,87 @@ _IF_KEYS = ("head", "descs", "table", "token")
 _IF_KEYSET = frozenset(_IF_KEYS)
 
 
-def queue_to_json(dq: DriverQueue | dict[str, Any], path: str = "queue", *, validate: bool = True) -> dict[str, Json]:
-    """A driver queue (or the ``vars()`` dict a BlkDriverState keeps) as JSON.
+def _chain_out(c: ChainState) -> dict[str, Json]:
+    token = c.token
+    if type(token) is tuple and len(token) <= MAX_TOKEN_ITEMS and all(_flat_token_item(t) for t in token):
+        token = list(token)
+    elif not (type(token) is int and TOKEN_INT_MIN <= token <= U64):
+        token = None if token is None else _NOT_FLAT
+    return {"head": c.head, "descs": list(c.descs), "table": c.table, "token": token}
 
-    A queue with an attribute this codec does not know raises (it would be lost)."""
-    attrs = dict(dq) if isinstance(dq, dict) else dict(vars(dq))
-    unknown = sorted(set(attrs) - _DQ_ATTRS)
-    if unknown:
-        raise _fail(f"{path}.{unknown[0]}", "DriverQueue attribute this codec does not know (it would be lost)")
-    try:
-        in_flight = [
-            {
-                "head": head,
-                "descs": list(rec.descs),
-                "table": rec.table,
-                "token": (
-                    list(rec.token) if type(rec.token) is tuple and len(rec.token) <= MAX_TOKEN_ITEMS
-                    and all(_flat_token_item(t) for t in rec.token)
-                    else token_to_json(rec.token, f"{path}.in_flight[{i}].token")
-                ),
-            }
-            for i, (head, rec) in enumerate(attrs["_inflight"].items())
-        ]
-        out = {
-            "size": attrs["size"],
-            "desc_addr": attrs["desc_addr"],
-            "avail_addr": attrs["avail_addr"],
-            "used_addr": attrs["used_addr"],
-            "event_idx": attrs["event_idx"],
-            "free": list(attrs["_free"]),
-            "in_flight": in_flight,
-            "avail_idx": attrs["avail_idx"],
-            "pending": attrs["_pending"],
-            "kick_old": attrs["_kick_old"],
-            "last_used_idx": attrs["last_used_idx"],
-            "interrupts": attrs["interrupts"],
-        }
-    except (KeyError, AttributeError, TypeError) as exc:
-        raise _fail(path, f"not a DriverQueue state: {exc!r}") from exc
+
+_NOT_FLAT = object()  # a token the fast path leaves to token_to_json (which names it in an error)
+
+
+def queue_to_json(dq: DriverQueue, path: str = "queue", *, validate: bool = True) -> dict[str, Json]:
+    """A driver queue's saved state (:meth:`DriverQueue.save`) as JSON."""
+    st = dq.save()
+    out = {
+        "size": st.size,
+        "desc_addr": st.desc_addr,
+        "avail_addr": st.avail_addr,
+        "used_addr": st.used_addr,
+        "event_idx": st.event_idx,
+        "free": list(st.free),
+        "in_flight": [_chain_out(c) for c in st.in_flight],
+        "avail_idx": st.avail_idx,
+        "pending": st.pending,
+        "kick_old": st.kick_old,
+        "last_used_idx": st.last_used_idx,
+        "interrupts": st.interrupts,
+    }
+    for i, item in enumerate(out["in_flight"]):  # type: ignore[arg-type]
+        if item["token"] is _NOT_FLAT:
+            item["token"] = token_to_json(st.in_flight[i].token, f"{path}.in_flight[{i}].token")
     if validate:
         queue_from_json(out, path)
     return out
 
 
-def _inflight_fast(items: list[Json], size: int, owner: dict[int, str]) -> dict[int, _InFlight] | None:
-    """The common in-flight list -- direct chains (no indirect table) of distinct in-range
-    descriptors with flat integer tokens -- checked in bulk; None for anything else (then
-    :func:`_inflight_checked` goes through it element by element and names the culprit).
-    Adds the chains' descriptors to ``owner`` only when it accepts."""
-    out: dict[int, _InFlight] = {}
-    seen: list[int] = []
-    hi = size - 1
-    for item in items:
-        if type(item) is not dict or item.keys() != _IF_KEYSET or item["table"] is not None:
-            return None
-        head, descs, token = item.get("head"), item.get("descs"), item.get("token")
-        if type(descs) is not list or not descs or descs[0] != head or type(head) is not int:
-            return None
-        if not all(type(x) is int and 0 <= x <= hi for x in descs):
-            return None
-        if type(token) is list:
-            if len(token) > MAX_TOKEN_ITEMS or not all(_flat_token_item(t) for t in token):
-                return None
-            token = tuple(token)
-        elif not (token is None or type(token) is bool or (type(token) is int and TOKEN_INT_MIN <= token <= U64)):
-            return None
-        seen.extend(descs)
-        out[head] = _InFlight(token, list(descs), None)
-    if len(set(seen)) != len(seen) or not owner.keys().isdisjoint(seen) or len(out) != len(items):
-        return None
-    owner.update(dict.fromkeys(seen, "in flight"))
-    return out
-
-
-def _inflight_checked(
-    items: list[Json], size: int, owner: dict[int, str], path: str, alloc: Allocator | None
-) -> dict[int, _InFlight]:
-    inflight: dict[int, _InFlight] = {}
-    tables: set[int] = set()
-    live = alloc._live if alloc is not None else None
-
-    def claim(desc: int, p: str) -> None:
-        if desc in owner:
-            raise _fail(p, f"descriptor {desc} already in {owner[desc]}")
-        owner[desc] = p
-
+def _chains(items: list[Json], path: str) -> tuple[ChainState, ...]:
+    """The in-flight list's records as :class:`ChainState` (types only; the queue checks the rest)."""
+    out = []
     for i, item in enumerate(items):
-        p = f"{path}.in_flight[{i}]"
+        if type(item) is dict and item.keys() == _IF_KEYSET:
+            head, descs, table, token = item["head"], item["descs"], item["table"], item["token"]
+            if (type(head) is int and type(descs) is list and all(type(x) is int for x in descs)
+                    and (table is None or type(table) is int and 0 <= table <= U64)):
+                if type(token) is list and len(token) <= MAX_TOKEN_ITEMS and all(_flat_token_item(t) for t in token):
+                    token = tuple(token)
+                else:
+                    token = token_from_json(token, f"{path}[{i}].token")
+                out.append(ChainState(head, tuple(descs), table, token))
+                continue
+        p = f"{path}[{i}]"
         rec = _obj(item, p, _IF_KEYS)
-        head = _int(rec["head"], f"{p}.head", 0, size - 1)
-        descs = list(_int_list(rec["descs"], f"{p}.descs", 0, size - 1))
-        if not descs:
-            raise _fail(f"{p}.descs", "a chain has at least one descriptor")
-        for j, x in enumerate(descs):
-            if x in owner:
-                claim(x, f"{p}.descs[{j}]")  # raises, naming both places
-            owner[x] = p
-        if descs[0] != head:
-            raise _fail(f"{p}.head", f"head {head} is not the chain's first descriptor {descs[0]}")
-        table = _opt_int(rec["table"], f"{p}.table", 0, U64)
-        if table is not None:
-            if len(descs) != 1:
-                raise _fail(f"{p}.descs", "an indirect chain uses exactly one descriptor")
-            if table % DESC_ALIGN:
-                raise _fail(f"{p}.table", f"indirect table {table:#x} not aligned to {DESC_ALIGN}")
-            if table in tables:
-                raise _fail(f"{p}.table", f"indirect table {table:#x} used by two chains")
-            if live is not None and table not in live:
-                raise _fail(f"{p}.table", f"indirect table {table:#x} is not a live allocation")
-            tables.add(table)
-        token = token_from_json(rec["token"], f"{p}.token")
-        inflight[head] = _InFlight(token, descs, table)
-    return inflight
+        _int(rec["head"], f"{p}.head", 0, U64)
+        _int_list(rec["descs"], f"{p}.descs", 0, U64)
+        _opt_int(rec["table"], f"{p}.table", 0, U64)
+        raise AssertionError("unreachable")  # pragma: no cover
+    return tuple(out)
 
 
 def queue_from_json(v: Json, path: str = "queue", *, alloc: Allocator | None = None) -> DriverQueue:
-    """A detached :class:`DriverQueue` (``port`` None, ``alloc`` as given) from JSON.
-
-    With ``alloc``, every indirect table in flight must be one of its live allocations."""
+    """A detached :class:`DriverQueue` (no port; ``alloc`` as given) from JSON: the document's
+    types here, the queue's invariants in :meth:`DriverQueue.from_state` (with ``alloc``,
+    every indirect table in flight must be one of its live allocations)."""
     d = _obj(v, path, _DQ_KEYS)
-    size = _int(d["size"], f"{path}.size", 1, MAX_QUEUE_SIZE)
-    if size & (size - 1):
-        raise _fail(f"{path}.size", f"queue size {size} is not a power of two")
     event_idx = _bool(d["event_idx"], f"{path}.event_idx")
-    parts = []
-    for key, align, length in (
-        ("desc_addr", DESC_ALIGN, desc_table_size(size)),
-        ("avail_addr", AVAIL_ALIGN, avail_ring_size(size, event_idx)),
-        ("used_addr", USED_ALIGN, used_ring_size(size, event_idx)),
-    ):
-        addr = _int(d[key], f"{path}.{key}", 0, U64 + 1 - length)
-        if addr % align:
-            raise _fail(f"{path}.{key}", f"address {addr:#x} not aligned to {align}")
-        parts.append((addr, addr + length, key))
-    parts.sort()
-    for (s1, e1, k1), (s2, _, k2) in zip(parts, parts[1:]):
-        if s2 < e1:
-            raise _fail(f"{path}.{k2}", f"ring part overlaps {k1}")
-    owner: dict[int, str] = {}  # descriptor -> where it is
-
-    def claim(desc: int, p: str) -> None:
-        if desc in owner:
-            raise _fail(p, f"descriptor {desc} already in {owner[desc]}")
-        owner[desc] = p
-
-    free = list(_int_list(d["free"], f"{path}.free", 0, size - 1))
-    if len(set(free)) != len(free):
-        for i, x in enumerate(free):
-            claim(x, f"{path}.free[{i}]")
-    owner.update(dict.fromkeys(free, "free"))
-    items = _list(d["in_flight"], f"{path}.in_flight")
-    inflight = _inflight_fast(items, size, owner)
-    if inflight is None:
-        inflight = _inflight_checked(items, size, owner, path, alloc)
-    if len(owner) != size:
-        lost = min(set(range(size)) - set(owner))
-        raise _fail(f"{path}.free", f"descriptor {lost} is neither free nor in flight")
-    avail_idx = _int(d["avail_idx"], f"{path}.avail_idx", 0, U16)
-    pending = _int(d["pending"], f"{path}.pending", 0, size)
-    kick_old = _int(d["kick_old"], f"{path}.kick_old", 0, U16)
-    last_used = _int(d["last_used_idx"], f"{path}.last_used_idx", 0, U16)
-    interrupts = _bool(d["interrupts"], f"{path}.interrupts")
-    outstanding = (avail_idx + pending - last_used) & U16
-    if outstanding != len(inflight):
-        raise _fail(
-            f"{path}.in_flight",
-            f"{len(inflight)} chains in flight, but avail_idx {avail_idx} + pending {pending} - "
-            f"last_used_idx {last_used} = {outstanding}",
-        )
-    dq = DriverQueue.__new__(DriverQueue)
-    dq.port = None  # type: ignore[assignment]
-    dq.size = size
-    dq.desc_addr, dq.avail_addr, dq.used_addr = (
-        d["desc_addr"], d["avail_addr"], d["used_addr"]
+    st = DriverQueueState(
+        size=_int(d["size"], f"{path}.size", 1, MAX_QUEUE_SIZE),
+        desc_addr=_int(d["desc_addr"], f"{path}.desc_addr", 0, U64),
+        avail_addr=_int(d["avail_addr"], f"{path}.avail_addr", 0, U64),
+        used_addr=_int(d["used_addr"], f"{path}.used_addr", 0, U64),
+        event_idx=event_idx,
+        free=tuple(_int_list(d["free"], f"{path}.free", 0, U64)),
+        in_flight=_chains(_list(d["in_flight"], f"{path}.in_flight"), f"{path}.in_flight"),
+        avail_idx=_int(d["avail_idx"], f"{path}.avail_idx", 0, U16),
+        pending=_int(d["pending"], f"{path}.pending", 0, U64),
+        kick_old=_int(d["kick_old"], f"{path}.kick_old", 0, U16),
+        last_used_idx=_int(d["last_used_idx"], f"{path}.last_used_idx", 0, U16),
+        interrupts=_bool(d["interrupts"], f"{path}.interrupts"),
     )
-    dq.event_idx = event_idx
-    dq.alloc = alloc
-    dq._free = free
-    dq._inflight = inflight
-    dq.avail_idx = avail_idx
-    dq._pending = pending
-    dq._kick_old = kick_old
-    dq.last_used_idx = last_used
-    dq.interrupts = interrupts
-    return dq
+    return DriverQueue.from_state(st, port=None, alloc=alloc, path=path)
 
 
 def _queues_from_json(v: Json, path: str, alloc: Allocator) -> dict[int, DriverQueue]:
@@ -619,20 +473,20 @@ def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
         raise _fail(f"{path}.queues", "more than one queue without VIRTIO_BLK_F_MQ")
     next_token = _int(d["next_token"], f"{path}.next_token", 1, I63)
     rr = _int(d["rr"], f"{path}.rr", 0, I63)
-    live = alloc._live
+    live = alloc.length_of
     # token -> (queue, in-flight path) for every chain in flight
     chains: dict[int, tuple[int, str]] = {}
     owned: dict[int, str] = {}  # live allocation -> who owns it (each is freed once)
 
     def own(addr: int, p: str) -> None:
-        if addr not in live:
+        if live(addr) is None:
             raise _fail(p, f"{addr:#x} is not a live allocation")
         if addr in owned:
             raise _fail(p, f"{addr:#x} is also owned by {owned[addr]}")
         owned[addr] = p
 
     for n, dq in queues.items():
-        for i, rec in enumerate(dq._inflight.values()):
+        for i, rec in enumerate(dq.chains()):
             p = f"{path}.queues.{n}.in_flight[{i}]"
             t = rec.token
             if type(t) is not int or not 1 <= t < next_token:
@@ -643,7 +497,7 @@ def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
             if rec.table is not None:
                 own(rec.table, f"{p}.table")
 
-    requests: dict[int, _Req] = {}
+    requests: dict[int, BlkRequest] = {}
     for i, item in enumerate(_list(d["requests"], f"{path}.requests")):
         p = f"{path}.requests[{i}]"
         r = _obj(item, p, _REQ_KEYS)
@@ -674,8 +528,8 @@ def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
             a = _int(tri[0], f"{pj}[0]", 0, U64)
             raw.append((a, _int(tri[1], f"{pj}[1]", 0, U32), _bool(tri[2], f"{pj}[2]")))
             own(a, f"{pj}[0]")
-            if raw[-1][1] > live[a]:
-                raise _fail(f"{pj}[1]", f"{raw[-1][1]} bytes in an allocation of {live[a]}")
+            if raw[-1][1] > live(a):
+                raise _fail(f"{pj}[1]", f"{raw[-1][1]} bytes in an allocation of {live(a)}")
         if hdr_addr < 0:  # a raw chain: everything is in ``raw``
             if not raw:
                 raise _fail(f"{p}.raw", "a raw request (hdr_addr -1) has at least one piece")
@@ -687,7 +541,7 @@ def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
             if raw:
                 raise _fail(f"{p}.raw", "only a raw request (hdr_addr -1) has raw pieces")
             own(hdr_addr, f"{p}.hdr_addr")
-            if status_addr < hdr_addr or status_addr >= hdr_addr + live[hdr_addr]:
+            if status_addr < hdr_addr or status_addr >= hdr_addr + live(hdr_addr):
                 raise _fail(f"{p}.status_addr", "status byte outside the request's header block")
             if (buf_addr is None) != (buf_len == 0):
                 raise _fail(f"{p}.buf_addr", "a data buffer has an address and a length, or neither")
@@ -695,11 +549,11 @@ def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
                 if buf_addr is None:
                     raise _fail(f"{p}.owns_buf", "owns a buffer it does not have")
                 own(buf_addr, f"{p}.buf_addr")
-                if buf_len > live[buf_addr]:
-                    raise _fail(f"{p}.buf_len", f"{buf_len} bytes in an allocation of {live[buf_addr]}")
+                if buf_len > live(buf_addr):
+                    raise _fail(f"{p}.buf_len", f"{buf_len} bytes in an allocation of {live(buf_addr)}")
             if dwb and buf_addr is None:
                 raise _fail(f"{p}.device_writes_buf", "the device writes a buffer the request does not have")
-        requests[token] = _Req(token, rtype, sector, queue, hdr_addr, buf_addr, buf_len, owns_buf, dwb, status_addr, raw)
+        requests[token] = BlkRequest(token, rtype, sector, queue, hdr_addr, buf_addr, buf_len, owns_buf, dwb, status_addr, raw)
     for t, (n, p) in chains.items():
         if t not in requests:
             raise _fail(f"{p}.token", f"chain token {t} has no request record")
@@ -804,7 +658,7 @@ def net_state_from_json(v: Json, path: str = "net") -> NetDriverState:
             raise _fail(f"{path}.queues.{n}.event_idx", "differs from the negotiated VIRTIO_F_EVENT_IDX")
         kind = kinds[n]
         width = 3 if kind == "ctrl" else 2
-        for i, rec in enumerate(dq._inflight.values()):
+        for i, rec in enumerate(dq.chains()):
             p = f"{path}.queues.{n}.in_flight[{i}].token"
             t = rec.token
             if (
@@ -816,12 +670,12 @@ def net_state_from_json(v: Json, path: str = "net") -> NetDriverState:
             ):
                 raise _fail(p, f"a {kind} queue's token is [{kind!r}{', addr' * (width - 1)}], got {t!r}")
             for addr in t[1:]:
-                if addr not in buf_alloc._live:
+                if buf_alloc.length_of(addr) is None:
                     raise _fail(p, f"buffer {addr:#x} is not a live allocation of the buffer allocator")
                 if addr in bufs:
                     raise _fail(p, f"buffer {addr:#x} also in flight at {bufs[addr]}")
-                if kind == "rx" and buf_alloc._live[addr] < rx_buf_size:
-                    raise _fail(p, f"receive buffer of {buf_alloc._live[addr]} bytes, rx_buf_size is {rx_buf_size}")
+                if kind == "rx" and buf_alloc.length_of(addr) < rx_buf_size:  # type: ignore[operator]
+                    raise _fail(p, f"receive buffer of {buf_alloc.length_of(addr)} bytes, rx_buf_size is {rx_buf_size}")
                 bufs[addr] = p
     if type(d["counters"]) is not dict:
         raise _fail(f"{path}.counters", f"expected an object, got {_kind(d['counters'])}")
