@@ -130,7 +130,7 @@ def _mig_times(path: str, inflight: int) -> dict[str, float | int]:
         t = time.perf_counter()
         dst.mig_resume()
         out["resume_ms"] = (time.perf_counter() - t) * 1e3
-        ddrv = BlkDriver.from_state(dfn, dmem.cpu, drv.export_state())
+        ddrv = BlkDriver.from_state(drv.save(), fn=dfn, port=dmem.cpu)
         bad = [c for c in ddrv.wait_all() if not c.ok]
         if bad or ddrv.in_flight():
             raise RuntimeError(f"migration lost or failed requests: {bad[:3]}")

@@ -319,7 +319,7 @@ def _migrate(src: Host, dst: Host, image, copy_device_dirty: bool) -> Result:
     src.pfd.set_state(1, VfState.QUIESCED)
     for i in range(4):
         wl.submit("w" if i % 2 else "r")
-    state = drv.export_state()  # the vCPUs stop here: the driver's bookkeeping migrates with the VM
+    state = drv.save()  # the vCPUs stop here: the driver's bookkeeping migrates with the VM
     # --- FREEZED: not-started work cancelled, running work finishes into held completions
     err: list[BaseException] = []
 
@@ -369,7 +369,7 @@ def _migrate(src: Host, dst: Host, image, copy_device_dirty: bool) -> Result:
     src.pfd.flr_vf(1)  # the source VF is done with; its cancelled requests must never run there
 
     # --- the guest resumes on the destination and reaps
-    ddrv = BlkDriver.from_state(dst.vf, dst.guest.cpu, state)
+    ddrv = BlkDriver.from_state(state, fn=dst.vf, port=dst.guest.cpu)
     if not dst.dev.wait_idle(WAIT):
         res.problems.append(f"destination device still holds {dst.dev.in_flight} requests")
     try:

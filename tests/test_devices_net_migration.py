@@ -370,9 +370,9 @@ def test_announce_pending_requires_guest_announce() -> None:
 def test_driver_state_export_is_detached(pair: Pair) -> None:
     import pickle
 
-    state = pair.drv.export_state()
+    state = pair.drv.save()
     again = pickle.loads(pickle.dumps(state))
     assert all(dq.port is None for dq in again.queues.values())
-    drv = NetDriver.import_state(again, pair.src.fn, pair.src.mem.cpu)
+    drv = NetDriver.from_state(again, fn=pair.src.fn, port=pair.src.mem.cpu)
     drv.send(seq_frame(PEER_MAC, drv.mac, 9, 0))
     check_tx_exactly_once(pair.peer, pair.mac, 1)

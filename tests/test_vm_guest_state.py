@@ -184,12 +184,12 @@ def blk_rig(tmp_path):  # type: ignore[no-untyped-def]
 
 
 def blk_bytes(drv: BlkDriver) -> bytes:
-    return encode_guest_state({"blk": blk_state_to_json(drv.export_state())})
+    return encode_guest_state({"blk": blk_state_to_json(drv.save())})
 
 
 def blk_restore(raw: bytes, fn: VirtioPciFunction, mem: Memory) -> BlkDriver:
     state = blk_state_from_json(decode_guest_state(raw)["blk"])
-    return BlkDriver.from_state(fn, mem.cpu, state, attach_interrupts=False)
+    return BlkDriver.from_state(state, fn=fn, port=mem.cpu, attach_interrupts=False)
 
 
 def test_blk_round_trip_in_flight_rebuilt_on_copied_memory_reaps_everything(blk_rig: BlkRig) -> None:
@@ -318,7 +318,7 @@ def net_pair():  # type: ignore[no-untyped-def]
 
 
 def net_bytes(drv: NetDriver) -> bytes:
-    return encode_guest_state({"net": net_state_to_json(drv.export_state())})
+    return encode_guest_state({"net": net_state_to_json(drv.save())})
 
 
 def migrate_net(p: NetPair, state_bytes: Callable[[], bytes]) -> NetDriver:
@@ -333,7 +333,7 @@ def migrate_net(p: NetPair, state_bytes: Callable[[], bytes]) -> NetDriver:
     restore_image(p.dst, image)
     dc.set_state(1, VfState.QUIESCED)
     state = net_state_from_json(decode_guest_state(raw)["net"])
-    drv = NetDriver.import_state(state, p.dst.fn, p.dst.mem.cpu)
+    drv = NetDriver.from_state(state, fn=p.dst.fn, port=p.dst.mem.cpu)
     p.dst.fn.on_interrupt = drv.on_interrupt
     p.dst.drv = drv
     dc.set_state(1, VfState.RUNNING)
@@ -370,7 +370,7 @@ def test_net_negative_control_stale_state_is_caught(net_pair: NetPair) -> None:
     the driver believes free, and the driver refuses them."""
     p = net_pair
     # "stale": the 5 TX chains in flight dropped (as if exported before they were queued)
-    doc = net_state_to_json(p.drv.export_state())
+    doc = net_state_to_json(p.drv.save())
     q = doc["queues"]["1"]
     dropped = q["in_flight"]
     q["free"] = q["free"] + [d for r in dropped for d in r["descs"]]
@@ -391,8 +391,8 @@ def docs(tmp_path_factory) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     p = make_net_pair()
     try:
         return {
-            "blk": blk_state_to_json(rig.drv.export_state()),
-            "net": net_state_to_json(p.drv.export_state()),
+            "blk": blk_state_to_json(rig.drv.save()),
+            "net": net_state_to_json(p.drv.save()),
         }
     finally:
         rig.close()

@@ -23,10 +23,11 @@ correctness.  The sync helpers (:meth:`read`, :meth:`write`, :meth:`flush`,
 :class:`~virtio_lm.errors.BlkIOError` for a status other than OK.
 
 The driver's state is guest memory (rings, headers, buffers -- migrated with
-the VM) plus its own bookkeeping: :meth:`BlkDriver.export_state` returns that
-bookkeeping as plain data (:class:`BlkDriverState`, picklable) and
-:meth:`BlkDriver.from_state` resumes it on another function and memory
-(the migration's destination) without touching the device.
+the VM) plus its own bookkeeping: :meth:`BlkDriver.save` returns that
+bookkeeping as a frozen :class:`BlkDriverState` (its queues and allocator
+saved by their owners) and :meth:`BlkDriver.from_state` resumes it on another
+function and memory (the migration's destination) without touching the
+device.
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ class BlkCompletion:
         return self.status == BlkStatus.OK
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlkDriverState:
-    """Everything of a :class:`BlkDriver` that is not in guest memory (picklable)."""
+    """Everything of a :class:`BlkDriver` that is not in guest memory (:meth:`BlkDriver.save`)."""
 
     features: int
     config: BlkConfig
@@ -496,8 +497,8 @@ class BlkDriver:
         self._check(self.wait(self.submit_ranges(BlkReqType.WRITE_ZEROES, ranges, **kw)))
 
     # ================================================================== migration of the guest
-    def export_state(self) -> BlkDriverState:
-        """The driver's bookkeeping (the rest of its state is guest memory)."""
+    def save(self) -> BlkDriverState:
+        """The driver's bookkeeping (the rest of its state is guest memory), detached from it."""
         return BlkDriverState(
             features=self.features,
             config=self.config,
@@ -512,10 +513,10 @@ class BlkDriver:
     @classmethod
     def from_state(
         cls,
-        fn: RegisterInterface,
-        port: MemoryPort,
         state: BlkDriverState,
         *,
+        fn: RegisterInterface,
+        port: MemoryPort,
         attach_interrupts: bool = True,
         timeout: float = 20.0,
     ) -> "BlkDriver":

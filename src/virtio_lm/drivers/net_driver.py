@@ -23,8 +23,8 @@ and :class:`~virtio_lm.virtqueue.driver.DriverQueue` in the VM's guest memory
 
 Migration handover: the driver's bookkeeping (queue free lists and chains
 in flight, allocators, negotiated features, MAC, pairs) moves with the VM.
-:meth:`export_state` returns it as a :class:`NetDriverState` detached from
-any memory (picklable); :meth:`NetDriver.import_state` re-attaches it to the
+:meth:`NetDriver.save` returns it as a frozen :class:`NetDriverState` detached
+from any memory; :meth:`NetDriver.from_state` re-attaches it to the
 destination function and memory (whose content is the migrated guest RAM).
 """
 
@@ -84,9 +84,9 @@ CTRL_TIMEOUT = 5.0
 _OFF = NetConfig.OFFSETS  # type: ignore[attr-defined]
 
 
-@dataclass
+@dataclass(frozen=True)
 class NetDriverState:
-    """The guest driver's bookkeeping, detached from any memory (see :meth:`NetDriver.export_state`)."""
+    """The guest driver's bookkeeping, detached from any memory (see :meth:`NetDriver.save`)."""
 
     features: int
     device_features: int
@@ -352,7 +352,7 @@ class NetDriver:
         self._must("ANNOUNCE_ACK", CtrlClass.ANNOUNCE, AnnounceCmd.ACK)
 
     # ================================================================== migration handover
-    def export_state(self) -> NetDriverState:
+    def save(self) -> NetDriverState:
         """The driver's bookkeeping, detached from memory (it moves with the VM)."""
         ring_alloc = self.ring_alloc.clone()
         return NetDriverState(
@@ -369,7 +369,7 @@ class NetDriver:
         )
 
     @classmethod
-    def import_state(cls, state: NetDriverState, fn: RegisterInterface, port: MemoryPort) -> "NetDriver":
+    def from_state(cls, state: NetDriverState, *, fn: RegisterInterface, port: MemoryPort) -> "NetDriver":
         """A driver continuing from ``state`` on function ``fn`` over memory ``port``."""
         drv = cls(fn, port, ring_alloc=state.ring_alloc, buf_alloc=state.buf_alloc, rx_buf_size=state.rx_buf_size)
         drv.features = state.features

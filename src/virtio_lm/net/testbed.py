@@ -141,10 +141,10 @@ def migrate(
     timed(src, "freeze-save", freeze_save)
     if tamper is not None:
         image = tamper(image)
-    state = src.drv.export_state()
+    state = src.drv.save()
     dst.mem.cpu.write(0, src.mem.read(0, src.mem.size))  # the last round of guest memory
     timed(dst, "restore", lambda: dp.restore_and_quiesce([(1, image)]))
-    drv = NetDriver.import_state(state, dst.fn, dst.mem.cpu)
+    drv = NetDriver.from_state(state, fn=dst.fn, port=dst.mem.cpu)
     dst.fn.on_interrupt = drv.on_interrupt
     dst.drv = drv
     timed(dst, "resume", lambda: dp.set_states([1], VfState.RUNNING))

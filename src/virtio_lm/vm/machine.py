@@ -233,9 +233,9 @@ class VirtualMachine:
         validation here (half the cost); the destination decodes them strictly."""
         soft: dict[str, Any] = {"spec": {"name": self.spec.name, "memory_mib": self.spec.memory_mib}}
         if self.blk is not None and self.blk_work is not None:
-            soft["blk"] = {"driver": gs.blk_state_to_json(self.blk.export_state(), validate=False), "work": self.blk_work.export_state()}
+            soft["blk"] = {"driver": gs.blk_state_to_json(self.blk.save(), validate=False), "work": self.blk_work.export_state()}
         if self.net is not None and self.net_work is not None:
-            soft["net"] = {"driver": gs.net_state_to_json(self.net.export_state(), validate=False), "work": self.net_work.export_state()}
+            soft["net"] = {"driver": gs.net_state_to_json(self.net.save(), validate=False), "work": self.net_work.export_state()}
         return join_cpu_state(self.vcpu.state().encode(), gs.encode_guest_state(soft, check_depth=False))
 
     def restore_guest_state(self, data: bytes) -> None:
@@ -259,12 +259,12 @@ class VirtualMachine:
         try:
             if "blk" in soft:
                 st = gs.blk_state_from_json(soft["blk"]["driver"])  # type: ignore[index]
-                blk = BlkDriver.from_state(self.vfs["blk"], port, st)
+                blk = BlkDriver.from_state(st, fn=self.vfs["blk"], port=port)
                 blk_work = self._make_blk_work(blk)
                 blk_work.import_state(soft["blk"]["work"])  # type: ignore[index,arg-type]
             if "net" in soft:
                 nst = gs.net_state_from_json(soft["net"]["driver"])  # type: ignore[index]
-                net = NetDriver.import_state(nst, self.vfs["net"], port)
+                net = NetDriver.from_state(nst, fn=self.vfs["net"], port=port)
                 net_work = self._make_net_work(net)
                 net_work.import_state(soft["net"]["work"])  # type: ignore[index,arg-type]
         except (KeyError, TypeError) as exc:
