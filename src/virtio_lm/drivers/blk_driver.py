@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
-from virtio_lm.errors import BlkIOError, CommandTimeoutError, DriverError
+from virtio_lm.errors import BlkIOError, CommandTimeoutError, DriverError, GuestStateError
 from virtio_lm.memory import MemoryPort
 from virtio_lm.pci.transport import PciDriverTransport, RegisterInterface
 from virtio_lm.virtqueue.device import Segment
@@ -510,6 +510,106 @@ class BlkDriver:
             rr=self._rr,
         )
 
+    @staticmethod
+    def check_state(state: BlkDriverState, path: str = "blk") -> None:
+        """Raise :class:`GuestStateError` (``path`` prefixes the field) unless ``state`` is one
+        this driver could have reached: queues numbered from 0 (one without
+        VIRTIO_BLK_F_MQ), EVENT_IDX as negotiated; every chain in flight a request of its
+        queue with an int token below ``next_token``, every request such a chain; every
+        allocation a request holds (header block, owned buffer, raw pieces, indirect
+        table) live and held once; a raw request (``hdr_addr`` -1) only raw pieces; parked
+        completions not in flight, not twice, on a queue that is set up."""
+        queues, alloc, next_token = state.queues, state.alloc, state.next_token
+        fail = GuestStateError
+        if not queues:
+            raise fail(f"{path}.queues", "a blk driver has at least one queue")
+        for n in queues:
+            if n >= len(queues):
+                raise fail(f"{path}.queues.{n}", f"queues must be numbered 0..{len(queues) - 1}")
+        want_event = bool(state.features & bit(Feature.EVENT_IDX))
+        for n, dq in queues.items():
+            if dq.event_idx != want_event:
+                raise fail(f"{path}.queues.{n}.event_idx", "differs from the negotiated VIRTIO_F_EVENT_IDX")
+        if not state.features & bit(BlkFeature.MQ) and len(queues) != 1:
+            raise fail(f"{path}.queues", "more than one queue without VIRTIO_BLK_F_MQ")
+        live = alloc.length_of
+        chains: dict[int, tuple[int, str]] = {}  # token -> (queue, in-flight path)
+        owned: dict[int, str] = {}  # live allocation -> who holds it (each is freed once)
+
+        def own(addr: int, p: str) -> int:
+            n = live(addr)
+            if n is None:
+                raise fail(p, f"{addr:#x} is not a live allocation")
+            if addr in owned:
+                raise fail(p, f"{addr:#x} is also owned by {owned[addr]}")
+            owned[addr] = p
+            return n
+
+        for n, dq in queues.items():
+            for i, rec in enumerate(dq.chains()):
+                p = f"{path}.queues.{n}.in_flight[{i}]"
+                t = rec.token
+                if type(t) is not int or not 1 <= t < next_token:
+                    raise fail(f"{p}.token", f"a blk chain token is an int in 1..next_token-1, got {t!r}")
+                if t in chains:
+                    raise fail(f"{p}.token", f"token {t} also in flight at {chains[t][1]}")
+                chains[t] = (n, p)
+                if rec.table is not None:
+                    own(rec.table, f"{p}.table")
+        for i, (key, r) in enumerate(state.requests.items()):
+            p = f"{path}.requests[{i}]"
+            if key != r.token:
+                raise fail(f"{p}.token", f"request {r.token} kept under key {key!r}")
+            if not 1 <= r.token < next_token:
+                raise fail(f"{p}.token", f"{r.token} is outside 1..{next_token - 1}")
+            if r.queue not in queues:
+                raise fail(f"{p}.queue", f"queue {r.queue} is not set up")
+            where = chains.get(r.token)
+            if where is None or where[0] != r.queue:
+                raise fail(f"{p}.token", f"request {r.token} is not a chain in flight on queue {r.queue}")
+            for j, (a, length, _) in enumerate(r.raw):
+                pj = f"{p}.raw[{j}]"
+                have = own(a, f"{pj}[0]")
+                if length > have:
+                    raise fail(f"{pj}[1]", f"{length} bytes in an allocation of {have}")
+            if r.hdr_addr < 0:  # a raw chain: everything is in ``raw``
+                if not r.raw:
+                    raise fail(f"{p}.raw", "a raw request (hdr_addr -1) has at least one piece")
+                for key2, val, want in (("buf_addr", r.buf_addr, None), ("buf_len", r.buf_len, 0),
+                                        ("owns_buf", r.owns_buf, False), ("device_writes_buf", r.device_writes_buf, False),
+                                        ("status_addr", r.status_addr, -1)):
+                    if val != want or type(val) is not type(want):
+                        raise fail(f"{p}.{key2}", f"must be {want!r} for a raw request")
+                continue
+            if r.raw:
+                raise fail(f"{p}.raw", "only a raw request (hdr_addr -1) has raw pieces")
+            hdr_len = own(r.hdr_addr, f"{p}.hdr_addr")
+            if r.status_addr < r.hdr_addr or r.status_addr >= r.hdr_addr + hdr_len:
+                raise fail(f"{p}.status_addr", "status byte outside the request's header block")
+            if (r.buf_addr is None) != (r.buf_len == 0):
+                raise fail(f"{p}.buf_addr", "a data buffer has an address and a length, or neither")
+            if r.owns_buf:
+                if r.buf_addr is None:
+                    raise fail(f"{p}.owns_buf", "owns a buffer it does not have")
+                have = own(r.buf_addr, f"{p}.buf_addr")
+                if r.buf_len > have:
+                    raise fail(f"{p}.buf_len", f"{r.buf_len} bytes in an allocation of {have}")
+            if r.device_writes_buf and r.buf_addr is None:
+                raise fail(f"{p}.device_writes_buf", "the device writes a buffer the request does not have")
+        for t, (_, p) in chains.items():
+            if t not in state.requests:
+                raise fail(f"{p}.token", f"chain token {t} has no request record")
+        seen: set[int] = set()
+        for i, c in enumerate(state.parked):
+            p = f"{path}.parked[{i}]"
+            if not 1 <= c.token < next_token:
+                raise fail(f"{p}.token", f"{c.token} is outside 1..{next_token - 1}")
+            if c.token in state.requests or c.token in seen:
+                raise fail(f"{p}.token", f"token {c.token} is still in flight or parked twice")
+            seen.add(c.token)
+            if c.queue not in queues:
+                raise fail(f"{p}.queue", f"queue {c.queue} is not set up")
+
     @classmethod
     def from_state(
         cls,
@@ -523,7 +623,9 @@ class BlkDriver:
         """Resume a driver on ``fn`` over ``port`` (the destination) from ``state``.
 
         Nothing is written to the device or to memory: the device's state came
-        with the migration, the rings and buffers with the guest memory."""
+        with the migration, the rings and buffers with the guest memory.  The state is
+        checked first (:meth:`check_state`)."""
+        cls.check_state(state)
         alloc = state.alloc.clone()
         drv = cls(fn, port, alloc, attach_interrupts=attach_interrupts, timeout=timeout, bring_up=False)
         drv.features = state.features

@@ -34,7 +34,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from virtio_lm.errors import CommandTimeoutError, ControlCommandError, DriverError, QueueFullError, UsedRingError
+from virtio_lm.errors import (
+    CommandTimeoutError,
+    ControlCommandError,
+    DriverError,
+    GuestStateError,
+    QueueFullError,
+    UsedRingError,
+)
 from virtio_lm.memory import MemoryPort
 from virtio_lm.pci.function import CONFIG_INTERRUPT
 from virtio_lm.pci.transport import PciDriverTransport, RegisterInterface
@@ -368,9 +375,73 @@ class NetDriver:
             counters=dict(self.counters),
         )
 
+    @staticmethod
+    def check_state(state: NetDriverState, path: str = "net") -> None:
+        """Raise :class:`GuestStateError` (``path`` prefixes the field) unless ``state`` is one
+        this driver could have reached: negotiated features the device offered; pairs
+        within what the features allow; the buffer and ring allocators apart; exactly the
+        receive / transmit (/ control) queues of those features and pairs, EVENT_IDX as
+        negotiated; each chain's token ``[kind, addr...]`` of its queue's kind, naming
+        live buffers of the buffer allocator, each in flight once, receive buffers of at
+        least ``rx_buf_size``."""
+        fail = GuestStateError
+        features = state.features
+        if features & ~state.device_features:
+            raise fail(f"{path}.features", f"negotiated bits {features & ~state.device_features:#x} the device does not offer")
+        mq = bool(features & bit(NetFeature.MQ))
+        if not 1 <= state.max_pairs <= (0x8000 if mq else 1):
+            raise fail(f"{path}.max_pairs", f"{state.max_pairs} is outside 1..{0x8000 if mq else 1}")
+        if not 1 <= state.curr_pairs <= state.max_pairs:
+            raise fail(f"{path}.curr_pairs", f"{state.curr_pairs} is outside 1..{state.max_pairs}")
+        ring, buf = state.ring_alloc, state.buf_alloc
+        if ring.base < buf.base + buf.size and buf.base < ring.base + ring.size:
+            raise fail(f"{path}.buf_alloc", "range overlaps the ring allocator's")
+        ctrl = (2 * state.max_pairs if mq else 2) if features & bit(NetFeature.CTRL_VQ) else None
+        kinds = {2 * p: "rx" for p in range(state.max_pairs)} | {2 * p + 1: "tx" for p in range(state.max_pairs)}
+        if ctrl is not None:
+            kinds[ctrl] = "ctrl"
+        for n in state.queues:
+            if n not in kinds:
+                raise fail(f"{path}.queues.{n}", "no such queue for these features and pairs")
+        for n in kinds:
+            if n not in state.queues:
+                raise fail(f"{path}.queues", f"queue {n} ({kinds[n]}) is missing")
+        want_event = bool(features & bit(Feature.EVENT_IDX))
+        bufs: dict[int, tuple[int, int]] = {}  # buffer -> (queue, chain) holding it
+        rx_min = state.rx_buf_size
+        for n, dq in sorted(state.queues.items()):
+            if dq.event_idx != want_event:
+                raise fail(f"{path}.queues.{n}.event_idx", "differs from the negotiated VIRTIO_F_EVENT_IDX")
+            kind = kinds[n]
+            width = 3 if kind == "ctrl" else 2
+            for i, rec in enumerate(dq.chains()):
+                t = rec.token
+                if (
+                    type(t) is not tuple
+                    or len(t) != width
+                    or t[0] != kind
+                    or type(t[0]) is not str
+                    or any(type(x) is not int for x in t[1:])
+                ):
+                    raise fail(f"{path}.queues.{n}.in_flight[{i}].token",
+                               f"a {kind} queue's token is [{kind!r}{', addr' * (width - 1)}], got {t!r}")
+                for addr in t[1:]:
+                    have = buf.length_of(addr)
+                    if have is None or addr in bufs or (kind == "rx" and have < rx_min):
+                        p = f"{path}.queues.{n}.in_flight[{i}].token"
+                        if have is None:
+                            raise fail(p, f"buffer {addr:#x} is not a live allocation of the buffer allocator")
+                        if addr in bufs:
+                            bn, bi = bufs[addr]
+                            raise fail(p, f"buffer {addr:#x} also in flight at {path}.queues.{bn}.in_flight[{bi}].token")
+                        raise fail(p, f"receive buffer of {have} bytes, rx_buf_size is {rx_min}")
+                    bufs[addr] = (n, i)
+
     @classmethod
     def from_state(cls, state: NetDriverState, *, fn: RegisterInterface, port: MemoryPort) -> "NetDriver":
-        """A driver continuing from ``state`` on function ``fn`` over memory ``port``."""
+        """A driver continuing from ``state`` on function ``fn`` over memory ``port`` (the state
+        checked first: :meth:`check_state`)."""
+        cls.check_state(state)
         drv = cls(fn, port, ring_alloc=state.ring_alloc, buf_alloc=state.buf_alloc, rx_buf_size=state.rx_buf_size)
         drv.features = state.features
         drv.tr.features = state.features

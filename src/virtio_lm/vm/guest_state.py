@@ -58,13 +58,13 @@ from typing import Any
 
 import numpy as np
 
-from virtio_lm.drivers.blk_driver import BlkCompletion, BlkDriverState, BlkRequest
-from virtio_lm.drivers.net_driver import NetDriverState
+from virtio_lm.drivers.blk_driver import BlkCompletion, BlkDriver, BlkDriverState, BlkRequest
+from virtio_lm.drivers.net_driver import NetDriver, NetDriverState
 from virtio_lm.errors import GuestStateError, WireError
 from virtio_lm.virtqueue.driver import Allocator, AllocatorState, ChainState, DriverQueue, DriverQueueState
-from virtio_lm.wire.blk import BLK_CONFIG_SIZE, BlkConfig, BlkFeature
-from virtio_lm.wire.features import Feature, bit
-from virtio_lm.wire.net import ETH_ALEN, NetFeature
+from virtio_lm.wire.blk import BLK_CONFIG_SIZE, BlkConfig
+from virtio_lm.wire.features import bit
+from virtio_lm.wire.net import ETH_ALEN
 from virtio_lm.wire.ring import (
     MAX_QUEUE_SIZE,
 )
@@ -448,7 +448,8 @@ def blk_state_to_json(state: BlkDriverState, path: str = "blk", *, validate: boo
 
 
 def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
-    """A :class:`BlkDriverState` (ready for :meth:`BlkDriver.from_state`) from JSON."""
+    """A :class:`BlkDriverState` from JSON: the document's types here, the driver's invariants
+    in :meth:`BlkDriver.check_state` (the state comes back checked)."""
     d = _obj(v, path, _BLK_KEYS)
     features = _int(d["features"], f"{path}.features", 0, U64)
     raw_cfg = _hex(d["config"], f"{path}.config", BLK_CONFIG_SIZE)
@@ -460,128 +461,51 @@ def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
         raise _fail(f"{path}.config", "not in canonical form")
     alloc = allocator_from_json(d["alloc"], f"{path}.alloc")
     queues = _queues_from_json(d["queues"], f"{path}.queues", alloc)
-    if not queues:
-        raise _fail(f"{path}.queues", "a blk driver has at least one queue")
-    for n in queues:
-        if n >= len(queues):
-            raise _fail(f"{path}.queues.{n}", f"queues must be numbered 0..{len(queues) - 1}")
-    want_event = _has(features, Feature.EVENT_IDX)
-    for n, dq in queues.items():
-        if dq.event_idx != want_event:
-            raise _fail(f"{path}.queues.{n}.event_idx", "differs from the negotiated VIRTIO_F_EVENT_IDX")
-    if not _has(features, BlkFeature.MQ) and len(queues) != 1:
-        raise _fail(f"{path}.queues", "more than one queue without VIRTIO_BLK_F_MQ")
     next_token = _int(d["next_token"], f"{path}.next_token", 1, I63)
     rr = _int(d["rr"], f"{path}.rr", 0, I63)
-    live = alloc.length_of
-    # token -> (queue, in-flight path) for every chain in flight
-    chains: dict[int, tuple[int, str]] = {}
-    owned: dict[int, str] = {}  # live allocation -> who owns it (each is freed once)
-
-    def own(addr: int, p: str) -> None:
-        if live(addr) is None:
-            raise _fail(p, f"{addr:#x} is not a live allocation")
-        if addr in owned:
-            raise _fail(p, f"{addr:#x} is also owned by {owned[addr]}")
-        owned[addr] = p
-
-    for n, dq in queues.items():
-        for i, rec in enumerate(dq.chains()):
-            p = f"{path}.queues.{n}.in_flight[{i}]"
-            t = rec.token
-            if type(t) is not int or not 1 <= t < next_token:
-                raise _fail(f"{p}.token", f"a blk chain token is an int in 1..next_token-1, got {t!r}")
-            if t in chains:
-                raise _fail(f"{p}.token", f"token {t} also in flight at {chains[t][1]}")
-            chains[t] = (n, p)
-            if rec.table is not None:
-                own(rec.table, f"{p}.table")
-
     requests: dict[int, BlkRequest] = {}
     for i, item in enumerate(_list(d["requests"], f"{path}.requests")):
         p = f"{path}.requests[{i}]"
         r = _obj(item, p, _REQ_KEYS)
-        token = _int(r["token"], f"{p}.token", 1, next_token - 1)
+        token = _int(r["token"], f"{p}.token", 1, I63)
         if token in requests:
             raise _fail(f"{p}.token", f"token {token} twice")
-        rtype = _int(r["type"], f"{p}.type", -1, U32)
-        sector = _int(r["sector"], f"{p}.sector", 0, U64)
-        queue = _int(r["queue"], f"{p}.queue", 0, U16)
-        if queue not in queues:
-            raise _fail(f"{p}.queue", f"queue {queue} is not set up")
-        where = chains.get(token)
-        if where is None or where[0] != queue:
-            raise _fail(f"{p}.token", f"request {token} is not a chain in flight on queue {queue}")
-        hdr_addr = _int(r["hdr_addr"], f"{p}.hdr_addr", -1, U64)
-        buf_addr = _opt_int(r["buf_addr"], f"{p}.buf_addr", 0, U64)
-        buf_len = _int(r["buf_len"], f"{p}.buf_len", 0, U32)
-        owns_buf = _bool(r["owns_buf"], f"{p}.owns_buf")
-        dwb = _bool(r["device_writes_buf"], f"{p}.device_writes_buf")
-        status_addr = _int(r["status_addr"], f"{p}.status_addr", -1, U64)
-        raw_list = _list(r["raw"], f"{p}.raw")
         raw: list[tuple[int, int, bool]] = []
-        for j, piece in enumerate(raw_list):
+        for j, piece in enumerate(_list(r["raw"], f"{p}.raw")):
             pj = f"{p}.raw[{j}]"
             tri = _list(piece, pj)
             if len(tri) != 3:
                 raise _fail(pj, f"expected [addr, length, writable], got {len(tri)} items")
-            a = _int(tri[0], f"{pj}[0]", 0, U64)
-            raw.append((a, _int(tri[1], f"{pj}[1]", 0, U32), _bool(tri[2], f"{pj}[2]")))
-            own(a, f"{pj}[0]")
-            if raw[-1][1] > live(a):
-                raise _fail(f"{pj}[1]", f"{raw[-1][1]} bytes in an allocation of {live(a)}")
-        if hdr_addr < 0:  # a raw chain: everything is in ``raw``
-            if not raw:
-                raise _fail(f"{p}.raw", "a raw request (hdr_addr -1) has at least one piece")
-            for key, val, want in (("buf_addr", buf_addr, None), ("buf_len", buf_len, 0), ("owns_buf", owns_buf, False),
-                                   ("device_writes_buf", dwb, False), ("status_addr", status_addr, -1)):
-                if val != want or type(val) is not type(want):
-                    raise _fail(f"{p}.{key}", f"must be {want!r} for a raw request")
-        else:
-            if raw:
-                raise _fail(f"{p}.raw", "only a raw request (hdr_addr -1) has raw pieces")
-            own(hdr_addr, f"{p}.hdr_addr")
-            if status_addr < hdr_addr or status_addr >= hdr_addr + live(hdr_addr):
-                raise _fail(f"{p}.status_addr", "status byte outside the request's header block")
-            if (buf_addr is None) != (buf_len == 0):
-                raise _fail(f"{p}.buf_addr", "a data buffer has an address and a length, or neither")
-            if owns_buf:
-                if buf_addr is None:
-                    raise _fail(f"{p}.owns_buf", "owns a buffer it does not have")
-                own(buf_addr, f"{p}.buf_addr")
-                if buf_len > live(buf_addr):
-                    raise _fail(f"{p}.buf_len", f"{buf_len} bytes in an allocation of {live(buf_addr)}")
-            if dwb and buf_addr is None:
-                raise _fail(f"{p}.device_writes_buf", "the device writes a buffer the request does not have")
-        requests[token] = BlkRequest(token, rtype, sector, queue, hdr_addr, buf_addr, buf_len, owns_buf, dwb, status_addr, raw)
-    for t, (n, p) in chains.items():
-        if t not in requests:
-            raise _fail(f"{p}.token", f"chain token {t} has no request record")
+            raw.append((_int(tri[0], f"{pj}[0]", 0, U64), _int(tri[1], f"{pj}[1]", 0, U32), _bool(tri[2], f"{pj}[2]")))
+        requests[token] = BlkRequest(
+            token,
+            _int(r["type"], f"{p}.type", -1, U32),
+            _int(r["sector"], f"{p}.sector", 0, U64),
+            _int(r["queue"], f"{p}.queue", 0, U16),
+            _int(r["hdr_addr"], f"{p}.hdr_addr", -1, U64),
+            _opt_int(r["buf_addr"], f"{p}.buf_addr", 0, U64),
+            _int(r["buf_len"], f"{p}.buf_len", 0, U32),
+            _bool(r["owns_buf"], f"{p}.owns_buf"),
+            _bool(r["device_writes_buf"], f"{p}.device_writes_buf"),
+            _int(r["status_addr"], f"{p}.status_addr", -1, U64),
+            raw,
+        )
     parked: list[BlkCompletion] = []
-    seen: set[int] = set()
     for i, item in enumerate(_list(d["parked"], f"{path}.parked")):
         p = f"{path}.parked[{i}]"
         c = _obj(item, p, _DONE_KEYS)
-        token = _int(c["token"], f"{p}.token", 1, next_token - 1)
-        if token in requests or token in seen:
-            raise _fail(f"{p}.token", f"token {token} is still in flight or parked twice")
-        seen.add(token)
-        queue = _int(c["queue"], f"{p}.queue", 0, U16)
-        if queue not in queues:
-            raise _fail(f"{p}.queue", f"queue {queue} is not set up")
-        data = None if c["data"] is None else _hex(c["data"], f"{p}.data")
         parked.append(
             BlkCompletion(
-                token,
+                _int(c["token"], f"{p}.token", 1, I63),
                 _int(c["type"], f"{p}.type", -1, U32),
                 _int(c["sector"], f"{p}.sector", 0, U64),
-                queue,
+                _int(c["queue"], f"{p}.queue", 0, U16),
                 _opt_int(c["status"], f"{p}.status", 0, 0xFF),
                 _int(c["used_len"], f"{p}.used_len", 0, U32),
-                data,
+                None if c["data"] is None else _hex(c["data"], f"{p}.data"),
             )
         )
-    return BlkDriverState(
+    state = BlkDriverState(
         features=features,
         config=config,
         queues=dict(sorted(queues.items())),
@@ -591,6 +515,8 @@ def blk_state_from_json(v: Json, path: str = "blk") -> BlkDriverState:
         next_token=next_token,
         rr=rr,
     )
+    BlkDriver.check_state(state, path)
+    return state
 
 
 # =========================================================================== net
@@ -625,58 +551,18 @@ def net_state_to_json(state: NetDriverState, path: str = "net", *, validate: boo
 
 
 def net_state_from_json(v: Json, path: str = "net") -> NetDriverState:
-    """A :class:`NetDriverState` (ready for :meth:`NetDriver.import_state`) from JSON."""
+    """A :class:`NetDriverState` from JSON: the document's types here, the driver's invariants
+    in :meth:`NetDriver.check_state` (the state comes back checked)."""
     d = _obj(v, path, _NET_KEYS)
     device_features = _int(d["device_features"], f"{path}.device_features", 0, U64)
     features = _int(d["features"], f"{path}.features", 0, U64)
-    if features & ~device_features:
-        raise _fail(f"{path}.features", f"negotiated bits {features & ~device_features:#x} the device does not offer")
     mac = _hex(d["mac"], f"{path}.mac", ETH_ALEN)
-    mq = _has(features, NetFeature.MQ)
-    max_pairs = _int(d["max_pairs"], f"{path}.max_pairs", 1, 0x8000 if mq else 1)
-    curr_pairs = _int(d["curr_pairs"], f"{path}.curr_pairs", 1, max_pairs)
+    max_pairs = _int(d["max_pairs"], f"{path}.max_pairs", 1, 0x8000)
+    curr_pairs = _int(d["curr_pairs"], f"{path}.curr_pairs", 1, 0x8000)
     rx_buf_size = _int(d["rx_buf_size"], f"{path}.rx_buf_size", 1, U32)
     ring_alloc = allocator_from_json(d["ring_alloc"], f"{path}.ring_alloc")
     buf_alloc = allocator_from_json(d["buf_alloc"], f"{path}.buf_alloc")
-    if ring_alloc.base < buf_alloc.base + buf_alloc.size and buf_alloc.base < ring_alloc.base + ring_alloc.size:
-        raise _fail(f"{path}.buf_alloc", "range overlaps the ring allocator's")
     queues = _queues_from_json(d["queues"], f"{path}.queues", ring_alloc)
-    ctrl = (2 * max_pairs if mq else 2) if _has(features, NetFeature.CTRL_VQ) else None
-    kinds = {2 * p: "rx" for p in range(max_pairs)} | {2 * p + 1: "tx" for p in range(max_pairs)}
-    if ctrl is not None:
-        kinds[ctrl] = "ctrl"
-    for n in queues:
-        if n not in kinds:
-            raise _fail(f"{path}.queues.{n}", "no such queue for these features and pairs")
-    for n in kinds:
-        if n not in queues:
-            raise _fail(f"{path}.queues", f"queue {n} ({kinds[n]}) is missing")
-    want_event = _has(features, Feature.EVENT_IDX)
-    bufs: dict[int, str] = {}
-    for n, dq in sorted(queues.items()):
-        if dq.event_idx != want_event:
-            raise _fail(f"{path}.queues.{n}.event_idx", "differs from the negotiated VIRTIO_F_EVENT_IDX")
-        kind = kinds[n]
-        width = 3 if kind == "ctrl" else 2
-        for i, rec in enumerate(dq.chains()):
-            p = f"{path}.queues.{n}.in_flight[{i}].token"
-            t = rec.token
-            if (
-                type(t) is not tuple
-                or len(t) != width
-                or t[0] != kind
-                or type(t[0]) is not str
-                or any(type(x) is not int for x in t[1:])
-            ):
-                raise _fail(p, f"a {kind} queue's token is [{kind!r}{', addr' * (width - 1)}], got {t!r}")
-            for addr in t[1:]:
-                if buf_alloc.length_of(addr) is None:
-                    raise _fail(p, f"buffer {addr:#x} is not a live allocation of the buffer allocator")
-                if addr in bufs:
-                    raise _fail(p, f"buffer {addr:#x} also in flight at {bufs[addr]}")
-                if kind == "rx" and buf_alloc.length_of(addr) < rx_buf_size:  # type: ignore[operator]
-                    raise _fail(p, f"receive buffer of {buf_alloc.length_of(addr)} bytes, rx_buf_size is {rx_buf_size}")
-                bufs[addr] = p
     if type(d["counters"]) is not dict:
         raise _fail(f"{path}.counters", f"expected an object, got {_kind(d['counters'])}")
     counters = {}
@@ -684,7 +570,7 @@ def net_state_from_json(v: Json, path: str = "net") -> NetDriverState:
         if not k or len(k) > MAX_COUNTER_NAME:
             raise _fail(f"{path}.counters.{k}", f"counter name of {len(k)} characters (1..{MAX_COUNTER_NAME})")
         counters[k] = _int(n, f"{path}.counters.{k}", 0, I63)
-    return NetDriverState(
+    state = NetDriverState(
         features=features,
         device_features=device_features,
         mac=mac,
@@ -696,6 +582,8 @@ def net_state_from_json(v: Json, path: str = "net") -> NetDriverState:
         buf_alloc=buf_alloc,
         counters=counters,
     )
+    NetDriver.check_state(state, path)
+    return state
 
 
 # =========================================================================== document bytes
