@@ -219,6 +219,11 @@ class BlkDriver:
     def in_flight(self) -> int:
         return len(self._requests)
 
+    def outstanding(self) -> set[int]:
+        """Tokens submitted and not yet handed back by :meth:`reap` (in flight, or completed
+        and parked for the next reap)."""
+        return set(self._requests) | {c.token for c in self._parked}
+
     # ================================================================== interrupts
     def interrupt(self, source: int) -> None:
         """The function's interrupt (install as ``on_interrupt``)."""

@@ -61,6 +61,7 @@ import numpy as np
 from virtio_lm.drivers.blk_driver import BlkCompletion, BlkDriver, BlkDriverState, BlkRequest
 from virtio_lm.drivers.net_driver import NetDriver, NetDriverState
 from virtio_lm.errors import GuestStateError, WireError
+from virtio_lm.vm.workloads import BlkWorkloadState, NetWorkloadState
 from virtio_lm.virtqueue.driver import Allocator, AllocatorState, ChainState, DriverQueue, DriverQueueState
 from virtio_lm.wire.blk import BLK_CONFIG_SIZE, BlkConfig
 from virtio_lm.wire.features import bit
@@ -584,6 +585,76 @@ def net_state_from_json(v: Json, path: str = "net") -> NetDriverState:
     )
     NetDriver.check_state(state, path)
     return state
+
+
+# =========================================================================== the document
+def vf_part(doc: dict[str, Json], kind: str) -> tuple[Json, Json]:
+    """A VF kind's part of the document: ``{"driver": ..., "work": ...}``."""
+    d = _obj(doc[kind], kind, ("driver", "work"))
+    return d["driver"], d["work"]
+
+
+# =========================================================================== workloads
+_BLK_WORK_KEYS = ("nblocks", "meta_addr", "cache_addr", "qd", "write_percent", "rate", "rng", "inflight", "stats", "errors")
+_NET_WORK_KEYS = ("next_seq", "received", "other", "rate")
+
+
+def _number(v: Json, path: str) -> float:
+    if type(v) is not float and type(v) is not int:
+        raise _fail(path, f"expected a number, got {_kind(v)}")
+    return float(v)
+
+
+def blk_work_to_json(st: BlkWorkloadState) -> dict[str, Json]:
+    return {
+        "nblocks": st.nblocks, "meta_addr": st.meta_addr, "cache_addr": st.cache_addr, "qd": st.qd,
+        "write_percent": st.write_percent, "rate": st.rate, "rng": st.rng,
+        "inflight": [list(x) for x in st.inflight], "stats": dict(st.stats), "errors": list(st.errors),
+    }
+
+
+def blk_work_from_json(v: Json, path: str = "blk.work") -> BlkWorkloadState:
+    """A :class:`BlkWorkloadState` from JSON (types; :meth:`BlkWorkload.from_state` checks the rest)."""
+    d = _obj(v, path, _BLK_WORK_KEYS)
+    inflight = []
+    for i, item in enumerate(_list(d["inflight"], f"{path}.inflight")):
+        p = f"{path}.inflight[{i}]"
+        x = _list(item, p)
+        if len(x) != 4:
+            raise _fail(p, f"expected [token, op, lba, generation], got {len(x)} items")
+        inflight.append((_int(x[0], f"{p}[0]", 1, I63), _str(x[1], f"{p}[1]", 1), _int(x[2], f"{p}[2]", 0, U32),
+                         _int(x[3], f"{p}[3]", 0, U32)))
+    stats_v = d["stats"]
+    if type(stats_v) is not dict:
+        raise _fail(f"{path}.stats", f"expected an object, got {_kind(stats_v)}")
+    stats = {k: _int(n, f"{path}.stats.{k}", 0, I63) for k, n in stats_v.items()}
+    return BlkWorkloadState(
+        nblocks=_int(d["nblocks"], f"{path}.nblocks", 1, U32),
+        meta_addr=_int(d["meta_addr"], f"{path}.meta_addr", 0, U64),
+        cache_addr=_int(d["cache_addr"], f"{path}.cache_addr", 0, U64),
+        qd=_int(d["qd"], f"{path}.qd", 1, U32),
+        write_percent=_int(d["write_percent"], f"{path}.write_percent", 0, 100),
+        rate=_number(d["rate"], f"{path}.rate"),
+        rng=_int(d["rng"], f"{path}.rng", 0, U64),
+        inflight=tuple(inflight),
+        stats=stats,
+        errors=tuple(_str(e, f"{path}.errors[{i}]", 4096) for i, e in enumerate(_list(d["errors"], f"{path}.errors"))),
+    )
+
+
+def net_work_to_json(st: NetWorkloadState) -> dict[str, Json]:
+    return {"next_seq": st.next_seq, "received": list(st.received), "other": st.other, "rate": st.rate}
+
+
+def net_work_from_json(v: Json, path: str = "net.work") -> NetWorkloadState:
+    """A :class:`NetWorkloadState` from JSON (types; :meth:`NetWorkload.from_state` checks the rest)."""
+    d = _obj(v, path, _NET_WORK_KEYS)
+    return NetWorkloadState(
+        next_seq=_int(d["next_seq"], f"{path}.next_seq", 0, I63),
+        received=tuple(_int_list(d["received"], f"{path}.received", 0, I63)),
+        other=_int(d["other"], f"{path}.other", 0, I63),
+        rate=_number(d["rate"], f"{path}.rate"),
+    )
 
 
 # =========================================================================== document bytes

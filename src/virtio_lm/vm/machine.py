@@ -233,9 +233,11 @@ class VirtualMachine:
         validation here (half the cost); the destination decodes them strictly."""
         soft: dict[str, Any] = {"spec": {"name": self.spec.name, "memory_mib": self.spec.memory_mib}}
         if self.blk is not None and self.blk_work is not None:
-            soft["blk"] = {"driver": gs.blk_state_to_json(self.blk.save(), validate=False), "work": self.blk_work.export_state()}
+            soft["blk"] = {"driver": gs.blk_state_to_json(self.blk.save(), validate=False),
+                           "work": gs.blk_work_to_json(self.blk_work.save())}
         if self.net is not None and self.net_work is not None:
-            soft["net"] = {"driver": gs.net_state_to_json(self.net.save(), validate=False), "work": self.net_work.export_state()}
+            soft["net"] = {"driver": gs.net_state_to_json(self.net.save(), validate=False),
+                           "work": gs.net_work_to_json(self.net_work.save())}
         return join_cpu_state(self.vcpu.state().encode(), gs.encode_guest_state(soft, check_depth=False))
 
     def restore_guest_state(self, data: bytes) -> None:
@@ -256,19 +258,20 @@ class VirtualMachine:
             raise GuestStateError("guest", f"state for VFs {kinds}, this VM has {sorted(self.vfs)}")
         port = self.memory.cpu
         blk = net = blk_work = net_work = None
-        try:
-            if "blk" in soft:
-                st = gs.blk_state_from_json(soft["blk"]["driver"])  # type: ignore[index]
-                blk = BlkDriver.from_state(st, fn=self.vfs["blk"], port=port)
-                blk_work = self._make_blk_work(blk)
-                blk_work.import_state(soft["blk"]["work"])  # type: ignore[index,arg-type]
-            if "net" in soft:
-                nst = gs.net_state_from_json(soft["net"]["driver"])  # type: ignore[index]
-                net = NetDriver.from_state(nst, fn=self.vfs["net"], port=port)
-                net_work = self._make_net_work(net)
-                net_work.import_state(soft["net"]["work"])  # type: ignore[index,arg-type]
-        except (KeyError, TypeError) as exc:
-            raise GuestStateError("guest", f"malformed software state: {exc!r}") from exc
+        s = self.spec
+        if "blk" in soft:
+            driver_doc, work_doc = gs.vf_part(soft, "blk")
+            blk = BlkDriver.from_state(gs.blk_state_from_json(driver_doc), fn=self.vfs["blk"], port=port)
+            wst = gs.blk_work_from_json(work_doc)
+            if (wst.nblocks, wst.meta_addr, wst.cache_addr) != (s.blk_blocks, META_ADDR, CACHE_ADDR):
+                raise GuestStateError("blk.work", "layout differs from this VM's")
+            blk_work = BlkWorkload.from_state(wst, driver=blk, memory=self.memory)
+        if "net" in soft:
+            assert s.net_mac is not None
+            driver_doc, work_doc = gs.vf_part(soft, "net")
+            net = NetDriver.from_state(gs.net_state_from_json(driver_doc), fn=self.vfs["net"], port=port)
+            net_work = NetWorkload.from_state(gs.net_work_from_json(work_doc), driver=net,
+                                              mac=parse_mac(s.net_mac), peer_mac=parse_mac(s.peer_mac))
         if net is not None:
             self.vfs["net"].on_interrupt = net.on_interrupt
         for old in self._workers():

@@ -27,8 +27,10 @@ after a migration gives loss, duplicates and reordering.
 
 from __future__ import annotations
 
+import math
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -83,6 +85,26 @@ class _Lcg:
         return self.state >> 33
 
 
+@dataclass(frozen=True)
+class BlkWorkloadState:
+    """A :class:`BlkWorkload`'s state outside guest memory (its page cache and expected
+    generations are guest memory)."""
+
+    nblocks: int
+    meta_addr: int
+    cache_addr: int
+    qd: int
+    write_percent: int
+    rate: float
+    rng: int
+    inflight: tuple[tuple[int, str, int, int], ...]  # (token, "r" | "w", lba, generation), by token
+    stats: dict[str, int]  # writes, reads, errors
+    errors: tuple[str, ...]
+
+
+MAX_ERRORS = 50
+
+
 class BlkWorkload(GuestThread):
     """The verifying block workload; see the module docstring."""
 
@@ -116,7 +138,7 @@ class BlkWorkload(GuestThread):
         self.inflight: dict[int, tuple[str, int, int]] = {}  # token -> (op, lba, generation)
         self.busy: set[int] = set()
         self.stats = {"writes": 0, "reads": 0, "errors": 0}
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # at most MAX_ERRORS
         self._next_at = 0.0
         self._check_first = False
         self.arrival_problems: list[str] = []  # what the first step after a migration found
@@ -150,7 +172,7 @@ class BlkWorkload(GuestThread):
 
     def _fail(self, msg: str) -> None:
         self.stats["errors"] += 1
-        if len(self.errors) < 50:
+        if len(self.errors) < MAX_ERRORS:
             self.errors.append(msg)
 
     # ------------------------------------------------------------------ the loop
@@ -275,37 +297,54 @@ class BlkWorkload(GuestThread):
         return problems
 
     # ------------------------------------------------------------------ migration of the guest
-    def export_state(self) -> dict[str, Any]:
-        return {
-            "nblocks": self.nblocks,
-            "meta_addr": self.meta_addr,
-            "cache_addr": self.cache_addr,
-            "qd": self.qd,
-            "write_percent": self.write_percent,
-            "rate": self.rate,
-            "rng": self.rng.state,
-            "inflight": [[t, op, lba, gen] for t, (op, lba, gen) in sorted(self.inflight.items())],
-            "stats": dict(self.stats),
-            "errors": list(self.errors),
-        }
+    def save(self) -> BlkWorkloadState:
+        return BlkWorkloadState(
+            self.nblocks, self.meta_addr, self.cache_addr, self.qd, self.write_percent, self.rate, self.rng.state,
+            tuple((t, op, lba, gen) for t, (op, lba, gen) in sorted(self.inflight.items())),
+            dict(self.stats), tuple(self.errors),
+        )
 
-    def import_state(self, st: dict[str, Any]) -> None:
-        """Take over a workload's state (the driver is already rebuilt); strict."""
-        try:
-            if (st["nblocks"], st["meta_addr"], st["cache_addr"]) != (self.nblocks, self.meta_addr, self.cache_addr):
-                raise GuestStateError("blk_workload", "layout differs from this VM's")
-            self.qd, self.write_percent, self.rate = int(st["qd"]), int(st["write_percent"]), float(st["rate"])
-            self.rng = _Lcg(int(st["rng"]))
-            self.inflight, self.busy = {}, set()
-            for t, op, lba, gen in st["inflight"]:
-                if op not in ("r", "w") or not 0 <= lba < self.nblocks or lba in self.busy:
-                    raise GuestStateError("blk_workload.inflight", f"bad entry {[t, op, lba, gen]!r}")
-                self.inflight[int(t)] = (op, int(lba), int(gen))
-                self.busy.add(int(lba))
-            self.stats = {k: int(st["stats"][k]) for k in ("writes", "reads", "errors")}
-            self.errors = [str(e) for e in st["errors"]][:50]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise GuestStateError("blk_workload", f"malformed: {exc!r}") from exc
+    @classmethod
+    def from_state(cls, st: BlkWorkloadState, *, driver: BlkDriver, memory: Memory, path: str = "blk.work") -> "BlkWorkload":
+        """The workload continuing ``st`` over ``driver`` (already restored): its requests in
+        flight are exactly the driver's outstanding ones, one per block, each a read or a
+        write of a block of its disk; the rest in range."""
+        fail = GuestStateError
+        if st.nblocks < 1 or st.nblocks * SECTORS_PER_BLOCK > driver.capacity:
+            raise fail(f"{path}.nblocks", f"{st.nblocks} blocks do not fit a disk of {driver.capacity} sectors")
+        if not 1 <= st.qd <= 1 << 16:
+            raise fail(f"{path}.qd", f"{st.qd} is outside 1..65536")
+        if not 0 <= st.write_percent <= 100:
+            raise fail(f"{path}.write_percent", f"{st.write_percent} is outside 0..100")
+        if not (math.isfinite(st.rate) and st.rate >= 0):
+            raise fail(f"{path}.rate", f"{st.rate} is not a rate (finite, >= 0)")
+        if not 0 <= st.rng <= _U64:
+            raise fail(f"{path}.rng", f"{st.rng} is outside 0..2**64-1")
+        if set(st.stats) != {"writes", "reads", "errors"} or any(not 0 <= v for v in st.stats.values()):
+            raise fail(f"{path}.stats", "expected writes, reads and errors, each >= 0")
+        if len(st.errors) > MAX_ERRORS:
+            raise fail(f"{path}.errors", f"{len(st.errors)} errors kept (at most {MAX_ERRORS})")
+        w = cls(driver, memory, meta_addr=st.meta_addr, cache_addr=st.cache_addr, nblocks=st.nblocks, qd=st.qd,
+                write_percent=st.write_percent, rate=st.rate)
+        w.rng = _Lcg(st.rng)
+        for i, (t, op, lba, gen) in enumerate(st.inflight):
+            p = f"{path}.inflight[{i}]"
+            if op not in ("r", "w"):
+                raise fail(p, f"operation {op!r} is neither 'r' nor 'w'")
+            if not 0 <= lba < st.nblocks:
+                raise fail(p, f"block {lba} is outside 0..{st.nblocks - 1}")
+            if lba in w.busy or t in w.inflight:
+                raise fail(p, f"block {lba} or token {t} in flight twice")
+            if not 0 <= gen <= 0xFFFF_FFFF:
+                raise fail(p, f"generation {gen} is outside 0..2**32-1")
+            w.inflight[t] = (op, lba, gen)
+            w.busy.add(lba)
+        if set(w.inflight) != driver.outstanding():
+            raise fail(f"{path}.inflight", f"tokens {sorted(w.inflight)} are not the driver's outstanding "
+                                           f"{sorted(driver.outstanding())}")
+        w.stats = dict(st.stats)
+        w.errors = list(st.errors)
+        return w
 
 
 class NetWorkload(GuestThread):
@@ -361,14 +400,31 @@ class NetWorkload(GuestThread):
             "other-frames": self.other_frames,
         }
 
-    def export_state(self) -> dict[str, Any]:
-        return {"next_seq": self.next_seq, "received": list(self.received), "other": self.other_frames, "rate": self.rate}
+    def save(self) -> NetWorkloadState:
+        return NetWorkloadState(self.next_seq, tuple(self.received), self.other_frames, self.rate)
 
-    def import_state(self, st: dict[str, Any]) -> None:
-        try:
-            self.next_seq = int(st["next_seq"])
-            self.received = [int(x) for x in st["received"]]
-            self.other_frames = int(st["other"])
-            self.rate = float(st["rate"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise GuestStateError("net_workload", f"malformed: {exc!r}") from exc
+    @classmethod
+    def from_state(
+        cls, st: NetWorkloadState, *, driver: NetDriver, mac: bytes, peer_mac: bytes, path: str = "net.work"
+    ) -> "NetWorkload":
+        """The workload continuing ``st`` over ``driver`` (already restored)."""
+        fail = GuestStateError
+        if st.next_seq < 0 or st.other < 0:
+            raise fail(path, "negative counters")
+        if not (math.isfinite(st.rate) and st.rate >= 0):
+            raise fail(f"{path}.rate", f"{st.rate} is not a rate (finite, >= 0)")
+        if any(x < 0 for x in st.received):
+            raise fail(f"{path}.received", "a negative sequence number")
+        w = cls(driver, mac=mac, peer_mac=peer_mac, rate=st.rate)
+        w.next_seq, w.received, w.other_frames = st.next_seq, list(st.received), st.other
+        return w
+
+
+@dataclass(frozen=True)
+class NetWorkloadState:
+    """A :class:`NetWorkload`'s counters and what it received (its frames are guest memory)."""
+
+    next_seq: int
+    received: tuple[int, ...]
+    other: int
+    rate: float
