@@ -27,7 +27,6 @@ from virtio_lm.migration.transport import (
     DestRunner,
     SourceRunner,
     listen,
-    parse_uri,
     raw_loopback_throughput,
     start_incoming,
     start_outgoing,
@@ -326,21 +325,6 @@ def test_runner_refuses_mismatched_modes(tmp_path):
         DestRunner(DestSession(MemoryVmShell(MEM), clock=time.monotonic, from_file=True), listener=listen())
 
 
-@pytest.mark.parametrize(
-    "uri, want",
-    [("tcp:127.0.0.1:4444", ("tcp", "127.0.0.1", 4444)), ("tcp:[::1]:5", ("tcp", "::1", 5)),
-     ("tcp::7", ("tcp", "0.0.0.0", 7))],
-)
-def test_parse_uri(uri, want):
-    u = parse_uri(uri)
-    assert (u.scheme, u.host, u.port) == want
-    assert parse_uri("file:/tmp/x").path == "/tmp/x"
-
-
-@pytest.mark.parametrize("bad", ["tcp:host", "tcp:host:port", "file:", "unix:/x", "exec:cat"])
-def test_parse_uri_refuses(bad):
-    with pytest.raises(ValueError):
-        parse_uri(bad)
 
 
 def test_raw_loopback_throughput_moves_every_byte():

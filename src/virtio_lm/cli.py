@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import click
 
 from virtio_lm import __version__
+from virtio_lm.addr import parse_hostport
+from virtio_lm.errors import AddressError
 
 if TYPE_CHECKING:
     from virtio_lm.vm.machine import VmSpec
@@ -97,11 +99,15 @@ def parse_vm_spec(text: str) -> "VmSpec":
         raise click.BadParameter(str(exc)) from exc
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise click.BadParameter(f"{text!r} is not HOST:PORT")
-    return host or "127.0.0.1", int(port)
+def switch_address(text: str) -> tuple[str, int]:
+    """``--listen`` / ``--switch HOST:PORT`` (:func:`virtio_lm.addr.parse_hostport`).  The
+    switch binds a concrete address and its ports send to that same address, so an
+    empty host is this machine's loopback for both."""
+    try:
+        a = parse_hostport(text)
+    except AddressError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return a.host_or_loopback, a.port
 
 
 HOST_SWITCH_INTERVAL_S = 0.0005
@@ -128,7 +134,7 @@ def host(name: str, qmp: str, vms: tuple[str, ...], switch: str | None, incoming
         name=name,
         qmp=qmp,
         vms=[parse_vm_spec(v) for v in vms],
-        switch=parse_hostport(switch) if switch else None,
+        switch=switch_address(switch) if switch else None,
         incoming=incoming,
         total_vfs=total_vfs,
     )
@@ -157,7 +163,7 @@ def switch(listen_: str, lifetime: float, idle_timeout: float) -> None:
     """Run the embedded learning L2 switch (frames as UDP datagrams on loopback)."""
     from virtio_lm.net.switch import main as switch_main
 
-    host_, port = parse_hostport(listen_)
+    host_, port = switch_address(listen_)
     sys.exit(
         switch_main(["--host", host_, "--port", str(port), "--lifetime", str(lifetime), "--idle-timeout", str(idle_timeout)])
     )
@@ -182,7 +188,7 @@ def peer(switch_: str, mac: str, vm_mac: str, rate: float, report_path: str, lif
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     signal.signal(signal.SIGINT, lambda *a: stop.set())
-    p = NetPeer(parse_hostport(switch_), parse_mac(mac), name="peer")
+    p = NetPeer(switch_address(switch_), parse_mac(mac), name="peer")
     dst = parse_mac(vm_mac)
     sent: list[tuple[int, float]] = []
     print("ready", flush=True)

@@ -14,6 +14,13 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- ReservedFieldError        a reserved field that is not zero
      |    +-- EnumValueError            a value outside the field's enum
      |    +-- FieldValueError           a value out of the field's range / rules
+     +-- AddressError (+ ValueError)    an address that does not parse (virtio_lm.addr)
+     |    +-- AddressSchemeError        no scheme, or one the caller does not take
+     |    +-- AddressHostError          an IPv6 host without [brackets], unbalanced or empty brackets
+     |    +-- AddressPortError          a port missing, not decimal digits, outside 0..65535
+     |    +-- AddressPathError          unix: / file: without a path
+     +-- StrictJsonError (+ ValueError) JSON text refused by wire.strictjson: a duplicate key,
+     |                                  NaN / Infinity
      +-- MemoryAccessError              DMA or CPU access outside a memory region
      +-- DmaDisabledError               a device DMA while its bus mastering is off (QUIESCED/FREEZED)
      +-- VirtqueueError                 a driver's ring content the device refuses
@@ -90,6 +97,40 @@ from __future__ import annotations
 
 class VirtioLmError(Exception):
     """Base of every error virtio-lm raises on purpose."""
+
+
+# --------------------------------------------------------------------------- addresses
+class AddressError(VirtioLmError, ValueError):
+    """An address (``tcp:HOST:PORT``, ``unix:PATH``, ``file:PATH``, ``HOST:PORT``) that does
+    not parse.  Also a ``ValueError``: callers that took the older parsers' ``ValueError``
+    keep working.  ``spec`` is what was given."""
+
+    def __init__(self, spec: object, message: str) -> None:
+        self.spec = spec
+        super().__init__(f"{spec!r}: {message}")
+
+
+class AddressSchemeError(AddressError):
+    """No scheme, or a scheme the caller does not take (e.g. ``file:`` for a monitor)."""
+
+
+class AddressHostError(AddressError):
+    """An IPv6 host without ``[brackets]``, or brackets unbalanced / empty."""
+
+
+class AddressPortError(AddressError):
+    """A port missing, not decimal digits, or outside 0..65535."""
+
+
+class AddressPathError(AddressError):
+    """``unix:`` or ``file:`` without a path."""
+
+
+# --------------------------------------------------------------------------- strict JSON
+class StrictJsonError(VirtioLmError, ValueError):
+    """JSON text that parses under Python's lenient rules but not under RFC 8259's
+    interoperable ones: a duplicate object key, or ``NaN`` / ``Infinity``.  Also a
+    ``ValueError`` (what ``json.loads`` raises for malformed text)."""
 
 
 # --------------------------------------------------------------------------- wire

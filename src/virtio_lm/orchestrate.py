@@ -21,6 +21,7 @@ from typing import Any
 from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from virtio_lm.addr import MONITOR_SCHEMES, Address, parse_address
 from virtio_lm.errors import MigrationError, VirtioLmError
 
 FINAL = ("completed", "failed", "cancelled")
@@ -93,13 +94,6 @@ class MonitorCommandError(VirtioLmError):
         super().__init__(f"{command}: {error_class}: {desc}")
 
 
-def monitor_address(text: str) -> str | tuple[str, int]:
-    if text.startswith("unix:"):
-        return text[5:]
-    if text.startswith("tcp:"):
-        host, _, port = text[4:].rpartition(":")
-        return host or "127.0.0.1", int(port)
-    raise ValueError(f"monitor address {text!r} is not unix:PATH or tcp:HOST:PORT")
 
 
 class Monitor:
@@ -107,7 +101,7 @@ class Monitor:
 
     def __init__(self, address: str, *, timeout: float = 60.0, connect_timeout: float = 30.0) -> None:
         self.address = address
-        self._qmp = QEMUMonitorProtocol(monitor_address(address))
+        self._qmp = QEMUMonitorProtocol(parse_address(address, MONITOR_SCHEMES).sockaddr)
         deadline = time.monotonic() + connect_timeout
         while True:
             try:
@@ -175,11 +169,12 @@ def run_migration(
     incoming = uri or "tcp:127.0.0.1:0"
     dst.cmd("migrate-incoming", uri=incoming, **vmarg)
     target = incoming
-    if incoming.startswith("tcp:") and incoming.endswith(":0"):
+    asked = parse_address(incoming)
+    if asked.kind == "tcp" and asked.port == 0:
         for _ in range(200):
             addr = dst.cmd("query-migrate", **vmarg).get("socket-address")
             if addr:
-                target = f"tcp:{addr[0]['host']}:{addr[0]['port']}"
+                target = str(Address("tcp", host=addr[0]["host"], port=int(addr[0]["port"])))
                 break
             time.sleep(0.01)
         else:

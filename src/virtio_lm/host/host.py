@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from virtio_lm.addr import MIGRATION_SCHEMES, parse_address
 from virtio_lm.devices.blk import BlkDevice
 from virtio_lm.devices.net import NetDevice
 from virtio_lm.drivers.pf_driver import PfDriver
@@ -60,7 +61,7 @@ from virtio_lm.migration.session import (
     SourceSession,
     VmStateEvent,
 )
-from virtio_lm.migration.transport import parse_uri, start_incoming, start_outgoing
+from virtio_lm.migration.transport import start_incoming, start_outgoing
 from virtio_lm.net.backends import UdpSwitchPort
 from virtio_lm.pf.device import build_pf
 from virtio_lm.virtqueue.driver import Allocator
@@ -335,7 +336,7 @@ class Host:
             try:
                 mode = TrackMode.from_cli(self.params.x_tracking_mode)
                 params = self.params.migration_params()
-                uri = parse_uri(args["uri"])
+                uri = parse_address(args["uri"], MIGRATION_SCHEMES)
             except (ValueError, KeyError, VirtioLmError) as exc:
                 raise QmpError(f"invalid migration request: {exc}") from exc
             self.pf_driver.report_portion = self.params.x_report_portion
@@ -351,7 +352,7 @@ class Host:
                 calibrator=(lambda c=calibrator: c.measure(self.pf_driver)) if calibrator is not None else None,
             )
             session = SourceSession(
-                endpoint, params, clock=time.monotonic, to_file=uri.scheme == "file", history=SWITCHOVER_HISTORY
+                endpoint, params, clock=time.monotonic, to_file=uri.kind == "file", history=SWITCHOVER_HISTORY
             )
             try:
                 runner = start_outgoing(session, args["uri"], on_event=lambda e: self._on_event(slot, e))
@@ -376,9 +377,9 @@ class Host:
             endpoint = VmDestination(
                 slot.vm, self.pf_driver, on_start=started, restore_delay=self.params.x_restore_delay_ms / 1000
             )
-            uri = parse_uri(args["uri"])
+            uri = parse_address(args["uri"], MIGRATION_SCHEMES)
             session = DestSession(
-                endpoint, clock=time.monotonic, from_file=uri.scheme == "file", history=SWITCHOVER_HISTORY
+                endpoint, clock=time.monotonic, from_file=uri.kind == "file", history=SWITCHOVER_HISTORY
             )
             try:
                 runner = start_incoming(session, args["uri"], on_event=lambda e: self._on_event(slot, e))

@@ -107,6 +107,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virtio_lm import __version__
+from virtio_lm import addr as addresses
 from virtio_lm.errors import (
     CommandRegistrationError,
     MonitorAddressError,
@@ -115,6 +116,7 @@ from virtio_lm.errors import (
     QmpLimitError,
     VirtioLmError,
 )
+from virtio_lm.wire import strictjson
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +440,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
 def _parse(raw: bytes) -> Any:
     """Parse one complete JSON text strictly (no NaN/Infinity, no duplicate keys)."""
     text = raw.decode("utf-8")
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    return strictjson.loads(text)
 
 
 class Request:
@@ -900,7 +902,7 @@ class QmpServer:
         max_clients: int = DEFAULT_MAX_CLIENTS,
     ) -> None:
         self.table = table
-        self._requested = parse_address(address)
+        self._requested = addresses.parse_address(address, addresses.MONITOR_SCHEMES)
         self.max_message = max_message
         self.max_depth = max_depth
         self.max_output = max_output

@@ -33,18 +33,16 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from typing import BinaryIO, Callable
 
+from virtio_lm.addr import MIGRATION_SCHEMES, parse_address
 from virtio_lm.errors import PeerGoneError
 from virtio_lm.migration.session import DestSession, Event, SourceSession
 
 __all__ = [
     "DestRunner",
     "SourceRunner",
-    "Uri",
     "listen",
-    "parse_uri",
     "raw_loopback_throughput",
     "start_incoming",
     "start_outgoing",
@@ -54,31 +52,6 @@ DEFAULT_TIMEOUT = 30.0
 POLL = 0.05  # seconds between checks for cancel / silence while blocked
 _EOF = object()
 _CANCEL = object()
-
-
-@dataclass(frozen=True)
-class Uri:
-    """``tcp:HOST:PORT`` or ``file:PATH``."""
-
-    scheme: str
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-
-def parse_uri(uri: str) -> Uri:
-    if uri.startswith("file:"):
-        path = uri[5:]
-        if not path:
-            raise ValueError("file: URI without a path")
-        return Uri("file", path=path)
-    if uri.startswith("tcp:"):
-        host, sep, port = uri[4:].rpartition(":")
-        if not sep or not port.isdigit():
-            raise ValueError(f"tcp URI must be tcp:HOST:PORT, got {uri!r}")
-        host = host.strip("[]") or "0.0.0.0"
-        return Uri("tcp", host=host, port=int(port))
-    raise ValueError(f"unsupported migration URI {uri!r} (tcp:HOST:PORT or file:PATH)")
 
 
 def _send_all(sock: socket.socket, bufs: list) -> int:
@@ -494,11 +467,11 @@ def start_outgoing(
 
     Connection failures raise ``OSError`` here, before the session starts
     (nothing to roll back)."""
-    u = parse_uri(uri)
-    if u.scheme == "file":
+    u = parse_address(uri, MIGRATION_SCHEMES)
+    if u.kind == "file":
         f = open(u.path, "wb")
         return SourceRunner(session, f, timeout=timeout, on_event=on_event).start()  # type: ignore[return-value]
-    sock = socket.create_connection((u.host, u.port), timeout=timeout)
+    sock = socket.create_connection((u.host_or_loopback, u.port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return SourceRunner(session, sock, timeout=timeout, on_event=on_event).start()  # type: ignore[return-value]
 
@@ -508,11 +481,11 @@ def start_incoming(
     on_event: Callable[[Event], None] | None = None,
 ) -> DestRunner:
     """``migrate-incoming URI``: listen (accepting on the runner's thread) or read the file."""
-    u = parse_uri(uri)
-    if u.scheme == "file":
+    u = parse_address(uri, MIGRATION_SCHEMES)
+    if u.kind == "file":
         f = open(u.path, "rb")
         return DestRunner(session, f, timeout=timeout, on_event=on_event).start()  # type: ignore[return-value]
-    return DestRunner(session, listener=listen(u.host, u.port), timeout=timeout, on_event=on_event).start()  # type: ignore[return-value]
+    return DestRunner(session, listener=listen(u.host_or_any, u.port), timeout=timeout, on_event=on_event).start()  # type: ignore[return-value]
 
 
 def _raw_receiver(nbytes: int, into_memory: bool, port_q, out_q) -> None:
