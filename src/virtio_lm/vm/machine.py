@@ -37,8 +37,7 @@ from virtio_lm.virtqueue.driver import Allocator
 from virtio_lm.vm import guest_state as gs
 from virtio_lm.vm.vcpu import SweepVcpu
 from virtio_lm.vm.workloads import BlkWorkload, NetWorkload
-from virtio_lm.wire.guest import decode_guest_state as split_cpu_state
-from virtio_lm.wire.guest import encode_guest_state as join_cpu_state
+from virtio_lm.wire.guest import join_cpu_state, split_cpu_state
 from virtio_lm.wire.net import format_mac, parse_mac
 
 MIB = 1 << 20

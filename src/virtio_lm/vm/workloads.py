@@ -144,10 +144,6 @@ class BlkWorkload(GuestThread):
         self.arrival_problems: list[str] = []  # what the first step after a migration found
 
     # ------------------------------------------------------------------ guest memory views
-    @staticmethod
-    def meta_bytes(nblocks: int) -> int:
-        return nblocks * 5  # le32 generation + u8 valid per block
-
     def _gen_addr(self, lba: int) -> int:
         return self.meta_addr + 4 * lba
 

@@ -52,12 +52,16 @@ class GuestStateHeader:
     reserved: int = reserved()
 
 
-def encode_guest_state(vcpu: bytes, soft: bytes) -> bytes:
+def join_cpu_state(vcpu: bytes, soft: bytes) -> bytes:
+    """The CPU_STATE payload: the header, the vCPU state bytes, the software state bytes
+    (each already encoded; :func:`virtio_lm.vm.guest_state.encode_guest_state` makes the
+    latter)."""
     return GuestStateHeader(GUEST_MAGIC, len(vcpu), len(soft)).encode() + vcpu + soft
 
 
-def decode_guest_state(buf: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
-    """``(vcpu bytes, software state bytes)``; exact length, magic and bounds checked."""
+def split_cpu_state(buf: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+    """The inverse of :func:`join_cpu_state`: ``(vcpu bytes, software state bytes)``;
+    exact length, magic and bounds checked."""
     hdr = GuestStateHeader.unpack_from(buf, 0)
     if hdr.magic != GUEST_MAGIC:
         raise FieldValueError("GuestStateHeader", "magic", hdr.magic, f"must be {GUEST_MAGIC:#x}")
