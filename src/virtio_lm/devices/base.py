@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import enum
 import threading
+from contextlib import AbstractContextManager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -201,6 +202,13 @@ class QueueDevice(VirtioDevice):
         """Chains taken from the avail rings and not yet returned."""
         with self._lock:
             return len(self._inflight)
+
+    def locked(self) -> AbstractContextManager[bool]:
+        """``with device.locked():`` holds the device lock (re-entrant): no chain is taken,
+        completed or restored meanwhile (a transport changing queue state, e.g. vhost-user's
+        ring start / stop).  Taken after the function's register lock, before its leaf locks:
+        :mod:`virtio_lm.pci.function` states the order."""
+        return self._lock
 
     def requests(self) -> list[Request]:
         """A copy of the in-flight table (diagnostics and tests)."""
@@ -391,7 +399,7 @@ class QueueDevice(VirtioDevice):
     def mig_save(self) -> bytes:
         """The state image; refused (:class:`DeviceBusyError`) while back-end work runs."""
         fn = self.fn
-        with fn._lock, self._lock:  # lock order everywhere: function registers, then device
+        with fn.locked(), self._lock:  # lock order: virtio_lm.pci.function's docstring
             img = StateImage(self.device_id)
             for rtype, payload in save_function(fn):
                 img.add(rtype, payload)
@@ -460,7 +468,7 @@ class QueueDevice(VirtioDevice):
         if not isinstance(validated, ValidatedImage):
             raise TypeError(f"mig_restore takes what mig_validate returned, not {type(validated).__name__}")
         fn = self.fn
-        with fn._lock, self._lock:
+        with fn.locked(), self._lock:
             if any(r.state is ReqState.RUNNING for r in self._inflight.values()):
                 raise DeviceBusyError(f"{fn.name}: restore while back-end work runs (freeze first)")
             apply_function(fn, validated.function)

@@ -50,7 +50,7 @@ Multiqueue steering
 Control queue
     Without GENERIC_CTRL_VQ_VER_1: virtio-net buffers ``class, command,
     data`` / ``ack``.  With it: generic v1 buffers through a
-    :class:`~virtio_lm.pf.dispatch.ControlDispatcher` with classes 0..4
+    :class:`~virtio_lm.ctrl.dispatch.ControlDispatcher` with classes 0..4
     registered (ack after the valid result; net commands have no result, so
     the ack is the first writable byte either way, but classes >= 128 and
     buffers without room for an ack are handled by the dispatcher's rules).
@@ -76,14 +76,13 @@ import collections
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
+from virtio_lm.ctrl.dispatch import ControlDispatcher
 from virtio_lm.devices.base import NotExecuted, QueueDevice, Work
 from virtio_lm.errors import CommandRefusedError, StateImageError, VirtioLmError, WireError
-from virtio_lm.net.backends import NetBackend
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.pci.snapshot import FunctionSnapshot
-from virtio_lm.pf.dispatch import ControlDispatcher
 from virtio_lm.virtqueue.device import DescriptorChain
 from virtio_lm.wire.ctrl import Ack
 from virtio_lm.wire.features import (
@@ -192,6 +191,27 @@ class NetState:
     vlans: frozenset[int]
 
 
+class FramePort(Protocol):
+    """Where a :class:`NetDevice`'s frames go and come from: what the device needs of a
+    back-end (``virtio_lm.net.backends`` implements it above this layer and is injected,
+    so the device model imports nothing of the network around it)."""
+
+    def attach(self, deliver: Callable[[bytes], None]) -> None:
+        """Start delivering received frames to ``deliver``."""
+
+    def wait_tx_ready(self, abort: threading.Event) -> bool:
+        """Block until a frame may be sent (True) or ``abort`` is set (False)."""
+
+    def send(self, frame: bytes) -> None:
+        """Send one frame."""
+
+    def wake_tx(self) -> None:
+        """Wake a sender blocked in :meth:`wait_tx_ready` (it re-checks ``abort``)."""
+
+    def close(self) -> None:
+        """Stop; no delivery after it returns."""
+
+
 class NetDevice(QueueDevice):
     """A virtio-net VF; see the module docstring."""
 
@@ -200,7 +220,7 @@ class NetDevice(QueueDevice):
 
     def __init__(
         self,
-        backend: NetBackend | None = None,
+        backend: FramePort | None = None,
         *,
         mac: bytes = DEFAULT_MAC,
         max_pairs: int = 1,

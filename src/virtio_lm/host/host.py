@@ -63,7 +63,7 @@ from virtio_lm.migration.session import (
 )
 from virtio_lm.migration.transport import start_incoming, start_outgoing
 from virtio_lm.net.backends import UdpSwitchPort
-from virtio_lm.pf.device import build_pf
+from virtio_lm.pf.device import build_pf, vf_status
 from virtio_lm.virtqueue.driver import Allocator
 from virtio_lm.vm.machine import MIB, VirtualMachine, VmSpec
 from virtio_lm.vm.worker import THREADS
@@ -432,24 +432,22 @@ class Host:
 
     def cmd_query_vfs(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         out = []
-        ctrl = self.pf.device.controller  # type: ignore[attr-defined]
         for slot in self.slots.values():
             vm = slot.vm
             for kind in vm.spec.vf_kinds:
                 n = vm.vf_numbers[kind]
-                ctx = ctrl.context(n)
+                st = vf_status(self.pf, n)
                 fn = vm.vfs[kind]
-                tr = ctx.tracker
                 dev = fn.device
                 out.append(
                     {
                         "vf": n,
                         "vm": vm.spec.name,
                         "kind": kind,
-                        "state": ctx.sm.state.name,
-                        "tracking": ctx.mode.cli_name if ctx.mode is not None else None,
-                        "tracked-marks": getattr(tr, "marks", 0) if tr is not None else 0,
-                        "overflow-events": getattr(tr, "overflow_events", 0) if tr is not None else 0,
+                        "state": st.state.name,
+                        "tracking": st.mode.cli_name if st.mode is not None else None,
+                        "tracked-marks": st.tracked_marks,
+                        "overflow-events": st.overflow_events,
                         "device-status": fn.status,
                         "in-flight": getattr(dev, "in_flight", 0),
                         "completed": getattr(dev, "completed", 0),

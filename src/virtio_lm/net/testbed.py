@@ -24,7 +24,8 @@ from virtio_lm.memory import Memory
 from virtio_lm.net.backends import NetBackend
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.pci.sriov import SriovPF
-from virtio_lm.pf.device import build_pf
+from virtio_lm.pf.controller import VfMigrationController
+from virtio_lm.pf.device import build_pf, vf_commands
 from virtio_lm.virtqueue.driver import Allocator
 from virtio_lm.wire.ctrl import VfState
 
@@ -50,9 +51,9 @@ class NetVm:
     pf_driver: PfDriver | None = None  # the host's PF driver, up when the VM has a PF
 
     @property
-    def controller(self):  # type: ignore[no-untyped-def]
+    def controller(self) -> VfMigrationController:
         assert self.pf is not None
-        return self.pf.device.controller  # type: ignore[attr-defined]
+        return vf_commands(self.pf)
 
     @property
     def host(self) -> PfDriver:

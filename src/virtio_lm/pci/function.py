@@ -37,12 +37,31 @@ driver must read FEATURES_OK back in between).  FAILED may be added in any
 state; after FAILED only a reset is accepted.  Writing 0 resets from any
 state; rewriting the current value is a no-op.  Every other write raises
 :class:`StatusTransitionError` and leaves the status as it was.
+
+Locks (the one statement of their order)
+----------------------------------------
+A function and the device bound to it share three locks, always taken in this order
+and never the other way round:
+
+1. the function's register lock -- :meth:`VirtioPciFunction.locked` (re-entrant; every
+   register access, a state image's save / apply: ``pci.snapshot``,
+   ``devices.base.QueueDevice.mig_save`` / ``mig_restore``);
+2. the device's lock -- :meth:`virtio_lm.devices.base.QueueDevice.locked` (its queues and
+   in-flight requests);
+3. a leaf lock, under which nothing else is taken: the function's interrupt lock (ISR and
+   the device-owned status bit; private to this class), or, for the vhost-user transport,
+   its fd lock (:meth:`virtio_lm.vhost.backend.VhostFunction.fds_locked`), which also
+   offers ``locked()`` in the place of 1.
+
+Each lock is held only by its owner's methods and by a caller through ``locked()``;
+no module names another class's lock attribute (``tests/test_architecture.py``).
 """
 
 from __future__ import annotations
 
 import enum
 import threading
+from contextlib import AbstractContextManager
 from typing import Callable
 
 from virtio_lm.errors import (
@@ -196,6 +215,11 @@ class VirtioPciFunction:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, status={self.status:#04x})"
+
+    def locked(self) -> AbstractContextManager[bool]:
+        """``with fn.locked():`` holds the register lock (re-entrant): no register access
+        runs meanwhile.  Lock order: the module docstring."""
+        return self._lock
 
     # ================================================================== features
     def offered_features(self) -> int:

@@ -200,7 +200,7 @@ def _check_queue(fn: VirtioPciFunction, q: QueueRecord, event_idx: bool, status:
 
 def apply_function(fn: VirtioPciFunction, snap: FunctionSnapshot) -> None:
     """Write a validated snapshot into ``fn`` (registers and queue shadow state)."""
-    with fn._lock:  # the function's register lock: no register access sees half a restore
+    with fn.locked():  # no register access sees half a restore
         _apply(fn, snap)
 
 

@@ -1,7 +1,7 @@
 """The PF's VF migration commands (class 128), over its SR-IOV VFs.
 
 :class:`VfMigrationController` is what the control-queue dispatcher calls
-(see :class:`virtio_lm.pf.dispatch.MigrationHandler`).  It keeps one
+(see :class:`virtio_lm.ctrl.dispatch.MigrationHandler`).  It keeps one
 :class:`VfContext` per enabled VF: the VF's state machine
 (:mod:`virtio_lm.pf.state`), its dirty tracker (:mod:`virtio_lm.pf.tracking`),
 the image saved at FREEZE and the portions of an image being restored.
@@ -113,6 +113,17 @@ class VfContext:
         return self.fn.device  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class VfStatus:
+    """What a monitor shows of one VF's migration state (:meth:`VfMigrationController.status`)."""
+
+    number: int
+    state: VfState
+    mode: TrackMode | None  # None: not tracking
+    tracked_marks: int  # pages passed to the tracker's mark (0 when not tracking)
+    overflow_events: int  # marks past the tracker's capacity
+
+
 class VfMigrationController:
     """Implements the nine commands of class 128 for the VFs of ``pf``."""
 
@@ -180,6 +191,19 @@ class VfMigrationController:
     def context(self, func_id: int) -> VfContext:
         """The context of VF ``func_id`` (for monitors and tests)."""
         return self._ctx(MigrationCommand.GET_STATE_ATTRS, func_id)
+
+    def status(self, func_id: int) -> VfStatus:
+        """A consistent snapshot of VF ``func_id``'s state and tracking (for monitors)."""
+        with self._lock:
+            ctx = self._ctx(MigrationCommand.GET_STATE_ATTRS, func_id)
+            tr = ctx.tracker
+            return VfStatus(
+                ctx.number,
+                ctx.sm.state,
+                ctx.mode,
+                tr.marks if tr is not None else 0,
+                tr.overflow_events if tr is not None else 0,
+            )
 
     def _ctx(self, cmd: MigrationCommand, func_id: int) -> VfContext:
         ctx = self._vfs.get(func_id)

@@ -8,7 +8,7 @@ control queue at index ``num_queues``.  virtio-lm's PF is such a device:
   management-only PF: IN/OUT/DISCARD/WRITE_ZEROES are beyond capacity ->
   IOERR, FLUSH -> OK, GET_ID -> the PF's serial, anything else -> UNSUPP);
 * queue 1 = ``num_queues``, the control queue, speaking the generic v1
-  format to :class:`~virtio_lm.pf.dispatch.ControlDispatcher`, which routes
+  format to :class:`~virtio_lm.ctrl.dispatch.ControlDispatcher`, which routes
   class 128 to :class:`~virtio_lm.pf.controller.VfMigrationController`.
 
 Features offered: VERSION_1, EVENT_IDX, INDIRECT_DESC, VIRTIO_BLK_F_MQ,
@@ -32,8 +32,8 @@ from virtio_lm.memory import MemoryPort
 from virtio_lm.pci.device import VirtioDevice
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.pci.sriov import SriovPF
-from virtio_lm.pf.controller import ALL_MODES, VfMigrationController
-from virtio_lm.pf.dispatch import ControlDispatcher
+from virtio_lm.pf.controller import ALL_MODES, VfMigrationController, VfStatus
+from virtio_lm.ctrl.dispatch import ControlDispatcher
 from virtio_lm.virtqueue.device import DescriptorChain
 from virtio_lm.wire.blk import (
     BLK_REQUIREMENTS,
@@ -235,3 +235,22 @@ def build_pf(
         )
     )
     return pf
+
+
+def _pf_device(pf: SriovPF) -> PfDevice:
+    dev = pf.device
+    if not isinstance(dev, PfDevice) or dev.controller is None:
+        raise VirtioLmError(f"{pf.name} was not built by build_pf (no VF migration controller)")
+    return dev
+
+
+def vf_status(pf: SriovPF, func_id: int) -> VfStatus:
+    """VF ``func_id``'s migration state and tracking, as a monitor shows it (refused with
+    :class:`~virtio_lm.errors.CommandRefusedError` for a number that is not a VF)."""
+    return _pf_device(pf).controller.status(func_id)  # type: ignore[union-attr]
+
+
+def vf_commands(pf: SriovPF) -> VfMigrationController:
+    """The class-128 command handlers of ``pf``, called in-process without the control queue
+    (the net test bed; every other user goes through the PF driver and the queue)."""
+    return _pf_device(pf).controller  # type: ignore[return-value]

@@ -48,6 +48,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from virtio_lm.devices.base import QueueDevice
@@ -224,7 +225,8 @@ class Ring:
 class VhostFunction:
     """The vhost-user transport a QueueDevice is bound to (what QueueDevice and
     BlkDevice use of a function: ``port``, ``queues``, ``negotiated``, ``name``,
-    ``status``, ``set_needs_reset``, ``needs_reset``, ``_lock``)."""
+    ``status``, ``set_needs_reset``, ``needs_reset``, ``locked()``).  Lock order:
+    :mod:`virtio_lm.pci.function`'s docstring (``locked()`` first, ``fds_locked()`` last)."""
 
     def __init__(self, device: QueueDevice, *, name: str = "vhost-blk") -> None:
         self.name = name
@@ -243,6 +245,15 @@ class VhostFunction:
         for q in self.queues:
             self._wire(q)
         device.bind(self)  # type: ignore[arg-type]
+
+    def locked(self) -> AbstractContextManager[bool]:
+        """The transport's register-lock equivalent (re-entrant): what a state image's save
+        and apply hold, as with :meth:`VirtioPciFunction.locked`."""
+        return self._lock
+
+    def fds_locked(self) -> AbstractContextManager[bool]:
+        """Hold the fd lock (a leaf): the rings' kick / call / err fds do not change meanwhile."""
+        return self._fd_lock
 
     def _wire(self, q: Virtqueue) -> None:
         index = q.index
@@ -435,7 +446,7 @@ class VhostUserBackend:
             action = self._action(ring, inp)
             fd = None if nofd else msg.take_fds()[0]
             attr = {RingInput.KICK: "kick_fd", RingInput.CALL: "call_fd", RingInput.ERR: "err_fd"}[inp]
-            with self.fn._fd_lock:
+            with self.fn.fds_locked():
                 old = getattr(ring, attr)
                 setattr(ring, attr, fd)
                 if inp is RingInput.KICK:
@@ -534,7 +545,7 @@ class VhostUserBackend:
     def _start(self, ring: Ring) -> None:
         q = self.fn.queues[ring.index]
         desc, avail, used = self._translate(ring)
-        with self.device._lock:
+        with self.device.locked():
             size, event_idx, indirect = q.size, q.event_idx, q.indirect_desc
             q.reset()
             q.size, q.event_idx, q.indirect_desc = size, event_idx, indirect
@@ -559,7 +570,7 @@ class VhostUserBackend:
     def _apply_enable(self, ring: Ring) -> None:
         q = self.fn.queues[ring.index]
         run = ring.state is RingState.STARTED and ring.enabled
-        with self.device._lock:
+        with self.device.locked():
             was = q.enabled
             q.enabled = run
         if run and not was:
@@ -567,21 +578,21 @@ class VhostUserBackend:
 
     def _stop(self, ring: Ring) -> None:
         q = self.fn.queues[ring.index]
-        with self.device._lock:
+        with self.device.locked():
             q.enabled = False  # no more chains are taken
         deadline = time.monotonic() + STOP_TIMEOUT
         while any(r.queue == ring.index for r in self.device.requests()):
             if time.monotonic() > deadline:
                 raise VhostRingError(f"GET_VRING_BASE ring {ring.index}: requests did not finish in {STOP_TIMEOUT}s")
             self.device.wait_idle(0.002)
-        with self.device._lock:
+        with self.device.locked():
             ring.base = q.last_avail_idx
             pending = q.pending_notify
             q.pending_notify = False
         if pending:
             self.fn.signal_call(ring.index)
         ring.state = RingState.STOPPED
-        with self.fn._fd_lock:
+        with self.fn.fds_locked():
             kick, ring.kick_fd = ring.kick_fd, None
         _close(kick)
 
@@ -605,7 +616,7 @@ class VhostUserBackend:
     def reset(self) -> None:
         """Drop every request and ring state (RESET_OWNER / RESET_DEVICE)."""
         self.device.reset()
-        with self.device._lock:
+        with self.device.locked():
             for q, r in zip(self.fn.queues, self.fn.rings):
                 q.reset()
                 r.close_fds()

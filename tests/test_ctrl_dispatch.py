@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio_lm.errors import CommandRefusedError
-from virtio_lm.pf.dispatch import REQUIRED_FOR_MIGRATION, ControlDispatcher
+from virtio_lm.ctrl.dispatch import REQUIRED_FOR_MIGRATION, ControlDispatcher
 from virtio_lm.wire.ctrl import (
     CLASS_VF_MIGRATION,
     Ack,
