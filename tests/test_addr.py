@@ -165,15 +165,29 @@ def test_an_ipv6_migration_uri_listens_on_ipv6():
         assert lst.family == socket.AF_INET6 and lst.getsockname()[0] == "::1"
 
 
-@pytest.mark.parametrize("spec, error", [
-    ("tcp:::1:4444", AddressHostError), ("exec:cat", AddressSchemeError), ("tcp:h:99999", AddressPortError),
+@pytest.mark.parametrize("spec, error, bare, bare_error", [
+    ("tcp:::1:4444", AddressHostError, "::1:4444", AddressHostError),
+    ("exec:cat", AddressSchemeError, "cat", AddressPortError),
+    ("tcp:h:99999", AddressPortError, "h:99999", AddressPortError),
 ])
-def test_every_caller_uses_the_one_parser(spec, error):
-    """The monitor, the migration transport and the client all refuse the same way."""
+def test_every_caller_uses_the_one_parser(spec, error, bare, bare_error):
+    """The monitor, the migration transport, the monitor client and the switch options all
+    refuse the same way."""
+    import click
+
+    from virtio_lm.cli import switch_address
     from virtio_lm.host.qmp import CommandTable, QmpServer
-    from virtio_lm.migration.transport import start_incoming
+    from virtio_lm.migration.transport import start_incoming, start_outgoing
+    from virtio_lm.orchestrate import Monitor
 
     with pytest.raises(error):
         QmpServer(CommandTable(), spec)
     with pytest.raises(error):
         start_incoming(None, spec)  # type: ignore[arg-type]  # refused before the session is used
+    with pytest.raises(error):
+        start_outgoing(None, spec)  # type: ignore[arg-type]
+    with pytest.raises(error):
+        Monitor(spec, connect_timeout=0)  # refused before connecting
+    with pytest.raises(click.BadParameter) as info:
+        switch_address(bare)
+    assert isinstance(info.value.__cause__, bare_error)

@@ -128,3 +128,37 @@ def test_a_pf_without_a_controller_is_refused():
     finally:
         plain.device.close()
         mem.close()
+
+
+# --------------------------------------------------------------------------- injected back-end
+def _unmet(protocol: type, cls: type) -> list[str]:
+    """The protocol's methods ``cls`` lacks or takes different parameters for."""
+    import inspect
+
+    out = []
+    for name, member in vars(protocol).items():
+        if name.startswith("_") or not callable(member):
+            continue
+        impl = getattr(cls, name, None)
+        if impl is None or list(inspect.signature(member).parameters) != list(inspect.signature(impl).parameters):
+            out.append(name)
+    return out
+
+
+def test_the_net_back_ends_are_what_the_net_device_is_given():
+    """devices.net takes a FramePort instead of importing net.backends: the back-ends must
+    still be one."""
+    from virtio_lm.devices.net import FramePort
+    from virtio_lm.net.backends import NetBackend, TapBackend, UdpSwitchPort
+
+    assert _unmet(FramePort, object) == ["attach", "wait_tx_ready", "send", "wake_tx", "close"]
+    for cls in (NetBackend, UdpSwitchPort, TapBackend):
+        assert _unmet(FramePort, cls) == [], cls
+
+    class Partial:  # negative control: one method missing, one with other parameters
+        def attach(self, deliver): ...
+        def wait_tx_ready(self, abort): ...
+        def send(self, data, flags): ...
+        def close(self): ...
+
+    assert _unmet(FramePort, Partial) == ["send", "wake_tx"]

@@ -21,7 +21,7 @@ from typing import Any
 from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from virtio_lm.addr import MONITOR_SCHEMES, Address, parse_address
+from virtio_lm.addr import MIGRATION_SCHEMES, MONITOR_SCHEMES, Address, parse_address
 from virtio_lm.errors import MigrationError, VirtioLmError
 
 FINAL = ("completed", "failed", "cancelled")
@@ -169,7 +169,7 @@ def run_migration(
     incoming = uri or "tcp:127.0.0.1:0"
     dst.cmd("migrate-incoming", uri=incoming, **vmarg)
     target = incoming
-    asked = parse_address(incoming)
+    asked = parse_address(incoming, MIGRATION_SCHEMES)
     if asked.kind == "tcp" and asked.port == 0:
         for _ in range(200):
             addr = dst.cmd("query-migrate", **vmarg).get("socket-address")
