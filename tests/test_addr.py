@@ -147,6 +147,13 @@ def test_a_scheme_the_caller_does_not_take_is_refused(spec, schemes):
         parse_address(spec, schemes)
 
 
+def test_a_parsed_address_is_taken_as_it_is():
+    a = parse_address("tcp:[::1]:5")
+    assert parse_address(a) is a
+    with pytest.raises(AddressSchemeError):
+        parse_address(parse_address("file:/x"), MONITOR_SCHEMES)
+
+
 def test_unknown_scheme_list_is_refused():
     with pytest.raises(AddressSchemeError):
         parse_address("tcp:h:1", ("tcp", "udp"))

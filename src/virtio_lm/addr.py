@@ -86,15 +86,18 @@ class Address:
 
 
 def parse_address(
-    spec: str | os.PathLike | tuple[str, int], schemes: tuple[str, ...] = SCHEMES
+    spec: str | os.PathLike | tuple[str, int] | Address, schemes: tuple[str, ...] = SCHEMES
 ) -> Address:
     """Parse ``spec``, taking only the ``schemes`` given (a subset of tcp, unix, file).
 
     Besides text: a ``(host, port)`` tuple is a tcp address, a path object a unix one
-    (when those schemes are taken)."""
+    (when those schemes are taken), an :class:`Address` is itself."""
     unknown = set(schemes) - set(SCHEMES)
     if unknown:
         raise AddressSchemeError(schemes, f"parse_address takes schemes among {SCHEMES}, not {sorted(unknown)}")
+    if isinstance(spec, Address):
+        _take(spec, spec.kind, schemes)
+        return spec
     if isinstance(spec, tuple):
         _take(spec, "tcp", schemes)
         if len(spec) != 2:
