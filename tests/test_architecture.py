@@ -44,17 +44,30 @@ def test_the_layers_contract_is_kept():
     assert "1 kept, 0 broken" in r.stdout
 
 
-def test_the_layers_contract_catches_an_upward_import(tmp_path):
-    """Negative control: the same contract over a copy of the package in which wire/ imports
-    host/ must break."""
+def _copy_package(tmp_path: Path) -> Path:
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     copy = tmp_path / "src" / "virtio_lm"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    codec = copy / "wire" / "codec.py"
+    return copy
+
+
+def test_the_layers_contract_catches_an_upward_import(tmp_path):
+    """Negative control: the same contract over a copy of the package in which wire/ imports
+    host/ must break."""
+    codec = _copy_package(tmp_path) / "wire" / "codec.py"
     codec.write_text(codec.read_text() + "\nimport virtio_lm.host.qmp  # an upward import\n")
     r = _lint_imports(tmp_path, tmp_path / "src")
     assert r.returncode != 0, r.stdout
     assert "BROKEN" in r.stdout and "virtio_lm.wire.codec -> virtio_lm.host.qmp" in r.stdout, r.stdout
+
+
+def test_the_layers_contract_catches_a_module_in_no_layer(tmp_path):
+    """Negative control: the contract is exhaustive, so a new top-level module must be given
+    its layer (here and in docs/architecture.md)."""
+    (_copy_package(tmp_path) / "stray.py").write_text("X = 1\n")
+    r = _lint_imports(tmp_path, tmp_path / "src")
+    assert r.returncode != 0, r.stdout
+    assert "virtio_lm.stray" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def _diagram_layers(doc: str) -> list[tuple[list[str], bool]]:
