@@ -32,8 +32,9 @@ SCANNED = [PACKAGE, REPO / "bench"]
 
 # =========================================================================== import-linter
 def _lint_imports(cwd: Path, src: Path) -> subprocess.CompletedProcess[str]:
-    exe = Path(sys.executable).with_name("lint-imports")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"]
+    """``lint-imports`` (this interpreter's) in ``cwd`` (its pyproject.toml) over the package
+    under ``src``."""
+    cmd = [sys.executable, "-c", "from importlinter.cli import lint_imports_command; lint_imports_command()"]
     env = dict(os.environ, PYTHONPATH=str(src))
     return subprocess.run([*cmd, "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
