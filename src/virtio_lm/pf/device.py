@@ -252,5 +252,6 @@ def vf_status(pf: SriovPF, func_id: int) -> VfStatus:
 
 def vf_commands(pf: SriovPF) -> VfMigrationController:
     """The class-128 command handlers of ``pf``, called in-process without the control queue
-    (the net test bed; every other user goes through the PF driver and the queue)."""
+    (``net.testbed.NetVm.controller``, for tests that drive a VF's state directly; a
+    migration goes through the PF driver and the queue)."""
     return _pf_device(pf).controller  # type: ignore[return-value]
