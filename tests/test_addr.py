@@ -198,3 +198,15 @@ def test_every_caller_uses_the_one_parser(spec, error, bare, bare_error):
     with pytest.raises(click.BadParameter) as info:
         switch_address(bare)
     assert isinstance(info.value.__cause__, bare_error)
+
+
+def test_the_switch_options_take_ipv4_and_names_only():
+    import click
+
+    from virtio_lm.cli import switch_address
+
+    assert switch_address("10.0.0.1:5555") == ("10.0.0.1", 5555)
+    assert switch_address("localhost:1") == ("localhost", 1)
+    assert switch_address(":5555") == ("127.0.0.1", 5555)  # the switch binds a concrete address
+    with pytest.raises(click.BadParameter, match="IPv4"):
+        switch_address("[::1]:5555")  # parses, but the switch has no IPv6 socket

@@ -107,6 +107,8 @@ def switch_address(text: str) -> tuple[str, int]:
         a = parse_hostport(text)
     except AddressError as exc:
         raise click.BadParameter(str(exc)) from exc
+    if ":" in a.host:
+        raise click.BadParameter(f"{text!r}: the switch and its ports are IPv4 (UDP over AF_INET)")
     return a.host_or_loopback, a.port
 
 
