@@ -25,6 +25,7 @@ def test_takes_json(text, want):
 @pytest.mark.parametrize("text, message", [
     ('{"a": 1, "a": 2}', "duplicate key 'a'"),
     ('[{"x": {"k": 1, "k": 1}}]', "duplicate key 'k'"),
+    ('{"b": 1, "a": 1, "a": 2, "b": 2}', "duplicate key 'a'"),  # the first key seen twice
     ('{"a": NaN}', "invalid keyword 'NaN'"),
     ("[Infinity]", "invalid keyword 'Infinity'"),
     ("-Infinity", "invalid keyword '-Infinity'"),
