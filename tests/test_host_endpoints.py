@@ -43,3 +43,24 @@ def test_data_already_in_the_shell_memory_is_zeroed_too():
     dst = VmDestination(VirtualMachine(spec, mem), pf=None)  # type: ignore[arg-type]
     dst.zero_pages(np.array([7], dtype=np.uint64))
     assert not _page(mem, 7).any()
+
+
+def test_a_vm_without_vfs_switches_over_without_a_pf() -> None:
+    """The switch-over steps of a VM with no VFs never reach for a PF (there is none): the
+    benches' stream VM migrates this way."""
+    from virtio_lm.host.endpoints import VmSource
+    from virtio_lm.host.switchover import timed_switchover
+
+    vms = [VirtualMachine(VmSpec(name=n, memory_mib=32, dirty_rate_mbps=1.0), Memory(32 * MIB, name=n, backing="memfd"))
+           for n in ("a", "b")]
+    try:
+        vms[0].boot()
+        src, dst = VmSource(vms[0], None), VmDestination(vms[1], None)  # type: ignore[arg-type]
+        src.start_tracking()
+        src.stop_tracking()
+        steps = timed_switchover(src, dst, lambda: vms[1].memory.cpu.write(0, vms[0].memory.read(0, 32 * MIB)))
+        assert set(steps) >= {"quiesce", "freeze-save", "restore", "run"}
+        assert vms[1].running
+    finally:
+        for vm in vms:
+            vm.close()

@@ -176,20 +176,22 @@ class VmSource:
 
     def quiesce_vfs(self) -> None:
         with self.steps("quiesce-vfs"):
-            self.pf.set_states(list(self.vf_numbers), VfState.QUIESCED)
+            if self.vf_numbers:  # (a VM without VFs has no PF to talk to)
+                self.pf.set_states(list(self.vf_numbers), VfState.QUIESCED)
         self.in_flight["vfs"] = {
             kind: int(getattr(self.vm.vfs[kind].device, "in_flight", 0)) for kind in self.vm.spec.vf_kinds
         }
 
     def freeze_and_save_vfs(self) -> list[VfImage]:
         with self.steps("freeze-save-vfs"):
-            images = self.pf.freeze_and_save(list(self.vf_numbers))
+            images = self.pf.freeze_and_save(list(self.vf_numbers)) if self.vf_numbers else []
         return list(enumerate(images))
 
     def stop_tracking(self) -> None:
         with self.steps("stop-tracking"):
             vfs, self._tracking = list(self._tracking), []
-            self.pf.stop_tracking_all(vfs)
+            if vfs:
+                self.pf.stop_tracking_all(vfs)
             self.vm.memory.cpu.writer.log.stop()
 
     def cpu_state(self) -> bytes:
@@ -312,7 +314,8 @@ class VmDestination:
         if self.restore_delay > 0:
             time.sleep(self.restore_delay)
         with self.steps("restore-vfs"):  # QUIESCED validates and applies each image
-            self.pf.restore_and_quiesce([(self.vf_numbers[index], image) for index, image in images])
+            if images:
+                self.pf.restore_and_quiesce([(self.vf_numbers[index], image) for index, image in images])
 
     def set_cpu_state(self, data: bytes) -> None:
         with self.steps("guest-state"):
@@ -320,7 +323,8 @@ class VmDestination:
 
     def start(self) -> None:
         with self.steps("run-vfs"):
-            self.pf.set_states(list(self.vf_numbers), VfState.RUNNING)
+            if self.vf_numbers:
+                self.pf.set_states(list(self.vf_numbers), VfState.RUNNING)
         with self.steps("resume"):
             self.vm.resume()
         if self.on_start is not None:
