@@ -47,13 +47,17 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- QueueFullError            not enough free descriptors for a chain
      |    +-- UsedRingError             the device put something invalid on the used ring
      |    +-- ControlCommandError       the PF acked a control command with VIRTIO_CTRL_ERR
+     |    +-- AdminCommandError         an admin command completed with a status other than OK
      |    +-- BlkIOError                a virtio-blk request completed with status IOERR / UNSUPP
      +-- StateTransitionError           SET_STATE the VF state machine refuses (ack ERR)
      |    +-- StalePlanError            a planned transition applied after the state moved on
      +-- TrackingError                  dirty page tracking set-up or report refused
      |    +-- MapTableError             push map segment outside host memory / overlapping / none
      |    +-- DirtyReportError          a dirty report marking pages past the VM's memory
+     |    +-- PlatformTrackingError     an IOMMU-style dirty bitmap request the platform refuses
      +-- CommandRefusedError            the PF refuses a control command (it acks ERR)
+     +-- AdminCommandRefusedError       the PF refuses an admin command (virtio 1.4: status + qualifier)
+     +-- DevicePartsError               device parts (virtio 1.4) the member device refuses
      +-- StateImageError                a restored state image whose content the device refuses
      +-- GuestStateError                a guest driver state document (JSON) refused; names the field path
      +-- DeviceBusyError                back-end I/O did not settle in time (FREEZE)
@@ -349,6 +353,11 @@ class DirtyReportError(TrackingError):
     """A dirty report (bitmap / bytemap) marking a page past the memory it describes."""
 
 
+class PlatformTrackingError(TrackingError):
+    """A request to the platform's (IOMMU-style) dirty tracker it refuses: a range not
+    page aligned or outside the domain, reading a bitmap while tracking is off."""
+
+
 def _name(v: object) -> str:
     return getattr(v, "name", None) or repr(v)
 
@@ -381,6 +390,36 @@ class StateImageError(VirtioLmError):
         self.record = record
         self.reason = reason
         super().__init__(f"state image {record}: {reason}")
+
+
+class AdminCommandRefusedError(VirtioLmError):
+    """The owner device refuses a group administration command (virtio 1.4).
+
+    ``opcode`` the command, ``member`` the group member id (or None),
+    ``status`` and ``qualifier`` what goes on the wire (ints of
+    ``wire.admin.AdminStatus`` / ``AdminQualifier``), ``reason`` why.
+    """
+
+    def __init__(self, opcode: int, member: int | None, status: int, qualifier: int, reason: str) -> None:
+        self.opcode = opcode
+        self.member = member
+        self.status = status
+        self.qualifier = qualifier
+        self.reason = reason
+        where = f" member {member}" if member is not None else ""
+        super().__init__(f"admin opcode {opcode:#x}{where}: status {status}/{qualifier}: {reason}")
+
+
+class DevicePartsError(VirtioLmError):
+    """Device parts (virtio 1.4) that a member device refuses to take.
+
+    ``part`` names the part (e.g. ``"VQ_CFG[1]"``), ``reason`` the rule.
+    """
+
+    def __init__(self, part: str, reason: str) -> None:
+        self.part = part
+        self.reason = reason
+        super().__init__(f"device part {part}: {reason}")
 
 
 class GuestStateError(VirtioLmError):
@@ -416,6 +455,23 @@ class ControlCommandError(DriverError):
         st = f" (VF state {getattr(state, 'name', state)})" if state is not None else ""
         extra = f": {detail}" if detail else ""
         super().__init__(f"{command}{where} failed with VIRTIO_CTRL_ERR{st}{extra}")
+
+
+class AdminCommandError(DriverError):
+    """An admin command (virtio 1.4) completed with a status other than OK.
+
+    ``opcode``, ``member``, ``status`` and ``qualifier`` as read from the
+    used buffer.
+    """
+
+    def __init__(self, opcode: int, member: int | None, status: int, qualifier: int, detail: str = "") -> None:
+        self.opcode = opcode
+        self.member = member
+        self.status = status
+        self.qualifier = qualifier
+        where = f" for member {member}" if member is not None else ""
+        extra = f": {detail}" if detail else ""
+        super().__init__(f"admin opcode {opcode:#x}{where} failed: status {status}, qualifier {qualifier}{extra}")
 
 
 # --------------------------------------------------------------------------- network back-ends
