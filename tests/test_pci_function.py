@@ -39,6 +39,8 @@ SPEC_COMMON_CFG = {
     "queue_device": (0x30, 8, False),
     "queue_notif_config_data": (0x38, 2, True),
     "queue_reset": (0x3A, 2, False),
+    "admin_queue_index": (0x3C, 2, True),
+    "admin_queue_num": (0x3E, 2, True),
 }
 OFF = {name: off for name, (off, _w, _ro) in SPEC_COMMON_CFG.items()}
 ACK, DRIVER, DRIVER_OK, FEATURES_OK, NEEDS_RESET, FAILED = 1, 2, 4, 8, 0x40, 0x80
@@ -190,11 +192,12 @@ def test_register_reset_values(mem):
     assert r(fn, "queue_enable") == 0
     assert r(fn, "queue_notif_config_data") == 0
     assert r(fn, "queue_reset") == 0
+    assert r(fn, "admin_queue_index") == 0 and r(fn, "admin_queue_num") == 0  # no VIRTIO_F_ADMIN_VQ
     w(fn, "queue_select", 1)
     assert r(fn, "queue_notify_off") == 1
 
 
-@pytest.mark.parametrize("offset", [0x01, 0x02, 0x03, 0x05, 0x11, 0x13, 0x17, 0x19, 0x21, 0x3C, 0x40, 0x1000, -4])
+@pytest.mark.parametrize("offset", [0x01, 0x02, 0x03, 0x05, 0x11, 0x13, 0x17, 0x19, 0x21, 0x3D, 0x40, 0x1000, -4])
 def test_unknown_offset_refused(mem, offset):
     fn, _ = make_fn(mem)
     for width in (1, 2, 4):

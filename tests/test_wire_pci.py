@@ -85,6 +85,8 @@ SPEC_MAP = [
     ("queue_device", 0x30, 8, "rw"),
     ("queue_notif_config_data", 0x38, 2, "ro"),
     ("queue_reset", 0x3A, 2, "rw"),
+    ("admin_queue_index", 0x3C, 2, "ro"),
+    ("admin_queue_num", 0x3E, 2, "ro"),
 ]
 
 
@@ -127,7 +129,7 @@ def test_common_cfg_table_is_contiguous() -> None:
         assert f.offset == pos, f.name
         assert f.offset % min(f.width, 4) == 0, f.name  # naturally aligned (64-bit: to 4)
         pos += f.width
-    assert pos == pci.COMMON_CFG_SIZE == 0x3C
+    assert pos == pci.COMMON_CFG_SIZE == 0x40
     assert pci.COMMON_CFG_V1_0_SIZE == 0x38
 
 
@@ -136,6 +138,8 @@ def test_common_cfg_versions_and_features() -> None:
     assert later == {
         "queue_notif_config_data": ("1.2", Feature.NOTIF_CONFIG_DATA),
         "queue_reset": ("1.2", Feature.RING_RESET),
+        "admin_queue_index": ("1.3", Feature.ADMIN_VQ),
+        "admin_queue_num": ("1.3", Feature.ADMIN_VQ),
     }
     assert all(f.since == "1.0" and f.feature is None for f in COMMON_CFG_V1_0)
     per_queue = {f.name for f in COMMON_CFG if f.per_queue}

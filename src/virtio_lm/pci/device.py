@@ -38,8 +38,10 @@ class VirtioDevice:
 
     #: virtio device type (1 net, 2 blk, ...)
     device_id: int = 0
-    #: number of virtqueues the function exposes
+    #: number of virtqueues the function exposes (``num_queues`` register)
     num_queues: int = 1
+    #: administration virtqueues after them (VIRTIO_F_ADMIN_VQ; 0 = none)
+    admin_queues: int = 0
     #: maximum queue size of every queue (a power of two <= 32768)
     queue_max_size: int = 256
 

@@ -95,6 +95,7 @@ FEATURE_INDIRECT_DESC = bit(Feature.INDIRECT_DESC)
 FEATURE_EVENT_IDX = bit(Feature.EVENT_IDX)
 FEATURE_VERSION_1 = bit(Feature.VERSION_1)
 FEATURE_SR_IOV = bit(Feature.SR_IOV)
+FEATURE_ADMIN_VQ = bit(Feature.ADMIN_VQ)
 
 ACK = int(DeviceStatus.ACKNOWLEDGE)
 DRV = int(DeviceStatus.DRIVER)
@@ -164,6 +165,8 @@ class _Reg(enum.Enum):
     QUEUE_DEVICE = "queue_device"
     QUEUE_NOTIF_CONFIG_DATA = "queue_notif_config_data"
     QUEUE_RESET = "queue_reset"
+    ADMIN_QUEUE_INDEX = "admin_queue_index"
+    ADMIN_QUEUE_NUM = "admin_queue_num"
 
 
 _REG_BY_NAME = {r.value: r for r in _Reg}
@@ -186,14 +189,21 @@ class VirtioPciFunction:
     _transport_offer: int = 0
     _transport_mask: int = FEATURE_SR_IOV  # only an SR-IOV PF offers VIRTIO_F_SR_IOV
 
-    def __init__(self, device: VirtioDevice, port: MemoryPort, *, name: str) -> None:
+    def __init__(self, device: VirtioDevice, port: MemoryPort, *, name: str, withheld_features: int = 0) -> None:
         if not isinstance(device, VirtioDevice):
             raise TypeError(f"device must be a VirtioDevice, got {type(device).__name__}")
         self.name = name
         self.device = device
         self.port = port
+        #: feature bits this function never offers whatever its device offers (a PF of
+        #: the virtio-1.4 profile withholds the proposal's bits from its VFs)
+        self.withheld_features = withheld_features
+        #: admin queues follow the device's ``num_queues`` queues (VIRTIO_F_ADMIN_VQ)
+        self.admin_queue_index = device.num_queues
+        self.admin_queue_num = device.admin_queues
         self.queues: list[Virtqueue] = [
-            Virtqueue(i, device.queue_max_size, name=f"{name}.q{i}") for i in range(device.num_queues)
+            Virtqueue(i, device.queue_max_size, name=f"{name}.q{i}")
+            for i in range(device.num_queues + device.admin_queues)
         ]
         self.on_interrupt: Callable[[int], None] = _no_interrupt
         # register state
@@ -224,13 +234,20 @@ class VirtioPciFunction:
     # ================================================================== features
     def offered_features(self) -> int:
         """The 64 feature bits this function offers (device_feature)."""
-        return (self.device.offered_features() & ~self._transport_mask | self._transport_offer) & (
-            (1 << 64) - 1
+        return (
+            (self.device.offered_features() & ~self._transport_mask | self._transport_offer)
+            & ~self.withheld_features
+            & ((1 << 64) - 1)
         )
 
     def add_driver_ok_listener(self, cb: Callable[["VirtioPciFunction"], None]) -> None:
         """Call ``cb(fn)`` each time the driver sets DRIVER_OK (after the device's activate)."""
         self._driver_ok_listeners.append(cb)
+
+    def exclusive(self) -> "threading.RLock":
+        """The register lock: hold it (``with fn.exclusive():``) to change the
+        function's state as one step no register access can see half done."""
+        return self._lock
 
     def has_feature(self, bit_mask: int) -> bool:
         """Whether every bit of ``bit_mask`` was negotiated."""
@@ -291,7 +308,11 @@ class VirtioPciFunction:
         if reg is _Reg.CONFIG_MSIX_VECTOR:
             return self.config_msix_vector
         if reg is _Reg.NUM_QUEUES:
-            return len(self.queues)
+            return len(self.queues) - self.admin_queue_num  # admin queues are not counted
+        if reg is _Reg.ADMIN_QUEUE_INDEX:
+            return self.admin_queue_index if self.negotiated & FEATURE_ADMIN_VQ else 0
+        if reg is _Reg.ADMIN_QUEUE_NUM:
+            return self.admin_queue_num if self.negotiated & FEATURE_ADMIN_VQ else 0
         if reg is _Reg.DEVICE_STATUS:
             return self.status
         if reg is _Reg.CONFIG_GENERATION:

@@ -41,11 +41,15 @@ class SriovPF(VirtioPciFunction):
     _transport_offer = FEATURE_SR_IOV
     _transport_mask = 0
 
-    def __init__(self, device: VirtioDevice, port: MemoryPort, *, name: str, total_vfs: int) -> None:
+    def __init__(
+        self, device: VirtioDevice, port: MemoryPort, *, name: str, total_vfs: int, vf_withheld_features: int = 0
+    ) -> None:
         if isinstance(total_vfs, bool) or not isinstance(total_vfs, int) or not 1 <= total_vfs <= 0xFFFF:
             raise FunctionNumberError(f"{name}: total_vfs {total_vfs!r} is not in 1..65535")
         super().__init__(device, port, name=name)
         self.total_vfs = total_vfs
+        #: feature bits no VF of this PF offers (see VirtioPciFunction.withheld_features)
+        self.vf_withheld_features = vf_withheld_features
         self._vfs: list[VirtioPciFunction] = []
         self._flr_listeners: list[Callable[[int], None]] = []
         self._sriov_listeners: list[Callable[[int], None]] = []
@@ -73,7 +77,9 @@ class SriovPF(VirtioPciFunction):
             device, port = factory(number)
             if not isinstance(port, MemoryPort):
                 raise TypeError(f"VF factory returned {type(port).__name__} for the port, not a MemoryPort")
-            created.append(VirtioPciFunction(device, port, name=self.vf_name(number)))
+            created.append(
+                VirtioPciFunction(device, port, name=self.vf_name(number), withheld_features=self.vf_withheld_features)
+            )
         self._vfs = created
         for cb in list(self._sriov_listeners):
             cb(n)

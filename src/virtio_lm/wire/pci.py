@@ -19,8 +19,10 @@ whose bits the VF migration proposal reuses (see :mod:`.features`):
 VIRTIO_F_NOTIF_CONFIG_DATA, bit 39) and ``queue_reset`` (VIRTIO_F_RING_RESET,
 bit 40).  virtio-lm never negotiates those features, so a virtio-lm function
 may expose :data:`COMMON_CFG_V1_0` only; :data:`COMMON_CFG` lists them so the
-offsets are checked.  The 1.3 admin-queue registers (0x3C, 0x3E) are not
-modelled (VIRTIO_F_ADMIN_VQ is never offered).
+offsets are checked.  The admin-queue registers ``admin_queue_index`` (0x3C)
+and ``admin_queue_num`` (0x3E) belong to VIRTIO_F_ADMIN_VQ (bit 41, virtio
+1.3): a PF of the virtio-1.4 profile offers it and reports its admin queue
+there; on any other function they read 0.
 
 Device status bits and device ids are in :mod:`.features`.
 """
@@ -211,6 +213,8 @@ COMMON_CFG: tuple[CommonCfgField, ...] = (
     CommonCfgField("queue_device", 0x30, 8, _RW, "1.0", True),
     CommonCfgField("queue_notif_config_data", 0x38, 2, _RO, "1.2", True, Feature.NOTIF_CONFIG_DATA),
     CommonCfgField("queue_reset", 0x3A, 2, _RW, "1.2", True, Feature.RING_RESET),
+    CommonCfgField("admin_queue_index", 0x3C, 2, _RO, "1.3", False, Feature.ADMIN_VQ),
+    CommonCfgField("admin_queue_num", 0x3E, 2, _RO, "1.3", False, Feature.ADMIN_VQ),
 )
 
 COMMON_CFG_V1_0: tuple[CommonCfgField, ...] = tuple(f for f in COMMON_CFG if f.since == "1.0")
@@ -222,7 +226,7 @@ def common_cfg_size(fields: tuple[CommonCfgField, ...] = COMMON_CFG) -> int:
     return last.offset + last.width
 
 
-COMMON_CFG_SIZE = common_cfg_size(COMMON_CFG)  # 0x3C
+COMMON_CFG_SIZE = common_cfg_size(COMMON_CFG)  # 0x40
 COMMON_CFG_V1_0_SIZE = common_cfg_size(COMMON_CFG_V1_0)  # 0x38
 
 
