@@ -28,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from virtio_lm.errors import DmaDisabledError, MemoryAccessError
+from virtio_lm.errors import DmaDisabledError, MemoryAccessError, PlatformTrackingError
 from virtio_lm.memory.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyLog, DirtySink
 
 Buffer = bytes | bytearray | memoryview
@@ -62,15 +62,35 @@ class CpuWriter(Writer):
 
 
 class DeviceWriter(Writer):
-    """A device's DMA writes.  ``tracker`` is set while dirty tracking runs."""
+    """A device's DMA writes.  ``tracker`` is set while the device's own (the
+    proposal's) dirty tracking runs; the platform's tracker -- an IOMMU
+    translating this device's DMA, outside the device -- is attached with
+    :meth:`attach_platform`."""
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.tracker: DirtySink | None = None
+        self._platform: DirtySink | None = None
+
+    def attach_platform(self, sink: DirtySink) -> None:
+        """Route this device's writes through the platform tracker ``sink`` too."""
+        if self._platform is not None and self._platform is not sink:
+            raise PlatformTrackingError(f"{self.name}: already attached to another platform tracker")
+        self._platform = sink
+
+    def detach_platform(self, sink: DirtySink) -> None:
+        if self._platform is sink:
+            self._platform = None
+
+    @property
+    def platform(self) -> DirtySink | None:
+        return self._platform
 
     def sinks(self) -> tuple[DirtySink, ...]:
-        t = self.tracker
-        return (t,) if t is not None else ()
+        t, p = self.tracker, self._platform
+        if p is None:
+            return (t,) if t is not None else ()
+        return (t, p) if t is not None else (p,)
 
 
 class Memory:
