@@ -55,12 +55,27 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from virtio_lm.errors import DeviceBusyError, StateImageError, VirtioLmError, VirtqueueError, WireError
+from virtio_lm.errors import (
+    DeviceBusyError,
+    DevicePartsError,
+    StateImageError,
+    VirtioLmError,
+    VirtqueueError,
+    WireError,
+)
 from virtio_lm.pci.device import VirtioDevice
 from virtio_lm.pci.function import VirtioPciFunction
+from virtio_lm.pci.parts import (
+    FunctionParts,
+    apply_function_parts,
+    check_list,
+    function_parts,
+    validate_function_parts,
+)
 from virtio_lm.pci.snapshot import FunctionSnapshot, apply_function, save_function, validate_function
 from virtio_lm.virtqueue.device import DescriptorChain
 from virtio_lm.wire.features import DeviceStatus
+from virtio_lm.wire.parts import DEVICE_FIRST, DevPart
 from virtio_lm.wire.state import (
     DEVICE_RECORD_BASE,
     QUEUE_FLAG_BROKEN,
@@ -86,6 +101,33 @@ class Migratable(Protocol):
     def mig_save(self) -> bytes: ...
     def mig_validate(self, blob: bytes) -> object: ...
     def mig_restore(self, validated: object) -> None: ...
+
+
+class PartsMigratable(Protocol):
+    """What the virtio-1.4 profile's admin commands need of a member's device.
+
+    ::
+
+        mig_stop(timeout)      -> STOPPED: take no new chain, let every request
+                               taken finish and return it on its used ring (the
+                               standard has no in-flight part), then master no
+                               transaction; on DeviceBusyError nothing changed
+        mig_parts()            the device parts (common + device type), in order
+        mig_max_parts_size()   the most bytes mig_parts() can ever take, headers included
+        mig_validate_parts(p)  check untrusted parts; raises DevicePartsError;
+                               changes nothing
+        mig_set_parts(v)       apply what mig_validate_parts returned (STOPPED only)
+        mig_start()            STOPPED -> running: queues configured from parts
+                               take their indices from the used rings, then every
+                               queue is processed as if notified
+    """
+
+    def mig_stop(self, timeout: float) -> None: ...
+    def mig_start(self) -> None: ...
+    def mig_parts(self) -> list[DevPart]: ...
+    def mig_max_parts_size(self) -> int: ...
+    def mig_validate_parts(self, parts: list[DevPart]) -> object: ...
+    def mig_set_parts(self, validated: object) -> None: ...
 
 
 class NotExecuted(Exception):
@@ -122,6 +164,14 @@ class Request:
 
 
 @dataclass(frozen=True)
+class ValidatedParts:
+    """What :meth:`QueueDevice.mig_validate_parts` hands to :meth:`QueueDevice.mig_set_parts`."""
+
+    function: FunctionParts
+    device: object  # the subclass's parsed device-type parts
+
+
+@dataclass(frozen=True)
 class ValidatedImage:
     """What :meth:`QueueDevice.mig_validate` hands to :meth:`QueueDevice.mig_restore`."""
 
@@ -147,6 +197,7 @@ class QueueDevice(VirtioDevice):
         self._inflight: dict[tuple[int, int], Request] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.frozen = False  # mig_freeze succeeded; cleared by mig_unfreeze / mig_resume
+        self.stopping = False  # mig_stop is draining: no new chain is taken
         self.kicks_while_quiesced = 0
         self.deferred = 0  # work that raised NotExecuted
         self.completed = 0
@@ -179,6 +230,27 @@ class QueueDevice(VirtioDevice):
 
     def restore_device_records(self, parsed: object) -> None:
         """Apply what :meth:`validate_device_records` returned."""
+
+    #: device-type part types this device exchanges (virtio 1.4; 0x200..0x5FF)
+    device_part_types: frozenset[int] = frozenset()
+
+    def save_device_parts(self) -> list[DevPart]:
+        """Device-type parts (virtio 1.4), in the mandatory order.  Default: none."""
+        return []
+
+    def max_device_parts_size(self) -> int:
+        """The most bytes :meth:`save_device_parts` can take, headers included."""
+        return 0
+
+    def validate_device_parts(self, parts: list[DevPart], negotiated: int) -> object:
+        """Check device-type parts against ``negotiated`` features; raise
+        DevicePartsError.  Default: there are none to take."""
+        if parts:
+            raise DevicePartsError(f"{parts[0].hdr.part_type:#x}", "not a part of this device type")
+        return None
+
+    def restore_device_parts(self, parsed: object) -> None:
+        """Apply what :meth:`validate_device_parts` returned."""
 
     # ================================================================== data path
     def _executor(self) -> ThreadPoolExecutor:
@@ -232,7 +304,7 @@ class QueueDevice(VirtioDevice):
             return
         fn = self.fn
         vq = fn.queues[queue]
-        while self.mastering and (chain := vq.pop(fn.port)) is not None:
+        while self.mastering and not self.stopping and (chain := vq.pop(fn.port)) is not None:
             self._start(Request.taken(queue, chain))
         if self.mastering:
             vq.notify_driver(fn.port)
@@ -395,6 +467,77 @@ class QueueDevice(VirtioDevice):
                     touched.discard(q)
             for q in touched:
                 fn.queues[q].notify_driver(fn.port)
+
+    # ================================================================== virtio 1.4 profile
+    def mig_stop(self, timeout: float = 10.0) -> None:
+        """STOPPED the way virtio 1.4 defines it: every chain taken is completed
+        and returned on its used ring before the device stops mastering.
+
+        New chains are not taken meanwhile (doorbells are remembered: every queue
+        is processed at :meth:`mig_start`).  If the requests do not finish within
+        ``timeout`` s, :class:`DeviceBusyError` and the device runs on as before."""
+        with self._lock:
+            if not self.mastering:
+                return  # already stopped
+            self.stopping = True
+            try:
+                for req in list(self._inflight.values()):
+                    if req.state is ReqState.PENDING and req.chain is not None:
+                        self._start(req)
+                    elif req.state is ReqState.DONE:
+                        self._complete(req)
+                        self.fn.queues[req.queue].notify_driver(self.fn.port)
+                if not self._settled.wait_for(lambda: not self._inflight, timeout):
+                    raise DeviceBusyError(
+                        f"{self.fn.name}: {len(self._inflight)} requests still in flight after {timeout}s"
+                    )
+            except BaseException:
+                self.stopping = False
+                for q in range(len(self.fn.queues)):
+                    if self.fn.queues[q].enabled:
+                        self._process_queue(q)  # doorbells rung meanwhile
+                raise
+            self.fn.port.bus_master = False
+            self.stopping = False
+
+    def mig_start(self) -> None:
+        """STOPPED -> running (see :class:`PartsMigratable`)."""
+        with self._lock:
+            fn = self.fn
+            fn.port.bus_master = True
+            for vq in fn.queues:
+                if vq.resync_pending:
+                    vq.resync_from_ring(fn.port)
+            self.mig_resume()
+
+    def mig_parts(self) -> list[DevPart]:
+        with self._lock:
+            return function_parts(self.fn) + self.save_device_parts()
+
+    def mig_max_parts_size(self) -> int:
+        with self._lock:
+            common = sum(p.size for p in function_parts(self.fn))  # fixed by the function's shape
+        return common + self.max_device_parts_size()
+
+    def mig_validate_parts(self, parts: list[DevPart]) -> ValidatedParts:
+        """Check untrusted parts against this device; changes nothing."""
+        used = check_list(parts, self.device_part_types)
+        common = [p for p in used if p.hdr.part_type < DEVICE_FIRST]
+        device = [p for p in used if p.hdr.part_type >= DEVICE_FIRST]
+        fp = validate_function_parts(self.fn, common)
+        parsed = self.validate_device_parts(device, fp.negotiated(self.fn.negotiated))
+        return ValidatedParts(fp, parsed)
+
+    def mig_set_parts(self, validated: object) -> None:
+        """Apply what :meth:`mig_validate_parts` returned (the device is STOPPED)."""
+        if not isinstance(validated, ValidatedParts):
+            raise TypeError(f"mig_set_parts takes what mig_validate_parts returned, not {type(validated).__name__}")
+        with self._lock:
+            if self.mastering:
+                raise DeviceBusyError(f"{self.fn.name}: parts set while the device runs (stop it first)")
+            self._inflight.clear()
+            apply_function_parts(self.fn, validated.function)
+            self.restore_device_parts(validated.device)
 
     def mig_save(self) -> bytes:
         """The state image; refused (:class:`DeviceBusyError`) while back-end work runs."""

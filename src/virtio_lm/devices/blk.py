@@ -43,6 +43,12 @@ Python's os module has no punch-hole); where that is not available the range
 is written with zeros, which is also a valid discard.  Either way the range
 reads back as zeros.
 
+With the virtio-1.4 profile (:meth:`BlkDevice.mig_stop`) there is no held
+request at all: every request taken completes on the source before the
+device reports STOPPED, and the image is then ``fdatasync``\ ed.  The
+device has no device-type part: its configuration is read-only and the
+same on both ends; the common parts carry the rest.
+
 Durability across the switch-over: :meth:`BlkDevice.mig_freeze` settles the
 back-end (base: work not started is cancelled and stays "not executed") and
 then ``fdatasync``\\ s the image, so every write the guest saw completed --
@@ -283,6 +289,12 @@ class BlkDevice(QueueDevice):
     def mig_freeze(self, timeout: float = 10.0) -> None:
         """Settle the back-end (base), then make every completed write stable."""
         super().mig_freeze(timeout)
+        self.sync()
+
+    def mig_stop(self, timeout: float = 10.0) -> None:
+        """virtio 1.4 STOPPED: every request taken completes (base), then every
+        completed write is made stable -- the destination reads the same image."""
+        super().mig_stop(timeout)
         self.sync()
 
     def close(self) -> None:

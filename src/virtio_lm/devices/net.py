@@ -80,7 +80,7 @@ from typing import Callable, Protocol
 
 from virtio_lm.ctrl.dispatch import ControlDispatcher
 from virtio_lm.devices.base import NotExecuted, QueueDevice, Work
-from virtio_lm.errors import CommandRefusedError, StateImageError, VirtioLmError, WireError
+from virtio_lm.errors import CommandRefusedError, DevicePartsError, StateImageError, VirtioLmError, WireError
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.pci.snapshot import FunctionSnapshot
 from virtio_lm.virtqueue.device import DescriptorChain
@@ -115,9 +115,16 @@ from virtio_lm.wire.net import (
     RxCmd,
     VlanCmd,
     announce_frame,
+    decode_mac_addr,
     decode_mac_tables,
+    decode_mq_pairs,
+    decode_rx_onoff,
+    encode_mac_addr,
+    encode_mq_pairs,
+    encode_rx_onoff,
     is_multicast,
 )
+from virtio_lm.wire.parts import PART_HDR_SIZE, DevPart, NetCvqSelector, PartType
 from virtio_lm.wire.netstate import (
     NetRecordType,
     NetStateFlags,
@@ -171,6 +178,18 @@ _CLASS_FEATURE = {
 _DOK = int(DeviceStatus.DRIVER_OK)
 _FOK = int(DeviceStatus.FEATURES_OK)
 _STATUS_BITS = int(NetStatus.LINK_UP | NetStatus.ANNOUNCE)
+
+#: VIRTIO_NET_DEV_PART_CVQ_CFG_PART selectors this device exchanges, in the order it
+#: sends them, and the feature each needs
+_CVQ_PARTS: tuple[tuple[int, int, int], ...] = (
+    (CtrlClass.RX, RxCmd.PROMISC, _F.CTRL_RX),
+    (CtrlClass.RX, RxCmd.ALLMULTI, _F.CTRL_RX),
+    (CtrlClass.MAC, MacCmd.TABLE_SET, _F.CTRL_RX),
+    (CtrlClass.MAC, MacCmd.ADDR_SET, _F.CTRL_MAC_ADDR),
+    (CtrlClass.VLAN, VlanCmd.ADD, _F.CTRL_VLAN),
+    (CtrlClass.MQ, MqCmd.VQ_PAIRS_SET, _F.MQ),
+)
+_CVQ_NEED = {(c, m): f for c, m, f in _CVQ_PARTS}
 
 
 class _TxNotSent(NotExecuted):
@@ -646,6 +665,85 @@ class NetDevice(QueueDevice):
             multicast=tables.multicast,
             vlans=vlans,
         )
+
+    # ================================================================== virtio 1.4 device parts
+    device_part_types = frozenset({int(PartType.NET_CVQ_CFG)})
+
+    def save_device_parts(self) -> list[DevPart]:
+        """One CVQ_CFG part per control-queue configuration the negotiated features allow."""
+        out: list[DevPart] = []
+        with self._lock:
+            for cls, cmd, need in _CVQ_PARTS:
+                if not self.has(need):
+                    continue
+                if cls == CtrlClass.RX:
+                    flag = _RX_CMD_FLAG[RxCmd(cmd)]
+                    value = encode_rx_onoff(bool(self.rx_mode & flag))
+                elif (cls, cmd) == (CtrlClass.MAC, MacCmd.TABLE_SET):
+                    value = MacTables(self.unicast, self.multicast).encode()
+                elif cls == CtrlClass.MAC:
+                    value = encode_mac_addr(self.mac)
+                elif cls == CtrlClass.VLAN:
+                    value = encode_vlans(self.vlans)  # the whole VLAN table, ascending le16 ids
+                else:
+                    value = encode_mq_pairs(self.curr_pairs)
+                out.append(DevPart.make(PartType.NET_CVQ_CFG, value, selector=NetCvqSelector(cls, cmd).encode()))
+        return out
+
+    def max_device_parts_size(self) -> int:
+        tables = 2 * (4 + MAC_TABLE_ENTRIES * ETH_ALEN)
+        values = 1 + 1 + tables + ETH_ALEN + 2 * 4096 + 2  # PROMISC, ALLMULTI, TABLE_SET, ADDR_SET, VLANs, pairs
+        return len(_CVQ_PARTS) * PART_HDR_SIZE + values
+
+    def validate_device_parts(self, parts: list[DevPart], negotiated: int) -> NetState:
+        """Check CVQ_CFG parts; the result is the device's state with them applied."""
+        with self._lock:
+            mac, mode, pairs = self.mac, self.rx_mode, self.curr_pairs
+            unicast, multicast, vlans = self.unicast, self.multicast, frozenset(self.vlans)
+        for p in parts:
+            try:
+                sel = NetCvqSelector.decode(p.hdr.selector)
+            except WireError as exc:
+                raise DevicePartsError("NET_CVQ_CFG", str(exc)) from exc
+            name = f"NET_CVQ_CFG/{sel.cls}:{sel.command}"
+            need = _CVQ_NEED.get((sel.cls, sel.command))
+            if need is None:
+                if p.hdr.optional:
+                    continue
+                raise DevicePartsError(name, "not a control command this device restores")
+            if not negotiated & bit(need):
+                raise DevicePartsError(name, f"{NetFeature(need).name} is not negotiated")
+            try:
+                if sel.cls == CtrlClass.RX:
+                    flag = _RX_CMD_FLAG[RxCmd(sel.command)]
+                    mode = mode | flag if decode_rx_onoff(p.value) else mode & ~flag
+                elif (sel.cls, sel.command) == (CtrlClass.MAC, MacCmd.TABLE_SET):
+                    tables = decode_mac_tables(p.value)
+                    for tname, table in (("unicast", tables.unicast), ("multicast", tables.multicast)):
+                        if len(table) > MAC_TABLE_ENTRIES:
+                            raise DevicePartsError(name, f"{len(table)} {tname} entries > {MAC_TABLE_ENTRIES}")
+                    unicast, multicast = tables.unicast, tables.multicast
+                elif sel.cls == CtrlClass.MAC:
+                    mac = decode_mac_addr(p.value)
+                    if is_multicast(mac):
+                        raise DevicePartsError(name, f"{mac.hex()} is a group address")
+                elif sel.cls == CtrlClass.VLAN:
+                    vlans = decode_vlans(p.value)
+                else:
+                    pairs = decode_mq_pairs(p.value)
+                    if pairs > self.max_pairs:
+                        raise DevicePartsError(name, f"{pairs} pairs > max_virtqueue_pairs {self.max_pairs}")
+            except WireError as exc:
+                raise DevicePartsError(name, str(exc)) from exc
+        return NetState(
+            mac=mac, link_up=self.link_up, rx_mode=mode, curr_pairs=pairs, announce_pending=False,
+            unicast=unicast, multicast=multicast, vlans=vlans,
+        )
+
+    def restore_device_parts(self, parsed: object) -> None:
+        assert isinstance(parsed, NetState)
+        with self._lock:
+            self.restore_device_records(parsed)
 
     def restore_device_records(self, parsed: object) -> None:
         assert isinstance(parsed, NetState)

@@ -21,10 +21,25 @@ VF_MIGRATION needs SR_IOV, GENERIC_CTRL_VQ_VER_1 and a control queue
 Control buffers are processed in order on a thread of their own, so a slow
 command (a FREEZE waiting for a VF's back-end I/O) holds up the control
 queue only -- never a VF's data path, nor the PF's request queue.
+
+Profiles
+--------
+One PF speaks one profile, chosen when it is built (``build_pf(profile=)``):
+
+* ``Profile.SEED`` -- the proposal's control queue, as above;
+* ``Profile.VIRTIO_1_4`` -- the standard's way: no bit 39 / 40 and no
+  VIRTIO_BLK_F_CTRL_VQ on the PF, and bits 39 / 40 withheld from every VF
+  (virtio 1.4 gives them other meanings); the PF offers VIRTIO_F_ADMIN_VQ
+  (41) instead, reports ``num_queues`` 1 and one administration virtqueue at
+  ``admin_queue_index`` 1 (``admin_queue_num`` 1), whose buffers go to
+  :class:`~virtio_lm.pf.admin.AdminHandler` on the same worker thread.
+  Buffers on that queue while VIRTIO_F_ADMIN_VQ is not negotiated complete
+  with EINVAL / INVALID_COMMAND and do nothing.
 """
 
 from __future__ import annotations
 
+import enum
 import threading
 
 from virtio_lm.errors import VirtioLmError, WireError
@@ -32,8 +47,9 @@ from virtio_lm.memory import MemoryPort
 from virtio_lm.pci.device import VirtioDevice
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.pci.sriov import SriovPF
-from virtio_lm.pf.controller import ALL_MODES, VfMigrationController, VfStatus
 from virtio_lm.ctrl.dispatch import ControlDispatcher
+from virtio_lm.pf.admin import AdminHandler
+from virtio_lm.pf.controller import ALL_MODES, VfMigrationController, VfStatus
 from virtio_lm.virtqueue.device import DescriptorChain
 from virtio_lm.wire.blk import (
     BLK_REQUIREMENTS,
@@ -48,12 +64,24 @@ from virtio_lm.wire.blk import (
 )
 from virtio_lm.wire.ctrl import TrackModeCaps
 from virtio_lm.wire.features import REQUIREMENTS, DeviceId, Feature, ProposalFeature, bit, unmet_requirements
+from virtio_lm.wire.admin import AdminQualifier, AdminStatus, encode_status, truncate_written
 from virtio_lm.wire.state import MAX_IMAGE_SIZE
+from virtio_lm.pf.admin import MAX_PARTS_DATA
 
 NUM_REQUEST_QUEUES = 1
 REQUEST_QUEUE = 0
 CTRL_QUEUE = ctrl_queue_index(NUM_REQUEST_QUEUES)
 MAX_CTRL_READABLE = MAX_IMAGE_SIZE + 64  # a RESTORE portion of a whole image, plus headers
+MAX_ADMIN_READABLE = MAX_PARTS_DATA + 64  # a DEV_PARTS_SET of the largest parts, plus headers
+ADMIN_QUEUE = NUM_REQUEST_QUEUES  # the 1.4 profile's admin queue follows the request queue
+
+
+class Profile(str, enum.Enum):
+    """The migration control plane a PF speaks."""
+
+    SEED = "seed"
+    VIRTIO_1_4 = "virtio-1.4"
+
 
 PF_FEATURES = (
     bit(Feature.VERSION_1)
@@ -65,6 +93,17 @@ PF_FEATURES = (
     | bit(ProposalFeature.GENERIC_CTRL_VQ_VER_1)
     | bit(ProposalFeature.VF_MIGRATION)
 )
+#: the virtio-1.4 profile's PF: no proposal bits, no blk control queue; an admin queue
+PF_FEATURES_1_4 = (
+    bit(Feature.VERSION_1)
+    | bit(Feature.EVENT_IDX)
+    | bit(Feature.INDIRECT_DESC)
+    | bit(BlkFeature.MQ)
+    | bit(BlkFeature.FLUSH)
+    | bit(Feature.ADMIN_VQ)
+)
+#: what a virtio-1.4 PF withholds from its VFs: the bits 1.4 gives other meanings
+VF_WITHHELD_1_4 = bit(ProposalFeature.GENERIC_CTRL_VQ_VER_1) | bit(ProposalFeature.VF_MIGRATION)
 
 
 class PfDevice(VirtioDevice):
@@ -74,12 +113,17 @@ class PfDevice(VirtioDevice):
     num_queues = NUM_REQUEST_QUEUES + 1
     queue_max_size = 256
 
-    def __init__(self, *, serial: str = "virtio-lm-pf", threaded: bool = True) -> None:
+    def __init__(self, *, serial: str = "virtio-lm-pf", threaded: bool = True, profile: Profile = Profile.SEED) -> None:
         super().__init__()
+        self.profile = Profile(profile)
+        if self.profile is Profile.VIRTIO_1_4:
+            self.num_queues = NUM_REQUEST_QUEUES
+            self.admin_queues = 1
         self.serial = serial
         self.threaded = threaded
         self.controller: VfMigrationController | None = None
         self.dispatcher: ControlDispatcher | None = None
+        self.admin: AdminHandler | None = None
         self._config = BlkConfig(capacity=0, num_queues=NUM_REQUEST_QUEUES).encode()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -88,9 +132,16 @@ class PfDevice(VirtioDevice):
         self.ctrl_processed = 0
 
     def attach(self, controller: VfMigrationController) -> None:
+        if self.profile is not Profile.SEED:
+            raise VirtioLmError(f"a {self.profile.value} PF has no proposal control queue")
         self.controller = controller
         fn = self.fn
         self.dispatcher = ControlDispatcher(negotiated=lambda: fn.negotiated, migration=controller)
+
+    def attach_admin(self, handler: AdminHandler) -> None:
+        if self.profile is not Profile.VIRTIO_1_4:
+            raise VirtioLmError(f"a {self.profile.value} PF has no admin queue")
+        self.admin = handler
 
     @property
     def fn(self) -> VirtioPciFunction:
@@ -100,7 +151,7 @@ class PfDevice(VirtioDevice):
 
     # ------------------------------------------------------------------ features / config
     def offered_features(self) -> int:
-        return PF_FEATURES
+        return PF_FEATURES_1_4 if self.profile is Profile.VIRTIO_1_4 else PF_FEATURES
 
     def validate_features(self, features: int) -> str | None:
         problems = unmet_requirements(features, REQUIREMENTS, BLK_REQUIREMENTS, device_bits=BlkFeature)
@@ -126,6 +177,8 @@ class PfDevice(VirtioDevice):
         self._stop_worker()
         if self.controller is not None:
             self.controller.reset()
+        if self.admin is not None:
+            self.admin.reset()
 
     def close(self) -> None:
         self._stop_worker()
@@ -171,6 +224,9 @@ class PfDevice(VirtioDevice):
         return n
 
     def _control(self, chain: DescriptorChain) -> None:
+        if self.profile is Profile.VIRTIO_1_4:
+            self._admin(chain)
+            return
         fn = self.fn
         assert self.dispatcher is not None, "PfDevice.attach() was not called"
         if chain.readable_len > MAX_CTRL_READABLE:
@@ -179,6 +235,19 @@ class PfDevice(VirtioDevice):
             outcome = self.dispatcher.handle(chain.read(fn.port), chain.writable_len)
         written = chain.write(fn.port, outcome.written) if outcome.written else 0
         fn.queues[CTRL_QUEUE].push(fn.port, chain.head, written)
+
+    def _admin(self, chain: DescriptorChain) -> None:
+        fn = self.fn
+        assert self.admin is not None, "PfDevice.attach_admin() was not called"
+        room = chain.writable_len
+        if not fn.negotiated & bit(Feature.ADMIN_VQ):
+            out = truncate_written(encode_status(AdminStatus.EINVAL, AdminQualifier.INVALID_COMMAND), room)
+        elif chain.readable_len > MAX_ADMIN_READABLE:
+            out = truncate_written(encode_status(AdminStatus.EINVAL, AdminQualifier.INVALID_COMMAND), room)
+        else:
+            out = self.admin.handle(chain.read(fn.port), room)
+        written = chain.write(fn.port, out) if out else 0
+        fn.queues[ADMIN_QUEUE].push(fn.port, chain.head, written)
 
     # ------------------------------------------------------------------ request queue (capacity 0)
     def _serve_requests(self) -> None:
@@ -221,9 +290,20 @@ def build_pf(
     log_max_pull_bytemap: int = 24,
     freeze_timeout: float = 10.0,
     threaded: bool = True,
+    profile: Profile | str = Profile.SEED,
 ) -> SriovPF:
-    """A PF function with its device and migration controller wired together."""
-    dev = PfDevice(threaded=threaded)
+    """A PF function with its device and its profile's control plane wired together.
+
+    ``profile`` ``"seed"`` (the proposal's control queue and
+    :class:`VfMigrationController`; ``modes``, ``log_max_*`` and
+    ``freeze_timeout`` apply) or ``"virtio-1.4"`` (the admin queue and
+    :class:`AdminHandler`; ``freeze_timeout`` bounds DEV_MODE_SET's stop)."""
+    prof = Profile(profile)
+    dev = PfDevice(threaded=threaded, profile=prof)
+    if prof is Profile.VIRTIO_1_4:
+        pf = SriovPF(dev, port, name=name, total_vfs=total_vfs, vf_withheld_features=VF_WITHHELD_1_4)
+        dev.attach_admin(AdminHandler(pf, stop_timeout=freeze_timeout))
+        return pf
     pf = SriovPF(dev, port, name=name, total_vfs=total_vfs)
     dev.attach(
         VfMigrationController(

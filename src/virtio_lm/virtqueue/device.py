@@ -185,6 +185,9 @@ class Virtqueue:
         self.notifications = True
         self.broken = False
         self.error: VirtqueueError | None = None
+        #: the ring indices are to be taken from the used ring in memory when the
+        #: device next runs (configured from virtio 1.4 device parts, which carry none)
+        self.resync_pending = False
 
     @property
     def last_avail_idx(self) -> int:
@@ -431,6 +434,23 @@ class Virtqueue:
             since = (idx - self.signalled_used) & U16
             if since < pushed or since >= 0x8000:
                 self.signalled_used = None
+
+    def resync_from_ring(self, port: MemoryPort) -> None:
+        """Take the ring indices from the used ring in memory: ``used_idx`` and
+        ``last_avail_idx`` both become the used ring's idx (a device that returned
+        every chain it took -- a virtio 1.4 STOPPED device -- left them equal)."""
+        self.resync_pending = False
+        try:
+            idx = read_u16(port.read(self.used_addr + 2, 2))
+        except MemoryAccessError as exc:
+            err = RingAddressError(self.name, f"used ring at {self.used_addr:#x} outside memory")
+            err.__cause__ = exc
+            self._fail(err)
+            return
+        self.used_idx = idx
+        self.last_avail_idx = idx
+        self.signalled_used = None
+        self.pending_notify = self.enabled  # an interrupt the source raised may not have arrived
 
     def used_event(self, port: MemoryPort) -> int:
         """The driver's ``used_event`` (meaningful with EVENT_IDX)."""
