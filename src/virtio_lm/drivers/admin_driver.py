@@ -128,8 +128,9 @@ class AdminDriver:
         t.fn.common_write(COMMON_CFG_BY_NAME["device_status"].offset, 1, t.status | int(DeviceStatus.FAILED))
         return error(f"{self.pf.name}: {message}")
 
-    def bring_up(self) -> int:
-        """Negotiate, find and set up the admin queue, DRIVER_OK, use the self group's commands."""
+    def bring_up(self, *, discover: bool = True) -> int:
+        """Negotiate, find and set up the admin queue, DRIVER_OK, then (``discover``)
+        use the self group's commands and ask for the device's object limits."""
         with self._lock:
             t = self.transport
             t.reset()
@@ -148,6 +149,8 @@ class AdminDriver:
             self.admin_index = index
             t.driver_ok()
             self.features = features
+            if not discover:
+                return features
             self.use_commands(GroupType.SELF)
             if CapId.DEV_PARTS not in self.cap_id_list_query():
                 raise self._fail("the device does not report VIRTIO_DEV_PARTS_CAP")
