@@ -45,7 +45,7 @@ reads back as zeros.
 
 With the virtio-1.4 profile (:meth:`BlkDevice.mig_stop`) there is no held
 request at all: every request taken completes on the source before the
-device reports STOPPED, and the image is then ``fdatasync``\ ed.  The
+device reports STOPPED, and the image is then ``fdatasync``-ed.  The
 device has no device-type part: its configuration is read-only and the
 same on both ends; the common parts carry the rest.
 
