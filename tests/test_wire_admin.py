@@ -4,16 +4,18 @@ round trips, and one test per malformed input."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio_lm.errors import (
+    DevicePartsError,
     EnumValueError,
     FieldValueError,
     ReservedFieldError,
     ShortBufferError,
     TrailingDataError,
 )
+from virtio_lm.pci.parts import check_list
 from virtio_lm.wire import admin as A
 from virtio_lm.wire import parts as P
 
@@ -208,3 +210,53 @@ def test_selector_reserved_not_zero_is_refused():
 def test_trailing_bytes_after_a_fixed_layout_are_refused():
     with pytest.raises(TrailingDataError):
         A.DevPartsCap.decode(b"\1\1\0")
+
+
+# ------------------------------------------------------------------ the list rules, as a property
+def _full_list() -> list[P.DevPart]:
+    vq = P.VqIndexSelector
+    return [
+        P.DevPart.make(P.PartType.DEV_FEATURES, bytes(16), optional=True),
+        P.DevPart.make(P.PartType.DRV_FEATURES, bytes(16)),
+        P.DevPart.make(P.PartType.PCI_COMMON_CFG, bytes(2), selector=P.CommonCfgSelector(0x10).encode()),
+        P.DevPart.make(P.PartType.DEVICE_STATUS, b"\0"),
+        P.DevPart.make(P.PartType.VQ_CFG, bytes(32), selector=vq(0).encode()),
+        P.DevPart.make(P.PartType.VQ_CFG, bytes(32), selector=vq(1).encode()),
+        P.DevPart.make(P.PartType.VQ_NOTIFY_CFG, bytes(8), selector=vq(0).encode()),
+        P.DevPart.make(P.PartType.NET_CVQ_CFG, b"\1", selector=P.NetCvqSelector(0, 0).encode()),
+    ]
+
+
+@settings(max_examples=200)
+@given(st.permutations(range(8)))
+def test_a_part_list_is_taken_exactly_when_it_keeps_the_mandatory_order(perm):
+    full = _full_list()
+    parts = [full[i] for i in perm]
+    keys = [P.order_key(p.hdr.part_type) for p in parts]
+    try:
+        check_list(parts, frozenset({0x200}))
+        taken = True
+    except DevicePartsError:
+        taken = False
+    assert taken == (keys == sorted(keys))
+
+
+@settings(max_examples=200)
+@given(st.sets(st.integers(0, 7)))
+def test_a_part_list_missing_a_preceding_part_is_refused(drop):
+    full = _full_list()
+    parts = [p for i, p in enumerate(full) if i not in drop]
+    present = {p.hdr.part_type for p in parts}
+    ok = all(
+        need in present
+        for p in parts
+        if p.hdr.part_type < 0x200
+        for need in P.PRECEDING[P.PartType(p.hdr.part_type)]
+        if need is not P.PartType.DEV_FEATURES
+    )
+    try:
+        check_list(parts, frozenset({0x200}))
+        taken = True
+    except DevicePartsError:
+        taken = False
+    assert taken == ok
