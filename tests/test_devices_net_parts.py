@@ -13,7 +13,7 @@ from virtio_lm.memory import Memory
 from virtio_lm.pci.parts import part_name
 from virtio_lm.pf.device import build_pf
 from virtio_lm.virtqueue.driver import Allocator
-from virtio_lm.wire.admin import AdminQualifier, AdminStatus, DevPartsObjType
+from virtio_lm.wire.admin import AdminQualifier, AdminStatus
 from virtio_lm.wire.features import bit
 from virtio_lm.wire.net import CtrlClass, MacCmd, MacTables, MqCmd, NetFeature, RxCmd, VlanCmd
 from virtio_lm.wire.netstate import RxModeFlags

@@ -17,7 +17,7 @@ import pytest
 
 from helpers import MEM_SIZE, RING_AREA, GatedDmaTestDevice, Rig, check_result, wait_until
 from virtio_lm.drivers.admin_driver import AdminDriver
-from virtio_lm.errors import AdminCommandError, FeatureMissingError
+from virtio_lm.errors import FeatureMissingError
 from virtio_lm.memory import Memory
 from virtio_lm.pci import PciDriverTransport
 from virtio_lm.pci.parts import part_name

@@ -244,7 +244,7 @@ class VirtioPciFunction:
         """Call ``cb(fn)`` each time the driver sets DRIVER_OK (after the device's activate)."""
         self._driver_ok_listeners.append(cb)
 
-    def exclusive(self) -> "threading.RLock":
+    def exclusive(self) -> AbstractContextManager[bool]:
         """The register lock: hold it (``with fn.exclusive():``) to change the
         function's state as one step no register access can see half done."""
         return self._lock

@@ -42,7 +42,6 @@ from virtio_lm.wire.codec import read_u16, u16
 from virtio_lm.wire.features import DeviceStatus, Feature, bit
 from virtio_lm.wire.parts import (
     COMMON_FIRST,
-    COMMON_LAST,
     DEVICE_FIRST,
     DEVICE_LAST,
     NO_SELECTOR,
