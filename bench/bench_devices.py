@@ -70,8 +70,7 @@ def _vf_run(drv: BlkDriver, op: str, size: int, sequential: bool, seconds: float
         if now >= end and drv.in_flight() == 0:
             break
         if drv.in_flight() >= QD or now >= end:
-            drv._irq.wait(0.001)
-            drv._irq.clear()
+            drv.wait_interrupt(0.001)
     return done, time.perf_counter() - t0
 
 

@@ -239,18 +239,12 @@ def scan() -> list[Finding]:
 
 #: (file, private name) still reached into today, each with the issue 10 item that removes it.
 ALLOWLIST: dict[tuple[str, str], str] = {
-    # item 4: the workload waits for the driver's interrupt through an operation BlkDriver
-    # offers (drivers/blk_driver.py is rewritten under item 1)
-    ("src/virtio_lm/vm/workloads.py", "_irq"): "item 4 (BlkDriver operation)",
     # item 5: qmp.py splits into framing / server / commands; _Client and Request then use
     # operations of the server and the connection
     ("src/virtio_lm/host/qmp.py", "_execute"): "item 5 (qmp split)",
     ("src/virtio_lm/host/qmp.py", "_closing"): "item 5 (qmp split)",
     ("src/virtio_lm/host/qmp.py", "_clients"): "item 5 (qmp split)",
     ("src/virtio_lm/host/qmp.py", "_submit"): "item 5 (qmp split)",
-    # item 3: bench scripts become functions that `virtio-lm bench` calls (and wait through
-    # the driver's own operations)
-    ("bench/bench_devices.py", "_irq"): "item 3 (bench scripts as functions)",
 }
 
 

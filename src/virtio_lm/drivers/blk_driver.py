@@ -219,6 +219,17 @@ class BlkDriver:
     def in_flight(self) -> int:
         return len(self._requests)
 
+    def wait_interrupt(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for an interrupt (or :meth:`wake`); whether one came.
+        The interrupt is consumed."""
+        got = self._irq.wait(timeout)
+        self._irq.clear()
+        return got
+
+    def wake(self) -> None:
+        """End a :meth:`wait_interrupt` now (another thread wants the waiter to look again)."""
+        self._irq.set()
+
     def outstanding(self) -> set[int]:
         """Tokens submitted and not yet handed back by :meth:`reap` (in flight, or completed
         and parked for the next reap)."""

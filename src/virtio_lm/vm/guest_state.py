@@ -60,9 +60,10 @@ import numpy as np
 
 from virtio_lm.drivers.blk_driver import BlkCompletion, BlkDriver, BlkDriverState, BlkRequest
 from virtio_lm.drivers.net_driver import NetDriver, NetDriverState
-from virtio_lm.errors import GuestStateError, WireError
+from virtio_lm.errors import GuestStateError, StrictJsonError, WireError
 from virtio_lm.vm.workloads import BlkWorkloadState, NetWorkloadState
 from virtio_lm.virtqueue.driver import Allocator, AllocatorState, ChainState, DriverQueue, DriverQueueState
+from virtio_lm.wire import strictjson
 from virtio_lm.wire.blk import BLK_CONFIG_SIZE, BlkConfig
 from virtio_lm.wire.features import bit
 from virtio_lm.wire.net import ETH_ALEN
@@ -658,21 +659,6 @@ def net_work_from_json(v: Json, path: str = "net.work") -> NetWorkloadState:
 
 
 # =========================================================================== document bytes
-def _reject_constant(name: str) -> object:
-    raise _fail(DOCUMENT, f"{name} is not JSON")
-
-
-def _no_duplicates(pairs: list[tuple[str, Json]]) -> dict[str, Json]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise _fail(DOCUMENT, f"duplicate key {k!r}")
-            seen.add(k)
-    return out
-
-
 def _depth(doc: Json) -> int:
     """Nesting depth (a scalar is 0, ``{}`` / ``[]`` 1), without recursion."""
     deepest = 0
@@ -766,9 +752,9 @@ def decode_guest_state(data: bytes | bytearray | memoryview) -> dict[str, Json]:
     except UnicodeDecodeError as exc:
         raise _fail(DOCUMENT, f"not UTF-8 at byte {exc.start}") from exc
     try:
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except GuestStateError:
-        raise
+        doc = strictjson.loads(text)
+    except StrictJsonError as exc:
+        raise _fail(DOCUMENT, str(exc)) from exc
     except RecursionError as exc:
         raise _fail(DOCUMENT, f"nested deeper than {MAX_NESTING} levels") from exc
     except ValueError as exc:  # JSONDecodeError, and ints past Python's digit limit

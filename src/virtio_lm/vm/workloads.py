@@ -208,11 +208,10 @@ class BlkWorkload(GuestThread):
             self._idle()
 
     def _idle(self) -> None:
-        self.driver._irq.wait(0.002)
-        self.driver._irq.clear()
+        self.driver.wait_interrupt(0.002)
 
     def _wake(self) -> None:
-        self.driver._irq.set()  # a pause must not wait out the 2 ms idle wait
+        self.driver.wake()  # a pause must not wait out the 2 ms idle wait
 
     def _pick(self) -> int:
         while True:
