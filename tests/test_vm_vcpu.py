@@ -61,17 +61,17 @@ def test_state_migrates_to_another_memory(mem):
     src = SweepVcpu(mem, 64 * PAGE_SIZE, PAGES)
     for _ in range(5):
         src.step(17)
-    blob = src.state().encode()
+    blob = src.save().encode()
     with Memory(128 * PAGE_SIZE) as dst_mem:
         dst_mem.cpu.write(0, mem.read(0, mem.size))
-        dst = SweepVcpu.from_state(dst_mem, blob)
+        dst = SweepVcpu.from_state(VcpuState.decode(blob), memory=dst_mem)
         dst.verify()
         dst.step(40)
         dst.verify()
         # and a destination that missed the memory copy is caught
         with Memory(128 * PAGE_SIZE) as empty:
             with pytest.raises(SweepMismatchError):
-                SweepVcpu.from_state(empty, blob).verify()
+                SweepVcpu.from_state(VcpuState.decode(blob), memory=empty).verify()
 
 
 def test_thread_runs_pauses_and_resumes(mem):
@@ -97,7 +97,7 @@ def test_throttle_bounds():
     with Memory(8 * PAGE_SIZE) as m:
         cpu = SweepVcpu(m, 0, 8)
         cpu.set_throttle(99)
-        assert cpu.state().throttle == 99
+        assert cpu.save().throttle == 99
         with pytest.raises(ValueError):
             cpu.set_throttle(100)
 
@@ -116,7 +116,7 @@ def test_state_decoding_is_strict():
 
 
 def test_state_for_another_region_refused(mem):
-    blob = SweepVcpu(mem, 64 * PAGE_SIZE, PAGES).state().encode()
+    blob = SweepVcpu(mem, 64 * PAGE_SIZE, PAGES).save().encode()
     with pytest.raises(ValueError):
         SweepVcpu(mem, 0, PAGES, state=VcpuState.decode(blob))
 
@@ -162,3 +162,4 @@ def test_guest_threads_reuse_the_pools_parked_os_threads():
             w.close()
         assert isinstance(ws[2].crash, RuntimeError)
     assert THREADS.created == created  # every cycle ran on threads parked before it
+

@@ -30,7 +30,7 @@ import numpy as np
 
 from virtio_lm.drivers.blk_driver import BlkDriver
 from virtio_lm.drivers.net_driver import NetDriver
-from virtio_lm.errors import GuestStateError, VirtioLmError
+from virtio_lm.errors import GuestStateError, VirtioLmError, WireError
 from virtio_lm.memory import PAGE_SIZE, Memory
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.virtqueue.driver import Allocator
@@ -39,6 +39,7 @@ from virtio_lm.vm.vcpu import SweepVcpu
 from virtio_lm.vm.workloads import BlkWorkload, NetWorkload
 from virtio_lm.wire.guest import join_cpu_state, split_cpu_state
 from virtio_lm.wire.net import format_mac, parse_mac
+from virtio_lm.wire.vcpu import VcpuState
 
 MIB = 1 << 20
 META_ADDR = 0x0010_0000
@@ -237,7 +238,7 @@ class VirtualMachine:
         if self.net is not None and self.net_work is not None:
             soft["net"] = {"driver": gs.net_state_to_json(self.net.save(), validate=False),
                            "work": gs.net_work_to_json(self.net_work.save())}
-        return join_cpu_state(self.vcpu.state().encode(), gs.encode_guest_state(soft, check_depth=False))
+        return join_cpu_state(self.vcpu.save().encode(), gs.encode_guest_state(soft, check_depth=False))
 
     def restore_guest_state(self, data: bytes) -> None:
         """Rebuild the guest software on this (destination) VM from :meth:`guest_state` bytes.
@@ -248,8 +249,9 @@ class VirtualMachine:
         """
         vcpu_raw, soft_raw = split_cpu_state(data)
         try:
-            vcpu = SweepVcpu.from_state(self.memory, vcpu_raw, dirty_rate=self.spec.dirty_rate_mbps * 1e6)
-        except ValueError as exc:
+            vcpu = SweepVcpu.from_state(VcpuState.decode(vcpu_raw), memory=self.memory,
+                                        dirty_rate=self.spec.dirty_rate_mbps * 1e6)
+        except (ValueError, WireError) as exc:
             raise GuestStateError("vcpu", str(exc)) from exc
         soft = gs.decode_guest_state(soft_raw)
         kinds = sorted(k for k in soft if k != "spec")

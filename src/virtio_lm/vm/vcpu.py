@@ -72,7 +72,7 @@ class SweepVcpu(GuestThread):
         self._last_n = 0
 
     # ------------------------------------------------------------------ state
-    def state(self) -> VcpuState:
+    def save(self) -> VcpuState:
         with self._lock:
             return VcpuState(
                 VCPU_MAGIC, VCPU_VERSION, KIND_PAGE_SWEEP, self.region_start, self.region_pages,
@@ -88,8 +88,10 @@ class SweepVcpu(GuestThread):
         self.sweeps, self.position, self.throttle = st.sweeps, st.position, st.throttle
 
     @classmethod
-    def from_state(cls, memory: Memory, blob: bytes, *, dirty_rate: float = 0.0) -> "SweepVcpu":
-        st = VcpuState.decode(blob)
+    def from_state(cls, st: VcpuState, *, memory: Memory, dirty_rate: float = 0.0) -> "SweepVcpu":
+        """The vCPU continuing ``st`` on ``memory``.  The state's own layout keeps its position
+        inside its region (:class:`VcpuState` refuses one outside); the region must be page
+        aligned and inside the memory (ValueError otherwise)."""
         return cls(memory, st.region_start, st.region_pages, dirty_rate=dirty_rate, state=st)
 
     def expected(self) -> np.ndarray:
