@@ -100,9 +100,6 @@ class VmSpec:
         """The VM's VFs, in stream index order."""
         return (["blk"] if self.blk_image else []) + (["net"] if self.net_mac else [])
 
-    def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "extra"}
-
 
 class VirtualMachine:
     """One VM on a host; see the module docstring."""
