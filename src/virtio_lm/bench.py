@@ -417,10 +417,9 @@ def bench_vf_switchover(quick: bool) -> tuple[list[Figure], list[str]]:
                 svm, dvm = a.slots["vm0"].vm, b.slots["vm0"].vm
                 src, dst = VmSource(svm, a.pf_driver), VmDestination(dvm, b.pf_driver)
                 deadline = time.monotonic() + 5
-                while svm.blk_work is not None and len(svm.blk_work.inflight) < 32 and time.monotonic() < deadline:
+                while svm.requests_in_flight().get("blk", 0) < 32 and time.monotonic() < deadline:
                     time.sleep(0.0005)
-                assert svm.blk_work is not None
-                inflight_seen.append(len(svm.blk_work.inflight))
+                inflight_seen.append(svm.requests_in_flight().get("blk", 0))
                 # the switch-over of a migration, step by step (host/switchover.py); the guest
                 # pages move with the stream, outside the clock
                 t = timed_switchover(src, dst, lambda: dvm.memory.cpu.write(0, svm.memory.read(0, svm.memory.size)))

@@ -100,7 +100,7 @@ class Calibrator:
         src_vm = self._running
         dst_vm = self.vms[1] if src_vm is self.vms[0] else self.vms[0]
         deadline = time.monotonic() + self.settle_s
-        want = src_vm.spec.blk_qd if src_vm.blk_work is not None else 0
+        want = src_vm.spec.blk_qd if src_vm.workload("blk") is not None else 0
         while time.monotonic() < deadline and sum(src_vm.requests_in_flight().values()) < want:
             time.sleep(0.001)
         src, dst = VmSource(src_vm, pf), VmDestination(dst_vm, pf)

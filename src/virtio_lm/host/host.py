@@ -44,8 +44,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virtio_lm.addr import MIGRATION_SCHEMES, parse_address
-from virtio_lm.devices.blk import BlkDevice
-from virtio_lm.devices.net import NetDevice
 from virtio_lm.drivers.pf_driver import PfDriver
 from virtio_lm.errors import QmpError, VirtioLmError
 from virtio_lm.host.calibrate import Calibrator
@@ -62,13 +60,12 @@ from virtio_lm.migration.session import (
     VmStateEvent,
 )
 from virtio_lm.migration.transport import start_incoming, start_outgoing
-from virtio_lm.net.backends import UdpSwitchPort
 from virtio_lm.pf.device import build_pf, vf_status
 from virtio_lm.virtqueue.driver import Allocator
+from virtio_lm.vm.kinds import KINDS, DeviceContext
 from virtio_lm.vm.machine import MIB, VirtualMachine, VmSpec
 from virtio_lm.vm.worker import THREADS
 from virtio_lm.wire.ctrl import TrackMode
-from virtio_lm.wire.net import parse_mac
 
 log = logging.getLogger(__name__)
 
@@ -194,18 +191,15 @@ class Host:
                         plan.append((vm, kind))
                         scratch_vfs.add(len(plan))
 
+        # a switch on another machine needs back-end ports reachable from it
+        bind = "127.0.0.1" if config.switch and (config.switch[0].startswith("127.") or config.switch[0] == "localhost") \
+            else "0.0.0.0"
+
         def factory(number: int) -> tuple[Any, Any]:
             vm, kind = plan[number - 1]
             port = vm.memory.device_port(f"{vm.spec.name}.vf{number}")
-            if kind == "blk":
-                assert vm.spec.blk_image is not None
-                return BlkDevice(vm.spec.blk_image, num_queues=2), port
-            backend = None
-            if config.switch and number not in scratch_vfs:  # a switch on another machine needs a port reachable from it
-                bind = "127.0.0.1" if config.switch[0].startswith("127.") or config.switch[0] == "localhost" else "0.0.0.0"
-                backend = UdpSwitchPort(config.switch, name=f"{vm.spec.name}.net", host=bind)
-            assert vm.spec.net_mac is not None
-            return NetDevice(backend, mac=parse_mac(vm.spec.net_mac)), port
+            ctx = DeviceContext(switch=config.switch, bind=bind, scratch=number in scratch_vfs)
+            return KINDS[kind].device(vm.spec, ctx), port
 
         fns = self.pf_driver.enable_vfs(len(plan), factory)
         for number, ((vm, kind), fn) in enumerate(zip(plan, fns), start=1):

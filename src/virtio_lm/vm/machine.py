@@ -28,17 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from virtio_lm.drivers.blk_driver import BlkDriver
-from virtio_lm.drivers.net_driver import NetDriver
 from virtio_lm.errors import GuestStateError, VirtioLmError, WireError
 from virtio_lm.memory import PAGE_SIZE, Memory
 from virtio_lm.pci.function import VirtioPciFunction
-from virtio_lm.virtqueue.driver import Allocator
 from virtio_lm.vm import guest_state as gs
+from virtio_lm.vm.kinds import KINDS, GuestPart, kinds_of
 from virtio_lm.vm.vcpu import SweepVcpu
-from virtio_lm.vm.workloads import BlkWorkload, NetWorkload
 from virtio_lm.wire.guest import join_cpu_state, split_cpu_state
-from virtio_lm.wire.net import format_mac, parse_mac
 from virtio_lm.wire.vcpu import VcpuState
 
 MIB = 1 << 20
@@ -97,8 +93,8 @@ class VmSpec:
 
     @property
     def vf_kinds(self) -> list[str]:
-        """The VM's VFs, in stream index order."""
-        return (["blk"] if self.blk_image else []) + (["net"] if self.net_mac else [])
+        """The VM's VFs, in stream index order (:data:`virtio_lm.vm.kinds.KINDS`)."""
+        return kinds_of(self)
 
 
 class VirtualMachine:
@@ -111,10 +107,7 @@ class VirtualMachine:
         self.memory = memory
         self.vfs: dict[str, VirtioPciFunction] = {}  # kind -> function (set by the host)
         self.vf_numbers: dict[str, int] = {}  # kind -> VF number on the host's PF
-        self.blk: BlkDriver | None = None
-        self.net: NetDriver | None = None
-        self.blk_work: BlkWorkload | None = None
-        self.net_work: NetWorkload | None = None
+        self.parts: dict[str, GuestPart] = {}  # kind -> the guest driver and workload on that VF
         sweep_pages = spec.sweep_bytes // PAGE_SIZE
         self.vcpu = SweepVcpu(memory, SWEEP_START, sweep_pages, dirty_rate=spec.dirty_rate_mbps * 1e6)
         self.running = False
@@ -129,24 +122,19 @@ class VirtualMachine:
         self.vfs[kind] = fn
         self.vf_numbers[kind] = number
 
-    def _allocators(self) -> tuple[Allocator, Allocator, Allocator]:
-        return Allocator(*BLK_AREA), Allocator(*NET_RING_AREA), Allocator(*NET_BUF_AREA)
-
     def boot(self) -> None:
         """Bring the VFs up through their registers and start the workloads."""
-        blk_alloc, ring_alloc, buf_alloc = self._allocators()
-        port = self.memory.cpu
-        if "blk" in self.vfs:
-            self.blk = BlkDriver(self.vfs["blk"], port, blk_alloc)
-            self.blk_work = self._make_blk_work(self.blk)
-        if "net" in self.vfs:
-            self.net = NetDriver(self.vfs["net"], port, ring_alloc=ring_alloc, buf_alloc=buf_alloc)
-            self.vfs["net"].on_interrupt = self.net.on_interrupt
-            self.net.bring_up()
-            self.net_work = self._make_net_work(self.net)
+        for kind in self.spec.vf_kinds:
+            if kind in self.vfs:
+                self.parts[kind] = KINDS[kind].boot(self, self.vfs[kind])
         self._write_fill()
         self.booted = True
         self.resume()
+
+    def workload(self, kind: str) -> Any:
+        """The workload on the VF of ``kind`` (None: the VM has none running)."""
+        part = self.parts.get(kind)
+        return None if part is None else part.workload
 
     def _fill_block(self, index: int) -> np.ndarray:
         """Fill MiB ``index``: seeded random bytes 1..255 (a fill page is never zero)."""
@@ -167,21 +155,9 @@ class VirtualMachine:
                 bad.append(f"fill MiB {i}: {len(diff)} bytes differ, first at {addr + int(diff[0]):#x}")
         return bad
 
-    def _make_blk_work(self, drv: BlkDriver) -> BlkWorkload:
-        s = self.spec
-        return BlkWorkload(
-            drv, self.memory, meta_addr=META_ADDR, cache_addr=CACHE_ADDR, nblocks=s.blk_blocks,
-            qd=s.blk_qd, seed=s.seed, rate=s.blk_rate,
-        )
-
-    def _make_net_work(self, drv: NetDriver) -> NetWorkload:
-        s = self.spec
-        assert s.net_mac is not None
-        return NetWorkload(drv, mac=parse_mac(s.net_mac), peer_mac=parse_mac(s.peer_mac), rate=s.net_rate)
-
     # ------------------------------------------------------------------ run control
     def _workers(self) -> list[Any]:
-        return [w for w in (self.vcpu, self.blk_work, self.net_work) if w is not None]
+        return [self.vcpu] + [p.workload for p in self.parts.values()]
 
     def pause(self) -> None:
         for w in self._workers():
@@ -191,28 +167,17 @@ class VirtualMachine:
     def resume(self) -> None:
         if self._check_on_resume:
             self._check_on_resume = False
-            if self.blk_work is not None:
-                self.blk_work.check_cache_first()
+            for part in self.parts.values():
+                check = getattr(part.workload, "check_cache_first", None)
+                if check is not None:  # the workload checks what it received in its first step
+                    check()
         for w in self._workers():
             w.start()
         self.running = True
 
-    def _arrival_problems(self, kind: str) -> list[str]:
-        """What the arrival checks found: right after a migration, before the guest goes on,
-        the block workload checks its page cache as received -- in its own thread, its
-        first step (a guest's work, not the switch-over's).
-
-        (Memory needs no arrival check: the vCPU only ever increments, so a page that
-        arrived stale stays wrong and :meth:`verify` finds it later.  A page-cache slot
-        does not: the next read of its block overwrites the evidence.)"""
-        found = list(self.arrival_problems.get(kind, []))
-        if kind == "blk" and self.blk_work is not None:
-            found += [f"on arrival: {p}" for p in self.blk_work.arrival_check()[:20]]
-        return found
-
     def disk_images(self) -> list[str]:
         """Paths of the disk images the VM's block VFs serve (shared storage)."""
-        return [self.spec.blk_image] if self.spec.blk_image and "blk" in self.vfs else []
+        return [img for k in self.vfs if (img := KINDS[k].disk_image(self.spec))]
 
     def set_throttle(self, percent: int) -> None:
         self.vcpu.set_throttle(min(max(percent, 0), 99))
@@ -229,12 +194,8 @@ class VirtualMachine:
         Taken inside the downtime, so the drivers' states are not decoded back for
         validation here (half the cost); the destination decodes them strictly."""
         soft: dict[str, Any] = {"spec": {"name": self.spec.name, "memory_mib": self.spec.memory_mib}}
-        if self.blk is not None and self.blk_work is not None:
-            soft["blk"] = {"driver": gs.blk_state_to_json(self.blk.save(), validate=False),
-                           "work": gs.blk_work_to_json(self.blk_work.save())}
-        if self.net is not None and self.net_work is not None:
-            soft["net"] = {"driver": gs.net_state_to_json(self.net.save(), validate=False),
-                           "work": gs.net_work_to_json(self.net_work.save())}
+        for kind, part in self.parts.items():
+            soft[kind] = KINDS[kind].save(part)
         return join_cpu_state(self.vcpu.save().encode(), gs.encode_guest_state(soft, check_depth=False))
 
     def restore_guest_state(self, data: bytes) -> None:
@@ -254,28 +215,17 @@ class VirtualMachine:
         kinds = sorted(k for k in soft if k != "spec")
         if kinds != sorted(self.vfs):
             raise GuestStateError("guest", f"state for VFs {kinds}, this VM has {sorted(self.vfs)}")
-        port = self.memory.cpu
-        blk = net = blk_work = net_work = None
-        s = self.spec
-        if "blk" in soft:
-            driver_doc, work_doc = gs.vf_part(soft, "blk")
-            blk = BlkDriver.from_state(gs.blk_state_from_json(driver_doc), fn=self.vfs["blk"], port=port)
-            wst = gs.blk_work_from_json(work_doc)
-            if (wst.nblocks, wst.meta_addr, wst.cache_addr) != (s.blk_blocks, META_ADDR, CACHE_ADDR):
-                raise GuestStateError("blk.work", "layout differs from this VM's")
-            blk_work = BlkWorkload.from_state(wst, driver=blk, memory=self.memory)
-        if "net" in soft:
-            assert s.net_mac is not None
-            driver_doc, work_doc = gs.vf_part(soft, "net")
-            net = NetDriver.from_state(gs.net_state_from_json(driver_doc), fn=self.vfs["net"], port=port)
-            net_work = NetWorkload.from_state(gs.net_work_from_json(work_doc), driver=net,
-                                              mac=parse_mac(s.net_mac), peer_mac=parse_mac(s.peer_mac))
-        if net is not None:
-            self.vfs["net"].on_interrupt = net.on_interrupt
+        parts = {}
+        for kind in self.spec.vf_kinds:
+            if kind in soft:
+                driver_doc, work_doc = gs.vf_part(soft, kind)
+                parts[kind] = KINDS[kind].restore(self, self.vfs[kind], driver_doc, work_doc)
+        for kind, part in parts.items():  # everything accepted: hook the new drivers up
+            KINDS[kind].attach(part, self.vfs[kind])
         for old in self._workers():
             old.close()
         self.vcpu = vcpu
-        self.blk, self.blk_work, self.net, self.net_work = blk, blk_work, net, net_work
+        self.parts = parts
         for w in self._workers():
             w.prepare()
         self.booted = True
@@ -301,27 +251,8 @@ class VirtualMachine:
                 "passed": not mem_problems, "problems": mem_problems,
                 "pages": self.vcpu.region_pages, "sweeps": self.vcpu.sweeps,
             }
-            if self.blk_work is not None:
-                w = self.blk_work
-                problems: list[str] = self._arrival_problems("blk")
-                if w.crash is not None:
-                    problems.append(f"workload crashed: {w.crash!r}")
-                try:
-                    w.drain()
-                except VirtioLmError as exc:
-                    problems.append(str(exc))
-                problems += w.errors
-                problems += w.verify_cache()
-                if disk and not problems:
-                    problems += w.verify_disk()
-                checks["blk"] = {"passed": not problems, "problems": problems[:20], "stats": dict(w.stats)}
-            if self.net_work is not None:
-                n = self.net_work
-                st = n.stats()
-                problems = [f"workload crashed: {n.crash!r}"] if n.crash is not None else []
-                if st["rx-duplicates"]:
-                    problems.append(f"{st['rx-duplicates']} duplicate frames received from the peer")
-                checks["net"] = {"passed": not problems, "problems": problems, "stats": st, "received": list(n.received)}
+            for kind, part in self.parts.items():
+                checks[kind] = KINDS[kind].verify(part, disk, list(self.arrival_problems.get(kind, [])))
         finally:
             if was_running:
                 self.resume()
@@ -330,10 +261,8 @@ class VirtualMachine:
     def requests_in_flight(self) -> dict[str, int]:
         """What the guest has submitted to its VFs and not yet seen complete."""
         out: dict[str, int] = {}
-        if self.blk_work is not None:
-            out["blk"] = len(self.blk_work.inflight)
-        if self.net is not None:
-            out["net-tx"] = self.net.tx_in_flight()
+        for kind, part in self.parts.items():
+            out.update(KINDS[kind].in_flight(part))
         return out
 
     def info(self) -> dict[str, Any]:
@@ -344,10 +273,6 @@ class VirtualMachine:
             "vcpu": {"sweeps": self.vcpu.sweeps, "position": self.vcpu.position, "throttle": self.vcpu.throttle},
             "vfs": {k: self.vf_numbers[k] for k in self.vfs},
         }
-        if self.blk_work is not None:
-            out["blk"] = dict(self.blk_work.stats, inflight=len(self.blk_work.inflight))
-        if self.net_work is not None:
-            out["net"] = self.net_work.stats()
-            if self.spec.net_mac:
-                out["net"]["mac"] = format_mac(parse_mac(self.spec.net_mac))
+        for kind, part in self.parts.items():
+            out[kind] = KINDS[kind].info(self, part)
         return out
