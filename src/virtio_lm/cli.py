@@ -82,6 +82,7 @@ def parse_vm_spec(text: str) -> "VmSpec":
         "seed": ("seed", int),
         "sweep": ("sweep_mib", int),
         "fill": ("fill_mib", int),
+        "dmatest": ("dmatest", int),
     }
     kw: dict = {}
     for part in filter(None, text.split(",")):

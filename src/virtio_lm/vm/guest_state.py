@@ -194,6 +194,26 @@ def _has(features: int, f: int) -> bool:
     return bool(features & bit(f))
 
 
+# the checks a VF kind's own codec uses (vm/kinds.py: a kind brings its part of the document)
+def expect_object(v: Json, path: str, keys: tuple[str, ...]) -> dict[str, Json]:
+    """``v`` is an object with exactly ``keys``."""
+    return _obj(v, path, keys)
+
+
+def expect_int(v: Json, path: str, lo: int, hi: int) -> int:
+    """``v`` is an integer (not a bool) in ``lo..hi``."""
+    return _int(v, path, lo, hi)
+
+
+def expect_list(v: Json, path: str) -> list[Json]:
+    return _list(v, path)
+
+
+def expect_number(v: Json, path: str) -> float:
+    """``v`` is an integer or a float (not a bool)."""
+    return _number(v, path)
+
+
 # =========================================================================== tokens
 def token_to_json(token: object, path: str = "token", depth: int = 1) -> Json:
     """A chain token as JSON (tuples become lists); unsupported tokens raise GuestStateError."""

@@ -219,3 +219,7 @@ NET = register(VfKind(
     info=_net_info,
     attach=lambda part, fn: setattr(fn, "on_interrupt", part.driver.on_interrupt),
 ))
+
+
+# ============================================================================ more kinds: one module each
+from virtio_lm.vm import dmatest_kind  # noqa: E402,F401 - registers "dmatest"

@@ -2,7 +2,8 @@
 
 Guest-physical memory map (``memory_mib`` >= 32)::
 
-    0x0000_0000  1 MiB     unused (page 0 stays zero)
+    0x0000_0000  128 KiB   unused (page 0 stays zero)
+    0x0002_0000  832 KiB   DMA test driver (a VM with ``dmatest``): rings, headers, buffers
     0x0010_0000  64 KiB    blk workload metadata: expected generation (le32) and
                            page-cache "valid" byte of every block
     0x0011_0000  4 MiB     blk workload page cache: one 4 KiB slot per block
@@ -65,6 +66,7 @@ class VmSpec:
     seed: int = 1
     sweep_mib: int | None = None  # the vCPU's sweep region (None: the rest of memory after the fill)
     fill_mib: int = 0  # MiB of random non-zero pages written at boot, after the sweep region
+    dmatest: int = 0  # FILL requests a DMA test VF keeps in flight (0: no such VF; vm/dmatest_kind.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -74,7 +74,7 @@ def describe_block(data: bytes, lba: int) -> str:
     return f"lba {st.lba} generation {st.generation}{'' if ok else ' with a bad checksum'}"
 
 
-class _Lcg:
+class Lcg:
     """A tiny seeded generator whose whole state is one int (it migrates)."""
 
     def __init__(self, state: int) -> None:
@@ -134,7 +134,7 @@ class BlkWorkload(GuestThread):
         self.qd = qd
         self.write_percent = write_percent
         self.rate = rate  # requests per second, 0 = as fast as the device goes
-        self.rng = _Lcg(seed)
+        self.rng = Lcg(seed)
         self.inflight: dict[int, tuple[str, int, int]] = {}  # token -> (op, lba, generation)
         self.busy: set[int] = set()
         self.stats = {"writes": 0, "reads": 0, "errors": 0}
@@ -321,7 +321,7 @@ class BlkWorkload(GuestThread):
             raise fail(f"{path}.errors", f"{len(st.errors)} errors kept (at most {MAX_ERRORS})")
         w = cls(driver, memory, meta_addr=st.meta_addr, cache_addr=st.cache_addr, nblocks=st.nblocks, qd=st.qd,
                 write_percent=st.write_percent, rate=st.rate)
-        w.rng = _Lcg(st.rng)
+        w.rng = Lcg(st.rng)
         for i, (t, op, lba, gen) in enumerate(st.inflight):
             p = f"{path}.inflight[{i}]"
             if op not in ("r", "w"):
