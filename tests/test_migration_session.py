@@ -242,7 +242,10 @@ def test_guest_state_reaches_the_destination_before_the_vfs_quiesce():
     vm = MemoryVm(MEM, fill="half", seed=3)
     seen: list[tuple[list[str], list[str]]] = []
 
+    mid: list[bool] = []
+
     def hook(link: Link) -> None:
+        mid.append(link.src.mid_switchover)
         if "set_cpu_state" in link.shell.calls and not seen:
             seen.append((list(link.vm.calls), list(link.shell.calls)))
 
@@ -251,6 +254,7 @@ def test_guest_state_reaches_the_destination_before_the_vfs_quiesce():
     src_calls, dst_calls = seen[0]
     assert "cpu_state" in src_calls and "quiesce_vfs" not in src_calls and "freeze_and_save_vfs" not in src_calls
     assert dst_calls[-1] == "set_cpu_state" and "restore_vfs" not in dst_calls
+    assert any(mid) and not mid[-1]  # between the stages for a while, not at the end
 
 
 def test_dirtying_vm_converges_with_devices_writing():

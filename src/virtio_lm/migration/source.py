@@ -200,6 +200,13 @@ class SourceSession:
         return self.phase is SourcePhase.SWITCHOVER and self._complete_at is None
 
     @property
+    def mid_switchover(self) -> bool:
+        """Between the switch-over's two stages (CPU_STATE handed out, the VFs not yet frozen):
+        a transport sends and comes straight back; events can wait until after the next
+        :meth:`produce`."""
+        return self._stage_vfs
+
+    @property
     def has_queued(self) -> bool:
         """Sections are queued (control messages such as COMMIT or ABORT): send them
         even when max-bandwidth holds page data back."""

@@ -245,7 +245,8 @@ class SourceRunner(_Runner):
                     chunks = s.produce(self.chunk) if wants and (wait == 0 or urgent) else []
                     finished = s.finished
                     waiting = s.waiting_for
-                    self._pump_events(s)  # produce() may have paused the VM: say so before the send
+                    if not s.mid_switchover:  # (mid switch-over the VFs come first: events after)
+                        self._pump_events(s)  # produce() may have paused the VM: say so before the send
                 if chunks:
                     try:
                         sock.settimeout(self.timeout)
@@ -260,7 +261,8 @@ class SourceRunner(_Runner):
                         sock.settimeout(min(self.timeout, 1.0))
                     with self.lock:
                         s.on_sent(n)
-                        self._pump_events(s)
+                        if not s.mid_switchover:
+                            self._pump_events(s)
                     continue
                 if finished and not wants:
                     break
