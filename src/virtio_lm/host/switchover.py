@@ -34,7 +34,8 @@ def switchover_seconds(steps: dict[str, float]) -> float:
 
 def timed_switchover(src: VmSource, dst: VmDestination, copy_pages: Callable[[], None]) -> dict[str, float]:
     """Switch the source's running VM over to the destination's shell; the seconds of each
-    of :data:`STEPS`.  ``copy_pages`` moves the guest memory (outside the clock).  The
+    of :data:`STEPS`.  Like a migration, it writes the disk images back before the pause
+    (outside the clock); ``copy_pages`` moves the guest memory (outside the clock too).  The
     destination's VM is left running, the source's paused with its VFs FREEZED."""
     c = time.perf_counter
     t: dict[str, float] = {}
@@ -45,6 +46,7 @@ def timed_switchover(src: VmSource, dst: VmDestination, copy_pages: Callable[[],
         t[name] = c() - t0
         return out
 
+    src.prepare_switchover()  # the disk images written back first, outside the clock, as a session does
     step("pause", src.pause_vcpus)
     cpu = step("guest-state", src.cpu_state)
     step("quiesce", src.quiesce_vfs)
