@@ -80,8 +80,13 @@ class Cell:
         return out
 
 
-def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int) -> dict[str, Any]:
-    """A fresh source and destination host (separate processes), one migration."""
+def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int,
+            params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A fresh source and destination host (separate processes), one migration.
+
+    ``params`` are more migrate-set-parameters for the source (e.g.
+    ``x-device-tracking``); the run's record has what the destination guest's
+    verification found (``verified``, ``verify-problems``, by check)."""
     from virtio_lm.demo import cli_command, start_network, vm_spec_text
     from virtio_lm.orchestrate import ChildProcess, Monitor, run_migration, shut_down
 
@@ -99,7 +104,8 @@ def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int
         monitors.extend(mons)
         src, dst = mons
         time.sleep(m.warmup_s)
-        info = run_migration(src, dst, params={"downtime-limit": limit, "x-tracking-mode": mode}, timeout=300)
+        info = run_migration(src, dst, params={"downtime-limit": limit, "x-tracking-mode": mode, **(params or {})},
+                             timeout=300)
         phases = info.get("downtime-phases") or {}
         out = {
             "limit": limit, "mode": mode, "rate": rate, "status": info.get("status"),
@@ -118,6 +124,8 @@ def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int
         if out["status"] == "completed":
             ver = dst.cmd("x-vm-verify")
             out["verified"] = bool(ver.get("passed"))
+            out["verify-problems"] = {name: list(c.get("problems", []))
+                                      for name, c in (ver.get("checks") or {}).items() if not c.get("passed")}
         return out
     finally:
         shut_down(monitors, procs)

@@ -79,6 +79,7 @@ class VmSource:
         *,
         mode: TrackMode = TrackMode.PULL_BITMAP,
         device_tracking: bool = True,
+        dma_footprint_mib: int = 0,
         on_release: Callable[[], None] | None = None,
         calibrator: Callable[[], object] | None = None,
     ) -> None:
@@ -87,6 +88,13 @@ class VmSource:
         self.calibrator = calibrator  # -> a host.calibrate.Calibration or None
         self.mode = TrackMode(mode)
         self.device_tracking = device_tracking
+        #: the alternative to device tracking: no VF DMA is tracked, and at the switch-over
+        #: (after the VFs are QUIESCED) every page of the VFs' DMA window -- at least
+        #: ``dma_footprint_mib`` MiB, see VirtualMachine.dma_window_pages -- is taken as dirty
+        self.dma_window = vm.dma_window_pages(dma_footprint_mib) if dma_footprint_mib and not device_tracking else None
+        #: pages the DMA window added to the final dirty set (query-migrate ``x-dma-footprint-pages``)
+        self.footprint_pages = 0
+        self._quiesced = False
         self.on_release = on_release
         self._tracking: list[int] = []
         self.vf_numbers = [vm.vf_numbers[k] for k in vm.spec.vf_kinds]
@@ -123,6 +131,10 @@ class VmSource:
             kind = self._kind_of[vf]
             self.device_dirty[kind] = self.device_dirty.get(kind, 0) + int(np.count_nonzero(reported))
             dirty |= reported
+        if self._quiesced and self.dma_window is not None:
+            first, end = self.dma_window
+            dirty[first:end] = True
+            self.footprint_pages = end - first
         return dirty
 
     def zero_mask(self, page_numbers: np.ndarray) -> np.ndarray:
@@ -178,6 +190,7 @@ class VmSource:
         with self.steps("quiesce-vfs"):
             if self.vf_numbers:  # (a VM without VFs has no PF to talk to)
                 self.pf.set_states(list(self.vf_numbers), VfState.QUIESCED)
+        self._quiesced = True
         self.in_flight["vfs"] = {
             kind: int(getattr(self.vm.vfs[kind].device, "in_flight", 0)) for kind in self.vm.spec.vf_kinds
         }
@@ -218,6 +231,7 @@ class VmSource:
                 log.warning("VF %d: STOP_DIRTY_PAGE_TRACK refused during rollback", vf)
             self._tracking.remove(vf)
         self.vm.memory.cpu.writer.log.stop()
+        self._quiesced = False
         self.vm.resume()
 
     def release(self) -> None:

@@ -23,8 +23,10 @@ selects a VM where a host has several, default the first)::
     migrate-set-parameters  downtime-limit, max-bandwidth, cpu-throttle-initial,
                             cpu-throttle-increment, max-cpu-throttle,
                             x-tracking-mode, x-report-portion, x-state-portion,
-                            x-device-tracking, x-auto-converge, x-max-rounds,
-                            x-restore-delay-ms (destination test knob: wait before
+                            x-device-tracking, x-dma-footprint-mib (without device
+                            tracking: every page of the VFs' DMA window, at least
+                            this many MiB, is taken as dirty at the switch-over),
+                            x-auto-converge, x-max-rounds, x-restore-delay-ms (destination test knob: wait before
                             RESTORE_STATE, holding the source in status 'device')
     query-migrate-parameters
     migrate_cancel
@@ -99,6 +101,7 @@ class Params:
     x_report_portion: int = 64 << 10
     x_state_portion: int = 16 << 10
     x_device_tracking: bool = True
+    x_dma_footprint_mib: int = 0
     x_auto_converge: bool = True
     x_max_rounds: int = 100
     x_restore_delay_ms: int = 0
@@ -130,6 +133,7 @@ PARAM_SCHEMA = {
     "*x-report-portion": "uint64",
     "*x-state-portion": "uint64",
     "*x-device-tracking": "bool",
+    "*x-dma-footprint-mib": "uint64",
     "*x-auto-converge": "bool",
     "*x-max-rounds": "int",
     "*x-restore-delay-ms": "uint64",
@@ -343,6 +347,7 @@ class Host:
             calibrator = self.calibrators.get(tuple(slot.vm.spec.vf_kinds))
             endpoint = VmSource(
                 slot.vm, self.pf_driver, mode=mode, device_tracking=self.params.x_device_tracking, on_release=released,
+                dma_footprint_mib=self.params.x_dma_footprint_mib,
                 calibrator=(lambda c=calibrator: c.measure(self.pf_driver)) if calibrator is not None else None,
             )
             session = SourceSession(
@@ -396,6 +401,8 @@ class Host:
         if slot.direction == "out" and isinstance(slot.endpoint, VmSource):
             info["x-tracking-mode"] = slot.endpoint.mode.cli_name if slot.endpoint.device_tracking else None
             info["x-device-dirty-pages"] = dict(slot.endpoint.device_dirty)
+            if slot.endpoint.footprint_pages:
+                info["x-dma-footprint-pages"] = slot.endpoint.footprint_pages
         steps = getattr(slot.endpoint, "steps", None)
         if steps is not None and steps.ms:
             info["x-switchover-steps"] = dict(steps.ms)

@@ -46,6 +46,8 @@ BLK_AREA = (0x0060_0000, 4 * MIB)
 NET_RING_AREA = (0x00A0_0000, 2 * MIB)
 NET_BUF_AREA = (0x00C0_0000, 4 * MIB)
 SWEEP_START = 0x0100_0000
+#: every byte a VF may write: the blk page cache and driver area, the net rings and buffers
+VF_DMA_AREA = (CACHE_ADDR, SWEEP_START - CACHE_ADDR)
 MIN_MEMORY_MIB = 32
 
 
@@ -180,6 +182,15 @@ class VirtualMachine:
     def disk_images(self) -> list[str]:
         """Paths of the disk images the VM's block VFs serve (shared storage)."""
         return [img for k in self.vfs if (img := KINDS[k].disk_image(self.spec))]
+
+    def dma_window_pages(self, mib: int) -> tuple[int, int]:
+        """Pages ``[first, end)`` of a DMA window of at least ``mib`` MiB for this VM's VFs:
+        it starts at :data:`VF_DMA_AREA` and always covers it (every page a VF of this VM may
+        write), extends over the memory after it for a larger ``mib`` (a VF mapped onto more of
+        the guest), and ends at the end of memory."""
+        start, length = VF_DMA_AREA
+        end = min(self.memory.size, start + max(length, mib * MIB))
+        return start // PAGE_SIZE, -(-end // PAGE_SIZE)
 
     def set_throttle(self, percent: int) -> None:
         self.vcpu.set_throttle(min(max(percent, 0), 99))
