@@ -2,7 +2,9 @@
 """PF control path benchmark: command round trips, dirty collection cost, data-path overhead of tracking.
 
 Not a test: prints figures.  Everything goes through the real control queue
-of a threaded PF (host memory) and a VF on a 1 GiB guest memory.
+of a threaded PF (host memory) and a VF on a 1 GiB guest memory.  The set-up
+and the collection measurement live in :mod:`virtio_lm.bench_pf`
+(``virtio-lm report`` uses them too).
 
 * control-command round trips per second (IDENTIFY, GET_STATE_ATTRS), with
   the PF's control queue on its own thread and processed in the kick;
@@ -22,54 +24,9 @@ import random
 import time
 from typing import Callable
 
-from virtio_lm.devices.base import QueueDevice
-from virtio_lm.drivers import PfDriver
+from virtio_lm.bench_pf import GiB, collection_sample, setup, teardown, timed
 from virtio_lm.memory import PAGE_SIZE, Memory
-from virtio_lm.pf.device import build_pf
-from virtio_lm.virtqueue.driver import Allocator
 from virtio_lm.wire.ctrl import TrackMode
-from virtio_lm.wire.features import Feature, bit
-
-GiB = 1 << 30
-HOST = 64 << 20
-
-
-class IdleVf(QueueDevice):
-    """A VF device with one queue; the benchmark drives its port directly."""
-
-    device_id = 0x3F
-    num_queues = 1
-
-    def offered_features(self) -> int:
-        return bit(Feature.VERSION_1)
-
-    def handle(self, fn, queue, chain):  # pragma: no cover - no requests are sent
-        return b""
-
-
-def timed(fn: Callable[[], int], seconds: float) -> tuple[int, float]:
-    fn()
-    units, start = 0, time.perf_counter()
-    while True:
-        units += fn()
-        now = time.perf_counter()
-        if now - start >= seconds:
-            return units, now - start
-
-
-def setup(guest: Memory, *, threaded: bool) -> tuple[Memory, PfDriver]:
-    host = Memory(HOST, name="host")
-    pf = build_pf(host.device_port("pf0"), total_vfs=2, threaded=threaded)
-    drv = PfDriver(pf, host.cpu, Allocator(0x10000, HOST - 0x10000))
-    drv.bring_up()
-    drv.enable_vfs(1, lambda n: (IdleVf(), guest.device_port(f"vf{n}")))
-    return host, drv
-
-
-def teardown(host: Memory, drv: PfDriver) -> None:
-    drv.close()
-    drv.pf.flr()
-    host.close()
 
 
 def bench_commands(guest: Memory, seconds: float) -> None:
@@ -112,14 +69,11 @@ def bench_collection(guest: Memory, seconds: float) -> None:
             total_ms, rounds, moved, cmds, found = 0.0, 0, 0, 0, 0
             deadline = time.perf_counter() + seconds
             while rounds < 2 or time.perf_counter() < deadline:
-                dirty()
-                b0, c0 = drv.stats.collect_bytes, drv.stats.collect_commands
-                t0 = time.perf_counter()
-                got = drv.collect_dirty(1)
-                total_ms += (time.perf_counter() - t0) * 1e3
-                moved += drv.stats.collect_bytes - b0
-                cmds += drv.stats.collect_commands - c0
-                found = int(got.sum())
+                got = collection_sample(drv, 1, dirty)
+                total_ms += got["ms"]
+                moved += got["bytes"]
+                cmds += got["commands"]
+                found = got["found"]
                 rounds += 1
             ms = total_ms / rounds
             print(

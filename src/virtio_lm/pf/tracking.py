@@ -222,6 +222,12 @@ class PullTracker(DirtyTracker):
             self._map = grown
         self._map[first_page : last_page + 1] = 1
 
+    @property
+    def map_bytes(self) -> int:
+        """Bytes the device holds for the map now (the model keeps a byte per page up to the
+        highest page marked, in both pull modes)."""
+        return int(self._map.nbytes)
+
     def snapshot(self) -> bytes:
         """Take the current map, start a fresh one, return it trimmed (see module doc)."""
         with self._lock:
