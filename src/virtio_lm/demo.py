@@ -163,7 +163,10 @@ def check_network(
 def run_demo(opts: DemoOptions) -> int:
     from rich.console import Console
 
-    console = Console(stderr=False, quiet=opts.quiet)
+    from virtio_lm.progress import is_terminal
+
+    # in a pipe or a log, a line is never wrapped into pieces at rich's default 80 columns
+    console = Console(stderr=False, quiet=opts.quiet, soft_wrap=not is_terminal())
     work = Path(tempfile.mkdtemp(prefix="virtio-lm-demo-"))
     procs: list[ChildProcess] = []
     report: dict[str, Any] = {"status": "failed"}

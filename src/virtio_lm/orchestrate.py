@@ -5,7 +5,8 @@ client library (its ``legacy.QEMUMonitorProtocol``), so the same code drives
 a virtio-lm host or anything else that speaks QMP.  :func:`run_migration`
 does what an operator does with QEMU: ``migrate-incoming`` on the
 destination, ``migrate-set-parameters`` and ``migrate`` on the source, then
-``query-migrate`` until the status is final, showing progress with rich.
+``query-migrate`` until the status is final, showing progress: a rich bar on a
+terminal, whole plain lines in a pipe or a log (:func:`migration_progress`).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ def run_migration(
         src.cmd("migrate-set-parameters", **params)
     src.cmd("migrate", uri=target, **vmarg)
     deadline = time.monotonic() + timeout
-    bar = _Progress() if progress else None
+    bar = migration_progress() if progress else None
     try:
         while True:
             info = src.cmd("query-migrate", **vmarg)
@@ -208,6 +209,50 @@ def run_migration(
     return info
 
 
+def migration_progress(out: Any = None) -> "_Progress | PlainMigrationProgress":
+    """A rich bar on a terminal; plain whole lines in a pipe or a log (see virtio_lm.progress)."""
+    from virtio_lm.progress import is_terminal
+
+    return _Progress() if is_terminal(out) else PlainMigrationProgress(out)
+
+
+def _fields(info: dict[str, Any]) -> dict[str, Any]:
+    ram = info.get("ram", {})
+    total = max(ram.get("total", 1), 1)
+    remaining = ram.get("remaining", 0)
+    done = 1.0 if info.get("status") == "completed" else min(1.0, 1 - remaining / total) if remaining else 0.0
+    return {
+        "done": done,
+        "status": info.get("status", "?"),
+        "round": ram.get("dirty-sync-count", 0),
+        "sent": _size(ram.get("transferred", 0)),
+        "remaining": _size(remaining),
+        "mbps": float(ram.get("mbps", 0.0)),
+        "expd": info.get("expected-downtime", 0),
+    }
+
+
+class PlainMigrationProgress:
+    """The bar's fields as one whole line: on every new status or round, else at most once a second."""
+
+    def __init__(self, out: Any = None, interval: float | None = None) -> None:
+        from virtio_lm.progress import INTERVAL_S, Lines
+
+        self._lines = Lines(out, INTERVAL_S if interval is None else interval)
+        self._t0 = time.monotonic()
+
+    def update(self, info: dict[str, Any]) -> None:
+        f = _fields(info)
+        self._lines.emit(
+            (f["status"], f["round"]),
+            f"migrate: {f['status']}, round {f['round']}, {f['sent']} sent, {f['remaining']} left, "
+            f"{f['mbps']:.0f} Mbit/s, expected downtime {f['expd']} ms, {time.monotonic() - self._t0:.1f} s",
+        )
+
+    def close(self) -> None:
+        pass
+
+
 class _Progress:
     """A rich progress bar: round, transferred, remaining, rate, expected downtime."""
 
@@ -228,21 +273,8 @@ class _Progress:
         self._task = self._p.add_task("migrate", total=1.0, status="setup", round=0, sent="0", remaining="?", mbps=0.0, expd=0)
 
     def update(self, info: dict[str, Any]) -> None:
-        ram = info.get("ram", {})
-        total = max(ram.get("total", 1), 1)
-        sent = ram.get("transferred", 0)
-        remaining = ram.get("remaining", 0)
-        done = 1.0 if info.get("status") == "completed" else min(1.0, 1 - remaining / total) if remaining else 0.0
-        self._p.update(
-            self._task,
-            completed=done,
-            status=info.get("status", "?"),
-            round=ram.get("dirty-sync-count", 0),
-            sent=_size(sent),
-            remaining=_size(remaining),
-            mbps=float(ram.get("mbps", 0.0)),
-            expd=info.get("expected-downtime", 0),
-        )
+        f = _fields(info)
+        self._p.update(self._task, completed=f.pop("done"), **f)
 
     def close(self) -> None:
         self._p.stop()
