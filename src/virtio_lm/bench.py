@@ -386,20 +386,48 @@ def bench_downtime(quick: bool) -> tuple[list[Figure], list[str]]:
 
 
 # ---------------------------------------------------------------------- figure 4: VF switch-over fixed cost
+BUSY_QD = 32
+BUSY_SPEC = dict(name="vm0", memory_mib=64, blk_blocks=256, blk_qd=BUSY_QD, blk_rate=0.0,
+                 net_mac="52:54:00:12:34:56", dirty_rate_mbps=8.0, net_rate=500.0)
+
+
+@contextlib.contextmanager
+def busy_host_pair(image: Path):
+    """Two in-process hosts (two PFs, two guest memories, no start-up calibration) with
+    :data:`BUSY_SPEC`'s VM: ``a``'s running (blk VF at QD 32 on a fresh 16 MiB disk ``image``,
+    net VF), ``b``'s an incoming shell."""
+    from virtio_lm.host.host import Host, HostConfig
+    from virtio_lm.vm.machine import VmSpec
+
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    spec = dict(BUSY_SPEC, blk_image=str(image))
+    hosts = []
+    try:
+        hosts.append(Host(HostConfig(name="a", vms=[VmSpec(**spec)], calibrate=False)))  # type: ignore[arg-type]
+        hosts.append(Host(HostConfig(name="b", vms=[VmSpec(**spec)], incoming=True, calibrate=False)))  # type: ignore[arg-type]
+        yield hosts[0], hosts[1]
+    finally:
+        for h in hosts:
+            with contextlib.suppress(Exception):
+                h.close()
+
+
+def wait_blk_in_flight(vm, n: int, timeout: float = 5.0) -> int:
+    """Wait (up to ``timeout``) until the guest has ``n`` blk requests in flight; how many it has."""
+    deadline = time.monotonic() + timeout
+    while vm.requests_in_flight().get("blk", 0) < n and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    return int(vm.requests_in_flight().get("blk", 0))
+
+
 def bench_vf_switchover(quick: bool) -> tuple[list[Figure], list[str]]:
     """Two in-process hosts (two PFs, two guest memories); blk (32 in flight) + net VFs; control-queue commands."""
     from virtio_lm.host.endpoints import VmDestination, VmSource
-    from virtio_lm.host.host import Host, HostConfig
     from virtio_lm.host.switchover import STEPS, switchover_seconds, timed_switchover
-    from virtio_lm.vm.machine import VmSpec
 
     runs = 3 if quick else 20
     work = Path(tempfile.mkdtemp(prefix="virtio-lm-bench-vf-"))
-    image = work / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(16 << 20)
-    spec = dict(name="vm0", memory_mib=64, blk_image=str(image), blk_blocks=256, blk_qd=32, blk_rate=0.0,
-                net_mac="52:54:00:12:34:56", dirty_rate_mbps=8.0, net_rate=500.0)
     totals: list[float] = []
     serial: list[float] = []
     per_phase: dict[str, list[float]] = {}
@@ -407,19 +435,10 @@ def bench_vf_switchover(quick: bool) -> tuple[list[Figure], list[str]]:
     problems: list[str] = []
     try:
         for run in range(runs):
-            image = work / f"disk{run}.img"  # each run's guest starts with a fresh disk
-            with open(image, "wb") as f:
-                f.truncate(16 << 20)
-            spec["blk_image"] = str(image)
-            a = Host(HostConfig(name="a", vms=[VmSpec(**spec)], calibrate=False))  # type: ignore[arg-type]
-            b = Host(HostConfig(name="b", vms=[VmSpec(**spec)], incoming=True, calibrate=False))  # type: ignore[arg-type]
-            try:
+            with busy_host_pair(work / f"disk{run}.img") as (a, b):  # each run's guest starts with a fresh disk
                 svm, dvm = a.slots["vm0"].vm, b.slots["vm0"].vm
                 src, dst = VmSource(svm, a.pf_driver), VmDestination(dvm, b.pf_driver)
-                deadline = time.monotonic() + 5
-                while svm.requests_in_flight().get("blk", 0) < 32 and time.monotonic() < deadline:
-                    time.sleep(0.0005)
-                inflight_seen.append(svm.requests_in_flight().get("blk", 0))
+                inflight_seen.append(wait_blk_in_flight(svm, BUSY_QD))
                 # the switch-over of a migration, step by step (host/switchover.py); the guest
                 # pages move with the stream, outside the clock
                 t = timed_switchover(src, dst, lambda: dvm.memory.cpu.write(0, svm.memory.read(0, svm.memory.size)))
@@ -434,10 +453,6 @@ def bench_vf_switchover(quick: bool) -> tuple[list[Figure], list[str]]:
                     problems.append(str({k: v.get("problems") for k, v in ver["checks"].items()})[:300])
                 for vf in src.vf_numbers:
                     a.pf_driver.flr_vf(vf)
-            finally:
-                for h in (a, b):
-                    with contextlib.suppress(Exception):
-                        h.close()
     finally:
         import shutil
 
