@@ -26,7 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -131,7 +131,8 @@ def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int
         shut_down(monitors, procs)
 
 
-def run_matrix(m: Matrix, *, progress: bool = True) -> list[Cell]:
+def run_matrix(m: Matrix, *, progress: bool = True, on_run: Callable[[], None] | None = None) -> list[Cell]:
+    """Every run of ``m`` (run-major); ``on_run`` is called after each one (e.g. another progress bar)."""
     from rich.progress import Progress
 
     cells = [Cell(limit, mode, rate) for limit in m.limits for rate in m.rates for mode in m.modes]
@@ -149,6 +150,8 @@ def run_matrix(m: Matrix, *, progress: bool = True) -> list[Cell]:
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
                 bar.advance(task)
+                if on_run is not None:
+                    on_run()
     return cells
 
 

@@ -60,13 +60,15 @@ def timed(fn: Callable[[], int], seconds: float) -> tuple[int, float]:
             return units, now - start
 
 
-def setup(guest: Memory, *, threaded: bool = True, num_vfs: int = 1) -> tuple[Memory, PfDriver]:
-    """A PF on a fresh host memory, its driver brought up, ``num_vfs`` idle VFs on ``guest``."""
+def setup(guest: Memory, *, threaded: bool = True, num_vfs: int = 1,
+          device: Callable[[], QueueDevice] = IdleVf) -> tuple[Memory, PfDriver]:
+    """A PF on a fresh host memory, its driver brought up, ``num_vfs`` VFs on ``guest``
+    (each a fresh ``device()``, by default an :class:`IdleVf`)."""
     host = Memory(HOST, name="host")
     pf = build_pf(host.device_port("pf0"), total_vfs=max(2, num_vfs), threaded=threaded)
     drv = PfDriver(pf, host.cpu, Allocator(0x10000, HOST - 0x10000))
     drv.bring_up()
-    drv.enable_vfs(num_vfs, lambda n: (IdleVf(), guest.device_port(f"vf{n}")))
+    drv.enable_vfs(num_vfs, lambda n: (device(), guest.device_port(f"vf{n}")))
     return host, drv
 
 

@@ -9,6 +9,7 @@
     virtio-lm switch            the embedded learning L2 switch (UDP on loopback)
     virtio-lm analyze-stream    decode a stream saved with ``migrate file:PATH``
     virtio-lm bench             benchmarks (figures and ratios)
+    virtio-lm report            the evidence report: every review question answered with a measurement and a plot
 """
 
 from __future__ import annotations
@@ -330,6 +331,26 @@ def bench(which: tuple[str, ...], quick: bool, runs: int | None, limits: str | N
     if rest or not which:
         rc |= run_benches(rest or ("migration",), quick=quick)
     sys.exit(rc)
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="A smaller campaign (at most 90 s instead of 10 minutes).")
+@click.option("--out", "out_dir", default="report-out", show_default=True, type=click.Path(file_okay=False),
+              help="Where index.html, report.md, report.json and the PNGs go.")
+@click.option("--section", "sections", multiple=True,
+              type=click.Choice(["tracking", "modes", "portions", "slow-commands", "downtime", "profiles"]),
+              help="Only this section (repeatable); default: all.")
+def report(quick: bool, out_dir: str, sections: tuple[str, ...]) -> None:
+    """Measure and write the evidence report: each review question and design choice, its answer,
+    the measurement, a plot and the command that reproduces that section alone."""
+    from pathlib import Path
+
+    from virtio_lm.report import run_report
+
+    argv = ["virtio-lm", "report", *(["--quick"] if quick else []), *(a for s in sections for a in ("--section", s)),
+            "--out", out_dir]
+    meta = run_report(Path(out_dir), quick=quick, sections=sections, argv=argv)
+    click.echo(f"report written to {out_dir}/index.html, report.md, report.json ({meta['seconds']:.0f} s)")
 
 
 @main.command("vhost-user-blk")

@@ -51,6 +51,13 @@ VF_DMA_AREA = (CACHE_ADDR, SWEEP_START - CACHE_ADDR)
 MIN_MEMORY_MIB = 32
 
 
+def dma_window(memory_size: int, mib: int) -> tuple[int, int]:
+    """Bytes ``[start, end)`` of a VM's VF DMA window of at least ``mib`` MiB (see
+    :meth:`VirtualMachine.dma_window_pages`)."""
+    start, length = VF_DMA_AREA
+    return start, min(memory_size, start + max(length, mib * MIB))
+
+
 @dataclass
 class VmSpec:
     """What a VM is made of (the same on both hosts, like QEMU's command line)."""
@@ -188,8 +195,7 @@ class VirtualMachine:
         it starts at :data:`VF_DMA_AREA` and always covers it (every page a VF of this VM may
         write), extends over the memory after it for a larger ``mib`` (a VF mapped onto more of
         the guest), and ends at the end of memory."""
-        start, length = VF_DMA_AREA
-        end = min(self.memory.size, start + max(length, mib * MIB))
+        start, end = dma_window(self.memory.size, mib)
         return start // PAGE_SIZE, -(-end // PAGE_SIZE)
 
     def set_throttle(self, percent: int) -> None:
