@@ -50,11 +50,14 @@ def test_one_section_writes_json_markdown_html_and_the_plot(small_report):
     data = slow["data"]
     for one, two in zip(data["one-pf"], data["two-pfs"]):
         assert one["delay-ms"] == two["delay-ms"]
-        assert one["get-ms"]["n"] >= 3 and two["get-ms"]["n"] >= 3
-        # the FREEZE waited for the back-end I/O, and the command behind it on the same PF waited too
-        assert one["freeze-ms"]["min"] >= 0.8 * one["delay-ms"]
-        assert one["get-ms"]["median"] >= 0.5 * one["delay-ms"]
-        assert two["get-ms"]["median"] < one["get-ms"]["median"]
+        assert one["get-ms"]["n"] >= 3 and two["get-ms"]["n"] >= 3 and one["freeze-ms"]["n"] >= 3
+    # with the longest back-end I/O (50 ms): the FREEZE waited for it, the command queued behind it on
+    # the same PF waited too, the one on a second PF did not (margins for a loaded machine: the
+    # request has been running a few ms when the FREEZE is sent)
+    one, two = data["one-pf"][-1], data["two-pfs"][-1]
+    assert one["freeze-ms"]["median"] >= 0.5 * one["delay-ms"]
+    assert one["get-ms"]["median"] >= 0.25 * one["delay-ms"]
+    assert two["get-ms"]["median"] < one["get-ms"]["median"] / 5
     # the answer is written from those numbers
     last = data["one-pf"][-1]
     assert f"{last['get-ms']['median']:.1f} ms" in slow["answer"]
