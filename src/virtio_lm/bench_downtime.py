@@ -171,7 +171,7 @@ def print_table(cells: list[Cell], title: str) -> None:
               f" {s['total-p50']:>7.0f}  {','.join(s['overrun-phases'])}")
 
 
-def plot(cells: list[Cell], path: Path, title: str) -> None:
+def plot(cells: list[Cell], path: Path, title: str, *, dpi: int = 110) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,7 +207,7 @@ def plot(cells: list[Cell], path: Path, title: str) -> None:
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

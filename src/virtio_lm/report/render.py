@@ -93,47 +93,43 @@ def plot_tracking(sec: Section, out: Path) -> None:
 
 
 def plot_modes(sec: Section, out: Path) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
     plt = _plt()
     points = sec.data["points"]
     sizes = sorted({p["size"] for p in points})
     dens = sorted({p["density"] for p in points})
-    fig, axs = plt.subplots(2, 2, figsize=(9, 6.5))
-    modes = list(MODE_STYLE)
     big, dense, sparse = max(sizes), max(dens), min(dens)
-    for mode in modes:
-        color, marker = MODE_STYLE[mode]
-        pm = [p for p in points if p["mode"] == mode]
-        at = {(p["size"], p["density"]): p for p in pm}
-        gib = list(sizes)
-        _errbar(axs[0, 0], gib, [at[(s, dense)]["ms"] for s in sizes], color=color, marker=marker, label=mode)
-        axs[0, 0].plot(gib, [at[(s, sparse)]["ms"].get("median", np.nan) for s in sizes], color=color, ls=":", lw=1)
-        _errbar(axs[0, 1], [d * 100 for d in dens], [at[(big, d)]["cpu-ms-per-gib"] for d in dens], color=color,
-                marker=marker, label=mode)
-        axs[1, 0].plot([d * 100 for d in dens], [max(at[(big, d)]["bytes"]["median"], 1) for d in dens], color=color,
-                       marker=marker, label=f"{mode} bytes")
-        axs[1, 1].plot(gib, [at[(s, dense)]["map-bytes"]["median"] / 1024 for s in sizes], color=color, marker=marker,
-                       label=mode)
-    axs[0, 0].set(xlabel="guest memory", ylabel="collection latency (ms)", xscale="log", yscale="log",
-                  title=f"latency: solid {dense:.0%} dirty, dotted {sparse:.1%}")
-    axs[0, 1].set(xlabel="dirty pages (%)", ylabel="host CPU (ms per GiB tracked)", xscale="log", yscale="log",
-                  title=f"host CPU per GiB, {size(big)} guest")
-    axs[1, 0].set(xlabel="dirty pages (%)", ylabel="bytes to the driver per round", xscale="log", yscale="log",
-                  title=f"bytes per round, {size(big)} guest")
-    ax2 = axs[1, 0].twinx()
-    for mode in modes:
-        if mode.startswith("pull"):
-            color, marker = MODE_STYLE[mode]
-            pm = {p["density"]: p for p in points if p["mode"] == mode and p["size"] == big}
-            ax2.plot([d * 100 for d in dens], [pm[d]["commands"]["median"] for d in dens], color=color, ls="--", lw=1)
-    ax2.set_ylabel("commands per round (dashed, pull)")
-    axs[1, 1].set(xlabel="guest memory", ylabel="map memory (KiB)", xscale="log", yscale="log",
-                  title="map memory (push: host, pull: device)")
-    _ticks(axs[0, 0], sizes, bytes_x=True)
-    _ticks(axs[1, 1], sizes, bytes_x=True)
-    _ticks(axs[0, 1], [d * 100 for d in dens])
-    _ticks(axs[1, 0], [d * 100 for d in dens])
+    pct = [d * 100 for d in dens]
+    fig, axs = plt.subplots(2, 3, figsize=(12, 6.5))
+    for mode, (color, marker) in MODE_STYLE.items():
+        at = {(p["size"], p["density"]): p for p in points if p["mode"] == mode}
+        kw = dict(color=color, marker=marker, label=mode)
+        _errbar(axs[0, 0], sizes, [at[(s, dense)]["ms"] for s in sizes], **kw)
+        axs[0, 0].plot(sizes, [at[(s, sparse)]["ms"].get("median", np.nan) for s in sizes], color=color, ls=":", lw=1)
+        _errbar(axs[0, 1], pct, [at[(big, d)]["ms"] for d in dens], **kw)
+        _errbar(axs[0, 2], pct, [at[(big, d)]["cpu-ms-per-gib"] for d in dens], **kw)
+        axs[1, 0].plot(sizes, [at[(s, dense)]["bytes"]["median"] for s in sizes], **kw)
+        axs[1, 1].plot(sizes, [at[(s, dense)]["commands"]["median"] for s in sizes], **kw)
+        axs[1, 2].plot(sizes, [at[(s, dense)]["map-bytes"]["median"] for s in sizes], **kw)
+    axs[0, 0].set(title=f"collection latency: solid {dense:.0%} dirty, dotted {sparse:.1%}", ylabel="ms")
+    axs[0, 1].set(title=f"collection latency, {size(big)} guest", ylabel="ms")
+    axs[0, 2].set(title=f"host CPU per GiB tracked, {size(big)} guest", ylabel="ms per GiB")
+    axs[1, 0].set(title=f"bytes to the driver per round, {dense:.0%} dirty", ylabel="bytes")
+    axs[1, 1].set(title=f"control commands per round, {dense:.0%} dirty", ylabel="commands")
+    axs[1, 2].set(title="map memory (push: host, pull: device)", ylabel="bytes")
+    by_size = (axs[0, 0], axs[1, 0], axs[1, 1], axs[1, 2])
     for ax in axs.flat:
+        ax.set_xscale("log")
+        ax.set_yscale("symlog" if ax is axs[1, 1] else "log")
+        _ticks(ax, sizes if ax in by_size else pct, bytes_x=ax in by_size)
+        ax.set_xlabel("guest memory" if ax in by_size else "dirty pages (%)")
         ax.grid(alpha=0.3)
+    for ax in (axs[1, 0], axs[1, 2]):
+        ax.yaxis.set_major_locator(LogLocator(base=4))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: size(v)))
+    for ax in axs.flat:
+        ax.title.set_fontsize(9)
     axs[0, 0].legend(fontsize=7)
     _save(fig, out / "modes.png")
 
@@ -195,8 +191,7 @@ def plot_downtime(sec: Section, out: Path) -> None:
 
     cells = sec.data.get("_cells")
     if cells:
-        bd.plot(cells, out / "downtime.png", "measured downtime vs limit (first migrations)")
-        _shrink(out / "downtime.png")
+        bd.plot(cells, out / "downtime.png", "measured downtime vs limit (first migrations)", dpi=DPI)
     plt = _plt()
     phases = sec.data["phases"]
     names: list[str] = []
@@ -216,17 +211,6 @@ def plot_downtime(sec: Section, out: Path) -> None:
     ax.set_title("where the downtime goes")
     ax.legend(fontsize=7, ncol=2)
     _save(fig, out / "downtime-phases.png")
-
-
-def _shrink(path: Path) -> None:
-    """Re-save a PNG drawn elsewhere at the report's DPI (bench_downtime draws at 110)."""
-    plt = _plt()
-    img = plt.imread(path)
-    h, w = img.shape[:2]
-    fig = plt.figure(figsize=(w / 110, h / 110))
-    fig.figimage(img, resize=True)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
 
 
 PLOTS = {"tracking": plot_tracking, "modes": plot_modes, "portions": plot_portions, "slow-commands": plot_slow,

@@ -332,7 +332,7 @@ def measure_portions(plan: dict[str, Any], tick: Tick) -> Section:
            f"{size(bm[0]['portion'])} portions and {_m(bm[-1]['ms'], 2)} ms in {size(bm[-1]['portion'])} portions. "
            if bm else "")
         + "Once a portion is a few KiB or more, the command count and the time level off. "
-        + "; ".join(sorted(set(applied))).capitalize() + "."
+        + _sentence("; ".join(sorted(set(applied)))) + "."
     )
     sec.plots = ["portions.png"]
     return sec
@@ -576,8 +576,9 @@ def measure_downtime(plan: dict[str, Any], tick: Tick) -> Section:
         biggest[k] = biggest.get(k, 0) + 1
     top = max(biggest, key=biggest.get) if biggest else "-"  # type: ignore[arg-type]
     sec.answer = (f"{'; '.join(by_limit)}. The largest phase (median per cell) is '{top}' in "
-                  f"{biggest.get(top, 0)}/{len(phases)} cells. See docs/evidence/README.md for the full matrix "
-                  "(10 runs per cell) and its repeat.")
+                  f"{biggest.get(top, 0)}/{len(phases)} cells. These runs share the machine with whatever else "
+                  "runs on it (the load is in the header); docs/evidence/README.md has the full matrix (10 runs "
+                  "per cell) measured on the quiet machine, its repeat, and the same under stress-ng.")
     sec.plots = ["downtime.png", "downtime-phases.png"]
     sec.data["_cells"] = cells  # for the plot; dropped before JSON
     return sec
@@ -601,6 +602,10 @@ MEASURE: dict[str, Callable[[dict[str, Any], Tick], Section]] = {
     "downtime": measure_downtime,
     "profiles": measure_profiles,
 }
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _m(s: dict[str, Any], digits: int = 1) -> str:
