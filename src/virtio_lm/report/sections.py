@@ -111,7 +111,7 @@ def samples_planned(section: str, plan: dict[str, Any]) -> int:
 # ====================================================================== 1. tracking
 def measure_tracking(plan: dict[str, Any], tick: Tick) -> Section:
     from virtio_lm import bench_downtime as bd
-    from virtio_lm.vm.machine import dma_window
+    from virtio_lm.vm.machine import VF_DMA_AREA, dma_window
 
     sec = Section("tracking", "What device dirty tracking buys", Q_PROBLEM, REVIEW.format(lines="lines 547-549"))
     # the rest of memory holds random data written at boot (verified after): a window's pages are real
@@ -182,8 +182,8 @@ def measure_tracking(plan: dict[str, Any], tick: Tick) -> Section:
         parts.append(
             f"Treating every page the VFs may write as dirty at the switch-over also loses nothing ({w_ok}/{w_n} "
             f"verified), but the switch-over then sends the whole DMA window while the VM is stopped: downtime "
-            f"median {each} (16 MiB: the VFs' own buffers and rings; all of memory: a VF that may write anywhere "
-            f"in the guest), against {_m(t['downtime'])} ms with device tracking, which sends only the pages the "
+            f"median {each} (the VFs' own buffers and rings take {VF_DMA_AREA[1] / MIB:.1f} MiB; a window of all of "
+            f"memory is a VF that may write anywhere in the guest), against {_m(t['downtime'])} ms with device tracking, which sends only the pages the "
             "VFs actually wrote, during pre-copy.")
     parts.append("Platform (IOMMU-style) dirty tracking comes with the virtio-1.4 profile, which is not built yet; "
                  "it is not measured here.")
