@@ -26,8 +26,9 @@ selects a VM where a host has several, default the first)::
                             x-device-tracking, x-dma-footprint-mib (without device
                             tracking: every page of the VFs' DMA window, at least
                             this many MiB, is taken as dirty at the switch-over),
-                            x-auto-converge, x-max-rounds, x-restore-delay-ms (destination test knob: wait before
-                            RESTORE_STATE, holding the source in status 'device')
+                            x-auto-converge, x-max-rounds, x-restore-delay-ms
+                            (destination test knob: wait before RESTORE_STATE,
+                            holding the source in status 'device')
     query-migrate-parameters
     migrate_cancel
     query-vfs               every VF of the PF: VM, kind, state, tracking, counters
