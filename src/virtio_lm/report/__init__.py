@@ -38,6 +38,7 @@ from virtio_lm.report import render
 from virtio_lm.report.sections import MEASURE, PLANS, Section, samples_planned
 
 SECTIONS = tuple(MEASURE)
+BUDGET_S = {"quick": 90, "full": 600}  # the campaign's bound, on a machine not shared with other work
 
 
 def section_command(section: str, quick: bool) -> str:
@@ -86,6 +87,7 @@ def run_report(out: Path, *, quick: bool = False, sections: tuple[str, ...] | li
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "seconds": time.time() - started,
+        "budget-s": BUDGET_S[kind],
         "hostname": socket.gethostname(),
         "nproc": os.cpu_count(),
         "loadavg": {"start": list(load_start), "end": list(os.getloadavg())},

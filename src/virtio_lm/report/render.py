@@ -248,7 +248,9 @@ def _header_lines(meta: dict[str, Any]) -> list[str]:
         + (f", commit {meta['commit'][:12]}" if meta.get("commit") else "") + ".",
         f"The machine was busy: other agents ran test suites on it at the same time (load average "
         f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end, on {meta['nproc']} CPUs). "
-        "Timings are medians with their range (min-max) over n samples; under load the ranges are wide.",
+        "Timings are medians with their range (min-max) over n samples; under load the ranges are wide."
+        + (f" The campaign took longer than its {meta['budget-s']} s budget because of that load."
+           if meta["seconds"] > meta["budget-s"] else ""),
     ]
 
 

@@ -68,7 +68,7 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": dict(memory_mib=64, sweep_mib=16, rate=32.0, limit=300, mode="pull-bitmap", samples=3,
                       footprints=(64,), warmup_s=0.5),
         "full": dict(memory_mib=256, sweep_mib=64, rate=32.0, limit=300, mode="pull-bitmap", samples=3,
-                     footprints=(16, 64, 128, 256), warmup_s=1.0),
+                     footprints=(16, 64, 256), warmup_s=1.0),
     },
     "modes": {
         "quick": dict(sizes=(64 * MIB, 256 * MIB), densities=(0.01, 1.0), samples=3),
@@ -86,8 +86,8 @@ PLANS: dict[str, dict[str, dict[str, Any]]] = {
     "downtime": {
         "quick": dict(limits=(100,), modes=("pull-bitmap",), rates=(32.0,), runs=3, memory_mib=64, sweep_mib=16,
                       warmup_s=0.5),
-        "full": dict(limits=(30, 100, 300), modes=("push-bitmap", "push-bytemap", "pull-bitmap", "pull-bytemap"),
-                     rates=(32.0,), runs=3, memory_mib=256, sweep_mib=64, warmup_s=1.0),
+        "full": dict(limits=(30, 100, 300), modes=("push-bitmap", "pull-bitmap"), rates=(32.0,), runs=3,
+                     memory_mib=256, sweep_mib=64, warmup_s=1.0),
     },
     "profiles": {"quick": {}, "full": {}},
 }
