@@ -247,8 +247,8 @@ def measure_modes(plan: dict[str, Any], tick: Tick) -> Section:
         f"At {size(big)} with {max(plan['densities']):.0%} of pages dirty, collection takes (median ms) {by(dense, 'ms')}; "
         f"host CPU per GiB tracked (ms) {by(dense, 'cpu-ms-per-gib')}. "
         f"At {min(plan['densities']):.1%} dirty: {by(sparse, 'ms')} ms. "
-        "Push modes spend no control command: the driver reads and clears the map the PF writes into host memory, "
-        "so their cost is host CPU over the whole map, whatever the density. Pull modes spend "
+        "Push modes spend no control command: the driver reads and clears the whole map the PF writes into host "
+        "memory, so their work is set by the map's size, not by the density. Pull modes spend "
         f"{pull_cmds} commands per round here (GET_DIRTY_REPORT_SIZE + REPORT_DIRTY_PAGES portions); the report is trimmed to the "
         "last dirty page, and the map's memory moves from the host to the device. A bitmap moves an eighth of a "
         f"bytemap's bytes per round ({by_bytes(dense)})."
@@ -487,6 +487,7 @@ def _slow_rig(two_pfs: bool, delays_ms: list[int], tick: Tick, *, baseline: bool
         (dq,) = tr.bring_up(bit(Feature.VERSION_1), 1, size=64)
         data = Allocator(0x100000, 7 * MIB)
         dev = fn.device
+        other.get_state_attrs(other_vf)  # warm: the first command after bring-up is not the one measured
         for seed, delay in enumerate(delays_ms, start=1):
             if baseline:
                 t0 = time.perf_counter()
