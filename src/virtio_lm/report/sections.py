@@ -330,8 +330,10 @@ def measure_portions(plan: dict[str, Any], tick: Tick) -> Section:
         f"commands and {_m(s0['save-ms'], 1)} ms to save in {size(s0['portion'])} portions, "
         f"{s1['save-commands']['median']:.0f} commands and {_m(s1['save-ms'], 2)} ms in {size(s1['portion'])} "
         f"portions; restoring it {_m(s0['restore-ms'], 1)} ms vs {_m(s1['restore-ms'], 2)} ms. "
-        + (f"A busy virtio-blk VF's image is only {size(small[0]['image-bytes'])} (no request was still held when it "
-           "was frozen), so one portion holds it. " if small else "")
+        + (f"A busy virtio-blk VF's image is {size(small[0]['image-bytes'])}: "
+           f"{small[0]['save-commands']['median']:.0f} commands ({_m(small[0]['save-ms'], 2)} ms) to save in "
+           f"{size(small[0]['portion'])} portions, {small[-1]['save-commands']['median']:.0f} "
+           f"({_m(small[-1]['save-ms'], 2)} ms) in {size(small[-1]['portion'])} portions. " if small else "")
         + (f"A {size(bm[0]['report-bytes'])} bytemap dirty report takes {_m(bm[0]['ms'], 2)} ms in "
            f"{size(bm[0]['portion'])} portions and {_m(bm[-1]['ms'], 2)} ms in {size(bm[-1]['portion'])} portions. "
            if bm else "")
