@@ -337,7 +337,9 @@ def measure_portions(plan: dict[str, Any], tick: Tick) -> Section:
         + (f"A {size(bm[0]['report-bytes'])} bytemap dirty report takes {_m(bm[0]['ms'], 2)} ms in "
            f"{size(bm[0]['portion'])} portions and {_m(bm[-1]['ms'], 2)} ms in {size(bm[-1]['portion'])} portions. "
            if bm else "")
-        + "Once a portion is a few KiB or more, the command count and the time level off. "
+        + f"A command costs about {s0['save-ms']['median'] / max(s0['save-commands']['median'], 1):.2f} ms here "
+        f"(the {size(s0['portion'])} save: {_m(s0['save-ms'], 1)} ms / {s0['save-commands']['median']:.0f} "
+        "commands), so the time follows the number of portions. "
         + _sentence("; ".join(sorted(set(applied)))) + "."
     )
     sec.plots = ["portions.png"]
