@@ -107,6 +107,7 @@ def render_in_chromium(report: Path, tmp: Path, *, screenshot: bool = True) -> d
     """index.html (with a probe script appended, beside the original so the PNGs resolve) as
     Chromium sees it after load; and a screenshot of index.html itself into ``tmp``."""
     exe = chromium()
+    report = report.resolve()
     probe = report / "probe-index.html"
     probe.write_text((report / "index.html").read_text().replace("</body>", PROBE))
     try:
