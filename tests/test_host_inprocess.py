@@ -103,7 +103,7 @@ def test_untracked_dma_window_taken_as_dirty_at_switchover_loses_nothing(tmp_pat
         info = migrate(src, dst, **{"x-device-tracking": False, "x-dma-footprint-mib": 20,
                                     "max-bandwidth": 40 << 20})
         assert info["status"] == "completed", info
-        assert info["x-dma-footprint-pages"] == 20 * 256  # the window: 20 MiB from the page cache on
+        assert info["x-dma-footprint-pages"] == 20 * 256  # the window: 20 MiB from the DMA test area on
         time.sleep(0.3)
         report = dst.table.call("x-vm-verify")
         assert report["passed"], report
@@ -114,12 +114,13 @@ def test_untracked_dma_window_taken_as_dirty_at_switchover_loses_nothing(tmp_pat
 
 def test_dma_window_covers_every_vf_area_and_grows_to_the_end_of_memory():
     from virtio_lm.memory import Memory
+    from virtio_lm.vm.dmatest_kind import AREA as DMATEST_AREA
     from virtio_lm.vm.machine import BLK_AREA, CACHE_ADDR, NET_BUF_AREA, NET_RING_AREA, VirtualMachine
 
     vm = VirtualMachine(VmSpec(memory_mib=64), Memory(64 << 20, name="w"))
     try:
         first, end = vm.dma_window_pages(0)
-        for addr, length in (BLK_AREA, NET_RING_AREA, NET_BUF_AREA, (CACHE_ADDR, 4 << 20)):
+        for addr, length in (DMATEST_AREA, BLK_AREA, NET_RING_AREA, NET_BUF_AREA, (CACHE_ADDR, 4 << 20)):
             assert first <= addr >> 12 and (addr + length) >> 12 <= end
         assert vm.dma_window_pages(32) == (first, first + 32 * 256)
         assert vm.dma_window_pages(1000) == (first, 64 * 256)

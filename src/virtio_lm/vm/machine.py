@@ -33,6 +33,7 @@ from virtio_lm.errors import GuestStateError, VirtioLmError, WireError
 from virtio_lm.memory import PAGE_SIZE, Memory
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.vm import guest_state as gs
+from virtio_lm.vm.dmatest_kind import AREA as DMATEST_AREA
 from virtio_lm.vm.kinds import KINDS, GuestPart, kinds_of
 from virtio_lm.vm.vcpu import SweepVcpu
 from virtio_lm.wire.guest import join_cpu_state, split_cpu_state
@@ -46,8 +47,10 @@ BLK_AREA = (0x0060_0000, 4 * MIB)
 NET_RING_AREA = (0x00A0_0000, 2 * MIB)
 NET_BUF_AREA = (0x00C0_0000, 4 * MIB)
 SWEEP_START = 0x0100_0000
-#: every byte a VF may write: the blk page cache and driver area, the net rings and buffers
-VF_DMA_AREA = (CACHE_ADDR, SWEEP_START - CACHE_ADDR)
+#: every byte a VF may write: the DMA test driver's area, the blk page cache and driver area,
+#: the net rings and buffers (everything below the sweep region but the first 128 KiB and the
+#: blk workload's metadata, which only the vCPU writes)
+VF_DMA_AREA = (DMATEST_AREA[0], SWEEP_START - DMATEST_AREA[0])
 MIN_MEMORY_MIB = 32
 
 
