@@ -76,6 +76,9 @@ HOST_MEMORY = 64 * MIB
 GUEST_THREADS_PER_VM = 3  # vCPU, blk workload, net workload
 PF_DRIVER_AREA = (0x10_0000, HOST_MEMORY - 0x10_0000)
 TERMINAL = ("completed", "failed", "cancelled")
+# once a session is final its runner only passes the last events on and closes its
+# channel (file, socket, listener): how long a command waits for that before answering
+SETTLE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -309,7 +312,16 @@ class Host:
         return {}
 
     def _busy(self, slot: Slot) -> bool:
-        return slot.runner is not None and not slot.runner.done.is_set()
+        """A migration runs on this slot.  A session already final (what query-migrate
+        reports) is not busy: its runner is given SETTLE_TIMEOUT to finish closing."""
+        runner = slot.runner
+        if runner is None or runner.done.is_set():
+            return False
+        with runner.lock:
+            final = slot.session is not None and slot.session.finished and not slot.session.wants_to_send
+        if final:
+            runner.join(SETTLE_TIMEOUT)
+        return not runner.done.is_set()
 
     def _on_event(self, slot: Slot, ev: Any) -> None:
         if isinstance(ev, MigrationEvent):
@@ -394,6 +406,10 @@ class Host:
         if slot.runner is None:
             return {}
         info = dict(slot.runner.info())
+        if info.get("status") in TERMINAL and not slot.runner.done.is_set():
+            # final: the runner is closing its channel.  Report the final status only once
+            # it has, so that a client retrying on 'failed' finds the slot free (issue 12)
+            self._busy(slot)
         if slot.direction == "in" and slot.listen_address:
             host, port = slot.listen_address[:2]
             info["socket-address"] = [{"type": "inet", "host": host, "port": str(port)}]
@@ -428,7 +444,7 @@ class Host:
 
     def cmd_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         slot = self._slot(args)
-        if slot.runner is not None and not slot.runner.done.is_set():
+        if self._busy(slot):
             slot.runner.cancel()
         return {}
 
