@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import threading
@@ -842,3 +843,26 @@ def test_stale_socket_file_is_replaced(tmp_path):
     s.close()  # leaves the socket file behind, as a crashed host would
     with QmpServer(make_table(), path) as srv:
         assert qmp_works(srv)
+
+
+def test_client_gone_while_paused_is_not_answered_further(tmp_path, caplog):
+    """Issue 12 defect 2: a client sends a command and a pile of buffered input, then
+    disconnects.  Reading is paused (read_high_water) so the server does not see the
+    EOF; the answer's write fails and the transport starts closing.  The server must
+    stop there, not parse and answer everything still buffered into a dead transport
+    (asyncio logs "socket.send() raised exception." for every such write)."""
+    gate = Gate()
+    t = make_table()
+    t.register("slow", gate)
+    pile = b"[]\n" * 20000  # 20000 delimited errors to answer, far above read_high_water
+    with caplog.at_level(logging.WARNING, logger="asyncio"), \
+            QmpServer(t, f"unix:{tmp_path}/p.sock", read_high_water=1024) as srv:
+        with RawClient(srv) as rc:
+            rc.negotiate()
+            rc.send(req("slow", id="gone") + pile)
+            assert gate.started.wait(30)
+        gate.release.set()
+        assert gate.finished.wait(30)
+        assert qmp_works(srv)  # the answer to 'gone' was tried (and failed) before this
+    sends = [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
+    assert sends == [], f"{len(sends)} writes into a closed transport"

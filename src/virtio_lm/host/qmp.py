@@ -826,7 +826,7 @@ class _Client(asyncio.Protocol):
         self.write(self.conn.start())
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.gone():
             return
         self.conn.receive_data(data)
         self.pump()
@@ -839,9 +839,16 @@ class _Client(asyncio.Protocol):
         self.server._clients.discard(self)
 
     # -- work
+    def gone(self) -> bool:
+        """Closed by us, or the transport is closing (a write failed, the peer left):
+        nothing more is parsed, run or written for this client."""
+        if not self.closed and self.transport is not None and self.transport.is_closing():
+            self.closed = True
+        return self.closed
+
     def pump(self) -> None:
         """Answer what can be answered; hand the next command to the dispatcher."""
-        while not self.closed and not self.busy:
+        while not self.gone() and not self.busy:
             req = self.conn.next_request()
             if req is None:
                 if self.paused:
@@ -853,16 +860,16 @@ class _Client(asyncio.Protocol):
                 self.server._submit(self, req)
             else:
                 self.deliver(req.run(), req.final)
-        if self.busy and not self.paused and not self.closed \
+        if self.busy and not self.paused and not self.gone() \
                 and self.conn.buffered_bytes >= self.server.read_high_water:
             self.paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 
     def deliver(self, out: bytes, final: bool) -> None:
-        if self.closed:
+        if self.gone():
             return
         self.write(out)
-        if final and not self.closed:
+        if final and not self.gone():
             log.warning("QMP: disconnecting a client: %s", self.conn.close_reason)
             self.closed = True
             self.transport.close()  # type: ignore[union-attr]
@@ -873,7 +880,7 @@ class _Client(asyncio.Protocol):
         self.pump()
 
     def write(self, data: bytes) -> None:
-        if self.closed or not data:
+        if self.gone() or not data:
             return
         t = self.transport
         t.write(data)  # type: ignore[union-attr]
@@ -1071,7 +1078,7 @@ class QmpServer:
 
     def _broadcast(self, encoded: bytes) -> None:
         for c in list(self._clients):
-            if not c.closed and c.conn.accepts_events:
+            if not c.gone() and c.conn.accepts_events:
                 c.write(encoded)
 
     def _submit(self, client: _Client, req: Request) -> None:
