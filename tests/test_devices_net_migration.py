@@ -318,6 +318,9 @@ BAD_IMAGES: dict[str, Callable[[bytes], bytes]] = {
     "status-unknown-bits": lambda b: replace_record(b, NetRecordType.NET_STATE, state_with(status=0x81)),
     "announce-flag-without-status": lambda b: replace_record(
         b, NetRecordType.NET_STATE, state_with(flags=int(NetStateFlags.ANNOUNCE_PENDING))),
+    # issue 12 defect 3: accepted and dropped on the next save before the fix
+    "self-announce-due-flag": lambda b: replace_record(
+        b, NetRecordType.NET_STATE, state_with(flags=int(NetStateFlags.SELF_ANNOUNCE_DUE))),
     "rx-extra-mode": lambda b: replace_record(b, NetRecordType.NET_STATE, state_with(rx_mode=int(RxModeFlags.NOBCAST))),
     "state-short": lambda b: replace_record(b, NetRecordType.NET_STATE, state_with()[:-1]),
     "state-reserved": lambda b: replace_record(b, NetRecordType.NET_STATE, state_with()[:-2] + b"\x01\x00"),

@@ -141,7 +141,7 @@ def test_unoffered_bits_before_features_ok_are_a_register_value(src, dst):
 
 
 def test_flags_restore_broken_and_signalled(src, dst):
-    img = edit_queue(image_of(src.fn), 0, flags=QUEUE_FLAG_BROKEN, signalled_used=7)
+    img = edit_queue(image_of(src.fn), 0, flags=QUEUE_FLAG_BROKEN, signalled_used=0)
     apply_function(dst.fn, validate_function(dst.fn, img))
     assert dst.fn.queues[0].broken and dst.fn.queues[0].signalled_used is None
     img = edit_queue(image_of(src.fn), 0, flags=QUEUE_FLAG_SIGNALLED_VALID, signalled_used=7)
@@ -248,6 +248,13 @@ def test_queue_enabled_not_0_or_1(src, dst):
 
 def test_queue_unknown_flags(src, dst):
     refuse(dst, edit_queue(image_of(src.fn), 0, flags=4), "unknown bits")
+
+
+@pytest.mark.parametrize("flags", [0, QUEUE_FLAG_BROKEN])
+def test_signalled_used_without_its_valid_flag(src, dst, flags):
+    """Issue 12 defect 3: a value the device would drop (and save back as 0) is refused,
+    so that an accepted image saves back byte-identical."""
+    refuse(dst, edit_queue(image_of(src.fn), 0, flags=flags, signalled_used=7), "signalled_used 7 without")
 
 
 def test_held_chains_above_queue_size(src, dst):

@@ -80,6 +80,7 @@ from virtio_lm.wire.state import (
     DEVICE_RECORD_BASE,
     QUEUE_FLAG_BROKEN,
     InflightHeader,
+    QueueRecord,
     RecordType,
     StateImage,
     decode_image,
@@ -179,6 +180,33 @@ class ValidatedImage:
     inflight: tuple[InflightHeader, ...]
     data: tuple[bytes, ...]
     device: object  # the subclass's parsed device records
+
+
+def _record_key(rec) -> tuple[int, ...]:
+    """Where :meth:`QueueDevice.mig_save` puts a record: FUNCTION, QUEUE records by
+    index, CONFIG, device records by type, INFLIGHT by (queue, avail_idx)."""
+    if rec.type == RecordType.FUNCTION:
+        return (0,)
+    if rec.type == RecordType.QUEUE:
+        return (1, QueueRecord.decode(rec.payload).index)
+    if rec.type == RecordType.CONFIG:
+        return (2,)
+    if rec.type == RecordType.INFLIGHT:
+        h = InflightHeader.unpack_from(rec.payload, 0)
+        return (4, h.queue, h.avail_idx)
+    return (3, rec.type)
+
+
+def _check_record_order(image: StateImage) -> None:
+    """Records in the order the device saves them, no two INFLIGHT records at one avail
+    index: an accepted image saves back byte-identical (issue 12)."""
+    keys = [_record_key(r) for r in image.records]
+    for i in range(1, len(keys)):
+        if keys[i] < keys[i - 1] or (keys[i] == keys[i - 1] and keys[i][0] == 4):
+            raise StateImageError(
+                f"record[{i}]", f"type {image.records[i].type:#x} out of order (records go FUNCTION, QUEUE by "
+                "index, CONFIG, device records by type, INFLIGHT by queue and avail index, each once)"
+            )
 
 
 class QueueDevice(VirtioDevice):
@@ -603,6 +631,7 @@ class QueueDevice(VirtioDevice):
                     f"queue[{qi}]", f"{held} chains taken but not returned, yet {n} INFLIGHT records"
                 )
         device = self.validate_device_records(image, snap)
+        _check_record_order(image)
         return ValidatedImage(snap, tuple(headers), tuple(datas), device)
 
     def mig_restore(self, validated: object) -> None:

@@ -176,6 +176,9 @@ def _check_queue(fn: VirtioPciFunction, q: QueueRecord, event_idx: bool, status:
         raise StateImageError(f"{where}.enabled", f"{q.enabled} is not 0 or 1")
     if q.flags & ~(QUEUE_FLAG_SIGNALLED_VALID | QUEUE_FLAG_BROKEN):
         raise StateImageError(f"{where}.flags", f"unknown bits {q.flags:#x}")
+    if not q.flags & QUEUE_FLAG_SIGNALLED_VALID and q.signalled_used:
+        # the device would drop it and save 0: an accepted image must save back identical
+        raise StateImageError(f"{where}.signalled_used", f"signalled_used {q.signalled_used} without its valid flag")
     if q.enabled and not status & _FO:
         raise StateImageError(f"{where}.enabled", "queue enabled before FEATURES_OK")
     if q.enabled:
