@@ -245,6 +245,18 @@ def test_reader_bad_flags(flags, what) -> None:
         MessageReader().feed(Header(1, flags, 0).encode())
 
 
+def test_reader_refusal_closes_the_fds_of_messages_completed_in_the_same_chunk() -> None:
+    """Found by fuzz/vhost_user.py: a chunk holding a whole message with its fd and then a
+    refused header.  feed() raises, so the caller never sees the first message: the reader
+    must close its fd (before the fix it leaked)."""
+    fd = os.eventfd(0)
+    chunk = Header(int(Request.SET_VRING_KICK), 1, 8).encode() + u64b(0) + Header(1, 1 | 0x10, 0).encode()
+    r = MessageReader()
+    with pytest.raises(VhostMessageError, match="unknown flag"):
+        r.feed(chunk, [fd])
+    assert closed(fd)
+
+
 def test_reader_any_chunking() -> None:
     stream = b"".join(Header(int(Request.SET_FEATURES), 1, 8).encode() + u64b(i) for i in range(5))
     for step in (1, 5, 13, len(stream)):

@@ -119,6 +119,8 @@ class MessageReader:
                 try:
                     check_header(h)
                 except VhostMessageError:
+                    for m in out:  # completed in this call, but the caller never gets them
+                        m.close_fds()
                     self.close()
                     raise
                 self._header = h
