@@ -1,0 +1,223 @@
+"""Write the seed corpus of every harness (fuzz/corpus/<name>/seed-*), from the real code.
+
+``python fuzz/make_corpus.py`` rewrites the seed-* files (crash-* files, inputs that
+once broke an invariant, are kept as they are).  The seeds are small, real inputs:
+commands the PF driver sends, images a VF saves, chains a driver adds, a stream a
+source session writes, a front-end's opening messages, a QMP session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from fuzzlib import CORPUS_DIR
+
+from virtio_lm.devices.dmatest import DmaTestDevice
+from virtio_lm.drivers.net_driver import DEFAULT_WANTED
+from virtio_lm.memory import Memory
+from virtio_lm.migration.fakes import MemoryVm
+from virtio_lm.migration.session import SourceSession
+from virtio_lm.net.testbed import make_vm, save_image
+from virtio_lm.pci import PciDriverTransport, VirtioPciFunction
+from virtio_lm.virtqueue.driver import Allocator
+from virtio_lm.wire.ctrl import (
+    CLASS_VF_MIGRATION,
+    FuncId,
+    FuncOffset,
+    MigrationCommand,
+    SetState,
+    StartDirtyTrack,
+    TrackMode,
+    VfState,
+)
+from virtio_lm.wire.features import Feature, bit
+from virtio_lm.wire.ring import DescFlags, VirtqDesc
+from virtio_lm.wire.state import InflightHeader, QueueRecord, Record, RecordType, decode_image, encode_image
+from virtio_lm.wire.vhost_user import Header, MemRegion, Request, VringState, encode_mem_table
+
+MC = MigrationCommand
+
+
+def u16(v: int) -> bytes:
+    return v.to_bytes(2, "little")
+
+
+# ------------------------------------------------------------------ ctrl_queue
+def cmd(command: int, data: bytes = b"", space: int = 64, cls: int = CLASS_VF_MIGRATION) -> bytes:
+    return bytes([cls, command]) + u16(space) + bytes([len(data)]) + data
+
+
+def ctrl_queue() -> dict[str, bytes]:
+    return {
+        "identify": cmd(MC.IDENTIFY),
+        "save-lifecycle": b"".join([
+            cmd(MC.GET_STATE_ATTRS, FuncId(1).encode()),
+            cmd(MC.SET_STATE, SetState(1, VfState.QUIESCED).encode(), 0),
+            cmd(MC.SET_STATE, SetState(1, VfState.FREEZED).encode(), 0),
+            cmd(MC.GET_STATE_ATTRS, FuncId(1).encode()),
+            cmd(MC.SAVE_STATE, FuncOffset(1, 0, 0).encode(), 255),
+            cmd(MC.SET_STATE, SetState(1, VfState.QUIESCED).encode(), 0),
+            cmd(MC.SET_STATE, SetState(1, VfState.RUNNING).encode(), 0),
+        ]),
+        "pull-tracking": b"".join([
+            cmd(MC.START_DIRTY_PAGE_TRACK, StartDirtyTrack(1, TrackMode.PULL_BITMAP).encode(), 0),
+            cmd(MC.GET_DIRTY_REPORT_SIZE, FuncId(1).encode(), 4),
+            cmd(MC.REPORT_DIRTY_PAGES, FuncOffset(1, 0, 0).encode(), 128),
+            cmd(MC.STOP_DIRTY_PAGE_TRACK, FuncId(1).encode(), 0),
+        ]),
+        "restore-into-init-vf": b"".join([
+            cmd(MC.SET_STATE, SetState(2, VfState.FREEZED).encode(), 0),
+            cmd(MC.RESTORE_STATE, FuncOffset(2, 0, 0).encode() + b"VLMS", 0),
+        ]),
+        "device-class": cmd(0, b"\x01", 1, cls=2),
+    }
+
+
+# ------------------------------------------------------------------ state_image
+def with_two_in_flight(blob: bytes, queue: int) -> bytes:
+    img = decode_image(blob)
+    out, used = [], 0
+    for r in img.records:
+        if r.type == RecordType.QUEUE and QueueRecord.decode(r.payload).index == queue:
+            q = QueueRecord.decode(r.payload)
+            used = q.used_idx
+            r = Record(r.type, dataclasses.replace(q, last_avail_idx=(used + 2) & 0xFFFF).encode())
+        out.append(r)
+    out.append(Record(RecordType.INFLIGHT, InflightHeader(queue, 0, used, 0, 0).encode()))
+    out.append(Record(RecordType.INFLIGHT, InflightHeader(queue, 1, (used + 1) & 0xFFFF, 1, 4).encode() + b"\0\1\2\3"))
+    img.records = out
+    return encode_image(img)
+
+
+def state_image() -> dict[str, bytes]:
+    net = make_vm(None, name="seed-net")
+    net.bring_up(DEFAULT_WANTED, queue_size=64)
+    net.controller.set_state(1, VfState.QUIESCED)
+    net.controller.set_state(1, VfState.FREEZED)
+    net_img = save_image(net)
+    net.close()
+    mem = Memory(1 << 20, name="seed-dma")
+    fn = VirtioPciFunction(DmaTestDevice(), mem.device_port("seed-dma-vf"), name="seed-dma-vf")
+    feats = bit(Feature.VERSION_1) | bit(Feature.EVENT_IDX) | bit(Feature.INDIRECT_DESC)
+    PciDriverTransport(fn, mem.cpu, Allocator(0x1000, 0x80000)).bring_up(feats, 1, size=16)
+    dma_img = fn.device.mig_save()
+    fn.device.close()
+    mem.close()
+    return {
+        "net": b"\0\0" + net_img,
+        "net-two-in-flight": b"\0\0" + with_two_in_flight(net_img, 1),
+        "dmatest": b"\1\0" + dma_img,
+        "dmatest-two-in-flight-fix": b"\1\1" + with_two_in_flight(dma_img, 0),
+    }
+
+
+# ------------------------------------------------------------------ virtqueue_chain
+def chain_input(descs: list[VirtqDesc], scratch: bytes, heads: list[int], event_idx: int = 0) -> bytes:
+    out = bytes([event_idx, len(descs)]) + b"".join(d.encode() for d in descs)
+    out += bytes([len(scratch)]) + scratch + bytes([len(heads)]) + b"".join(u16(h) for h in heads)
+    return out + b"\0"
+
+
+def virtqueue_chain() -> dict[str, bytes]:
+    N, W, I = DescFlags.NEXT, DescFlags.WRITE, DescFlags.INDIRECT
+    buf = 0x9000
+    table = VirtqDesc(buf, 16, N, 1).encode() + VirtqDesc(buf + 16, 32, W, 0).encode()
+    return {
+        "two-descriptor-chain": chain_input([VirtqDesc(buf, 16, N, 1), VirtqDesc(buf + 16, 32, W, 0)], b"", [0]),
+        "indirect-chain": chain_input([VirtqDesc(0x8000, len(table), I, 0)], table, [0, 0], 1),
+        "loop": chain_input([VirtqDesc(buf, 16, N, 1), VirtqDesc(buf, 16, N, 0)], b"", [0]),
+    }
+
+
+# ------------------------------------------------------------------ stream_sections
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += 0.001
+        return self.t
+
+
+def source_stream(to_file: bool) -> bytes:
+    vm = MemoryVm(256 << 10, seed=3)
+    vm.cpu_write(3)  # three non-zero pages: RAM sections next to ZERO runs
+    s = SourceSession(vm, clock=Clock(), to_file=to_file)
+    s.start()
+    out = bytearray()
+    while not s.finished:
+        data = b"".join(bytes(c) for c in s.produce(1 << 20))
+        if not data:
+            break
+        out += data
+        s.on_sent(len(data))
+        if not to_file:
+            break  # over a socket the source waits for the destination: the first part only
+    return bytes(out)
+
+
+def stream_sections() -> dict[str, bytes]:
+    return {
+        "file-stream": bytes([4]) + u16(0) + source_stream(True),
+        "file-stream-chunked-repaired": bytes([4 | 3]) + u16(997) + source_stream(True),
+        "socket-stream-start": bytes([0]) + u16(4096) + source_stream(False),
+    }
+
+
+# ------------------------------------------------------------------ vhost_user
+def message(req: int, payload: bytes = b"", flags: int = 1) -> bytes:
+    return Header(int(req), flags, len(payload)).encode() + payload
+
+
+def vhost_chunk(data: bytes, nfds: int = 0, kinds: int = 0) -> bytes:
+    return bytes([nfds, kinds]) + u16(len(data)) + data
+
+
+def vhost_user() -> dict[str, bytes]:
+    feats = (bit(Feature.VERSION_1) | (1 << 30)).to_bytes(8, "little")
+    return {
+        "negotiate": vhost_chunk(message(Request.GET_FEATURES) + message(Request.SET_FEATURES, feats)
+                                 + message(Request.SET_OWNER) + message(Request.GET_PROTOCOL_FEATURES)
+                                 + message(Request.GET_QUEUE_NUM)),
+        "mem-table-and-ring": vhost_chunk(message(Request.SET_MEM_TABLE, encode_mem_table(
+            [MemRegion(0, 1 << 20, 0x7F00_0000_0000, 0)])), 1)
+            + vhost_chunk(message(Request.SET_VRING_NUM, VringState(0, 16).encode())
+                          + message(Request.SET_VRING_BASE, VringState(0, 0).encode()))
+            + vhost_chunk(message(Request.SET_VRING_KICK, bytes(8)), 1, 1),
+        "need-reply": vhost_chunk(message(Request.SET_OWNER, flags=1 | 8)),
+    }
+
+
+# ------------------------------------------------------------------ qmp_input
+def qmp_input() -> dict[str, bytes]:
+    return {
+        "negotiate-and-query": b"\0\0" + b'{"execute":"qmp_capabilities"}{"execute":"query-status","id":1}',
+        "set-parameters-cut": b"\1\2" + u16(7) + u16(30)
+        + b'{"execute":"migrate-set-parameters","arguments":{"downtime-limit":100,"x-tracking-mode":"push-bitmap"}}',
+        "garbage-then-command": b"\1\0" + b'[] 1 "x" {"execute":"migrate","arguments":{"uri":"tcp:h:1"},"id":"a"}',
+        "deep-nesting": b"\1\0" + b"[" * 12 + b"]" * 12,
+    }
+
+
+SEEDS = {
+    "ctrl_queue": ctrl_queue, "state_image": state_image, "virtqueue_chain": virtqueue_chain,
+    "stream_sections": stream_sections, "vhost_user": vhost_user, "qmp_input": qmp_input,
+}
+
+
+def write_all() -> None:
+    for name, make in SEEDS.items():
+        d = CORPUS_DIR / name
+        d.mkdir(parents=True, exist_ok=True)
+        for old in d.glob("seed-*"):
+            old.unlink()
+        for seed, data in make().items():
+            (d / f"seed-{seed}").write_bytes(data)
+            print(f"{name}/seed-{seed}: {len(data)} bytes", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))
+    write_all()
