@@ -254,15 +254,25 @@ class Proxy:
     ``corrupt_at``: flip one byte at that offset of the source->destination
     stream.  ``cut_after_ready``: once the destination's READY has gone to the
     source, drop whatever the source sends next (its COMMIT) and cut the
-    connection -- the link fails after the source committed.  :meth:`cut`
-    cuts the connection now (RST both ways)."""
+    connection -- the link fails after the source committed.  ``cut_after_commit``:
+    pass the COMMIT on, then drop the destination's answer (RUNNING) and cut -- the
+    destination runs, the source never hears it.  ``hold_after_commit``: pass the
+    COMMIT on and hold the destination's answer until :attr:`release` is set (the
+    source waits in its commit window meanwhile).  :meth:`cut` cuts the connection
+    now (RST both ways)."""
 
     def __init__(
-        self, target: tuple[str, int], *, corrupt_at: int | None = None, cut_after_ready: bool = False
+        self, target: tuple[str, int], *, corrupt_at: int | None = None, cut_after_ready: bool = False,
+        cut_after_commit: bool = False, hold_after_commit: bool = False,
     ) -> None:
         self.target = target
         self.corrupt_at = corrupt_at
         self.cut_after_ready = cut_after_ready
+        self.cut_after_commit = cut_after_commit
+        self.hold_after_commit = hold_after_commit
+        self.commit_forwarded = threading.Event()  # the data the source sent after READY went on
+        self.release = threading.Event()
+        self.dropped_after_commit = 0
         self.lst = socket.create_server(("127.0.0.1", 0))
         self.address = self.lst.getsockname()[:2]
         self.uri = f"tcp:{self.address[0]}:{self.address[1]}"
@@ -303,12 +313,24 @@ class Proxy:
                         self.dropped_after_ready += len(data)
                         self.cut()
                         return
+                    if (self.cut_after_commit or self.hold_after_commit) and self.ready_seen.is_set():
+                        dst.sendall(data)  # the COMMIT (the source's answer to READY)
+                        self.forwarded[direction] += len(data)
+                        self.commit_forwarded.set()
+                        continue
                     off = self.forwarded["to-dest"]
                     if self.corrupt_at is not None and off <= self.corrupt_at < off + len(data):
                         buf = bytearray(data)
                         buf[self.corrupt_at - off] ^= 0x5A
                         data = bytes(buf)
                         self.corrupted.set()
+                if direction == "to-source" and self.commit_forwarded.is_set():
+                    if self.cut_after_commit:
+                        self.dropped_after_commit += len(data)
+                        self.cut()
+                        return
+                    if self.hold_after_commit:
+                        self.release.wait(120)  # a guard against a hung test, not a timing
                 # READY is noted before it is passed on: the source answers it with COMMIT at
                 # once, and the other pump must already know by then
                 if dec is not None and not self.ready_seen.is_set():

@@ -15,7 +15,10 @@ no net VF: refused at the configuration check), ``migrate_cancel`` in each
 status the source goes through (``setup``: a destination that never answers;
 ``active``: a slow stream; ``device``: the destination's ``x-restore-delay-ms``
 holds the source there), a second ``migrate`` while one runs, and the link
-dropped after COMMIT.
+dropped after COMMIT.  In the commit window (issue 12): the link cut after the
+COMMIT reached the destination (exactly one runs: the destination), and
+``migrate_cancel`` while the source waits for RUNNING (too late: it must not
+resume); ``migrate_cancel`` on the destination's monitor mid-stream.
 """
 
 from __future__ import annotations
@@ -265,6 +268,71 @@ def test_link_drop_after_commit_leaves_source_in_postmigrate(setup: Setup) -> No
         setup.src.cmd("cont")
     # and the destination never got the COMMIT: it does not run either
     assert_destination_untouched(dst)
+
+
+def assert_stays_committed(src: Monitor, seconds: float = 0.5) -> None:
+    """The source stays in postmigrate (paused, VFs handed over) for a while and refuses cont."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert vm_status(src) == "postmigrate"
+    with pytest.raises(MonitorCommandError):
+        src.cmd("cont")
+
+
+def test_link_cut_after_commit_reached_the_destination_exactly_one_runs(setup: Setup) -> None:
+    """The COMMIT reaches the destination, its RUNNING never reaches the source (the link
+    fails in the commit window): the destination runs and verifies, the source stays paused
+    in postmigrate and never resumes -- exactly one runs."""
+    _, dst = setup.destination()
+    px = setup.c.proxy(listen_address(dst), cut_after_commit=True)
+    setup.src.cmd("migrate", uri=px.uri)
+    info = wait_final(setup.src)
+    assert px.commit_forwarded.is_set() and px.dropped_after_commit > 0, "the proxy did not drop RUNNING"
+    assert info["status"] == "failed" and info["vm-status"] == "postmigrate", info
+    assert wait_final(dst)["status"] == "completed"
+    assert vm_status(dst) == "running"
+    assert_stays_committed(setup.src)
+    assert vm_status(dst) == "running"
+    vfs = setup.src.cmd("query-vfs")
+    assert all(v["state"] != "RUNNING" for v in vfs), vfs  # the source's VFs never run again
+    res = finish_and_verify(setup.src, dst, None, after=0.3)
+    assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]
+
+
+def test_cancel_in_the_commit_window_does_not_resume_the_source(setup: Setup) -> None:
+    """migrate_cancel after the source sent COMMIT (its RUNNING held back): too late to roll
+    back -- the cancel must not resume the source; the migration completes, the destination
+    runs, the source stays in postmigrate."""
+    _, dst = setup.destination()
+    px = setup.c.proxy(listen_address(dst), hold_after_commit=True)
+    setup.src.cmd("migrate", uri=px.uri)
+    deadline = time.monotonic() + 120
+    while not px.commit_forwarded.is_set():
+        assert time.monotonic() < deadline, "the COMMIT never went through the proxy"
+        px.commit_forwarded.wait(0.05)
+    setup.src.cmd("migrate_cancel")
+    assert vm_status(setup.src) == "postmigrate"
+    px.release.set()
+    info = wait_final(setup.src)
+    assert info["status"] == "completed", info
+    assert wait_final(dst)["status"] == "completed" and vm_status(dst) == "running"
+    assert_stays_committed(setup.src)
+    res = finish_and_verify(setup.src, dst, setup.peer, after=0.3)
+    assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]
+
+
+def test_cancel_on_the_destination_while_active_rolls_the_source_back(setup: Setup) -> None:
+    """migrate_cancel on the destination's monitor in the middle of the stream: the destination
+    gives up (ERROR to the source), the source rolls back and runs on, a retry succeeds."""
+    _, dst = setup.destination()
+    start_slow(setup, "tcp:%s:%d" % listen_address(dst))
+    dst.cmd("migrate_cancel")
+    assert wait_final(dst)["status"] == "cancelled"
+    info = wait_final(setup.src)
+    assert info["status"] == "failed", info
+    assert_destination_untouched(dst)
+    assert_source_intact(setup.src)
+    setup.retry_and_verify()
 
 
 # ------------------------------------------------------------------------------ over the limit
