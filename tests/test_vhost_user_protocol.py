@@ -644,6 +644,58 @@ def test_server_closes_on_hostile_message_and_serves_reconnect(image, tmp_path) 
         dev.close()
 
 
+def _get_features(s: socket.socket) -> int:
+    _send(s, Header(int(Request.GET_FEATURES), 1, 0).encode())
+    reply = _recv_exact(s, 20)
+    assert Header.decode(reply[:12]) == Header(int(Request.GET_FEATURES), 5, 8), reply
+    return decode_u64(reply[12:])
+
+
+def test_silent_front_end_holds_only_its_own_socket(image, tmp_path) -> None:
+    """Issue 12: a front-end that connects and says nothing.  Another back-end (its own
+    socket, its own device) serves its front-end as usual; on the silent one's socket a
+    second front-end waits in the backlog, unanswered -- one front-end per socket
+    (docs/architecture.md) -- and is served as soon as the silent one leaves."""
+    image2 = tmp_path / "disk2.img"
+    image2.write_bytes(bytes(MIB))
+    dev_a, dev_b = BlkDevice(image), BlkDevice(image2)
+    a = VhostUserServer(str(tmp_path / "a.sock"), dev_a)
+    b = VhostUserServer(str(tmp_path / "b.sock"), dev_b)
+    a.start()
+    b.start()
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        silent.connect(a.path)
+        deadline = time.monotonic() + 10
+        while a.connections < 1:  # the silent front-end is A's connection now
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:  # B is not affected
+            other.connect(b.path)
+            other.settimeout(10)
+            assert _get_features(other) & LOG_ALL
+        waiting.connect(a.path)  # accepted by the kernel (backlog), not by the server
+        waiting.settimeout(10)
+        _send(waiting, Header(int(Request.GET_FEATURES), 1, 0).encode())
+        waiting.settimeout(0.3)
+        with pytest.raises(socket.timeout):  # an observation window: no answer while the silent one holds A
+            waiting.recv(1)
+        assert a.connections == 1
+        silent.close()  # the silent front-end leaves: the waiting one is served, its request answered
+        waiting.settimeout(10)
+        reply = _recv_exact(waiting, 20)
+        assert Header.decode(reply[:12]) == Header(int(Request.GET_FEATURES), 5, 8)
+        assert a.connections == 2 and a.refusals == [] and b.refusals == []
+    finally:
+        silent.close()
+        waiting.close()
+        for srv, dev in ((a, dev_a), (b, dev_b)):
+            srv.stop()
+            srv.close()
+            dev.close()
+
+
 def test_vhost_errors_are_one_subtree() -> None:
     for e in (VhostMessageError, VhostMemoryError, VhostRingError, VhostLogError):
         assert issubclass(e, VhostUserError)

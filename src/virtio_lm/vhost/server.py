@@ -8,6 +8,8 @@ Messages are read with ``recvmsg`` -- the header with room for SCM_RIGHTS fds
 :class:`~virtio_lm.vhost.backend.VhostUserBackend`.  A refused message
 (:class:`~virtio_lm.errors.VhostUserError`) is logged, the connection closed
 and the back-end reset; the server then listens for the next connection.
+One front-end per socket: while one is connected (even a silent one) the next
+waits in the listen backlog until it leaves.
 Back-end I/O runs on the device's thread pool; completions write the used
 ring and signal the call eventfd from there.
 """
