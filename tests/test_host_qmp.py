@@ -866,3 +866,44 @@ def test_client_gone_while_paused_is_not_answered_further(tmp_path, caplog):
         assert qmp_works(srv)  # the answer to 'gone' was tried (and failed) before this
     sends = [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
     assert sends == [], f"{len(sends)} writes into a closed transport"
+
+
+def test_slow_reading_client_is_bounded_and_others_are_unaffected(tmp_path):
+    """Issue 12: a client that reads, but slower than events come.  What waits for it is
+    bounded: it is disconnected once it is more than max_output behind (plus what the
+    kernel's socket buffers hold, plus one batch), not earlier, while a client that keeps
+    up gets every event and every answer."""
+    max_output = 65536
+    with QmpServer(make_table(), f"unix:{tmp_path}/s.sock", max_output=max_output) as srv:
+        with RawClient(srv) as good, RawClient(srv) as slow:
+            good.negotiate()
+            slow.negotiate()
+            assert srv.client_count == 2
+            kernel = 2 * (slow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                          + slow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+            data = {"pass": 0, "pad": "x" * 1000}
+            size = len(make_event("MIGRATION_PASS", data))  # +- a few bytes of timestamp digits
+            batch_bytes = 32 * size
+            sent = read = 0
+            for batch in range(400):  # at most ~13 MiB of events; a slow client is cut long before
+                behind_before = sent * size - read
+                for _ in range(32):
+                    srv.emit_event("MIGRATION_PASS", dict(data, **{"pass": sent % 10}))
+                    sent += 1
+                good.send(req("echo", {"s": "ping"}, id=batch))
+                seen = []
+                while (m := good.read_msg()) is not None and "return" not in m:
+                    seen.append(m["data"]["pass"])
+                assert m == {"return": {"s": "ping"}, "id": batch}, m
+                assert seen == [i % 10 for i in range(sent - 32, sent)], "the good client lost or reordered events"
+                if srv.client_count == 1:
+                    break
+                read += len(slow.sock.recv(1024))  # 1 KiB per 32 KiB sent: it falls behind
+            assert srv.client_count == 1, f"the slow client was never cut off after {sent} events"
+            behind = sent * size - read
+            assert behind > max_output, f"cut off only {behind} bytes behind"
+            assert behind_before <= max_output + kernel + batch_bytes, (behind_before, kernel)
+            good.send(req("echo", {"s": "still here"}, id="end"))
+            while (m := good.read_msg()) is not None and "return" not in m:
+                pass
+            assert m == {"return": {"s": "still here"}, "id": "end"}
