@@ -362,3 +362,25 @@ class Proxy:
         except OSError:
             pass
         self.cut()
+
+
+def torn_blocks(image: bytes, nblocks: int) -> list[int]:
+    """The blocks of a disk image that are neither all zero nor one whole block of some
+    generation as the blk workload writes them (a torn or garbage block)."""
+    from virtio_lm.errors import VirtioLmError
+    from virtio_lm.vm.workloads import block_content
+    from virtio_lm.wire.guest import BLOCK_SIZE, BlockStamp
+
+    torn = []
+    for lba in range(nblocks):
+        data = image[lba * BLOCK_SIZE : (lba + 1) * BLOCK_SIZE]
+        if data == bytes(BLOCK_SIZE):
+            continue
+        try:
+            gen = BlockStamp.unpack_from(data, 0).generation
+        except VirtioLmError:
+            torn.append(lba)
+            continue
+        if data != block_content(lba, gen):
+            torn.append(lba)
+    return torn

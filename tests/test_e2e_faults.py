@@ -18,7 +18,10 @@ holds the source there), a second ``migrate`` while one runs, and the link
 dropped after COMMIT.  In the commit window (issue 12): the link cut after the
 COMMIT reached the destination (exactly one runs: the destination), and
 ``migrate_cancel`` while the source waits for RUNNING (too late: it must not
-resume); ``migrate_cancel`` on the destination's monitor mid-stream.
+resume); ``migrate_cancel`` on the destination's monitor mid-stream.  The
+destination unable to write part of the disk image (RLIMIT_FSIZE: EFBIG, standing
+in for ENOSPC, which would need a small filesystem and root to mount it): the guest
+sees I/O errors, no block is torn.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from e2e_helpers import (  # noqa: E402
     finish_and_verify,
     listen_address,
     migrate,
+    torn_blocks,
     vm_arg,
     vm_status,
     wait_final,
@@ -333,6 +337,54 @@ def test_cancel_on_the_destination_while_active_rolls_the_source_back(setup: Set
     assert_destination_untouched(dst)
     assert_source_intact(setup.src)
     setup.retry_and_verify()
+
+
+# ------------------------------------------------------------------------------ the destination's disk fills up
+def test_destination_image_write_limit_guest_sees_io_errors_and_no_block_is_torn(setup: Setup) -> None:
+    """The destination cannot write the upper half of the disk image (a file-size limit,
+    RLIMIT_FSIZE, set on the running destination process: pwrite fails with EFBIG there, as
+    it would with ENOSPC on a full disk -- without root a real full filesystem is not
+    available).  Writes re-executed at resume and written after it fail: the guest sees
+    each as an I/O error (IOERR), the memory check still passes, and every block of the image
+    is whole -- all zero or a complete block of some generation -- so nothing is lost
+    silently: each block holds what the guest last saw acknowledged or a write it saw fail."""
+    import re
+    import resource
+
+    from e2e_helpers import BLOCKS
+
+    from virtio_lm.wire.guest import BLOCK_SIZE
+
+    limit_block = BLOCKS // 2
+    dst_h, dst = setup.destination()
+    # after start-up: the destination's guest memory (a memfd) is already sized
+    resource.prlimit(dst_h.proc.p.pid, resource.RLIMIT_FSIZE, (limit_block * BLOCK_SIZE,) * 2)
+    info = migrate(setup.src, dst, {"max-bandwidth": 0})
+    assert info["status"] == "completed", (info.get("error-desc"), info)
+    deadline = time.monotonic() + 60
+    while (blk := next(iter(dst.cmd("query-vms")))["blk"])["errors"] < 3:
+        assert time.monotonic() < deadline, f"no write failed on the destination: {blk}"
+        time.sleep(0.05)
+    dst.cmd("stop")
+    report = dst.cmd("x-vm-verify")
+    assert report["checks"]["memory"]["passed"], report["checks"]["memory"]
+    blk = report["checks"]["blk"]
+    assert not blk["passed"] and blk["stats"]["errors"] >= 3, blk
+    for problem in blk["problems"]:  # only the failed writes, each above the limit
+        m = re.fullmatch(r"write of block (\d+) failed with status 1", problem)
+        assert m and int(m.group(1)) >= limit_block, problem
+    assert torn_blocks(setup.image.read_bytes(), BLOCKS) == []
+
+
+def test_negative_control_a_torn_block_is_found() -> None:
+    from virtio_lm.vm.workloads import block_content
+    from virtio_lm.wire.guest import BLOCK_SIZE
+
+    image = bytearray(block_content(0, 3) + bytes(BLOCK_SIZE) + block_content(2, 7))
+    assert torn_blocks(bytes(image), 3) == []
+    image[2 * BLOCK_SIZE + 100] ^= 1  # block 2: half an old write, half a new one
+    image[BLOCK_SIZE] = 9  # block 1: garbage
+    assert torn_blocks(bytes(image), 3) == [1, 2]
 
 
 # ------------------------------------------------------------------------------ over the limit
