@@ -89,3 +89,19 @@ def test_fifty_immediate_retries_after_failed_are_all_accepted(incoming):
             pytest.fail(f"retry {i} refused: {exc}")
     assert wait_final(host)["status"] == "failed"
     assert host.table.call("query-status")["status"] == "inmigrate"
+
+
+def test_cancel_of_a_listening_incoming_frees_its_port_for_an_immediate_retry(incoming):
+    """migrate_cancel while migrate-incoming waits for its source: once query-migrate says
+    'cancelled' the listener is closed, so a retry on the very same port is accepted."""
+    host, _ = incoming
+    host.table.call("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+    port = int(host.table.call("query-migrate")["socket-address"][0]["port"])
+    for _ in range(5):
+        host.table.call("migrate_cancel")
+        assert wait_final(host)["status"] == "cancelled"
+        host.table.call("migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})  # same port, at once
+        assert int(host.table.call("query-migrate")["socket-address"][0]["port"]) == port
+    host.table.call("migrate_cancel")
+    assert wait_final(host)["status"] == "cancelled"
+    assert host.table.call("query-status")["status"] == "inmigrate"

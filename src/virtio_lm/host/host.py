@@ -317,8 +317,12 @@ class Host:
         runner = slot.runner
         if runner is None or runner.done.is_set():
             return False
+        s = slot.session
         with runner.lock:
-            final = slot.session is not None and slot.session.finished and not slot.session.wants_to_send
+            # final, and nothing left to deliver -- or nobody to deliver it to (an incoming
+            # migration cancelled or failed before any source connected)
+            final = s is not None and s.finished and (
+                not s.wants_to_send or (slot.direction == "in" and runner.peer is None))
         if final:
             runner.join(SETTLE_TIMEOUT)
         return not runner.done.is_set()
