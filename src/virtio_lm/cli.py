@@ -285,7 +285,7 @@ def analyze_stream(path: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("which", nargs=-1, type=click.Choice(["migration", "downtime", "foundation", "pf", "devices", "all"]))
+@click.argument("which", nargs=-1, type=click.Choice(["migration", "downtime", "faults", "foundation", "pf", "devices", "all"]))
 @click.option("--quick", is_flag=True, help="Smaller sizes (a smoke run).")
 @click.option("--runs", default=None, type=click.IntRange(1, 1000), help="downtime: runs per cell (default 10, quick 2).")
 @click.option("--limits", default=None, help="downtime: limits in ms, comma separated (default 30,100,300).")
@@ -296,18 +296,28 @@ def analyze_stream(path: str, as_json: bool) -> None:
               help="downtime: where the JSON and PNG go.")
 @click.option("--vs-qemu", is_flag=True, help="downtime: QEMU 7.2 (TCG) on the same work in the same run.")
 @click.option("--no-matrix", is_flag=True, help="downtime: with --vs-qemu, only the comparison.")
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(1, 10000),
+              help="faults: trials (fault kinds round-robin).")
+@click.option("--seed", default=1, show_default=True, type=int, help="faults: seed of the fault points.")
 def bench(which: tuple[str, ...], quick: bool, runs: int | None, limits: str | None, modes: str | None,
-          rates: str | None, label: str, out_dir: str, vs_qemu: bool, no_matrix: bool) -> None:
+          rates: str | None, label: str, out_dir: str, vs_qemu: bool, no_matrix: bool, trials: int, seed: int) -> None:
     """Benchmarks: print figures and ratios against baselines measured in the same run.
 
     `downtime` runs the downtime matrix (limits x tracking modes x dirty rates, every
-    run on a fresh pair of host processes) and writes OUT/downtime[-LABEL].json/.png."""
+    run on a fresh pair of host processes) and writes OUT/downtime[-LABEL].json/.png.
+    `faults` runs a fault campaign (SIGKILL, connection cut, byte flip, cancel at uniform
+    points of the stream and in the commit window, fresh hosts per trial), prints per
+    fault kind what held and writes OUT/faults.json; exit status 1 if any trial was wrong."""
     from pathlib import Path
 
     from virtio_lm.bench import run_benches
 
     rc = 0
-    rest = tuple(w for w in which if w != "downtime")
+    if "faults" in which:
+        from virtio_lm import bench_faults as bf
+
+        rc |= bf.run(bf.Campaign(trials=trials, seed=seed), Path(out_dir))
+    rest = tuple(w for w in which if w not in ("downtime", "faults"))
     if "downtime" in which:
         from virtio_lm import bench_downtime as bd
 
