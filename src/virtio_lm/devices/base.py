@@ -592,7 +592,9 @@ class QueueDevice(VirtioDevice):
         enabled queue, a head below its size, no (queue, head) twice, data
         only when done and at most MAX_HELD_DATA bytes; and each queue has
         exactly ``last_avail_idx - used_idx`` records (at most that many on
-        a queue saved broken, whose device may have dropped chains)."""
+        a queue saved broken, whose device may have dropped chains); and the
+        records in the order :meth:`mig_save` writes them, so that an accepted
+        image saves back byte-identical."""
         try:
             image = decode_image(blob)
         except WireError as exc:
