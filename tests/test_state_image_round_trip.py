@@ -122,3 +122,18 @@ def test_any_accepted_image_saves_back_byte_identical(rig, edits, order, drop, r
     img.records = recs
     round_trips(dst, encode_image(img))
     assert round_trips(dst, base)  # and the VF still takes the good image
+
+
+def test_two_chains_at_one_avail_index_are_accepted_in_image_order(rig):
+    """A chain held while 65536 others went by shares its avail index with a newer one:
+    legitimate, accepted, and saved back in the image's order."""
+    base, dst = rig
+    img = decode_image(base)
+    recs = img.records
+    first = InflightHeader.unpack_from(recs[-2].payload, 0)
+    second = InflightHeader.unpack_from(recs[-1].payload, 0)
+    same = dataclasses.replace(second, avail_idx=first.avail_idx)
+    recs[-1] = Record(RecordType.INFLIGHT, same.encode() + recs[-1].payload[InflightHeader.SIZE:])
+    assert round_trips(dst, encode_image(img))
+    recs[-2], recs[-1] = recs[-1], recs[-2]  # the other order is accepted too, and kept
+    assert round_trips(dst, encode_image(img))
