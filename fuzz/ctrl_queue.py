@@ -13,8 +13,8 @@ Invariants:
 * ``PfDriver.raw_command`` never raises: the device answers every buffer with
   OK or ERR, an ERR carries no result bytes, a result never exceeds its room and
   the used length never exceeds the writable part (the driver checks both).
-* ERR has no side effect: every VF's migration state and tracking mode are as
-  before the command.
+* ERR has no side effect: every VF's migration state, tracking mode and
+  tracking counters (``vf_status``) are as before the command.
 * The control queue never breaks: the PF never sets DEVICE_NEEDS_RESET.
 """
 
@@ -26,7 +26,7 @@ from virtio_lm.devices.dmatest import DmaTestDevice
 from virtio_lm.drivers.pf_driver import PfDriver
 from virtio_lm.memory import Memory
 from virtio_lm.pci import PciDriverTransport
-from virtio_lm.pf.device import build_pf
+from virtio_lm.pf.device import build_pf, vf_status
 from virtio_lm.virtqueue.driver import Allocator
 from virtio_lm.wire.ctrl import Ack
 from virtio_lm.wire.features import DeviceStatus, Feature, bit
@@ -50,10 +50,9 @@ class Pf:
         self.vfs = self.drv.enable_vfs(2, lambda n: (DmaTestDevice(), self.guest.device_port(f"fuzz-vf{n}")))
         PciDriverTransport(self.vfs[0], self.guest.cpu, Allocator(0x1000, GUEST_MEM - 0x1000)).bring_up(
             VF_FEATURES, 1, size=16)
-        self.ctrl = self.pf.device.controller  # type: ignore[attr-defined]
 
     def vf_view(self) -> tuple:
-        return tuple((c.sm.state, c.mode) for c in (self.ctrl.context(n) for n in (1, 2)))
+        return tuple(vf_status(self.pf, n) for n in (1, 2))
 
     def close(self) -> None:
         for fn in self.vfs:
