@@ -18,6 +18,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+#: the migration test fakes (MemoryVm, MemoryVmShell) live with the tests (tests/fakes.py)
+TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
+if str(TESTS_DIR) not in sys.path:
+    sys.path.append(str(TESTS_DIR))
+
 FUZZ_DIR = Path(__file__).resolve().parent
 CORPUS_DIR = FUZZ_DIR / "corpus"
 HARNESSES = ("ctrl_queue", "state_image", "virtqueue_chain", "stream_sections", "vhost_user", "qmp_input")

@@ -17,7 +17,7 @@ from fuzzlib import CORPUS_DIR
 from virtio_lm.devices.dmatest import DmaTestDevice
 from virtio_lm.drivers.net_driver import DEFAULT_WANTED
 from virtio_lm.memory import Memory
-from virtio_lm.migration.fakes import MemoryVm
+from fakes import MemoryVm
 from virtio_lm.migration.session import SourceSession
 from virtio_lm.net.testbed import make_vm, save_image
 from virtio_lm.pci import PciDriverTransport, VirtioPciFunction

@@ -27,7 +27,7 @@ import zlib
 from fuzzlib import Reader, main
 
 from virtio_lm.errors import MigrationError, WireError
-from virtio_lm.migration.fakes import MemoryVmShell
+from fakes import MemoryVmShell
 from virtio_lm.migration.session import DestSession
 from virtio_lm.wire.stream import CRC_SIZE, HEADER_SIZE, Direction, SectionHeader, StreamDecoder
 

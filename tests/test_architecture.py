@@ -239,12 +239,6 @@ def scan() -> list[Finding]:
 
 #: (file, private name) still reached into today, each with the issue 10 item that removes it.
 ALLOWLIST: dict[tuple[str, str], str] = {
-    # item 5: qmp.py splits into framing / server / commands; _Client and Request then use
-    # operations of the server and the connection
-    ("src/virtio_lm/host/qmp.py", "_execute"): "item 5 (qmp split)",
-    ("src/virtio_lm/host/qmp.py", "_closing"): "item 5 (qmp split)",
-    ("src/virtio_lm/host/qmp.py", "_clients"): "item 5 (qmp split)",
-    ("src/virtio_lm/host/qmp.py", "_submit"): "item 5 (qmp split)",
 }
 
 

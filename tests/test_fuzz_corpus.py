@@ -99,7 +99,7 @@ def test_virtqueue_chain_catches_a_pop_that_writes(monkeypatch) -> None:
 
 
 def test_stream_sections_catches_a_failed_migration_left_half_written(monkeypatch) -> None:
-    from virtio_lm.migration.fakes import MemoryVmShell
+    from fakes import MemoryVmShell
 
     data = seed("stream_sections", "file-stream")
     truncated = data[: len(data) * 3 // 4]  # pages written, then the file ends: fails, rolls back
@@ -123,9 +123,9 @@ def test_vhost_user_catches_a_leaked_fd(monkeypatch) -> None:
 
 
 def test_qmp_input_catches_a_malformed_answer(monkeypatch) -> None:
-    from virtio_lm.host import qmp
+    from virtio_lm.host.qmp import framing
 
-    real = qmp.encode
-    monkeypatch.setattr(qmp, "encode", lambda m: real(m)[:-2] + b"\n")
+    real = framing.encode
+    monkeypatch.setattr(framing, "encode", lambda m: real(m)[:-2] + b"\n")
     with pytest.raises(AssertionError):
         harness("qmp_input").TestOneInput(seed("qmp_input", "negotiate-and-query"))

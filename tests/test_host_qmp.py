@@ -32,7 +32,6 @@ from virtio_lm.host.qmp import (
     QmpConnection,
     QmpServer,
     make_event,
-    parse_address,
 )
 
 qmp_lib = pytest.importorskip("qemu.qmp")
@@ -510,25 +509,6 @@ def test_events_only_after_negotiation_and_carry_timestamps():
 def test_bad_events_are_refused(name, data):
     with pytest.raises(MonitorError):
         make_event(name, data)
-
-
-# =========================================================================== addresses
-@pytest.mark.parametrize("spec,expected", [
-    ("unix:/tmp/x.sock", MonitorAddress("unix", path="/tmp/x.sock")),
-    ("tcp:127.0.0.1:4444", MonitorAddress("tcp", host="127.0.0.1", port=4444)),
-    ("tcp:[::1]:0", MonitorAddress("tcp", host="::1", port=0)),
-    ("tcp::5", MonitorAddress("tcp", host="", port=5)),
-    (("localhost", 7), MonitorAddress("tcp", host="localhost", port=7)),
-])
-def test_parse_address(spec, expected):
-    assert parse_address(spec) == expected
-
-
-@pytest.mark.parametrize("spec", ["unix:", "tcp:host", "tcp:h:port", "tcp:h:70000", "tcp:h:-1",
-                                  "/tmp/x", "udp:1:2", ("h",), 5])
-def test_parse_address_errors(spec):
-    with pytest.raises(MonitorAddressError):
-        parse_address(spec)
 
 
 # =========================================================================== real server, real qemu.qmp client

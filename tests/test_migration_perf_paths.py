@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from virtio_lm.errors import NotConvergingError, StreamChecksumError
-from virtio_lm.migration.fakes import MemoryVm, MemoryVmShell
+from fakes import MemoryVm, MemoryVmShell
 from virtio_lm.migration.policy import Decision, MigrationParams, Policy
 from virtio_lm.migration.session import DestSession, SourceSession, SwitchoverHistory
 from virtio_lm.wire.stream import (

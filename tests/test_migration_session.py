@@ -25,7 +25,7 @@ from virtio_lm.errors import (
     StateImageError,
     StreamError,
 )
-from virtio_lm.migration.fakes import MemoryVm, MemoryVmShell, default_vfs
+from fakes import MemoryVm, MemoryVmShell, default_vfs
 from virtio_lm.migration.policy import Decision, MigrationParams, Policy, TokenBucket
 from virtio_lm.migration.session import (
     DEST_TABLE,

@@ -19,7 +19,7 @@ from virtio_lm.errors import (
     StreamError,
 )
 from virtio_lm.migration.analyze import analyze_bytes, analyze_file, format_summary
-from virtio_lm.migration.fakes import MemoryVm, MemoryVmShell
+from fakes import MemoryVm, MemoryVmShell
 from virtio_lm.migration.policy import MigrationParams
 from virtio_lm.migration.session import DestSession, MigrationEvent, PassEvent, SourceSession
 from virtio_lm.wire.stream import Ack, StreamEncoder

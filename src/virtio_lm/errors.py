@@ -75,7 +75,7 @@ layer may use it (``wire`` and ``memory`` included).
           +-- MigrationCancelledError   migrate_cancel (or the source's ABORT, seen by the destination)
           +-- NotConvergingError        max rounds / max time reached without converging
           +-- MigrationStateError       a call the session's status does not allow (e.g. start twice)
-     +-- MonitorError                   the QMP monitor (host/qmp.py)
+     +-- MonitorError                   the QMP monitor (host/qmp/)
           +-- QmpError                  a command failed: becomes {"error": {"class", "desc"}}
           +-- QmpLimitError             client input/output past a bound; the client is disconnected
           +-- CommandRegistrationError  a bad command name / argument schema at register() time

@@ -434,11 +434,15 @@ class BlkDriver:
             self.alloc.free(req.buf_addr)
         return BlkCompletion(token, req.type, req.sector, req.queue, status, used_len, data)
 
-    def reap(self) -> list[BlkCompletion]:
-        """Every completion available now (parked ones first)."""
-        out, self._parked = self._parked, []
+    def reap(self, limit: int | None = None) -> list[BlkCompletion]:
+        """Every completion available now (parked ones first), or at most ``limit`` of them
+        (the rest stay on the used rings for the next call)."""
+        if limit is None:
+            out, self._parked = self._parked, []
+        else:
+            out, self._parked = self._parked[:limit], self._parked[limit:]
         for dq in self.queues.values():
-            while (item := dq.get_used()) is not None:
+            while (limit is None or len(out) < limit) and (item := dq.get_used()) is not None:
                 token, used_len = item
                 out.append(self._complete(token, used_len))  # type: ignore[arg-type]
         return out

@@ -103,6 +103,7 @@ class BlkWorkloadState:
 
 
 MAX_ERRORS = 50
+REAP_BATCH = 4  # completions checked between two looks for a pause
 
 
 class BlkWorkload(GuestThread):
@@ -173,9 +174,17 @@ class BlkWorkload(GuestThread):
 
     # ------------------------------------------------------------------ the loop
     def step(self) -> bool:
-        did = self._reap()
+        """Reap and check completions, then submit up to the queue depth -- in small batches,
+        looking for a pause between them: a vCPU stops at an instruction boundary, not after
+        a whole queue's worth of checks (a pause waits for the step it meets)."""
+        did = False
+        while True:
+            n = self._reap(REAP_BATCH)
+            did = did or n > 0
+            if n < REAP_BATCH or self._pausing.is_set():
+                break
         now = time.monotonic()
-        while len(self.inflight) < self.qd and len(self.busy) < self.nblocks:
+        while len(self.inflight) < self.qd and len(self.busy) < self.nblocks and not self._pausing.is_set():
             if self.rate > 0:
                 if now < self._next_at:
                     break
@@ -232,8 +241,8 @@ class BlkWorkload(GuestThread):
             self.inflight[token] = ("r", lba, gen)
         self.busy.add(lba)
 
-    def _reap(self) -> bool:
-        done = self.driver.reap()
+    def _reap(self, limit: int | None = None) -> int:
+        done = self.driver.reap(limit)
         for c in done:
             rec = self.inflight.pop(c.token, None)
             if rec is None:
@@ -255,7 +264,7 @@ class BlkWorkload(GuestThread):
                 else:
                     self._set_valid(lba, 1)
                 self.stats["reads"] += 1
-        return bool(done)
+        return len(done)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait for every request in flight (the workload thread must be paused)."""

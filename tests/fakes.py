@@ -1,4 +1,4 @@
-"""In-memory endpoints: a VM model with numpy memory, for tests and benchmarks.
+"""In-memory endpoints for the migration tests (and the stream fuzz harness): a VM model with numpy memory.
 
 :class:`MemoryVm` is a :class:`~virtio_lm.migration.endpoint.SourceEndpoint`:
 guest memory as a ``(num_pages, page_size)`` uint8 array, a vCPU workload in
