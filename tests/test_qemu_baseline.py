@@ -55,6 +55,7 @@ def _run_dirtier(binary: Path, *args: str, settle_s: float = 0.3, timeout: float
             p.wait()
 
 
+@pytest.mark.slow  # compiles and runs the C dirtier: about 1.3 s
 def test_dirtier_verifies_ok_when_nothing_is_lost(dirtier: Path) -> None:
     rc, out = _run_dirtier(dirtier, "8", "8", "32")
     assert rc == 0, out
@@ -64,6 +65,7 @@ def test_dirtier_verifies_ok_when_nothing_is_lost(dirtier: Path) -> None:
     assert written == sweeps * 2048 + position and written > 0
 
 
+@pytest.mark.slow  # compiles and runs the C dirtier: about 1.3 s
 def test_dirtier_negative_control_catches_a_lost_page(dirtier: Path) -> None:
     """--selftest-corrupt takes one sweep page's latest increment back and flips a fill byte."""
     rc, out = _run_dirtier(dirtier, "8", "8", "32", "--selftest-corrupt")

@@ -141,6 +141,7 @@ def check_rendered(seen: dict, expected_sections: list[str], expected_images: li
         assert img["complete"] and img["width"] > 0, f"image did not load: {img}"
 
 
+@pytest.mark.slow  # a headless Chromium: 1.5 s
 def test_index_html_renders_in_chromium(small_report, tmp_path):
     seen = render_in_chromium(small_report, tmp_path)
     check_rendered(seen, ["slow-commands", "profiles"], ["slow-commands.png"])
