@@ -85,3 +85,12 @@ def test_a_failing_group_makes_the_exit_status_1(monkeypatch, capsys):
     monkeypatch.setattr(bench, "run_pf", boom)
     assert bench.run_benches(("pf",), quick=True) == 1
     assert "bench group pf failed to run" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # seconds: every micro-benchmark once, short
+def test_the_micro_bench_groups_run(capsys):
+    """foundation, pf and devices (virtio_lm.benches) run to the end and print their tables."""
+    assert bench.run_benches(("foundation", "pf", "devices"), quick=True) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    for needle in ("zero-page scan", "pull-bytemap", "TX in flight"):
+        assert needle in out, out[-3000:]

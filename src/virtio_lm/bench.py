@@ -28,13 +28,13 @@
   4. *VF switch-over fixed cost*: two in-process hosts (two PFs, two guest
      memories), a blk VF with 32 requests in flight and a net VF; QUIESCE,
      FREEZE, SAVE_STATE on the source, FREEZE + RESTORE_STATE, QUIESCE, RUN on
-     the destination, every step a control-queue command of the PF driver;
+     the destination (each step one batch of control-queue commands), the guest
+     state taken and restored -- :func:`virtio_lm.host.switchover.timed_switchover`;
      guest pages are copied outside the clock.  Target <= 10 ms.
 
-* ``foundation``, ``pf``, ``devices`` -- the scripts in the repository's
-  ``bench/`` directory (``bench_foundation.py``, ``bench_pf.py``,
-  ``bench_devices.py``), loaded by path and run in this process (``--quick``
-  gives them shorter measurement times); ``all`` -- every group.
+* ``foundation``, ``pf``, ``devices`` -- the modules of :mod:`virtio_lm.benches`,
+  run in this process (``--quick`` gives them shorter measurement times);
+  ``all`` -- every group.
 
 No figure is asserted anywhere: a missed target is printed as ``MISSED``.
 Returns 0 when every group ran, 1 when one failed to run.
@@ -43,7 +43,6 @@ Returns 0 when every group ran, 1 when one failed to run.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
 import multiprocessing as mp
 import os
@@ -472,56 +471,23 @@ def bench_vf_switchover(quick: bool) -> tuple[list[Figure], list[str]]:
     return figs, details
 
 
-# ---------------------------------------------------------------------- the other groups: bench/*.py
-def _bench_dir() -> Path | None:
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        d = parent / "bench"
-        if (d / "bench_foundation.py").exists():
-            return d
-    return None
-
-
-def _load(name: str):
-    d = _bench_dir()
-    if d is None:
-        raise RuntimeError("the bench/ scripts are not here (they live in the source tree, not in the package)")
-    spec = importlib.util.spec_from_file_location(f"virtio_lm_bench_{name}", d / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@contextlib.contextmanager
-def _argv(args: list[str]):
-    old = sys.argv
-    sys.argv = args
-    try:
-        yield
-    finally:
-        sys.argv = old
-
-
+# ---------------------------------------------------------------------- the other groups: virtio_lm.benches
 def run_foundation(quick: bool) -> None:
-    mod = _load("bench_foundation")
-    with _argv(["bench_foundation.py", "--seconds", "0.1" if quick else "0.5", *(["--scan-repeats", "1"] if quick else [])]):
-        mod.main()
+    from virtio_lm.benches import foundation
+
+    foundation.main(["--seconds", "0.1" if quick else "0.5", *(["--scan-repeats", "1"] if quick else [])])
 
 
 def run_pf(quick: bool) -> None:
-    mod = _load("bench_pf")
-    with _argv(["bench_pf.py", "--seconds", "0.1" if quick else "0.5", "--guest-gib", "0.25" if quick else "1"]):
-        mod.main()
+    from virtio_lm.benches import pf
+
+    pf.main(["--seconds", "0.1" if quick else "0.5", "--guest-gib", "0.25" if quick else "1"])
 
 
 def run_devices(quick: bool) -> None:
-    mod = _load("bench_devices")
-    if quick:
-        for name in ("SECONDS", "NET_SECONDS"):
-            if hasattr(mod, name):
-                setattr(mod, name, 0.2)
-    mod.main([])
+    from virtio_lm.benches import devices
+
+    devices.main(["--seconds", "0.2"] if quick else [])
 
 
 # ---------------------------------------------------------------------- entry point

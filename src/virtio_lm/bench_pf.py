@@ -1,6 +1,6 @@
 """PF control-path measurements: a threaded PF with idle VFs, and what one dirty collection costs.
 
-Shared by ``bench/bench_pf.py`` (which prints them) and ``virtio-lm report``
+Shared by ``virtio_lm.benches.pf`` (which prints them) and ``virtio-lm report``
 (which plots them).  Everything goes through the real control queue of a PF
 whose device processes it on a thread of its own, as in a host.
 

@@ -4,7 +4,7 @@
 Not a test: prints a table of figures.  Each measurement runs for about
 ``--seconds`` (default 0.5 s); the whole script takes well under a minute.
 
-    python bench/bench_foundation.py [--seconds 0.5] [--scan-gib 1]
+    python -m virtio_lm.benches.foundation [--seconds 0.5] [--scan-gib 1]
 """
 
 from __future__ import annotations
@@ -143,12 +143,12 @@ def zero_scan_bench(gib: int, repeats: int) -> tuple[float, float, int]:
     return touch, best * 1000, zeros
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=0.5, help="time per measurement (default 0.5)")
     ap.add_argument("--scan-gib", type=int, default=1, help="size of the zero-page scan memory in GiB")
     ap.add_argument("--scan-repeats", type=int, default=3)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     s = args.seconds
 
     rows: list[tuple[str, str, str]] = []

@@ -1,6 +1,6 @@
 """Device benchmarks: virtio-blk (``bench_blk``) and virtio-net (``bench_net``, when present).
 
-Run: ``python bench/bench_devices.py [blk|net ...]`` (default: every section defined).
+Run: ``python -m virtio_lm.benches.devices [--seconds S] [blk|net ...]`` (default: every section defined).
 
 blk: 4 KiB random read / write IOPS and 128 KiB sequential throughput through
 the VF -- the guest driver (:class:`~virtio_lm.drivers.blk_driver.BlkDriver`)
@@ -334,14 +334,20 @@ def bench_net() -> list[str]:
     for inflight in (0, 64):
         t = _net_mig_times(inflight)
         lines.append(
-            f"    {inflight:>2} TX in flight: quiesce {t['src_quiesce_ms']:.3f} ms, freeze {t['src_freeze_ms']:.3f} ms, "
-            f"save {t['src_save_ms']:.3f} ms ({t['image_bytes']} B; held {t.get('held', 0)}, not started "
+            f"    {inflight:>2} TX in flight: quiesce {t['src_quiesce_ms']:.3f} ms, freeze + save "
+            f"{t['src_freeze-save_ms']:.3f} ms ({t['image_bytes']} B; held {t.get('held', 0)}, not started "
             f"{t.get('not_started', 0)}), restore {t['dst_restore_ms']:.3f} ms, resume {t['dst_resume_ms']:.3f} ms"
         )
     return lines
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """``[--seconds S] [SECTION...]``: the sections (blk, net), each measurement S seconds
+    long (default 1)."""
+    global SECONDS, NET_SECONDS
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--seconds"]:
+        SECONDS = NET_SECONDS = float(argv[1])
+        argv = argv[2:]
     sections = {name[len("bench_"):]: fn for name, fn in globals().items() if name.startswith("bench_") and callable(fn)}
     for name in argv or sorted(sections):
         if name not in sections:

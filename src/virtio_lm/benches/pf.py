@@ -14,7 +14,7 @@ and the collection measurement live in :mod:`virtio_lm.bench_pf`
 * device write throughput through the VF's port (4 KiB and 64 KiB writes)
   with tracking off and in each mode, and the overhead ratio.
 
-    python bench/bench_pf.py [--seconds 0.5] [--guest-gib 1]
+    python -m virtio_lm.benches.pf [--seconds 0.5] [--guest-gib 1]
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from typing import Callable
 
 from virtio_lm.bench_pf import GiB, collection_sample, setup, teardown, timed
 from virtio_lm.memory import PAGE_SIZE, Memory
@@ -118,11 +117,11 @@ def bench_datapath(guest: Memory, seconds: float) -> None:
     print()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=0.5, help="time per measurement")
     ap.add_argument("--guest-gib", type=float, default=1.0, help="guest memory size (GiB)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     size = int(args.guest_gib * GiB) // PAGE_SIZE * PAGE_SIZE
     start = time.perf_counter()
     with Memory(size, name="guest") as guest:
