@@ -522,10 +522,8 @@ class PfDriver:
         return self._migration(MigrationCommand.REPORT_DIRTY_PAGES, FuncOffset(vf, offset=offset).encode(), max_len, vf)
 
     def set_state(self, vf: int, state: VfState) -> None:
-        """SET_STATE."""
-        state = VfState(state)
-        data = SetState(vf, state).encode()
-        self._expect_empty(self._migration(MigrationCommand.SET_STATE, data, 0, vf, f"to {state.name}"))
+        """SET_STATE (one VF of :meth:`set_states`)."""
+        self.set_states([vf], state)
 
     def get_state_attrs(self, vf: int) -> tuple[int, VfState]:
         """GET_STATE_ATTRS: ``(image length, state)``; the length is the exact image size in FREEZED."""
@@ -720,12 +718,7 @@ class PfDriver:
 
     def stop_tracking(self, vf: int) -> None:
         """STOP_DIRTY_PAGE_TRACK, then free the push map (the device no longer writes it)."""
-        with self._lock:
-            self.stop_dirty_page_track(vf)
-            with self._track_lock:
-                tr = self._tracking.pop(vf, None)
-                if tr is not None:
-                    self._free_segments(tr)
+        self.stop_tracking_all([vf])
 
     def tracking(self, vf: int) -> Tracking | None:
         """The driver's record of VF ``vf``'s tracking, or None."""
