@@ -87,7 +87,7 @@ class Setup:
         assert vm_status(self.src) == "postmigrate"
         res = finish_and_verify(self.src, dst, self.peer, after=0.3, first_stop=first_stop)
         assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]
-        assert res["network"]["passed"], res["network"]
+        assert res["network"]["passed"], json.dumps(res["network"], default=str)[:3000]
         return res
 
     def _first_stop(self) -> dict[str, int]:
@@ -252,7 +252,7 @@ def test_second_migrate_refused_while_one_runs(setup: Setup) -> None:
     assert vm_status(other) == "inmigrate"
     res = finish_and_verify(setup.src, dst, setup.peer, after=0.3)
     assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]
-    assert res["network"]["passed"], res["network"]
+    assert res["network"]["passed"], json.dumps(res["network"], default=str)[:3000]
 
 
 # ------------------------------------------------------------------------------ after the commit

@@ -170,3 +170,30 @@ def test_downtime_overrun_is_consistent_with_downtime_and_limit(tmp_path, switch
     finally:
         src.close()
         dst.close()
+
+
+def test_stop_and_resume_events_carry_the_moment_the_vm_changed_state(tmp_path, monkeypatch):
+    """The session pauses the VM inside its switch-over step and the runner passes the
+    event on after the VFs have switched: STOP is stamped with the pause, not the pass-on
+    (the network check's window starts at STOP)."""
+    from virtio_lm.migration.events import VmStateEvent
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 * 4096))
+    src = Host(HostConfig(name="src", qmp=f"unix:{tmp_path}/src.qmp",
+                          vms=[VmSpec(name="vm0", memory_mib=32, blk_image=str(image), blk_blocks=64, dirty_rate_mbps=0)]))
+    try:
+        sent: list[tuple[str, int]] = []
+        monkeypatch.setattr(src.server, "emit_event",
+                            lambda name, data=None, *, now_ns=None: sent.append((name, now_ns)))
+        slot = next(iter(src.slots.values()))
+        before = time.time_ns()
+        src._on_event(slot, VmStateEvent("finish-migrate", time.monotonic() - 2.0))
+        src._on_event(slot, VmStateEvent("running", time.monotonic() - 0.5))
+        after = time.time_ns()
+        (stop, t_stop), (resume, t_resume) = sent
+        assert (stop, resume) == ("STOP", "RESUME")
+        assert before - 2.0e9 - 5e6 <= t_stop <= after - 2.0e9
+        assert before - 0.5e9 - 5e6 <= t_resume <= after - 0.5e9
+    finally:
+        src.close()

@@ -127,7 +127,15 @@ def check_network(
     if dup_in:
         problems.append(f"{dup_in} frames from the peer arrived twice")
     if outside:
-        problems.append(f"{len(outside)} frames from the peer lost outside the switch-over window (seq {outside[:5]})")
+        # where they lie: seconds before the window opened, seconds after it closed
+        early = sorted(window[0] - sent[s] for s in outside if sent[s] < lo)
+        late = sorted(sent[s] - window[1] for s in outside if sent[s] > hi)
+        where = [f"{len(early)} sent {early[0]:.3f}-{early[-1]:.3f} s before it opened"] if early else []
+        where += [f"{len(late)} sent {late[0]:.3f}-{late[-1]:.3f} s after it closed"] if late else []
+        problems.append(
+            f"{len(outside)} frames from the peer lost outside the switch-over window "
+            f"({'; '.join(where)}; seq {outside[:5]})"
+        )
     # VM -> peer
     rx = peer["received"]
     times = peer["received-times"]

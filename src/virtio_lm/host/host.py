@@ -333,12 +333,15 @@ class Host:
         elif isinstance(ev, PassEvent):
             self.server.emit_event("MIGRATION_PASS", {"pass": ev.pass_})
         elif isinstance(ev, VmStateEvent):
+            # stamped when the VM stopped or resumed (the session's monotonic clock), not
+            # when the runner passed the event on (mid switch-over that is after the VFs)
+            at_ns = time.time_ns() - max(0, int((time.monotonic() - ev.time) * 1e9))
             if ev.state == "running":
                 slot.status = "running"
-                self.server.emit_event("RESUME")
+                self.server.emit_event("RESUME", now_ns=at_ns)
             elif ev.state in ("finish-migrate", "postmigrate", "paused"):
                 if slot.status == "running":
-                    self.server.emit_event("STOP")
+                    self.server.emit_event("STOP", now_ns=at_ns)
                 slot.status = ev.state
 
     def cmd_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -474,6 +477,8 @@ class Host:
                         "in-flight": getattr(dev, "in_flight", 0),
                         "completed": getattr(dev, "completed", 0),
                         "dma-bytes-written": fn.port.writer.bytes_written,
+                        # the device's own counters where it keeps them (net: frames, drops by reason)
+                        "x-stats": dict(getattr(dev, "stats", None) or {}),
                     }
                 )
         return out

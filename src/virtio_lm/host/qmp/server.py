@@ -229,9 +229,10 @@ class QmpServer:
         """Clients connected now."""
         return len(self._clients)
 
-    def emit_event(self, name: str, data: Mapping[str, Any] | None = None) -> None:
-        """Send an event to every negotiated client.  Thread-safe; dropped once closed."""
-        encoded = make_event(name, data)
+    def emit_event(self, name: str, data: Mapping[str, Any] | None = None, *, now_ns: int | None = None) -> None:
+        """Send an event to every negotiated client.  Thread-safe; dropped once closed.
+        ``now_ns``: the wall-clock time the event happened (default: now)."""
+        encoded = make_event(name, data, now_ns=now_ns)
         with self._lock:
             if self._closing or self._loop is None:
                 return
