@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import signal
@@ -114,10 +113,6 @@ def switch_address(text: str) -> tuple[str, int]:
     return a.host_or_loopback, a.port
 
 
-HOST_SWITCH_INTERVAL_S = 0.0005
-HOST_GC_THRESHOLDS = (20000, 20, 20)
-
-
 @main.command()
 @click.option("--name", default="host", help="Host name (logs, memory names).")
 @click.option("--qmp", "qmp", default="tcp:127.0.0.1:4444", show_default=True, help="Monitor: unix:PATH or tcp:HOST:PORT.")
@@ -128,11 +123,9 @@ HOST_GC_THRESHOLDS = (20000, 20, 20)
 def host(name: str, qmp: str, vms: tuple[str, ...], switch: str | None, incoming: bool, total_vfs: int) -> None:
     """Run one host: a PF with SR-IOV VFs, its VMs and a QMP monitor, until `quit`."""
     from virtio_lm.host.host import Host, HostConfig
+    from virtio_lm.host.interpreter import settle_heap, tune_threads
 
-    # A host's threads (vCPU, workloads, PF device, migration) hand the interpreter
-    # lock over every 0.5 ms instead of 5: a switch-over step that waits on another
-    # thread otherwise waits out whole 5 ms slices (measured: VM resume 3-7 ms -> ~1.5 ms).
-    sys.setswitchinterval(HOST_SWITCH_INTERVAL_S)
+    tune_threads()  # (host/interpreter.py says why, with the benches that do the same)
 
     cfg = HostConfig(
         name=name,
@@ -143,11 +136,7 @@ def host(name: str, qmp: str, vms: tuple[str, ...], switch: str | None, incoming
         total_vfs=total_vfs,
     )
     h = Host(cfg).start()
-    # what start-up allocated stays put: the collector skips it, and collects less often (a
-    # switch-over decodes a guest state of thousands of objects; each collection pass there
-    # is downtime).  Measured: fixed switch-over cost 18-21 ms -> 15-18 ms (3 demo runs each).
-    gc.freeze()
-    gc.set_threshold(*HOST_GC_THRESHOLDS)
+    settle_heap()
     print(f"qmp {h.qmp_address}", flush=True)
 
     def stop(signum: int, frame: object) -> None:

@@ -20,6 +20,7 @@ Exit status 0 only when the migration completed and every check passed.
 
 from __future__ import annotations
 
+import bisect
 import json
 import shutil
 import sys
@@ -103,26 +104,45 @@ def start_network(work: Path, procs: list[ChildProcess]) -> Network:
     return Network(image, switch_addr, pr, peer_report)
 
 
+def _union(runs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """The union of ``[first, first + count)`` runs as sorted, disjoint ``[start, end)`` ranges."""
+    starts: list[int] = []
+    ends: list[int] = []
+    for f, n in sorted(runs):
+        if starts and f <= ends[-1]:
+            ends[-1] = max(ends[-1], f + n)
+        else:
+            starts.append(f)
+            ends.append(f + n)
+    return starts, ends
+
+
+def _covered(starts: list[int], ends: list[int], seq: int) -> bool:
+    i = bisect.bisect_right(starts, seq) - 1
+    return i >= 0 and seq < ends[i]
+
+
 def check_network(
     peer: dict[str, Any], vm_net: dict[str, Any], window: tuple[float, float], *, until: float
 ) -> dict[str, Any]:
     """Loss only inside the switch-over window, and no duplicates, in both directions.
 
-    ``peer`` is the peer's report; ``vm_net`` the guest's own counters (rx
-    sequence numbers from the peer, tx sent); ``window`` the switch-over in
+    ``peer`` is the peer's report; ``vm_net`` the guest's own counters (``received``:
+    the peer's sequence numbers in arrival order as ``[first, count]`` runs; ``tx-sent``); ``window`` the switch-over in
     wall-clock time (source STOP .. destination RESUME); ``until`` when the
     VM was stopped for verification (frames sent after it are not judged).
     Frames from the peer before the first one the VM received (the VM was
     still booting) are not judged either."""
     lo, hi = window[0] - WINDOW_SLACK, window[1] + WINDOW_SLACK
     problems: list[str] = []
-    # peer -> VM
-    got = vm_net["received"]
-    first = min(got) if got else 0
+    # peer -> VM: what the VM received, as [first, count] runs in arrival order
+    runs = [(int(f), int(n)) for f, n in vm_net["received"]]
+    first = min((f for f, _ in runs), default=0)
     sent = {seq: t for seq, t in peer["sent"] if seq >= first and t < until - WINDOW_SLACK}
-    have_in = set(got)
-    dup_in = len(got) - len(have_in)
-    lost_in = [s for s in sent if s not in have_in]
+    starts, ends = _union(runs)
+    total = sum(n for _, n in runs)
+    dup_in = total - sum(e - s for s, e in zip(starts, ends))
+    lost_in = [s for s in sent if not _covered(starts, ends, s)]
     outside = [s for s in lost_in if not lo <= sent[s] <= hi]
     if dup_in:
         problems.append(f"{dup_in} frames from the peer arrived twice")
@@ -155,14 +175,14 @@ def check_network(
         problems.append(f"{dup_out} frames from the VM arrived twice at the peer (a TX sent again)")
     if out_bad:
         problems.append(f"{len(out_bad)} frames from the VM lost outside the switch-over window (seq {out_bad[:5]})")
-    if not got:
+    if not total:
         problems.append("the VM received no frame from the peer")
     if not rx:
         problems.append("the peer received no frame from the VM")
     return {
         "passed": not problems,
         "problems": problems,
-        "peer-to-vm": {"sent-judged": len(sent), "received": len(got), "lost": len(lost_in), "duplicates": dup_in},
+        "peer-to-vm": {"sent-judged": len(sent), "received": total, "lost": len(lost_in), "duplicates": dup_in},
         "vm-to-peer": {"sent": vm_net.get("tx-sent"), "received": len(rx), "lost": len(lost_out), "duplicates": dup_out},
         "window-s": [round(window[0], 3), round(window[1], 3)],
     }

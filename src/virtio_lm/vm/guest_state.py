@@ -664,7 +664,7 @@ def blk_work_from_json(v: Json, path: str = "blk.work") -> BlkWorkloadState:
 
 
 def net_work_to_json(st: NetWorkloadState) -> dict[str, Json]:
-    return {"next_seq": st.next_seq, "received": list(st.received), "other": st.other, "rate": st.rate}
+    return {"next_seq": st.next_seq, "received": [[f, n] for f, n in st.received], "other": st.other, "rate": st.rate}
 
 
 def net_work_from_json(v: Json, path: str = "net.work") -> NetWorkloadState:
@@ -672,7 +672,7 @@ def net_work_from_json(v: Json, path: str = "net.work") -> NetWorkloadState:
     d = _obj(v, path, _NET_WORK_KEYS)
     return NetWorkloadState(
         next_seq=_int(d["next_seq"], f"{path}.next_seq", 0, I63),
-        received=tuple(_int_list(d["received"], f"{path}.received", 0, I63)),
+        received=_pairs(d["received"], f"{path}.received", "count"),
         other=_int(d["other"], f"{path}.other", 0, I63),
         rate=_number(d["rate"], f"{path}.rate"),
     )

@@ -197,7 +197,7 @@ def _net_verify(part: GuestPart, disk: bool, arrival: list[str]) -> dict[str, An
     problems = list(arrival) + ([f"workload crashed: {n.crash!r}"] if n.crash is not None else [])
     if st["rx-duplicates"]:
         problems.append(f"{st['rx-duplicates']} duplicate frames received from the peer")
-    return {"passed": not problems, "problems": problems, "stats": st, "received": list(n.received)}
+    return {"passed": not problems, "problems": problems, "stats": st, "received": n.received_runs()}
 
 
 def _net_info(vm: "VirtualMachine", part: GuestPart) -> dict[str, Any]:
