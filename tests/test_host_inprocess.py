@@ -197,3 +197,21 @@ def test_stop_and_resume_events_carry_the_moment_the_vm_changed_state(tmp_path, 
         assert before - 0.5e9 - 5e6 <= t_resume <= after - 0.5e9
     finally:
         src.close()
+
+
+def test_a_vm_without_vfs_runs_and_migrates(tmp_path):
+    """Memory and vCPUs only (the VM QEMU's side of the comparison runs): the host leaves
+    SR-IOV off (NumVFs 0 is no enable) and the migration moves memory and vCPU state."""
+    spec = dict(name="vm0", memory_mib=32, dirty_rate_mbps=16.0)
+    src = Host(HostConfig(name="src", qmp=f"unix:{tmp_path}/src.qmp", vms=[VmSpec(**spec)]))
+    dst = Host(HostConfig(name="dst", qmp=f"unix:{tmp_path}/dst.qmp", vms=[VmSpec(**spec)], incoming=True))
+    try:
+        assert src.table.call("query-vfs") == []
+        info = migrate(src, dst)
+        assert info["status"] == "completed", info
+        assert dst.table.call("query-status")["status"] == "running"
+        report = dst.table.call("x-vm-verify")
+        assert report["passed"] and set(report["checks"]) == {"memory"}, report
+    finally:
+        src.close()
+        dst.close()

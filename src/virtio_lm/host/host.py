@@ -209,7 +209,9 @@ class Host:
             ctx = DeviceContext(switch=config.switch, bind=bind, scratch=number in scratch_vfs)
             return KINDS[kind].device(vm.spec, ctx), port
 
-        fns = self.pf_driver.enable_vfs(len(plan), factory)
+        # (NumVFs 0 is not an enable: a host whose VMs have no VF -- memory and vCPUs only,
+        # the QEMU-comparable VM -- leaves SR-IOV off)
+        fns = self.pf_driver.enable_vfs(len(plan), factory) if plan else []
         for number, ((vm, kind), fn) in enumerate(zip(plan, fns), start=1):
             vm.attach(kind, number, fn)
         for calibrator in self.calibrators.values():
