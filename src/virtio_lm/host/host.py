@@ -248,6 +248,9 @@ class Host:
             slot.vm.close()
         for calibrator in self.calibrators.values():
             calibrator.close()
+        for fn in self.pf.vfs:  # the VFs' back-ends: I/O pools, net back-end sockets
+            fn.device.close()
+        self.pf_driver.close()  # the PF reset: its control-queue thread stops
         self.server.close()
         self.closed.set()
 
