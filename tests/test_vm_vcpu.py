@@ -163,3 +163,42 @@ def test_guest_threads_reuse_the_pools_parked_os_threads():
         assert isinstance(ws[2].crash, RuntimeError)
     assert THREADS.created == created  # every cycle ran on threads parked before it
 
+
+
+def test_closing_a_parked_guest_thread_without_waiting_runs_no_further_step():
+    """close(wait=False) on a paused loop returns at once; the loop ends at its wake-up
+    without another step.  A loop that is not parked is waited for all the same."""
+    import threading
+
+    from virtio_lm.vm.worker import GuestThread
+
+    class Gate(GuestThread):
+        name = "gate"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ticks = 0
+            self.release = threading.Event()
+
+        def _tick(self) -> bool:
+            self.ticks += 1
+            self.release.wait(30)  # a long step the test controls
+            return True
+
+    w = Gate()
+    w.start()
+    w.release.set()
+    w.pause()
+    ticks = w.ticks
+    w.close(wait=False)
+    assert w.wait_ended(30)  # it ended on its own ...
+    assert w.ticks == ticks  # ... without another step
+
+    busy = Gate()
+    busy.start()
+    deadline = time.monotonic() + 30
+    while busy.ticks == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    threading.Timer(0.05, busy.release.set).start()
+    busy.close(wait=False)  # mid-step: waited for
+    assert busy.wait_ended(0)

@@ -245,7 +245,7 @@ class VirtualMachine:
         for kind, part in parts.items():  # everything accepted: hook the new drivers up
             KINDS[kind].attach(part, self.vfs[kind])
         for old in self._workers():
-            old.close()
+            old.close(wait=False)  # (paused: parked, they end without another step)
         self.vcpu = vcpu
         self.parts = parts
         for w in self._workers():

@@ -139,13 +139,22 @@ class GuestThread:
         if self._started and not self._parked.wait(timeout):
             raise VirtioLmError(f"{self.name} did not park in time")
 
-    def close(self) -> None:
+    def wait_ended(self, timeout: float | None = None) -> bool:
+        """Whether the loop has returned (waiting up to ``timeout``)."""
+        return self._done.wait(timeout)
+
+    def close(self, *, wait: bool = True) -> None:
+        """End the loop.  ``wait=False``: a parked loop is not waited for -- it returns
+        at its wake-up without another step (a destination replacing its shell's guest
+        threads inside the downtime need not wait for each old thread to be scheduled);
+        a loop that is not parked is always waited for."""
+        parked = self._parked.is_set() and not self._run.is_set()
         self._stop = True
         self._pausing.set()
         self._wake()
         self._run.set()
         if self._started:
-            if not self._done.wait(timeout=10):
+            if (wait or not parked) and not self._done.wait(timeout=10):
                 raise VirtioLmError(f"{self.name} did not end in time")
             self._started = False
 
