@@ -174,8 +174,11 @@ class VirtualMachine:
         return [self.vcpu] + [p.workload for p in self.parts.values()]
 
     def pause(self) -> None:
-        for w in self._workers():
-            w.pause()
+        workers = self._workers()
+        for w in workers:  # all asked first, then waited for: their parking overlaps
+            w.request_pause()
+        for w in workers:
+            w.wait_parked()
         self.running = False
 
     def resume(self) -> None:

@@ -133,9 +133,18 @@ class GuestThread:
 
     def pause(self, timeout: float = 10.0) -> None:
         """Stop at the next step boundary and wait until parked."""
+        self.request_pause()
+        self.wait_parked(timeout)
+
+    def request_pause(self) -> None:
+        """Ask the loop to stop at its next step boundary (without waiting: several guest
+        threads are asked first and then waited for, so their parking overlaps)."""
         self._run.clear()
         self._pausing.set()
         self._wake()
+
+    def wait_parked(self, timeout: float = 10.0) -> None:
+        """Wait until the loop asked to pause is parked."""
         if self._started and not self._parked.wait(timeout):
             raise VirtioLmError(f"{self.name} did not park in time")
 
