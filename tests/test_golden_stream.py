@@ -1,5 +1,5 @@
-"""The golden stream (tests/golden/, made by make_golden.py before the issue-10 refactor)
-still restores: every section's format and what a destination accepts stay as they were.
+"""The golden stream (tests/golden/, made by make_golden.py; remade for stream version 2,
+the guest state document's in-flight rows and received runs) still restores: every section's format and what a destination accepts stay as they were.
 
 A fresh destination host restores ``vm.stream`` with ``migrate-incoming file:`` onto a
 copy of the golden disk, resumes the VM and verifies it (memory, page cache, disk); the
@@ -84,13 +84,13 @@ def _rewritten(raw: bytes, edit) -> bytes:
     ("a byte flipped (the section's CRC)", None, "CRC-32"),
     ("an unknown key in the guest document", lambda d: d.replace(b'"next_token":', b'"Xext_token":', 1), "Xext_token: unknown key"),
     ("another unknown key (the blk driver's rr)", lambda d: d.replace(b'"rr":', b'"rX":', 1), "rX: unknown key"),
-    ("a block workload's request the driver does not have", lambda d: d.replace(b'[2212,"w",58,21]', b'[2299,"w",58,21]', 1),
+    ("a block workload's request the driver does not have", lambda d: d.replace(b'[3323,"w",52,28]', b'[3399,"w",52,28]', 1),
      "not the driver's outstanding"),
-    ("a block workload's request that is neither read nor write", lambda d: d.replace(b'[2214,"r",25,22]', b'[2214,"x",25,22]', 1),
+    ("a block workload's request that is neither read nor write", lambda d: d.replace(b'[3324,"r",1,32]', b'[3324,"x",1,32]', 1),
      "neither 'r' nor 'w'"),
     ("a workload rate that is a string", lambda d: d.replace(b'"rate":0.0,', b'"rate":"0",', 1), "blk.work.rate: expected a number"),
-    ("a net workload counter that is negative", lambda d: d.replace(b'"next_seq":168', b'"next_seq":-68', 1),
-     "net.work.next_seq: -68 is outside"),
+    ("a net workload counter that is negative", lambda d: d.replace(b'"next_seq":179', b'"next_seq":-79', 1),
+     "net.work.next_seq: -79 is outside"),
 ])
 def test_negative_control_a_changed_stream_is_refused_and_nothing_runs(tmp_path: Path, what, edit, reason) -> None:
     stream, disk, meta = _unpack(tmp_path)

@@ -344,7 +344,7 @@ def test_net_round_trip_tx_in_flight_and_rx_posted_through_a_migration(net_pair:
     p = net_pair
     raw = net_bytes(p.drv)
     doc = decode_guest_state(raw)["net"]
-    tokens = [r["token"] for q in doc["queues"].values() for r in q["in_flight"]]
+    tokens = [Row(r)["token"] for q in doc["queues"].values() for r in q["in_flight"]]
     assert sum(t[0] == "tx" for t in tokens) == 5 and sum(t[0] == "rx" for t in tokens) == 32
     new = migrate_net(p, lambda: raw)
     assert net_bytes(new) == raw  # nothing was lost or reshaped on the way
@@ -373,7 +373,7 @@ def test_net_negative_control_stale_state_is_caught(net_pair: NetPair) -> None:
     doc = net_state_to_json(p.drv.save())
     q = doc["queues"]["1"]
     dropped = q["in_flight"]
-    q["free"] = q["free"] + [d for r in dropped for d in r["descs"]]
+    q["free"] = q["free"] + [d for r in dropped for d in Row(r)["descs"]]
     q["in_flight"] = []
     q["avail_idx"] = (q["avail_idx"] - len(dropped)) & 0xFFFF
     q["kick_old"] = q["avail_idx"]
@@ -514,16 +514,33 @@ def test_valid_documents_decode_and_re_encode(docs: dict[str, Any]) -> None:
 
 
 # ============================================================================ refused, one test each
+class Row:
+    """An in-flight row ``[head, descs, table, token]`` seen by field name (the edits below)."""
+
+    def __init__(self, row: list[Any]) -> None:
+        self.row = row
+
+    def __getitem__(self, name: str) -> Any:
+        return self.row[gs._IF_FIELDS.index(name)]
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.row[gs._IF_FIELDS.index(name)] = value
+
+    def update(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            self[name] = value
+
+
 def _q(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["blk"]["queues"]["0"]
 
 
-def _first_indirect(doc: dict[str, Any]) -> dict[str, Any]:
-    return next(r for r in _q(doc)["in_flight"] if r["table"] is not None)
+def _first_indirect(doc: dict[str, Any]) -> Row:
+    return next(Row(r) for r in _q(doc)["in_flight"] if Row(r)["table"] is not None)
 
 
-def _first_direct(doc: dict[str, Any]) -> dict[str, Any]:
-    return next(r for r in _q(doc)["in_flight"] if r["table"] is None and len(r["descs"]) > 1)
+def _first_direct(doc: dict[str, Any]) -> Row:
+    return next(Row(r) for r in _q(doc)["in_flight"] if Row(r)["table"] is None and len(Row(r)["descs"]) > 1)
 
 
 def _req(doc: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -600,7 +617,7 @@ def _inflight_count(doc: dict[str, Any]) -> None:
 
 
 def _chain_without_request(doc: dict[str, Any]) -> None:
-    tok = _q(doc)["in_flight"][0]["token"]
+    tok = Row(_q(doc)["in_flight"][0])["token"]
     doc["blk"]["requests"] = [r for r in doc["blk"]["requests"] if r["token"] != tok]
 
 
@@ -648,14 +665,15 @@ def _net_queue_extra(doc: dict[str, Any]) -> None:
 
 def _net_token(value: Any) -> Callable[[dict[str, Any]], None]:
     def edit(doc: dict[str, Any]) -> None:
-        doc["net"]["queues"]["1"]["in_flight"][0]["token"] = value(doc["net"]["queues"]["1"]["in_flight"][0]["token"])
+        row = Row(doc["net"]["queues"]["1"]["in_flight"][0])
+        row["token"] = value(row["token"])
 
     return edit
 
 
 def _net_same_buffer(doc: dict[str, Any]) -> None:
     fl = doc["net"]["queues"]["1"]["in_flight"]
-    fl[1]["token"] = ["tx", fl[0]["token"][1]]
+    Row(fl[1])["token"] = ["tx", Row(fl[0])["token"][1]]
 
 
 def _net_alloc_overlap(doc: dict[str, Any]) -> None:
@@ -707,12 +725,12 @@ REFUSED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("allocator_range_past_u64", _set(["blk", "alloc", "size"], 2**64 - 1), "blk.alloc.size"),
     ("allocator_pair_shape", lambda d: d["blk"]["alloc"]["free"][0].append(1), "blk.alloc.free[0]"),
     # ---- tokens
-    ("token_float", lambda d: _q(d)["in_flight"][0].update(token=1.5), "blk.queues.0.in_flight[0].token"),
-    ("token_object", lambda d: _q(d)["in_flight"][0].update(token={"a": 1}), "blk.queues.0.in_flight[0].token"),
-    ("token_too_deep", lambda d: _q(d)["in_flight"][0].update(token=[[[[1]]]]), "blk.queues.0.in_flight[0].token[0][0][0]"),
-    ("token_too_long", lambda d: _q(d)["in_flight"][0].update(token="x" * 65), "blk.queues.0.in_flight[0].token"),
-    ("token_too_many_items", lambda d: _q(d)["in_flight"][0].update(token=list(range(9))), "blk.queues.0.in_flight[0].token"),
-    ("blk_token_not_int", lambda d: _q(d)["in_flight"][0].update(token="7"), "blk.queues.0.in_flight[0].token"),
+    ("token_float", lambda d: Row(_q(d)["in_flight"][0]).update(token=1.5), "blk.queues.0.in_flight[0].token"),
+    ("token_object", lambda d: Row(_q(d)["in_flight"][0]).update(token={"a": 1}), "blk.queues.0.in_flight[0].token"),
+    ("token_too_deep", lambda d: Row(_q(d)["in_flight"][0]).update(token=[[[[1]]]]), "blk.queues.0.in_flight[0].token[0][0][0]"),
+    ("token_too_long", lambda d: Row(_q(d)["in_flight"][0]).update(token="x" * 65), "blk.queues.0.in_flight[0].token"),
+    ("token_too_many_items", lambda d: Row(_q(d)["in_flight"][0]).update(token=list(range(9))), "blk.queues.0.in_flight[0].token"),
+    ("blk_token_not_int", lambda d: Row(_q(d)["in_flight"][0]).update(token="7"), "blk.queues.0.in_flight[0].token"),
     # ---- blk cross-checks
     ("config_bad_hex", _set(["blk", "config"], "zz"), "blk.config"),
     ("config_uppercase_hex", lambda d: d["blk"].update(config="A" + d["blk"]["config"][1:]), "blk.config"),
@@ -940,7 +958,7 @@ def test_the_codecs_keys_are_the_states_fields() -> None:
 
     assert set(gs._DQ_KEYS) == {f.name for f in dataclasses.fields(DriverQueueState)}
     assert set(gs._ALLOC_KEYS) == {f.name for f in dataclasses.fields(AllocatorState)}
-    assert set(gs._IF_KEYS) == set(ChainState._fields)
+    assert gs._IF_FIELDS == ChainState._fields  # a row holds them in this order
 
 
 def test_a_queue_saves_and_restores_to_the_same_state() -> None:
@@ -969,8 +987,7 @@ def test_errors_are_virtio_lm_errors() -> None:
 def _rx_queue(n: int = 8) -> dict[str, Any]:
     return {
         "size": n, "desc_addr": 0x10000, "avail_addr": 0x11000, "used_addr": 0x12000, "event_idx": False,
-        "free": [], "in_flight": [{"head": i, "descs": [i], "table": None, "token": ["rx", 0x20000 + 1536 * i]}
-                                  for i in range(n)],
+        "free": [], "in_flight": [[i, [i], None, ["rx", 0x20000 + 1536 * i]] for i in range(n)],
         "avail_idx": n, "pending": 0, "kick_old": n, "last_used_idx": 0, "interrupts": True,
     }
 
@@ -983,12 +1000,13 @@ def test_a_well_formed_in_flight_list_restores_on_the_bulk_path():
 
 
 @pytest.mark.parametrize("mutate, where", [
-    (lambda d: d["in_flight"][3].update(descs=[2]), "in_flight[3]"),  # descriptor 2 twice
-    (lambda d: d["in_flight"][1].pop("table"), "in_flight[1].table"),  # a key missing
-    (lambda d: d["in_flight"][1].update(extra=1), "in_flight[1].extra"),  # a key too many
-    (lambda d: d["in_flight"][5].update(token=["rx", "x" * 65]), "in_flight[5].token"),  # string too long
-    (lambda d: d["in_flight"][6].update(descs=[6, 8]), "in_flight[6].descs[1]"),  # out of range
-    (lambda d: d["in_flight"][0].update(head=True), "in_flight[0].head"),  # a bool is not an index
+    (lambda d: Row(d["in_flight"][3]).update(descs=[2]), "in_flight[3]"),  # descriptor 2 twice
+    (lambda d: d["in_flight"][1].pop(), "in_flight[1]: expected a row [head, descs, table, token], got a list of 3"),
+    (lambda d: d["in_flight"][1].append(1), "in_flight[1]: expected a row [head, descs, table, token], got a list of 5"),
+    (lambda d: d["in_flight"].__setitem__(2, {"head": 2}), "in_flight[2]: expected a row [head, descs, table, token], got dict"),
+    (lambda d: Row(d["in_flight"][5]).update(token=["rx", "x" * 65]), "in_flight[5].token"),  # string too long
+    (lambda d: Row(d["in_flight"][6]).update(descs=[6, 8]), "in_flight[6].descs[1]"),  # out of range
+    (lambda d: Row(d["in_flight"][0]).update(head=True), "in_flight[0].head"),  # a bool is not an index
 ])
 def test_bulk_path_refuses_what_the_checked_path_names(mutate, where):
     doc = _rx_queue()

@@ -23,6 +23,7 @@ from virtio_lm.wire.stream import (
     CRC_SIZE,
     HEADER_SIZE,
     MAGIC,
+    VERSION,
     MAX_PAYLOAD,
     OVERHEAD,
     Abort,
@@ -356,51 +357,52 @@ def test_refuses_bad_magic():
         _decode(frame(SectionType.HELLO, bytes(payload)))
 
 
-def test_refuses_unknown_version():
+@pytest.mark.parametrize("version", [VERSION - 1, VERSION + 1])  # an older stream, a newer one
+def test_refuses_unknown_version(version):
     payload = bytearray(hello_bytes()[HEADER_SIZE:-CRC_SIZE])
-    payload[4] = 2
-    with pytest.raises(StreamVersionError, match="version 2"):
+    payload[4] = version
+    with pytest.raises(StreamVersionError, match=f"stream version {version}, this side knows {VERSION}"):
         _decode(frame(SectionType.HELLO, bytes(payload)))
 
 
 def test_refuses_short_hello():
     with pytest.raises(StreamError, match="bad payload"):
-        _decode(frame(SectionType.HELLO, u32(MAGIC) + b"\x01\x00"))
+        _decode(frame(SectionType.HELLO, u32(MAGIC) + bytes([VERSION, 0])))
 
 
 def test_refuses_hello_page_size_not_power_of_two():
-    p = HelloHeader(MAGIC, 1, 0, 1 << 20, 3000, 0).encode()
+    p = HelloHeader(MAGIC, VERSION, 0, 1 << 20, 3000, 0).encode()
     with pytest.raises(StreamError, match="page size"):
         _decode(frame(SectionType.HELLO, p))
 
 
 def test_refuses_hello_memory_not_multiple_of_page():
-    p = HelloHeader(MAGIC, 1, 0, 4097, PAGE, 0).encode()
+    p = HelloHeader(MAGIC, VERSION, 0, 4097, PAGE, 0).encode()
     with pytest.raises(StreamError, match="memory size"):
         _decode(frame(SectionType.HELLO, p))
 
 
 def test_refuses_hello_length_mismatch():
-    p = HelloHeader(MAGIC, 1, 1, 1 << 20, PAGE, 0).encode()  # one VF announced, none follows
+    p = HelloHeader(MAGIC, VERSION, 1, 1 << 20, PAGE, 0).encode()  # one VF announced, none follows
     with pytest.raises(StreamError, match="needs"):
         _decode(frame(SectionType.HELLO, p))
 
 
 def test_refuses_hello_workload_not_utf8():
-    p = HelloHeader(MAGIC, 1, 0, 1 << 20, PAGE, 2).encode() + b"\xff\xfe"
+    p = HelloHeader(MAGIC, VERSION, 0, 1 << 20, PAGE, 2).encode() + b"\xff\xfe"
     with pytest.raises(StreamError, match="UTF-8"):
         _decode(frame(SectionType.HELLO, p))
 
 
 def test_refuses_hello_duplicate_vf():
     vf = VfRecord(1, 2).encode()
-    p = HelloHeader(MAGIC, 1, 2, 1 << 20, PAGE, 0).encode() + vf + vf
+    p = HelloHeader(MAGIC, VERSION, 2, 1 << 20, PAGE, 0).encode() + vf + vf
     with pytest.raises(StreamError, match="twice"):
         _decode(frame(SectionType.HELLO, p))
 
 
 def test_refuses_hello_reserved_field():
-    p = bytearray(HelloHeader(MAGIC, 1, 0, 1 << 20, PAGE, 0).encode())
+    p = bytearray(HelloHeader(MAGIC, VERSION, 0, 1 << 20, PAGE, 0).encode())
     p[22] = 1
     with pytest.raises(StreamError, match="reserved"):
         _decode(frame(SectionType.HELLO, bytes(p)))

@@ -9,9 +9,10 @@ with ``golden.json`` (the VM's spec and what the source reported).  The stream
 holds every section type a migration sends to a destination -- HELLO, ZERO, RAM,
 ROUND, DEVICE (the blk and net VFs' state images), CPU_STATE (the vCPU and the
 guest drivers' state document), COMPLETE -- so a change to any of their formats,
-or to what a restore accepts, breaks ``tests/test_golden_stream.py``.  Made once,
-before the issue-10 refactor; regenerate only for a deliberate format change (and
-say so in the commit).
+or to what a restore accepts, breaks ``tests/test_golden_stream.py``.  Made before
+the issue-10 refactor, remade for stream version 2 (in-flight chains as rows, the net
+workload's received numbers as runs); regenerate only for a deliberate format change
+(and say so in the commit).
 """
 
 from __future__ import annotations

@@ -304,17 +304,19 @@ _DQ_KEYS = (
     "size", "desc_addr", "avail_addr", "used_addr", "event_idx", "free", "in_flight",
     "avail_idx", "pending", "kick_old", "last_used_idx", "interrupts",
 )
-_IF_KEYS = ("head", "descs", "table", "token")
-_IF_KEYSET = frozenset(_IF_KEYS)
+#: an in-flight chain is a row ``[head, descs, table, token]`` (positional: the in-flight
+#: list of a posted receive ring is hundreds of rows, and a JSON object per row was most of a
+#: guest state's decoding time); errors name the field (``in_flight[3].token``)
+_IF_FIELDS = ("head", "descs", "table", "token")
 
 
-def _chain_out(c: ChainState) -> dict[str, Json]:
+def _chain_out(c: ChainState) -> list[Json]:
     token = c.token
     if type(token) is tuple and len(token) <= MAX_TOKEN_ITEMS and all(_flat_token_item(t) for t in token):
         token = list(token)
     elif not (type(token) is int and TOKEN_INT_MIN <= token <= U64):
         token = None if token is None else _NOT_FLAT
-    return {"head": c.head, "descs": list(c.descs), "table": c.table, "token": token}
+    return [c.head, list(c.descs), c.table, token]
 
 
 _NOT_FLAT = object()  # a token the fast path leaves to token_to_json (which names it in an error)
@@ -337,20 +339,20 @@ def queue_to_json(dq: DriverQueue, path: str = "queue", *, validate: bool = True
         "last_used_idx": st.last_used_idx,
         "interrupts": st.interrupts,
     }
-    for i, item in enumerate(out["in_flight"]):  # type: ignore[arg-type]
-        if item["token"] is _NOT_FLAT:
-            item["token"] = token_to_json(st.in_flight[i].token, f"{path}.in_flight[{i}].token")
+    for i, row in enumerate(out["in_flight"]):  # type: ignore[arg-type]
+        if row[3] is _NOT_FLAT:
+            row[3] = token_to_json(st.in_flight[i].token, f"{path}.in_flight[{i}].token")
     if validate:
         queue_from_json(out, path)
     return out
 
 
 def _chains(items: list[Json], path: str) -> tuple[ChainState, ...]:
-    """The in-flight list's records as :class:`ChainState` (types only; the queue checks the rest)."""
+    """The in-flight rows as :class:`ChainState` (types only; the queue checks the rest)."""
     out = []
-    for i, item in enumerate(items):
-        if type(item) is dict and item.keys() == _IF_KEYSET:
-            head, descs, table, token = item["head"], item["descs"], item["table"], item["token"]
+    for i, row in enumerate(items):
+        if type(row) is list and len(row) == 4:
+            head, descs, table, token = row
             if (type(head) is int and type(descs) is list and all(type(x) is int for x in descs)
                     and (table is None or type(table) is int and 0 <= table <= U64)):
                 if type(token) is list and len(token) <= MAX_TOKEN_ITEMS and all(_flat_token_item(t) for t in token):
@@ -360,10 +362,12 @@ def _chains(items: list[Json], path: str) -> tuple[ChainState, ...]:
                 out.append(ChainState(head, tuple(descs), table, token))
                 continue
         p = f"{path}[{i}]"
-        rec = _obj(item, p, _IF_KEYS)
-        _int(rec["head"], f"{p}.head", 0, U64)
-        _int_list(rec["descs"], f"{p}.descs", 0, U64)
-        _opt_int(rec["table"], f"{p}.table", 0, U64)
+        if type(row) is not list or len(row) != 4:
+            got = f"a list of {len(row)} items" if type(row) is list else _kind(row)
+            raise _fail(p, f"expected a row [{', '.join(_IF_FIELDS)}], got {got}")
+        _int(row[0], f"{p}.head", 0, U64)
+        _int_list(row[1], f"{p}.descs", 0, U64)
+        _opt_int(row[2], f"{p}.table", 0, U64)
         raise AssertionError("unreachable")  # pragma: no cover
     return tuple(out)
 

@@ -19,11 +19,12 @@ The conversation (socket; a file holds the left column only, up to COMPLETE)::
       ROUND  (stats of round 0)          ──►
                                               ◄── ACK(seq of ROUND)
       ZERO / RAM ... ROUND                     rounds 1..n: dirty pages
-      --- switch-over: vCPUs paused, VFs quiesced, frozen, saved ---
+      --- switch-over, stage 1: vCPUs paused ---
+      CPU_STATE (opaque)                 ──►  set_cpu_state (meanwhile, at the source:)
+      --- stage 2: VFs quiesced, final dirty pages, VFs frozen and saved ---
+      DEVICE (vf index, state image) per VF ──►  restore_vfs once all have arrived
       ZERO / RAM [FINAL] ... ROUND [FINAL]
-      DEVICE (vf index, state image) per VF
-      CPU_STATE (opaque)
-      COMPLETE                           ──►  restore_vfs, set_cpu_state
+      COMPLETE                           ──►
                                               ◄── READY (restore time)
       COMMIT   (point of no return)      ──►  start: RUN VFs, resume vCPUs, announce
                                               ◄── RUNNING (start time)
@@ -66,7 +67,10 @@ except ImportError:  # pragma: no cover - zlib-ng is a dependency; zlib gives id
     from zlib import crc32
 
 MAGIC = 0x4D4D4C56  # b"VLMM" little-endian
-VERSION = 1
+#: 1: the first stream; 2: CPU_STATE's guest state document keeps in-flight chains as
+#: rows [head, descs, table, token] and the net workload's received numbers as runs
+#: (a destination refuses another version at HELLO, before anything is applied)
+VERSION = 2
 CRC_SIZE = 4
 MAX_RAM_PAGES = 1024  # pages per RAM section
 MAX_ZERO_RUNS = 65536  # runs per ZERO section
