@@ -26,15 +26,17 @@ def switch():
     sw.stop()
 
 
-def make_hosts(tmp_path, switch, *, memory=32, blocks=64):
+def make_hosts(tmp_path, switch, *, memory=32, blocks=64, profile="seed"):
     image = tmp_path / "disk.img"
     if not image.exists():
         with open(image, "wb") as f:
             f.truncate(4 << 20)
     spec = dict(name="vm0", memory_mib=memory, blk_image=str(image), blk_blocks=blocks, net_mac=MAC,
                 dirty_rate_mbps=16.0, blk_rate=300.0, net_rate=100.0)
-    src = Host(HostConfig(name="src", qmp=f"unix:{tmp_path}/src.qmp", vms=[VmSpec(**spec)], switch=switch))
-    dst = Host(HostConfig(name="dst", qmp=f"unix:{tmp_path}/dst.qmp", vms=[VmSpec(**spec)], switch=switch, incoming=True))
+    src = Host(HostConfig(name="src", qmp=f"unix:{tmp_path}/src.qmp", vms=[VmSpec(**spec)], switch=switch,
+                          profile=profile))
+    dst = Host(HostConfig(name="dst", qmp=f"unix:{tmp_path}/dst.qmp", vms=[VmSpec(**spec)], switch=switch, incoming=True,
+                          profile=profile))
     return src, dst
 
 
@@ -212,6 +214,54 @@ def test_a_vm_without_vfs_runs_and_migrates(tmp_path):
         assert dst.table.call("query-status")["status"] == "running"
         report = dst.table.call("x-vm-verify")
         assert report["passed"] and set(report["checks"]) == {"memory"}, report
+    finally:
+        src.close()
+        dst.close()
+
+
+# ============================================================================ the virtio-1.4 profile
+@pytest.mark.slow
+@pytest.mark.parametrize("tracking", [True, False], ids=["iommu-tracking", "no-tracking-negative-control"])
+def test_virtio_1_4_migration_verifies_only_with_platform_tracking(tmp_path, switch, tracking):
+    """The same engine over the 1.4 back-end: DEV_MODE_SET, parts objects, DEV_PARTS_GET / SET,
+    the IOMMU's dirty bitmap.  Without platform tracking the VFs' DMA during pre-copy is lost
+    and the guest's check must fail."""
+    src, dst = make_hosts(tmp_path, switch, profile="virtio-1.4")
+    try:
+        time.sleep(0.5)
+        info = migrate(src, dst, **{"x-device-tracking": tracking})
+        assert info["status"] == "completed", info
+        assert info["x-device-profile"] == "virtio-1.4"
+        assert info["x-tracking-mode"] == ("iommu" if tracking else None)
+        arcs = info["x-vf-migration"]["arcs"]
+        assert {"RUNNING -> PRE_COPY", "PRE_COPY -> PRE_COPY_P2P", "PRE_COPY_P2P -> STOP_COPY"} <= set(arcs)
+        dst_arcs = dst.migration.stats()["arcs"]
+        assert {"RUNNING -> RUNNING_P2P -> STOP -> RESUMING", "RESUMING -> STOP -> RUNNING_P2P",
+                "RUNNING_P2P -> RUNNING"} <= set(dst_arcs)
+        assert all(v["profile"] == "virtio-1.4" and v["mig-state"] == "RUNNING" for v in dst.table.call("query-vfs"))
+        time.sleep(0.5)
+        report = dst.table.call("x-vm-verify")
+        if tracking:
+            assert report["passed"], report
+            assert info["x-vf-migration"]["dirty"]["collections"] > 0
+        else:
+            assert not report["passed"], report
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_x_device_profile_names_the_pfs_profile_and_cannot_switch_it(tmp_path, switch):
+    from virtio_lm.errors import QmpError
+
+    src, dst = make_hosts(tmp_path, switch)
+    try:
+        assert src.table.call("query-migrate-parameters")["x-device-profile"] == "seed"
+        src.table.call("migrate-set-parameters", {"x-device-profile": "seed"})
+        with pytest.raises(QmpError, match="one PF speaks one profile"):
+            src.table.call("migrate-set-parameters", {"x-device-profile": "virtio-1.4"})
+        assert src.table.call("query-migrate-parameters")["x-device-profile"] == "seed"
+        assert {v["profile"] for v in src.table.call("query-vfs")} == {"seed"}
     finally:
         src.close()
         dst.close()

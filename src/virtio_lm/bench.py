@@ -438,7 +438,7 @@ def bench_vf_switchover(quick: bool) -> tuple[list[Figure], list[str]]:
         for run in range(runs):
             with busy_host_pair(work / f"disk{run}.img") as (a, b):  # each run's guest starts with a fresh disk
                 svm, dvm = a.slots["vm0"].vm, b.slots["vm0"].vm
-                src, dst = VmSource(svm, a.pf_driver), VmDestination(dvm, b.pf_driver)
+                src, dst = VmSource(svm, a.migration), VmDestination(dvm, b.migration)
                 thresholds = settle_heap()
                 inflight_seen.append(wait_blk_in_flight(svm, BUSY_QD))
                 # the switch-over of a migration, step by step (host/switchover.py); the guest
@@ -454,7 +454,7 @@ def bench_vf_switchover(quick: bool) -> tuple[list[Figure], list[str]]:
                 if not ver["passed"]:
                     problems.append(str({k: v.get("problems") for k, v in ver["checks"].items()})[:300])
                 for vf in src.vf_numbers:
-                    a.pf_driver.flr_vf(vf)
+                    a.migration.reset(vf)
             release_heap(thresholds)
     finally:
         import shutil

@@ -120,7 +120,11 @@ def switch_address(text: str) -> tuple[str, int]:
 @click.option("--switch", default=None, help="The embedded switch, HOST:PORT (for net VFs).")
 @click.option("--incoming", is_flag=True, help="Start the VMs as shells waiting for migrate-incoming.")
 @click.option("--total-vfs", default=16, show_default=True, help="TotalVFs of the PF.")
-def host(name: str, qmp: str, vms: tuple[str, ...], switch: str | None, incoming: bool, total_vfs: int) -> None:
+@click.option("--profile", default="seed", show_default=True, type=click.Choice(["seed", "virtio-1.4"]),
+              help="The PF's migration control plane: the 2021 proposal's control queue, or virtio 1.4's admin "
+                   "queue with platform (IOMMU) dirty tracking.")
+def host(name: str, qmp: str, vms: tuple[str, ...], switch: str | None, incoming: bool, total_vfs: int,
+         profile: str) -> None:
     """Run one host: a PF with SR-IOV VFs, its VMs and a QMP monitor, until `quit`."""
     from virtio_lm.host.host import Host, HostConfig
     from virtio_lm.host.interpreter import settle_heap, tune_threads
@@ -134,6 +138,7 @@ def host(name: str, qmp: str, vms: tuple[str, ...], switch: str | None, incoming
         switch=switch_address(switch) if switch else None,
         incoming=incoming,
         total_vfs=total_vfs,
+        profile=profile,
     )
     h = Host(cfg).start()
     settle_heap()
@@ -239,7 +244,10 @@ def migrate(source: str, dest: str, uri: str | None, vm: str | None, downtime_li
 @click.option("--seed", default=1, show_default=True)
 @click.option("--warmup", default=2.0, show_default=True, help="Seconds the VM runs before the migration.")
 @click.option("--after", default=2.0, show_default=True, help="Seconds the VM runs on the destination before verifying.")
-@click.option("--no-device-tracking", is_flag=True, help="Negative control: do not track VF DMA; verification must fail.")
+@click.option("--profile", default="seed", show_default=True, type=click.Choice(["seed", "virtio-1.4"]),
+              help="Both hosts' PF profile: the proposal's commands, or virtio 1.4's admin queue + IOMMU tracking.")
+@click.option("--no-device-tracking", is_flag=True, help="Negative control: do not track VF DMA (seed: the device's "
+              "tracking, virtio-1.4: the platform's); verification must fail.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the report (query-migrate names) here.")
 @click.option("--keep", is_flag=True, help="Keep the temporary directory (logs, disk image).")
 def demo(**opts: object) -> None:

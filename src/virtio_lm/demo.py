@@ -52,6 +52,7 @@ class DemoOptions:
     warmup: float = 2.0
     after: float = 2.0
     no_device_tracking: bool = False
+    profile: str = "seed"  # both hosts' PF profile: "seed" or "virtio-1.4"
     json_path: str | None = None
     keep: bool = False
     quiet: bool = False
@@ -204,11 +205,12 @@ def run_demo(opts: DemoOptions) -> int:
         image, switch_addr, pr, peer_report = net.image, net.switch, net.peer, net.peer_report
         vm = vm_spec_text(opts.memory_mib, image, opts.dirty_rate_mbps, opts.seed, fill_mib=opts.fill_mib,
                           sweep_mib=opts.sweep_mib)
-        src = ChildProcess("source", cli_command("host", "--name", "source", "--qmp", f"unix:{work}/source.qmp", "--vm", vm, "--switch", switch_addr), work)
+        src = ChildProcess("source", cli_command("host", "--name", "source", "--qmp", f"unix:{work}/source.qmp", "--vm", vm, "--switch", switch_addr, "--profile", opts.profile), work)
         procs.append(src)
         dst = ChildProcess(
             "destination",
-            cli_command("host", "--name", "destination", "--qmp", f"unix:{work}/destination.qmp", "--vm", vm, "--switch", switch_addr, "--incoming"),
+            cli_command("host", "--name", "destination", "--qmp", f"unix:{work}/destination.qmp", "--vm", vm, "--switch", switch_addr, "--incoming",
+                        "--profile", opts.profile),
             work,
         )
         procs.append(dst)
@@ -216,7 +218,8 @@ def run_demo(opts: DemoOptions) -> int:
         dst_qmp = dst.first_line().split()[-1]
         console.print(f"[bold]virtio-lm demo[/] in {work}: switch {switch_addr}, source {src_qmp}, destination {dst_qmp}")
         with Monitor(src_qmp) as s, Monitor(dst_qmp) as d:
-            console.print(f"VM running on the source ({opts.memory_mib} MiB, blk + net VFs); warming up {opts.warmup} s")
+            console.print(f"VM running on the source ({opts.memory_mib} MiB, blk + net VFs, PF profile {opts.profile}); "
+                          f"warming up {opts.warmup} s")
             time.sleep(opts.warmup)
             before = s.cmd("query-vms")[0]
             params = {
@@ -224,6 +227,7 @@ def run_demo(opts: DemoOptions) -> int:
                 "max-bandwidth": opts.max_bandwidth,
                 "x-tracking-mode": opts.mode,
                 "x-device-tracking": not opts.no_device_tracking,
+                "x-device-profile": opts.profile,
             }
             info = run_migration(s, d, params=params, progress=not opts.quiet)
             s.pull_events()

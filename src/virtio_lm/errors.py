@@ -48,6 +48,8 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- UsedRingError             the device put something invalid on the used ring
      |    +-- ControlCommandError       the PF acked a control command with VIRTIO_CTRL_ERR
      |    +-- AdminCommandError         an admin command completed with a status other than OK
+     |    +-- MigrationArcError         a VFIO-style migration state change the host refuses or
+     |                                  could not complete (drivers/vfio.py)
      |    +-- BlkIOError                a virtio-blk request completed with status IOERR / UNSUPP
      +-- StateTransitionError           SET_STATE the VF state machine refuses (ack ERR)
      |    +-- StalePlanError            a planned transition applied after the state moved on
@@ -472,6 +474,21 @@ class AdminCommandError(DriverError):
         where = f" for member {member}" if member is not None else ""
         extra = f": {detail}" if detail else ""
         super().__init__(f"admin opcode {opcode:#x}{where} failed: status {status}, qualifier {qualifier}{extra}")
+
+
+class MigrationArcError(DriverError):
+    """A VFIO migration v2 state change (drivers/vfio.py) the host's state machine refuses
+    -- no path (a blocked transition, the ERROR state, ERROR requested), VFs in different
+    states, the data a RESUMING -> STOP arc loads missing -- or one an arc's commands failed
+    in (then ``__cause__`` is the driver's error).  ``vfs`` the VFs, ``state`` and
+    ``requested`` the state names."""
+
+    def __init__(self, vfs: object, state: str, requested: str, reason: str) -> None:
+        self.vfs = vfs
+        self.state = state
+        self.requested = requested
+        self.reason = reason
+        super().__init__(f"VFs {vfs}: {state} -> {requested}: {reason}")
 
 
 # --------------------------------------------------------------------------- network back-ends

@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from virtio_lm.drivers.pf_driver import PfDriver
+from virtio_lm.drivers.vfio import VfMigration
 from virtio_lm.host.endpoints import VmDestination, VmSource, vm_stream_config
 from virtio_lm.host.switchover import switchover_seconds, timed_switchover
 from virtio_lm.memory import Memory
@@ -79,7 +79,7 @@ class Calibrator:
         self.broken: BaseException | None = None
         self.closed = False
 
-    def measure(self, pf: PfDriver) -> Calibration | None:
+    def measure(self, pf: VfMigration) -> Calibration | None:
         """One timed switch-over; None once the calibrator broke (logged) or was closed."""
         with self._lock:
             if self.broken is not None or self.closed:
@@ -91,7 +91,7 @@ class Calibrator:
                 self.broken = exc
                 return None
 
-    def _measure(self, pf: PfDriver) -> Calibration:
+    def _measure(self, pf: VfMigration) -> Calibration:
         if self._running is None:
             self.vms[0].boot()
             self._running = self.vms[0]
@@ -108,15 +108,15 @@ class Calibrator:
         t = timed_switchover(src, dst, lambda: dst_vm.memory.cpu.write(0, src_vm.memory.read(0, SWEEP_START)))
         dst_vm.pause()  # idle until the next measurement
         for number in src_vm.vf_numbers.values():
-            pf.flr_vf(number)  # the old source becomes the next shell
+            pf.reset(number)  # the old source becomes the next shell
         self._running = dst_vm
         return Calibration(vm_stream_config(src_vm), switchover_seconds(t), t)
 
-    def best_of(self, pf: PfDriver, n: int) -> Calibration | None:
+    def best_of(self, pf: VfMigration, n: int) -> Calibration | None:
         runs = [c for c in (self.measure(pf) for _ in range(n)) if c is not None]
         return min(runs, key=lambda c: c.seconds) if runs else None
 
-    def close(self, pf: PfDriver | None = None) -> None:
+    def close(self, pf: VfMigration | None = None) -> None:
         with self._lock:
             self.closed = True
             for vm in self.vms:
@@ -124,7 +124,7 @@ class Calibrator:
                 if pf is not None:
                     for number in vm.vf_numbers.values():
                         try:
-                            pf.flr_vf(number)
+                            pf.reset(number)
                         except Exception:  # noqa: BLE001 - closing: logged, not fatal
                             log.exception("calibration: FLR of scratch VF %d failed", number)
             try:

@@ -1,12 +1,15 @@
-"""The migration sessions' endpoints over a real VM and the host's PF driver.
+"""The migration sessions' endpoints over a real VM and the host's VF migration state machine.
 
 :class:`VmSource` and :class:`VmDestination` implement
 :class:`~virtio_lm.migration.endpoint.SourceEndpoint` and
 :class:`~virtio_lm.migration.endpoint.DestEndpoint`: every VF operation is a
-control-queue command of the proposal sent by the host's
-:class:`~virtio_lm.drivers.pf_driver.PfDriver` (START/STOP_DIRTY_PAGE_TRACK,
-GET_DIRTY_REPORT_SIZE + REPORT_DIRTY_PAGES or the push map, SET_STATE,
-GET_STATE_ATTRS, SAVE_STATE / RESTORE_STATE in portions).  The stream names
+state change of the host's VFIO-style state machine
+(:class:`~virtio_lm.drivers.vfio.VfMigration`) or its dirty tracking, whatever
+profile the PF speaks underneath (the proposal's control queue or virtio
+1.4's admin queue and the platform's IOMMU).  The source goes RUNNING ->
+PRE_COPY when tracking starts, PRE_COPY_P2P at the switch-over, STOP_COPY
+for the images; the destination goes RESUMING when the stream's
+configuration is accepted, RUNNING_P2P with the images, RUNNING on COMMIT.  The stream names
 a VF by its index in the VM (0 = blk, 1 = net, as :attr:`VmSpec.vf_kinds`
 orders them), never by its VF number, which differs between hosts.
 """
@@ -21,12 +24,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from virtio_lm.drivers.pf_driver import PfDriver
-from virtio_lm.errors import ControlCommandError, VirtioLmError
+from virtio_lm.drivers.vfio import MigState, VfMigration
+from virtio_lm.errors import VirtioLmError
 from virtio_lm.memory import PAGE_SHIFT, PAGE_SIZE, Writer
 from virtio_lm.migration.endpoint import VfImage
 from virtio_lm.vm.machine import VirtualMachine
-from virtio_lm.wire.ctrl import TrackMode, VfState
+from virtio_lm.wire.ctrl import TrackMode
 from virtio_lm.wire.stream import StreamConfig, VfConfig
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,7 @@ class VmSource:
     def __init__(
         self,
         vm: VirtualMachine,
-        pf: PfDriver,
+        pf: VfMigration,
         *,
         mode: TrackMode = TrackMode.PULL_BITMAP,
         device_tracking: bool = True,
@@ -118,11 +121,23 @@ class VmSource:
 
     def start_tracking(self) -> None:
         self.vm.memory.cpu.writer.log.start()
-        if self.device_tracking:
+        if self.device_tracking and self.vf_numbers:
+            self.pf.start_dirty_tracking(self.vf_numbers, self.mode)
             for vf in self.vf_numbers:
-                self.pf.start_tracking(vf, self.mode)
                 self._tracking.append(vf)
                 self.device_dirty[self._kind_of[vf]] = 0
+        self.start_pre_copy()
+
+    def start_pre_copy(self) -> None:
+        """VFIO's PRE_COPY (the 1.4 back-end reads the device parts now; the seed's has no
+        pre-copy data)."""
+        if self.vf_numbers and self.pf.state(self.vf_numbers[0]) is MigState.RUNNING:
+            self.pf.set_states(list(self.vf_numbers), MigState.PRE_COPY)
+
+    @property
+    def tracking_name(self) -> str | None:
+        """The dirty tracking VF DMA goes through (None: none -- the negative control)."""
+        return self.pf.tracking_name(self.mode) if self.device_tracking and self.pf is not None else None
 
     def collect_dirty(self) -> np.ndarray:
         dirty = self.vm.memory.cpu.writer.log.collect()
@@ -189,7 +204,7 @@ class VmSource:
     def quiesce_vfs(self) -> None:
         with self.steps("quiesce-vfs"):
             if self.vf_numbers:  # (a VM without VFs has no PF to talk to)
-                self.pf.set_states(list(self.vf_numbers), VfState.QUIESCED)
+                self.pf.set_states(list(self.vf_numbers), MigState.PRE_COPY_P2P)
         self._quiesced = True
         self.in_flight["vfs"] = {
             kind: int(getattr(self.vm.vfs[kind].device, "in_flight", 0)) for kind in self.vm.spec.vf_kinds
@@ -197,14 +212,14 @@ class VmSource:
 
     def freeze_and_save_vfs(self) -> list[VfImage]:
         with self.steps("freeze-save-vfs"):
-            images = self.pf.freeze_and_save(list(self.vf_numbers)) if self.vf_numbers else []
-        return list(enumerate(images))
+            images = self.pf.set_states(list(self.vf_numbers), MigState.STOP_COPY) if self.vf_numbers else []
+        return list(enumerate(images or []))
 
     def stop_tracking(self) -> None:
         with self.steps("stop-tracking"):
             vfs, self._tracking = list(self._tracking), []
             if vfs:
-                self.pf.stop_tracking_all(vfs)
+                self.pf.stop_dirty_tracking(vfs)
             self.vm.memory.cpu.writer.log.stop()
 
     def cpu_state(self) -> bytes:
@@ -213,22 +228,17 @@ class VmSource:
 
     def rollback(self) -> None:
         """Whatever step failed, put every VF back to RUNNING and the VM back to running."""
-        for vf in self.vf_numbers:
+        if self.vf_numbers:
             try:
-                state = self.pf.get_state(vf)
-                if state is VfState.FREEZED:
-                    self.pf.set_state(vf, VfState.QUIESCED)
-                    state = VfState.QUIESCED
-                if state is VfState.QUIESCED:
-                    self.pf.set_state(vf, VfState.RUNNING)
+                self.pf.recover(list(self.vf_numbers), MigState.RUNNING)
             except VirtioLmError:
-                log.exception("rollback of VF %d failed", vf)
+                log.exception("rollback of VFs %s failed", self.vf_numbers)
                 raise
         for vf in list(self._tracking):
             try:
-                self.pf.stop_tracking(vf)
-            except ControlCommandError:
-                log.warning("VF %d: STOP_DIRTY_PAGE_TRACK refused during rollback", vf)
+                self.pf.stop_dirty_tracking([vf])
+            except VirtioLmError:
+                log.warning("VF %d: stopping dirty tracking refused during rollback", vf)
             self._tracking.remove(vf)
         self.vm.memory.cpu.writer.log.stop()
         self._quiesced = False
@@ -238,7 +248,7 @@ class VmSource:
         """The destination runs the VM: stop the guest here for good and reset its VFs."""
         self.vm.close()
         for vf in self.vf_numbers:
-            self.pf.flr_vf(vf)
+            self.pf.reset(vf)
         if self.on_release is not None:
             self.on_release()
 
@@ -249,7 +259,7 @@ class VmDestination:
     def __init__(
         self,
         vm: VirtualMachine,
-        pf: PfDriver,
+        pf: VfMigration,
         *,
         on_start: Callable[[], None] | None = None,
         restore_delay: float = 0.0,
@@ -292,10 +302,18 @@ class VmDestination:
             if theirs.negotiated_features & ~ours.offered_features:
                 return f"VF {theirs.index}: negotiated features not offered here"
         for vf in self.vf_numbers:
-            state = self.pf.get_state(vf)
-            if state is not VfState.INIT:
-                return f"VF {vf} here is {state.name}, not INIT"
+            why = self.pf.fresh(vf)
+            if why is not None:
+                return why
+        self.prepare_vfs()
         return None
+
+    def prepare_vfs(self) -> None:
+        """VFIO's RESUMING before any data arrives (QEMU enters it when the incoming
+        migration is set up): the 1.4 back-end creates its SET objects here, the seed's
+        VFs go FREEZED -- outside the switch-over."""
+        if self.vf_numbers and self.pf.state(self.vf_numbers[0]) is not MigState.RESUMING:
+            self.pf.set_states(list(self.vf_numbers), MigState.RESUMING)
 
     def write_pages(self, page_numbers: np.ndarray, data: bytes | memoryview) -> None:
         idx = np.asarray(page_numbers, dtype=np.int64)
@@ -327,9 +345,12 @@ class VmDestination:
             raise VirtioLmError(f"images for VFs {sorted(i for i, _ in images)}, expected 0..{len(self.vf_numbers) - 1}")
         if self.restore_delay > 0:
             time.sleep(self.restore_delay)
-        with self.steps("restore-vfs"):  # QUIESCED validates and applies each image
+        with self.steps("restore-vfs"):  # leaving RESUMING loads each image; RUNNING_P2P: not yet running
             if images:
-                self.pf.restore_and_quiesce([(self.vf_numbers[index], image) for index, image in images])
+                self.prepare_vfs()
+                order = sorted(images)
+                self.pf.set_states([self.vf_numbers[i] for i, _ in order], MigState.RUNNING_P2P,
+                                   images=[img for _, img in order])
 
     def set_cpu_state(self, data: bytes) -> None:
         with self.steps("guest-state"):
@@ -338,7 +359,7 @@ class VmDestination:
     def start(self) -> None:
         with self.steps("run-vfs"):
             if self.vf_numbers:
-                self.pf.set_states(list(self.vf_numbers), VfState.RUNNING)
+                self.pf.set_states(list(self.vf_numbers), MigState.RUNNING)
         with self.steps("resume"):
             self.vm.resume()
         if self.on_start is not None:
@@ -348,7 +369,7 @@ class VmDestination:
         """Forget everything received: VFs back to INIT, guest memory zero, nothing runs."""
         self.vm.pause()
         for vf in self.vf_numbers:
-            self.pf.flr_vf(vf)
+            self.pf.reset(vf)
         mem = self.vm.memory
         mem.fill(0, mem.size, 0, self._writer)
         self._maybe_data = np.zeros(mem.num_pages, dtype=bool)

@@ -47,7 +47,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virtio_lm.addr import MIGRATION_SCHEMES, parse_address
+from virtio_lm.drivers.admin_driver import AdminDriver
 from virtio_lm.drivers.pf_driver import PfDriver
+from virtio_lm.drivers.vfio import VfMigration
+from virtio_lm.drivers.vfio_backends import backend_for
 from virtio_lm.errors import QmpError, VirtioLmError
 from virtio_lm.host.calibrate import Calibrator
 from virtio_lm.host.endpoints import VmDestination, VmSource
@@ -63,7 +66,7 @@ from virtio_lm.migration.session import (
     VmStateEvent,
 )
 from virtio_lm.migration.transport import start_incoming, start_outgoing
-from virtio_lm.pf.device import build_pf, vf_status
+from virtio_lm.pf.device import Profile, build_pf, vf_monitor_status as vf_status
 from virtio_lm.virtqueue.driver import Allocator
 from virtio_lm.vm.kinds import KINDS, DeviceContext
 from virtio_lm.vm.machine import MIB, VirtualMachine, VmSpec
@@ -90,6 +93,7 @@ class HostConfig:
     incoming: bool = False
     total_vfs: int = 16
     calibrate: bool = True  # time a scratch switch-over on spare VFs at start-up (host/calibrate.py)
+    profile: str = "seed"  # the PF's migration control plane: "seed" (the proposal) or "virtio-1.4"
 
 
 @dataclass
@@ -109,6 +113,7 @@ class Params:
     x_auto_converge: bool = True
     x_max_rounds: int = 100
     x_restore_delay_ms: int = 0
+    x_device_profile: str = "seed"  # the PF's (read-only: a PF's profile is chosen when the host starts)
 
     def to_qmp(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in vars(self).items()}
@@ -141,6 +146,7 @@ PARAM_SCHEMA = {
     "*x-auto-converge": "bool",
     "*x-max-rounds": "int",
     "*x-restore-delay-ms": "uint64",
+    "*x-device-profile": ("seed", "virtio-1.4"),
 }
 
 
@@ -164,15 +170,20 @@ class Host:
         if not config.vms:
             raise ValueError("a host needs at least one VM")
         self.config = config
-        self.params = Params()
+        self.params = Params(x_device_profile=Profile(config.profile).value)
         self._lock = threading.RLock()
         # the guest threads' OS threads, parked before any VM boots or arrives (vm/worker.py):
         # three per VM (vCPU, blk and net workloads), for the VMs and the calibration's scratch VMs
         THREADS.warm(GUEST_THREADS_PER_VM * 3 * len(config.vms))
         self.host_memory = Memory(HOST_MEMORY, name=f"{config.name}.host")
-        self.pf = build_pf(self.host_memory.device_port(f"{config.name}.pf"), total_vfs=config.total_vfs)
-        self.pf_driver = PfDriver(self.pf, self.host_memory.cpu, Allocator(*PF_DRIVER_AREA))
+        self.profile = Profile(config.profile)
+        self.pf = build_pf(self.host_memory.device_port(f"{config.name}.pf"), total_vfs=config.total_vfs,
+                           profile=self.profile)
+        driver_class = AdminDriver if self.profile is Profile.VIRTIO_1_4 else PfDriver
+        self.pf_driver: PfDriver | AdminDriver = driver_class(self.pf, self.host_memory.cpu, Allocator(*PF_DRIVER_AREA))
         self.pf_driver.bring_up()
+        #: every VF's migration goes through this VFIO-style state machine, whatever the profile
+        self.migration = VfMigration(backend_for(self.pf_driver))
         self.slots: dict[str, Slot] = {}
         plan: list[tuple[VirtualMachine, str]] = []
         for spec in config.vms:
@@ -215,7 +226,7 @@ class Host:
         for number, ((vm, kind), fn) in enumerate(zip(plan, fns), start=1):
             vm.attach(kind, number, fn)
         for calibrator in self.calibrators.values():
-            best = calibrator.best_of(self.pf_driver, 3)
+            best = calibrator.best_of(self.migration, 3)
             if best is not None:
                 SWITCHOVER_HISTORY.calibrate(best.config, best.seconds, best.phases.get("restore", 0.0))
                 log.info("switch-over calibrated: %.2f ms %s", best.seconds * 1000,
@@ -362,8 +373,9 @@ class Host:
                 uri = parse_address(args["uri"], MIGRATION_SCHEMES)
             except (ValueError, KeyError, VirtioLmError) as exc:
                 raise QmpError(f"invalid migration request: {exc}") from exc
-            self.pf_driver.report_portion = self.params.x_report_portion
-            self.pf_driver.state_portion = self.params.x_state_portion
+            if isinstance(self.pf_driver, PfDriver):
+                self.pf_driver.report_portion = self.params.x_report_portion
+                self.pf_driver.state_portion = self.params.x_state_portion
             was_paused = slot.status == "paused"
 
             def released() -> None:
@@ -371,9 +383,9 @@ class Host:
 
             calibrator = self.calibrators.get(tuple(slot.vm.spec.vf_kinds))
             endpoint = VmSource(
-                slot.vm, self.pf_driver, mode=mode, device_tracking=self.params.x_device_tracking, on_release=released,
-                dma_footprint_mib=self.params.x_dma_footprint_mib,
-                calibrator=(lambda c=calibrator: c.measure(self.pf_driver)) if calibrator is not None else None,
+                slot.vm, self.migration, mode=mode, device_tracking=self.params.x_device_tracking,
+                on_release=released, dma_footprint_mib=self.params.x_dma_footprint_mib,
+                calibrator=(lambda c=calibrator: c.measure(self.migration)) if calibrator is not None else None,
             )
             session = SourceSession(
                 endpoint, params, clock=time.monotonic, to_file=uri.kind == "file", history=SWITCHOVER_HISTORY
@@ -399,7 +411,7 @@ class Host:
                 slot.status = "running"
 
             endpoint = VmDestination(
-                slot.vm, self.pf_driver, on_start=started, restore_delay=self.params.x_restore_delay_ms / 1000
+                slot.vm, self.migration, on_start=started, restore_delay=self.params.x_restore_delay_ms / 1000
             )
             uri = parse_address(args["uri"], MIGRATION_SCHEMES)
             session = DestSession(
@@ -428,7 +440,9 @@ class Host:
         if slot.direction == "out" and isinstance(slot.endpoint, VmSource) and slot.endpoint.in_flight:
             info["x-in-flight"] = {k: dict(v) for k, v in slot.endpoint.in_flight.items()}
         if slot.direction == "out" and isinstance(slot.endpoint, VmSource):
-            info["x-tracking-mode"] = slot.endpoint.mode.cli_name if slot.endpoint.device_tracking else None
+            info["x-tracking-mode"] = slot.endpoint.tracking_name
+            info["x-device-profile"] = self.profile.value
+            info["x-vf-migration"] = self.migration.stats()
             info["x-device-dirty-pages"] = dict(slot.endpoint.device_dirty)
             if slot.endpoint.footprint_pages:
                 info["x-dma-footprint-pages"] = slot.endpoint.footprint_pages
@@ -445,6 +459,11 @@ class Host:
 
     def cmd_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
         new = Params(**{**vars(self.params), **{k.replace("-", "_"): v for k, v in args.items()}})
+        if new.x_device_profile != self.profile.value:
+            raise QmpError(
+                f"this host's PF speaks the {self.profile.value} profile; one PF speaks one profile, chosen "
+                f"when the host starts (virtio-lm host --profile {new.x_device_profile})"
+            )
         try:
             new.migration_params()
         except ValueError as exc:
@@ -474,8 +493,10 @@ class Host:
                         "vf": n,
                         "vm": vm.spec.name,
                         "kind": kind,
-                        "state": st.state.name,
-                        "tracking": st.mode.cli_name if st.mode is not None else None,
+                        "profile": self.profile.value,
+                        "mig-state": self.migration.state(n).name,  # the host's VFIO-style state
+                        "state": st.state,  # the device's: seed VfState / 1.4 member mode
+                        "tracking": st.tracking,
                         "tracked-marks": st.tracked_marks,
                         "overflow-events": st.overflow_events,
                         "device-status": fn.status,

@@ -34,9 +34,10 @@ def switchover_seconds(steps: dict[str, float]) -> float:
 
 def timed_switchover(src: VmSource, dst: VmDestination, copy_pages: Callable[[], None]) -> dict[str, float]:
     """Switch the source's running VM over to the destination's shell; the seconds of each
-    of :data:`STEPS`.  Like a migration, it writes the disk images back before the pause
-    (outside the clock); ``copy_pages`` moves the guest memory (outside the clock too).  The
-    destination's VM is left running, the source's paused with its VFs FREEZED."""
+    of :data:`STEPS`.  Like a migration, it writes the disk images back and puts the
+    destination's VFs in RESUMING before the pause (outside the clock); ``copy_pages`` moves
+    the guest memory (outside the clock too).  The destination's VM is left running, the
+    source's paused with its VFs in STOP_COPY."""
     c = time.perf_counter
     t: dict[str, float] = {}
 
@@ -47,6 +48,8 @@ def timed_switchover(src: VmSource, dst: VmDestination, copy_pages: Callable[[],
         return out
 
     src.prepare_switchover()  # the disk images written back first, outside the clock, as a session does
+    src.start_pre_copy()  # PRE_COPY, as when dirty tracking starts (outside the clock)
+    dst.prepare_vfs()  # RESUMING, as when the stream's configuration is accepted (outside the clock)
     step("pause", src.pause_vcpus)
     cpu = step("guest-state", src.cpu_state)
     step("quiesce", src.quiesce_vfs)

@@ -16,6 +16,7 @@ from collections import Counter
 from typing import BinaryIO
 
 from virtio_lm.errors import StreamError, WireError
+from virtio_lm.wire.parts import decode_parts_image, is_parts_image
 from virtio_lm.wire.state import RecordType, decode_image
 from virtio_lm.wire.stream import (
     CompleteRecord,
@@ -105,8 +106,12 @@ class _Analyzer:
             elif isinstance(b, Device):
                 entry: dict = {"vf-index": b.vf_index, "device-id": b.device_id, "size": len(b.image)}
                 try:
-                    img = decode_image(b.image)
-                    entry["records"] = [{"type": _record_name(r.type), "length": len(r.payload)} for r in img.records]
+                    if is_parts_image(b.image):  # the virtio-1.4 profile: device parts
+                        entry["parts"] = [{"type": f"{p.hdr.part_type:#x}", "length": len(p.value)}
+                                          for p in decode_parts_image(b.image)[1]]
+                    else:
+                        img = decode_image(b.image)
+                        entry["records"] = [{"type": _record_name(r.type), "length": len(r.payload)} for r in img.records]
                 except WireError as exc:  # pragma: no cover - the decoder already checked it
                     entry["error"] = str(exc)
                 self.devices.append(entry)

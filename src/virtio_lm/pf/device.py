@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import enum
 import threading
+from dataclasses import dataclass
 
 from virtio_lm.errors import VirtioLmError, WireError
 from virtio_lm.memory import MemoryPort
+from virtio_lm.memory.iommu import IommuDirtyDomain
 from virtio_lm.pci.device import VirtioDevice
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.pci.sriov import SriovPF
@@ -335,3 +337,36 @@ def vf_commands(pf: SriovPF) -> VfMigrationController:
     (``net.testbed.NetVm.controller``, for tests that drive a VF's state directly; a
     migration goes through the PF driver and the queue)."""
     return _pf_device(pf).controller  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class VfMonitorStatus:
+    """What a monitor shows of one VF, whatever the PF's profile: the device-side state (the
+    proposal's VF state, or virtio 1.4's member mode), the dirty tracking VF DMA goes
+    through (the device's mode, ``"iommu"`` for the platform's, None), marks and overflows."""
+
+    profile: str
+    state: str
+    tracking: str | None
+    tracked_marks: int
+    overflow_events: int
+
+
+def pf_profile(pf: SriovPF) -> Profile:
+    dev = pf.device
+    if not isinstance(dev, PfDevice):
+        raise VirtioLmError(f"{pf.name} was not built by build_pf")
+    return dev.profile
+
+
+def vf_monitor_status(pf: SriovPF, func_id: int) -> VfMonitorStatus:
+    """VF ``func_id`` as a monitor shows it (both profiles)."""
+    dev = pf.device
+    if isinstance(dev, PfDevice) and dev.admin is not None:
+        member = dev.admin.member(func_id)
+        platform = pf.vf(func_id).port.writer.platform
+        tracking = "iommu" if isinstance(platform, IommuDirtyDomain) and platform.tracking else None
+        return VfMonitorStatus(dev.profile.value, member.mode.name, tracking, 0, 0)
+    st = vf_status(pf, func_id)
+    return VfMonitorStatus(Profile.SEED.value, st.state.name, st.mode.cli_name if st.mode is not None else None,
+                           st.tracked_marks, st.overflow_events)

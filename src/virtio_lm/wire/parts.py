@@ -19,10 +19,11 @@ table in admin-cmds-device-parts.tex).
 from __future__ import annotations
 
 import enum
+import zlib
 from dataclasses import dataclass
 
 from virtio_lm.errors import FieldValueError, ShortBufferError
-from virtio_lm.wire.codec import flags_field, layout, read_u64, reserved, u64
+from virtio_lm.wire.codec import flags_field, layout, read_u32, read_u64, reserved, u64
 
 # ------------------------------------------------------------------ numbers
 
@@ -247,3 +248,56 @@ def decode_hdrs(buf: bytes | bytearray | memoryview) -> list[DevPartHdr]:
     if len(buf) % PART_HDR_SIZE:
         raise ShortBufferError("virtio_dev_part_hdr[]", None, (len(buf) // PART_HDR_SIZE + 1) * PART_HDR_SIZE, len(buf))
     return [DevPartHdr.unpack_from(buf, off) for off in range(0, len(buf), PART_HDR_SIZE)]
+
+
+# ------------------------------------------------------------------ the parts image (a migration stream's device record)
+#: "VLMP" little-endian: a device-parts image, beside wire.state's "VLMS" state image
+PARTS_IMAGE_MAGIC = 0x504D4C56
+PARTS_IMAGE_VERSION = 1
+MAX_PARTS_IMAGE = 16 << 20
+
+
+@layout("<IHHII")
+@dataclass(frozen=True, slots=True)
+class PartsImageHeader:
+    """What virtio-lm puts before a VF's device parts in a migration stream (16 bytes):
+    magic "VLMP", version 1, the virtio device type, the parts' total length, their
+    CRC-32 (zlib).  Linux's virtio-vfio-pci frames each DEV_PARTS_GET result with a
+    record header of its own; this is virtio-lm's."""
+
+    magic: int
+    version: int
+    device_id: int
+    parts_len: int
+    crc32: int
+
+
+def encode_parts_image(device_id: int, parts: list[DevPart] | tuple[DevPart, ...]) -> bytes:
+    body = encode_parts(parts)
+    return PartsImageHeader(PARTS_IMAGE_MAGIC, PARTS_IMAGE_VERSION, device_id, len(body), zlib.crc32(body)).encode() + body
+
+
+def is_parts_image(buf: bytes | bytearray | memoryview) -> bool:
+    """Whether ``buf`` starts with the parts image's magic (else: try wire.state)."""
+    return len(buf) >= 4 and read_u32(buf, 0) == PARTS_IMAGE_MAGIC
+
+
+def decode_parts_image(buf: bytes | bytearray | memoryview) -> tuple[int, list[DevPart]]:
+    """Validate a parts image: ``(device_id, parts)``.  Refused: a header cut short, a bad
+    magic / version, a length other than the bytes that follow (or above 16 MiB), a
+    checksum mismatch, parts that do not frame (:func:`decode_parts`).  Whether the member
+    takes the parts is its business (DEV_PARTS_SET)."""
+    hdr = PartsImageHeader.unpack_from(buf, 0)
+    if hdr.magic != PARTS_IMAGE_MAGIC:
+        raise FieldValueError("PartsImageHeader", "magic", hdr.magic, f"must be {PARTS_IMAGE_MAGIC:#x}")
+    if hdr.version != PARTS_IMAGE_VERSION:
+        raise FieldValueError("PartsImageHeader", "version", hdr.version, f"only version {PARTS_IMAGE_VERSION}")
+    if hdr.parts_len > MAX_PARTS_IMAGE:
+        raise FieldValueError("PartsImageHeader", "parts_len", hdr.parts_len, f"at most {MAX_PARTS_IMAGE}")
+    body = bytes(buf[PartsImageHeader.SIZE :])
+    if len(body) != hdr.parts_len:
+        raise FieldValueError("PartsImageHeader", "parts_len", hdr.parts_len, f"equals the {len(body)} bytes that follow")
+    crc = zlib.crc32(body)
+    if crc != hdr.crc32:
+        raise FieldValueError("PartsImageHeader", "crc32", hdr.crc32, f"checksum of the parts is {crc:#010x}")
+    return hdr.device_id, decode_parts(body)

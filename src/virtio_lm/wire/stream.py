@@ -36,7 +36,9 @@ returns the complete :class:`Section` s they finish.  Everything is checked
 before use: the header (known type for this direction, flags, a length within
 the type's maximum -- refused before any payload is buffered), the CRC, the
 sequence number, the payload layout, page numbers within the memory announced
-by HELLO, device images (``wire.state.decode_image``) for a VF HELLO announced.
+by HELLO, device images for a VF HELLO announced (a seed profile's state image,
+``wire.state.decode_image``, or a virtio-1.4 profile's parts image,
+``wire.parts.decode_parts_image``).
 Errors are :class:`~virtio_lm.errors.StreamError` subclasses naming the section
 and its stream offset.
 """
@@ -59,6 +61,7 @@ from virtio_lm.errors import (
     WireError,
 )
 from virtio_lm.wire.codec import layout, read_u32, reserved, u32
+from virtio_lm.wire.parts import decode_parts_image, is_parts_image
 from virtio_lm.wire.state import decode_image
 
 try:  # the same CRC-32 as zlib's, computed with carry-less multiplies (~20x faster)
@@ -780,13 +783,13 @@ class StreamDecoder:
                 section="DEVICE", offset=off,
             )
         image = bytes(p[DeviceHeader.SIZE :])
-        try:
-            img = decode_image(image)
+        try:  # the seed profile's state image, or the virtio-1.4 profile's device parts
+            img_device_id = decode_parts_image(image)[0] if is_parts_image(image) else decode_image(image).device_id
         except WireError as exc:
             raise StreamError(f"VF {head.vf_index} state image: {exc}", section="DEVICE", offset=off) from exc
-        if img.device_id != head.device_id:
+        if img_device_id != head.device_id:
             raise StreamError(
-                f"VF {head.vf_index} image says device type {img.device_id}, header {head.device_id}",
+                f"VF {head.vf_index} image says device type {img_device_id}, header {head.device_id}",
                 section="DEVICE", offset=off,
             )
         return Device(head.vf_index, head.device_id, image)
