@@ -127,7 +127,7 @@ class Cluster:
 
     def host(
         self, vms: list[str], *, switch: str | None = None, incoming: bool = False, name: str | None = None,
-        netns: str | None = None,
+        netns: str | None = None, profile: str | None = None,
     ) -> HostProc:
         name = self._name(name or ("destination" if incoming else "source"))
         argv = ["host", "--name", name, "--qmp", f"unix:{self.work}/{name}.qmp"]
@@ -137,6 +137,8 @@ class Cluster:
             argv += ["--switch", switch]
         if incoming:
             argv.append("--incoming")
+        if profile:
+            argv += ["--profile", profile]
         p = Proc(name, cli_command(*argv), self.work, netns=netns)
         self.procs.append(p)
         h = HostProc(p, p.first_line().split()[-1])

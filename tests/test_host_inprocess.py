@@ -233,8 +233,11 @@ def test_virtio_1_4_migration_verifies_only_with_platform_tracking(tmp_path, swi
         assert info["status"] == "completed", info
         assert info["x-device-profile"] == "virtio-1.4"
         assert info["x-tracking-mode"] == ("iommu" if tracking else None)
-        arcs = info["x-vf-migration"]["arcs"]
-        assert {"RUNNING -> PRE_COPY", "PRE_COPY -> PRE_COPY_P2P", "PRE_COPY_P2P -> STOP_COPY"} <= set(arcs)
+        vfm = info["x-vf-migration"]
+        assert {"pre-copy", "quiesce", "save"} <= set(vfm["calls"]) and vfm["commands"] > 0
+        assert vfm["image-bytes"] > 0 and vfm["pre-copy-bytes"] > 0  # the parts, read in pre-copy and at stop-copy
+        assert {"RUNNING -> PRE_COPY", "PRE_COPY -> PRE_COPY_P2P", "PRE_COPY_P2P -> STOP_COPY"} <= set(
+            src.migration.stats()["arcs"])
         dst_arcs = dst.migration.stats()["arcs"]
         assert {"RUNNING -> RUNNING_P2P -> STOP -> RESUMING", "RESUMING -> STOP -> RUNNING_P2P",
                 "RUNNING_P2P -> RUNNING"} <= set(dst_arcs)

@@ -226,6 +226,10 @@ class VfMigration:
     def profile(self) -> str:
         return self.backend.profile
 
+    def commands(self) -> int:
+        """Control commands the back-end's driver issued so far (dirty collection's included)."""
+        return self.backend.commands()
+
     def state(self, vf: int) -> MigState:
         """A VF the machine has not moved is RUNNING (VFIO's state after open / reset)."""
         return self._state.get(vf, S.RUNNING)

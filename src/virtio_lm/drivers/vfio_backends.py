@@ -217,7 +217,7 @@ class AdminBackend:
             pass  # the member is STOPPED in both
         elif arc in ((S.RUNNING, S.PRE_COPY), (S.RUNNING_P2P, S.PRE_COPY_P2P)):
             self._get_obj[vf] = a.obj_create(vf, DevPartsObjType.GET)
-            self._read_parts(vf, self._get_obj[vf], "pre-copy")  # read during pre-copy, as Linux does
+            return self._read_parts(vf, self._get_obj[vf], "pre-copy")  # the pre-copy data, as Linux reads it
         elif arc == (S.PRE_COPY_P2P, S.STOP_COPY):
             return self._read_parts(vf, self._get_obj[vf], "stop-copy")  # re-read, the member stopped
         elif arc == (S.STOP, S.STOP_COPY):

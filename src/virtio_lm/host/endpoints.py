@@ -68,6 +68,37 @@ class _Steps:
             self.ms[name] = round(self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1000, 3)
 
 
+class _VfCalls:
+    """Per endpoint step that talks to the VFs: control commands issued and wall ms
+    (query-migrate ``x-vf-migration``; the profiles bench compares them)."""
+
+    def __init__(self, mig: VfMigration | None) -> None:
+        self.mig = mig
+        self.calls: dict[str, dict[str, float]] = {}
+        self.image_bytes = 0  # device state the source saved / the destination loaded
+        self.pre_copy_bytes = 0  # device data read during pre-copy (virtio-1.4: the parts)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        c0 = self.mig.commands() if self.mig is not None else 0
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            rec = self.calls.setdefault(name, {"commands": 0, "ms": 0.0})
+            rec["commands"] += (self.mig.commands() - c0) if self.mig is not None else 0
+            rec["ms"] = round(rec["ms"] + (time.perf_counter() - t0) * 1000, 3)
+
+    def report(self) -> dict[str, object]:
+        return {
+            "profile": self.mig.profile if self.mig is not None else None,
+            "calls": {k: dict(v) for k, v in self.calls.items()},
+            "commands": sum(int(v["commands"]) for v in self.calls.values()),
+            "image-bytes": self.image_bytes,
+            "pre-copy-bytes": self.pre_copy_bytes,
+        }
+
+
 def _pages_view(vm: VirtualMachine) -> np.ndarray:
     return vm.memory.array.reshape(vm.memory.num_pages, PAGE_SIZE)
 
@@ -111,6 +142,7 @@ class VmSource:
         self.device_dirty: dict[str, int] = {}
         self._kind_of = {vm.vf_numbers[k]: k for k in vm.spec.vf_kinds}
         self.steps = _Steps()
+        self.vf_calls = _VfCalls(pf if self.vf_numbers else None)
 
     @property
     def num_pages(self) -> int:
@@ -122,7 +154,8 @@ class VmSource:
     def start_tracking(self) -> None:
         self.vm.memory.cpu.writer.log.start()
         if self.device_tracking and self.vf_numbers:
-            self.pf.start_dirty_tracking(self.vf_numbers, self.mode)
+            with self.vf_calls("start-tracking"):
+                self.pf.start_dirty_tracking(self.vf_numbers, self.mode)
             for vf in self.vf_numbers:
                 self._tracking.append(vf)
                 self.device_dirty[self._kind_of[vf]] = 0
@@ -132,7 +165,9 @@ class VmSource:
         """VFIO's PRE_COPY (the 1.4 back-end reads the device parts now; the seed's has no
         pre-copy data)."""
         if self.vf_numbers and self.pf.state(self.vf_numbers[0]) is MigState.RUNNING:
-            self.pf.set_states(list(self.vf_numbers), MigState.PRE_COPY)
+            with self.vf_calls("pre-copy"):
+                data = self.pf.set_states(list(self.vf_numbers), MigState.PRE_COPY)
+            self.vf_calls.pre_copy_bytes += sum(len(d) for d in data or [])
 
     @property
     def tracking_name(self) -> str | None:
@@ -142,7 +177,8 @@ class VmSource:
     def collect_dirty(self) -> np.ndarray:
         dirty = self.vm.memory.cpu.writer.log.collect()
         for vf in self._tracking:
-            reported = self.pf.collect_dirty(vf)
+            with self.vf_calls("collect-dirty"):
+                reported = self.pf.collect_dirty(vf)
             kind = self._kind_of[vf]
             self.device_dirty[kind] = self.device_dirty.get(kind, 0) + int(np.count_nonzero(reported))
             dirty |= reported
@@ -204,7 +240,8 @@ class VmSource:
     def quiesce_vfs(self) -> None:
         with self.steps("quiesce-vfs"):
             if self.vf_numbers:  # (a VM without VFs has no PF to talk to)
-                self.pf.set_states(list(self.vf_numbers), MigState.PRE_COPY_P2P)
+                with self.vf_calls("quiesce"):
+                    self.pf.set_states(list(self.vf_numbers), MigState.PRE_COPY_P2P)
         self._quiesced = True
         self.in_flight["vfs"] = {
             kind: int(getattr(self.vm.vfs[kind].device, "in_flight", 0)) for kind in self.vm.spec.vf_kinds
@@ -212,14 +249,17 @@ class VmSource:
 
     def freeze_and_save_vfs(self) -> list[VfImage]:
         with self.steps("freeze-save-vfs"):
-            images = self.pf.set_states(list(self.vf_numbers), MigState.STOP_COPY) if self.vf_numbers else []
+            with self.vf_calls("save"):
+                images = self.pf.set_states(list(self.vf_numbers), MigState.STOP_COPY) if self.vf_numbers else []
+        self.vf_calls.image_bytes += sum(len(i) for i in images or [])
         return list(enumerate(images or []))
 
     def stop_tracking(self) -> None:
         with self.steps("stop-tracking"):
             vfs, self._tracking = list(self._tracking), []
             if vfs:
-                self.pf.stop_dirty_tracking(vfs)
+                with self.vf_calls("stop-tracking"):
+                    self.pf.stop_dirty_tracking(vfs)
             self.vm.memory.cpu.writer.log.stop()
 
     def cpu_state(self) -> bytes:
@@ -270,6 +310,7 @@ class VmDestination:
         self.restore_delay = restore_delay  # test knob (x-restore-delay-ms): hold the source in 'device'
         self.vf_numbers = [vm.vf_numbers[k] for k in vm.spec.vf_kinds]
         self.steps = _Steps()
+        self.vf_calls = _VfCalls(pf if self.vf_numbers else None)
         self._writer = Writer(f"{vm.spec.name}.incoming")  # the hypervisor's writes: nobody tracks them
         # pages that may hold data (None: not looked yet).  A fresh memfd is all holes,
         # so ZERO runs write nothing there: touching fresh memory costs more than the
@@ -313,7 +354,8 @@ class VmDestination:
         migration is set up): the 1.4 back-end creates its SET objects here, the seed's
         VFs go FREEZED -- outside the switch-over."""
         if self.vf_numbers and self.pf.state(self.vf_numbers[0]) is not MigState.RESUMING:
-            self.pf.set_states(list(self.vf_numbers), MigState.RESUMING)
+            with self.vf_calls("prepare"):
+                self.pf.set_states(list(self.vf_numbers), MigState.RESUMING)
 
     def write_pages(self, page_numbers: np.ndarray, data: bytes | memoryview) -> None:
         idx = np.asarray(page_numbers, dtype=np.int64)
@@ -349,8 +391,10 @@ class VmDestination:
             if images:
                 self.prepare_vfs()
                 order = sorted(images)
-                self.pf.set_states([self.vf_numbers[i] for i, _ in order], MigState.RUNNING_P2P,
-                                   images=[img for _, img in order])
+                self.vf_calls.image_bytes += sum(len(img) for _, img in order)
+                with self.vf_calls("restore"):
+                    self.pf.set_states([self.vf_numbers[i] for i, _ in order], MigState.RUNNING_P2P,
+                                       images=[img for _, img in order])
 
     def set_cpu_state(self, data: bytes) -> None:
         with self.steps("guest-state"):
@@ -359,7 +403,8 @@ class VmDestination:
     def start(self) -> None:
         with self.steps("run-vfs"):
             if self.vf_numbers:
-                self.pf.set_states(list(self.vf_numbers), MigState.RUNNING)
+                with self.vf_calls("run"):
+                    self.pf.set_states(list(self.vf_numbers), MigState.RUNNING)
         with self.steps("resume"):
             self.vm.resume()
         if self.on_start is not None:

@@ -442,10 +442,12 @@ class Host:
         if slot.direction == "out" and isinstance(slot.endpoint, VmSource):
             info["x-tracking-mode"] = slot.endpoint.tracking_name
             info["x-device-profile"] = self.profile.value
-            info["x-vf-migration"] = self.migration.stats()
+            info["x-vf-migration"] = dict(slot.endpoint.vf_calls.report(), dirty=self.migration.stats()["dirty"])
             info["x-device-dirty-pages"] = dict(slot.endpoint.device_dirty)
             if slot.endpoint.footprint_pages:
                 info["x-dma-footprint-pages"] = slot.endpoint.footprint_pages
+        if slot.direction == "in" and isinstance(slot.endpoint, VmDestination):
+            info["x-vf-migration"] = slot.endpoint.vf_calls.report()
         steps = getattr(slot.endpoint, "steps", None)
         if steps is not None and steps.ms:
             info["x-switchover-steps"] = dict(steps.ms)
