@@ -3,12 +3,18 @@
 tests/c/admin_layout.c prints the admin-command structs' sizes and offsets and
 the constants as ``key=value`` lines; each key is one test.  Linux added the
 device-parts commands to its uapi header long after bookworm's 6.1 headers:
-where the installed header does not define VIRTIO_ADMIN_CMD_DEV_MODE_SET the
-whole module is skipped with that reason (and where gcc is missing).
+where the installed header does not define VIRTIO_ADMIN_CMD_DEV_MODE_SET, the test
+compiles against a newer header tree: ``$VIRTIO_LM_UAPI_INCLUDE`` (a directory
+holding ``linux/virtio_pci.h``) or ``/tmp/virtio-lm-uapi/usr/include``, where
+``scripts/fetch-uapi-headers`` (run by ``.ci/run``) extracts a newer Debian
+linux-libc-dev.  Where none has the commands the whole module is skipped with
+that reason (and where gcc is missing).
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +26,19 @@ from virtio_lm.wire import parts as P
 from virtio_lm.wire.pci import COMMON_CFG_BY_NAME
 
 SOURCE = Path(__file__).parent / "c" / "admin_layout.c"
+FETCHED = Path("/tmp/virtio-lm-uapi/usr/include")  # scripts/fetch-uapi-headers puts them there
+
+
+def _include_dirs() -> list[str]:
+    """-isystem flags for a newer uapi header tree, if one is there (else the installed headers)."""
+    root = os.environ.get("VIRTIO_LM_UAPI_INCLUDE") or (str(FETCHED) if FETCHED.is_dir() else "")
+    if not root:
+        return []
+    flags = ["-isystem", root]
+    arch = Path(root) / f"{platform.machine()}-linux-gnu"
+    if arch.is_dir():  # Debian's arch-independent linux-libc-dev keeps asm/ per triplet
+        flags += ["-isystem", str(arch)]
+    return flags
 
 
 def _expected() -> dict[str, int]:
@@ -77,15 +96,18 @@ def c_values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
         "#include <linux/virtio_pci.h>\n#ifndef VIRTIO_ADMIN_CMD_DEV_MODE_SET\n#error no device parts\n#endif\n"
         "int main(void){return 0;}\n"
     )
-    r = subprocess.run([gcc, "-fsyntax-only", str(probe)], capture_output=True, text=True)
+    inc = _include_dirs()
+    r = subprocess.run([gcc, *inc, "-fsyntax-only", str(probe)], capture_output=True, text=True)
     if r.returncode != 0:
+        where = f"the uapi headers in {inc[1]}" if inc else "the installed Linux uapi headers"
         pytest.skip(
-            "the installed Linux uapi <linux/virtio_pci.h> has no virtio 1.4 device-parts admin commands "
+            f"{where}: <linux/virtio_pci.h> has no virtio 1.4 device-parts admin commands "
             "(VIRTIO_ADMIN_CMD_DEV_MODE_SET undefined: headers older than the kernels that added them, "
-            "e.g. Debian bookworm's 6.1)"
+            "e.g. Debian bookworm's 6.1); scripts/fetch-uapi-headers extracts newer ones (.ci/run runs it)"
         )
     exe = tmp / "admin_layout"
-    r = subprocess.run([gcc, "-std=gnu11", "-Wall", "-Werror", "-o", str(exe), str(SOURCE)], capture_output=True, text=True)
+    r = subprocess.run([gcc, *inc, "-std=gnu11", "-Wall", "-Werror", "-o", str(exe), str(SOURCE)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, f"tests/c/admin_layout.c does not compile:\n{r.stderr}"
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
     return {k: int(v) for k, _, v in (line.partition("=") for line in out.splitlines())}

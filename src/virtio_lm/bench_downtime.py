@@ -81,12 +81,13 @@ class Cell:
 
 
 def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int,
-            params: dict[str, Any] | None = None) -> dict[str, Any]:
+            params: dict[str, Any] | None = None, *, host_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """A fresh source and destination host (separate processes), one migration.
 
     ``params`` are more migrate-set-parameters for the source (e.g.
-    ``x-device-tracking``); the run's record has what the destination guest's
-    verification found (``verified``, ``verify-problems``, by check)."""
+    ``x-device-tracking``), ``host_args`` more arguments of both ``virtio-lm host`` (e.g.
+    ``--profile``); the run's record has what the destination guest's verification found
+    (``verified``, ``verify-problems``, by check) and both sides' ``x-vf-migration``."""
     from virtio_lm.demo import cli_command, start_network, vm_spec_text
     from virtio_lm.orchestrate import ChildProcess, Monitor, run_migration, shut_down
 
@@ -98,7 +99,7 @@ def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int
         mons = []
         for name, incoming in (("src", False), ("dst", True)):
             argv = ["host", "--name", name, "--qmp", f"unix:{work}/{name}.qmp", "--vm", vm, "--switch", net.switch]
-            p = ChildProcess(name, cli_command(*argv, *(["--incoming"] if incoming else [])), work)
+            p = ChildProcess(name, cli_command(*argv, *(["--incoming"] if incoming else []), *host_args), work)
             procs.append(p)
             mons.append(Monitor(p.first_line().split()[-1]))
         monitors.extend(mons)
@@ -120,6 +121,9 @@ def one_run(work: Path, limit: int, mode: str, rate: float, m: Matrix, seed: int
             "fixed-source": info.get("x-switchover-cost-source"),
             "overrun": info.get("downtime-overrun"), "overrun-phase": info.get("downtime-overrun-phase"),
             "phases": phases, "error": str(info.get("error-desc", "")),
+            "vf-source": info.get("x-vf-migration"),
+            "vf-destination": (info.get("destination") or {}).get("x-vf-migration"),
+            "switchover-steps": info.get("x-switchover-steps"),
         }
         if out["status"] == "completed":
             ver = dst.cmd("x-vm-verify")

@@ -282,9 +282,10 @@ def analyze_stream(path: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("which", nargs=-1, type=click.Choice(["migration", "downtime", "faults", "foundation", "pf", "devices", "all"]))
+@click.argument("which", nargs=-1, type=click.Choice(["migration", "downtime", "faults", "profiles", "foundation", "pf", "devices", "all"]))
 @click.option("--quick", is_flag=True, help="Smaller sizes (a smoke run).")
-@click.option("--runs", default=None, type=click.IntRange(1, 1000), help="downtime: runs per cell (default 10, quick 2).")
+@click.option("--runs", default=None, type=click.IntRange(1, 1000),
+              help="downtime: runs per cell (default 10, quick 2); profiles: runs per profile (default 5, quick 2).")
 @click.option("--limits", default=None, help="downtime: limits in ms, comma separated (default 30,100,300).")
 @click.option("--modes", default=None, help="downtime: tracking modes, comma separated (default all four).")
 @click.option("--rates", default=None, help="downtime: vCPU dirty rates in MB/s, comma separated (default 32,128).")
@@ -304,7 +305,10 @@ def bench(which: tuple[str, ...], quick: bool, runs: int | None, limits: str | N
     run on a fresh pair of host processes) and writes OUT/downtime[-LABEL].json/.png.
     `faults` runs a fault campaign (SIGKILL, connection cut, byte flip, cancel at uniform
     points of the stream and in the commit window, fresh hosts per trial), prints per
-    fault kind what held and writes OUT/faults.json; exit status 1 if any trial was wrong."""
+    fault kind what held and writes OUT/faults.json; exit status 1 if any trial was wrong.
+    `profiles` migrates the same VM and work under the seed profile and virtio 1.4 (fresh hosts
+    per run), prints downtime and phases, total time, device state bytes, control commands and
+    their time, dirty collection's cost per GiB, and writes OUT/profiles.json/.png."""
     from pathlib import Path
 
     from virtio_lm.bench import run_benches
@@ -314,7 +318,15 @@ def bench(which: tuple[str, ...], quick: bool, runs: int | None, limits: str | N
         from virtio_lm import bench_faults as bf
 
         rc |= bf.run(bf.Campaign(trials=trials, seed=seed), Path(out_dir))
-    rest = tuple(w for w in which if w not in ("downtime", "faults"))
+    if "profiles" in which:
+        from virtio_lm import bench_profiles as bp
+
+        plan = bp.Plan.quick() if quick else bp.Plan()
+        if runs:
+            plan.runs = runs
+        summary = bp.run(plan, Path(out_dir))
+        rc |= 0 if all(s["verified"] == s["runs"] for s in summary.values()) else 1
+    rest = tuple(w for w in which if w not in ("downtime", "faults", "profiles"))
     if "downtime" in which:
         from virtio_lm import bench_downtime as bd
 
