@@ -1,8 +1,10 @@
 """A host: one PF with VFs, its PF driver, the VMs placed on it, and a QMP monitor.
 
 A host process owns host memory for its PF driver, one SR-IOV PF
-(:func:`~virtio_lm.pf.device.build_pf`) brought up by a
-:class:`~virtio_lm.drivers.pf_driver.PfDriver`, and the VMs of its
+(:func:`~virtio_lm.pf.device.build_pf`, of the configured profile) brought up by a
+:class:`~virtio_lm.drivers.pf_driver.PfDriver` (seed) or an
+:class:`~virtio_lm.drivers.admin_driver.AdminDriver` (virtio-1.4), the VF
+migration state machine over it (:class:`~virtio_lm.drivers.vfio.VfMigration`), and the VMs of its
 configuration.  Like QEMU, both ends of a migration are started with the
 same VM configuration; the destination's VMs start as shells (``incoming``):
 memory allocated, VFs created in INIT, no guest running, until
@@ -19,7 +21,9 @@ selects a VM where a host has several, default the first)::
     migrate-incoming        {uri, vm?}   (tcp port 0: query-migrate shows the port)
     query-migrate           {vm?}        QEMU's fields + downtime-phases, socket-address,
                             source: x-in-flight (I/O in flight at the switch-over),
-                            x-tracking-mode, x-device-dirty-pages (pages each VF reported)
+                            x-tracking-mode, x-device-dirty-pages (pages each VF reported),
+                            x-device-profile; both sides: x-vf-migration (per VF step,
+                            control commands and ms; device state bytes)
     migrate-set-parameters  downtime-limit, max-bandwidth, cpu-throttle-initial,
                             cpu-throttle-increment, max-cpu-throttle,
                             x-tracking-mode, x-report-portion, x-state-portion,
@@ -28,10 +32,13 @@ selects a VM where a host has several, default the first)::
                             this many MiB, is taken as dirty at the switch-over),
                             x-auto-converge, x-max-rounds, x-restore-delay-ms
                             (destination test knob: wait before RESTORE_STATE,
-                            holding the source in status 'device')
+                            holding the source in status 'device'), x-device-profile
+                            (the PF's profile, "seed" or "virtio-1.4": chosen at
+                            start-up with --profile; another value is refused)
     query-migrate-parameters
     migrate_cancel
-    query-vfs               every VF of the PF: VM, kind, state, tracking, counters
+    query-vfs               every VF of the PF: VM, kind, profile, mig-state (the host's
+                            VFIO-style state), state (the device's), tracking, counters
     query-vms               every VM: run state, vCPU, workload counters
     x-vm-verify             {vm?, disk?}: the guest checks memory, disk, network
     quit
