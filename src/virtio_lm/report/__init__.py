@@ -17,7 +17,7 @@ plots.  Sections (:data:`SECTIONS`; ``sections`` picks some):
    I/O, on one PF and on two;
 5. ``downtime`` -- a reduced downtime matrix (bench_downtime's) and the
    downtime phases as stacked bars;
-6. ``profiles`` -- seed vs virtio 1.4: one line (the 1.4 profile is device-side only; no migration runs under it yet).
+6. ``profiles`` -- seed vs virtio 1.4: one line pointing at ``virtio-lm bench profiles`` (not re-measured here).
 
 The measurements are :mod:`virtio_lm.report.sections`; the plots and the
 documents :mod:`virtio_lm.report.render`.
