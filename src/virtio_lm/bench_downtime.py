@@ -44,6 +44,7 @@ class Matrix:
     fill_mib: int = 0
     warmup_s: float = 1.0
     label: str = ""
+    profile: str = "seed"  # both hosts' PF profile (virtio-lm host --profile)
 
     @classmethod
     def quick(cls) -> "Matrix":
@@ -147,7 +148,8 @@ def run_matrix(m: Matrix, *, progress: bool = True, on_run: Callable[[], None] |
             for cell in cells:
                 work = Path(tempfile.mkdtemp(prefix="virtio-lm-dt-"))
                 try:
-                    cell.runs.append(one_run(work, cell.limit, cell.mode, cell.rate, m, seed=i + 1))
+                    cell.runs.append(one_run(work, cell.limit, cell.mode, cell.rate, m, seed=i + 1,
+                                             host_args=("--profile", m.profile)))
                 except Exception as exc:  # noqa: BLE001 - a run that could not run is a failed run
                     cell.runs.append({"limit": cell.limit, "mode": cell.mode, "rate": cell.rate, "status": "error",
                                       "error": f"{type(exc).__name__}: {exc}"})

@@ -297,8 +297,11 @@ def analyze_stream(path: str, as_json: bool) -> None:
 @click.option("--trials", default=20, show_default=True, type=click.IntRange(1, 10000),
               help="faults: trials (fault kinds round-robin).")
 @click.option("--seed", default=1, show_default=True, type=int, help="faults: seed of the fault points.")
+@click.option("--profile", "device_profile", default="seed", show_default=True, type=click.Choice(["seed", "virtio-1.4"]),
+              help="migration, downtime: the hosts' PF profile (profiles runs both).")
 def bench(which: tuple[str, ...], quick: bool, runs: int | None, limits: str | None, modes: str | None,
-          rates: str | None, label: str, out_dir: str, vs_qemu: bool, no_matrix: bool, trials: int, seed: int) -> None:
+          rates: str | None, label: str, out_dir: str, vs_qemu: bool, no_matrix: bool, trials: int, seed: int,
+          device_profile: str) -> None:
     """Benchmarks: print figures and ratios against baselines measured in the same run.
 
     `downtime` runs the downtime matrix (limits x tracking modes x dirty rates, every
@@ -343,12 +346,13 @@ def bench(which: tuple[str, ...], quick: bool, runs: int | None, limits: str | N
         if rates:
             m.rates = tuple(parse_rate(x) for x in rates.split(","))
         m.label = label
+        m.profile = device_profile
         if not (no_matrix and vs_qemu):
             bd.run(m, Path(out_dir))
         if vs_qemu:
             rc |= bd.run_vs_qemu(m, Path(out_dir), runs=runs)
     if rest or not which:
-        rc |= run_benches(rest or ("migration",), quick=quick)
+        rc |= run_benches(rest or ("migration",), quick=quick, device_profile=device_profile)
     sys.exit(rc)
 
 
