@@ -346,7 +346,10 @@ class VmDestination:
             why = self.pf.fresh(vf)
             if why is not None:
                 return why
-        self.prepare_vfs()
+        try:
+            self.prepare_vfs()
+        except VirtioLmError as exc:  # refused like any configuration this host cannot take
+            return f"the VFs here could not enter RESUMING: {exc}"
         return None
 
     def prepare_vfs(self) -> None:
