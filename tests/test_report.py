@@ -38,7 +38,7 @@ def test_one_section_writes_json_markdown_html_and_the_plot(small_report):
     meta = doc["meta"]
     assert meta["quick"] is True and meta["sections"] == ["slow-commands", "profiles"]
     assert meta["nproc"] >= 1 and len(meta["loadavg"]["start"]) == 3 and len(meta["loadavg"]["end"]) == 3
-    assert "other agents" in meta["busy-note"]
+    assert meta["busy"] == (max(meta["loadavg"]["start"][0], meta["loadavg"]["end"][0]) > 0.5 * meta["nproc"])
     secs = {s["id"]: s for s in doc["sections"]}
     assert list(secs) == ["slow-commands", "profiles"]
     slow = secs["slow-commands"]
@@ -67,7 +67,8 @@ def test_one_section_writes_json_markdown_html_and_the_plot(small_report):
     for text in (md, html):
         assert "virtio-lm report --section slow-commands --quick --out DIR" in text
         assert "slow-commands.png" in text
-        assert "load average" in text and "other agents" in text
+        assert "Load average" in text
+        assert ("the machine was busy with other work" in text) == meta["busy"]
     assert '<section id="slow-commands"' in html and '<section id="profiles"' in html
 
 
@@ -164,8 +165,11 @@ def test_report_quick_end_to_end(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     doc = json.loads((out / "report.json").read_text())
-    # the budget is 90 s; a shared CI machine gets a third more before this fails
-    assert doc["meta"]["seconds"] <= QUICK_BUDGET_S * 4 / 3, doc["meta"]["seconds"]
+    # the campaign is sized for its 90 s budget on a quiet machine; wall time on a busy one is
+    # not judged here (no timed tests) -- the report says so itself when it ran over
+    assert doc["meta"]["budget-s"] == QUICK_BUDGET_S
+    over = doc["meta"]["seconds"] > QUICK_BUDGET_S
+    assert over == ("longer than its" in (out / "index.html").read_text()), doc["meta"]
     secs = {s["id"]: s for s in doc["sections"]}
     assert list(secs) == list(SECTIONS)
     for s in secs.values():

@@ -91,12 +91,12 @@ def run_report(out: Path, *, quick: bool = False, sections: tuple[str, ...] | li
         "hostname": socket.gethostname(),
         "nproc": os.cpu_count(),
         "loadavg": {"start": list(load_start), "end": list(os.getloadavg())},
-        "busy-note": "other agents ran test suites on this machine at the same time",
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "version": __version__,
         "commit": _commit(),
     }
+    meta["busy"] = render.busy(meta)
     render.write_json(meta, done, out / "report.json")
     render.write_markdown(meta, done, out / "report.md")
     render.write_html(meta, done, out / "index.html")

@@ -240,17 +240,25 @@ def _default(o: Any) -> Any:
     return str(o)
 
 
+def busy(meta: dict[str, Any]) -> bool:
+    """Whether other work loaded the machine: a load average (1 min) at the start or the end of
+    the campaign above half its CPUs."""
+    load = meta["loadavg"]
+    return max(load["start"][0], load["end"][0]) > 0.5 * meta["nproc"]
+
+
 def _header_lines(meta: dict[str, Any]) -> list[str]:
     load = meta["loadavg"]
+    busy = meta.get("busy", False)
     return [
         f"Generated {meta['finished']} on {meta['hostname']} ({meta['nproc']} CPUs) by `{meta['command']}` in "
         f"{meta['seconds']:.0f} s{' (quick)' if meta['quick'] else ''}; virtio-lm {meta['version']}"
         + (f", commit {meta['commit'][:12]}" if meta.get("commit") else "") + ".",
-        f"The machine was busy: other agents ran test suites on it at the same time (load average "
-        f"{load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end, on {meta['nproc']} CPUs). "
+        f"Load average {load['start'][0]:.2f} at the start, {load['end'][0]:.2f} at the end, on "
+        f"{meta['nproc']} CPUs" + (" (the machine was busy with other work)" if busy else "") + ". "
         "Timings are medians with their range (min-max) over n samples; under load the ranges are wide."
-        + (f" The campaign took longer than its {meta['budget-s']} s budget because of that load."
-           if meta["seconds"] > meta["budget-s"] else ""),
+        + (f" The campaign took longer than its {meta['budget-s']} s budget"
+           + (" because of that load." if busy else ".") if meta["seconds"] > meta["budget-s"] else ""),
     ]
 
 
