@@ -407,5 +407,61 @@ def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, u
     device.close()
 
 
+@main.command("vhost-user-net")
+@click.option("--socket", "socket_path", required=True, help="UNIX socket path to listen on (QEMU connects).")
+@click.option("--switch", "switch_", default=None, help="The embedded switch, HOST:PORT.")
+@click.option("--tap", default=None, help="A Linux TAP interface to create (needs CAP_NET_ADMIN).")
+@click.option("--queues", default=1, show_default=True, type=click.IntRange(1, 64), help="Queue pairs.")
+@click.option("--guest-announce", is_flag=True,
+              help="Offer VIRTIO_NET_F_GUEST_ANNOUNCE (the guest announces itself; QEMU then sends no SEND_RARP).")
+@click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the device's counters (JSON) here at exit.")
+@click.option("--unsafe-no-dirty-log", is_flag=True, hidden=True,
+              help="Negative control for tests: offer LOG_ALL but never write the dirty log.")
+def vhost_user_net(socket_path: str, switch_: str | None, tap: str | None, queues: int, guest_announce: bool,
+                   stats_path: str | None, unsafe_no_dirty_log: bool) -> None:
+    """Serve the virtio-net device model to a vhost-user front-end (QEMU), with dirty logging."""
+    from virtio_lm.devices.net import NetDevice
+    from virtio_lm.net.backends import NetBackend, TapBackend, UdpSwitchPort
+    from virtio_lm.vhost.net import VhostUserNetBackend
+    from virtio_lm.vhost.server import VhostUserServer
+    from virtio_lm.wire.net import NetFeature
+    from virtio_lm.wire.features import bit
+
+    if (switch_ is None) == (tap is None):
+        raise click.UsageError("give exactly one of --switch HOST:PORT and --tap NAME")
+    port: NetBackend
+    if switch_ is not None:
+        port = UdpSwitchPort(switch_address(switch_), name="vhost-net")
+        where = f"switch port {port.local_addr[0]}:{port.local_addr[1]}"
+    else:
+        port = TapBackend(tap)  # BackendUnavailableError says why it cannot
+        where = f"tap {port.ifname}"
+    without = 0 if guest_announce else bit(NetFeature.GUEST_ANNOUNCE)
+    device = NetDevice(port, max_pairs=queues, queue_max_size=1024, without=without)
+    backend = VhostUserNetBackend(device, log_writes=not unsafe_no_dirty_log)
+    server = VhostUserServer(socket_path, device, backend=backend)
+    server.listen()
+    done = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        done.set()
+        server.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    click.echo(f"vhost-user-net: {where}, {queues} queue pairs, on {socket_path}", err=True)
+    server.start()
+    while not done.wait(0.5):
+        pass
+    server.close()
+    stats = {"device": dict(device.stats), "rarps": backend.rarps, "connections": server.connections,
+             "refusals": server.refusals}
+    device.close()
+    if stats_path:
+        with open(stats_path, "w") as f:
+            json.dump(stats, f)
+
+
 if __name__ == "__main__":
     main()

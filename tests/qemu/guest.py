@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -35,7 +36,12 @@ from virtio_lm.qemu_guest import (
 )
 
 HERE = Path(__file__).resolve().parent
-MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk"]
+MODULES = [
+    "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk",
+    "failover", "net_failover", "virtio_net",
+]  # fmt: skip
+#: static guest tools built from tests/qemu/NAME.c (optional: tests needing one skip without it)
+TOOLS = ["rio", "udpx", "chan"]
 
 GuestUnavailable = QemuUnavailable  # the name these tests use: QEMU, the kernel or busybox cannot be had here
 
@@ -60,15 +66,18 @@ def build_initramfs(mods: Path, out: Path) -> None:
         if script.name != "init.sh":
             entries.append(cpio_entry(f"vlm/{script.name}", 0o100755, script.read_bytes(), ino=ino))
             ino += 1
-    rio = GUEST_DIR / "rio"
-    if shutil.which("gcc") and (not rio.exists() or rio.stat().st_mtime < (HERE / "rio.c").stat().st_mtime):
-        try:  # the 4 KiB random I/O tool of the figures (optional: figures skip random I/O without it)
-            _run(["gcc", "-O2", "-static", "-o", str(rio), str(HERE / "rio.c")])
-        except (subprocess.CalledProcessError, OSError):
-            pass
-    if rio.exists():
-        entries.append(cpio_entry("bin/rio", 0o100755, rio.read_bytes(), ino=ino))
-        ino += 1
+    for tool in TOOLS:
+        src = HERE / f"{tool}.c"
+        exe = GUEST_DIR / f"{tool}-{hashlib.sha256(src.read_bytes()).hexdigest()[:12]}"
+        if shutil.which("gcc") and not exe.exists():
+            try:  # rio: the figures' 4 KiB random I/O; udpx / chan: the vhost-user-net tests
+                _run(["gcc", "-O2", "-static", "-o", str(exe) + ".tmp", str(src)])
+                os.replace(str(exe) + ".tmp", exe)
+            except (subprocess.CalledProcessError, OSError):
+                pass
+        if exe.exists():
+            entries.append(cpio_entry(f"bin/{tool}", 0o100755, exe.read_bytes(), ino=ino))
+            ino += 1
     for m in MODULES:
         hits = list(mods.rglob(f"{m}.ko"))
         if not hits:
@@ -85,10 +94,15 @@ def guest_assets() -> tuple[Path, Path]:
         if shutil.which(tool) is None:
             raise GuestUnavailable(f"{tool} is not installed (.ci/run installs qemu-system-x86 and busybox-static)")
     kernel, mods = fetch_kernel()
-    initrd = GUEST_DIR / "initramfs.cpio"
-    newest = max(p.stat().st_mtime for p in [*HERE.glob("*.sh"), HERE / "rio.c", HERE / "guest.py"])
-    if not initrd.exists() or initrd.stat().st_mtime < newest:
-        build_initramfs(mods, initrd)
+    # named by what goes in: worktrees with other scripts (other branches) never share one
+    h = hashlib.sha256(repr(MODULES).encode() + str(mods).encode())
+    for p in sorted([*HERE.glob("*.sh"), *HERE.glob("*.c")]):
+        h.update(p.name.encode() + p.read_bytes())
+    h.update(bytes(shutil.which("gcc") is not None))
+    initrd = GUEST_DIR / f"initramfs-{h.hexdigest()[:16]}.cpio"
+    if not initrd.exists():
+        build_initramfs(mods, Path(str(initrd) + f".{os.getpid()}"))
+        os.replace(str(initrd) + f".{os.getpid()}", initrd)
     return kernel, initrd
 
 
@@ -148,11 +162,15 @@ class Vm:
         name: str,
         kernel: Path,
         initrd: Path,
-        vhost_socket: str,
+        vhost_socket: str | None,
         *,
         incoming_port: int | None = None,
         memory_mib: int = 256,
         queues: int = 1,
+        net_socket: str | None = None,
+        net_queues: int = 1,
+        mac: str = "52:54:00:12:34:56",
+        blk_reconnect: int | None = None,
     ) -> None:
         self.name = name
         args = [
@@ -161,10 +179,20 @@ class Vm:
             "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
             "-m", f"{memory_mib}M", "-smp", "1",
             "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 quiet loglevel=3 init_on_alloc=0",
-            "-chardev", f"socket,id=vu0,path={vhost_socket}",
-            "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={queues}",
+            "-append", "console=ttyS0 panic=-1 quiet loglevel=3 init_on_alloc=0" + ("" if vhost_socket else " vlm_nodisk"),
         ]  # fmt: skip
+        if vhost_socket is not None:
+            rc = f",reconnect={blk_reconnect}" if blk_reconnect else ""
+            args += ["-chardev", f"socket,id=vu0,path={vhost_socket}{rc}",
+                     "-device", f"vhost-user-blk-pci,chardev=vu0,num-queues={queues}"]  # fmt: skip
+        if net_socket is not None:
+            # vectors=0 (INTx): with MSI-X, QEMU 7.2 crashes in vhost_net_start (unmasking the
+            # config interrupt calls vhost-user's missing set_config_call)
+            mq = ",mq=on" if net_queues > 1 else ""
+            mq += ",vectors=0"
+            args += ["-chardev", f"socket,id=vn0,path={net_socket}",
+                     "-netdev", f"vhost-user,id=net0,chardev=vn0,queues={net_queues}",
+                     "-device", f"virtio-net-pci,netdev=net0,mac={mac}{mq}"]  # fmt: skip
         if incoming_port is not None:
             args += ["-incoming", f"tcp:127.0.0.1:{incoming_port}"]
         self.q = QemuProcess(name, workdir, args, str(workdir / f"{name}.qmp"), error=RuntimeError)
@@ -213,3 +241,57 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class NetBackendProc:
+    """Our vhost-user-net back-end process (``virtio-lm vhost-user-net``) on a switch port.
+
+    ``switch_port`` is the UDP address its switch port bound (from its start-up line);
+    :meth:`stats` the counters it writes at exit (after :meth:`stop`)."""
+
+    def __init__(self, socket_path: str, switch: tuple[str, int], *, queues: int = 1, no_dirty_log: bool = False,
+                 timeout: float = 30.0) -> None:
+        self.socket_path = socket_path
+        self.log_path = socket_path + ".log"
+        self.stats_path = socket_path + ".stats.json"
+        cmd = [sys.executable, "-m", "virtio_lm.cli", "-vv", "vhost-user-net", "--socket", socket_path,
+               "--switch", f"{switch[0]}:{switch[1]}", "--queues", str(queues), "--stats", self.stats_path]
+        if no_dirty_log:
+            cmd.append("--unsafe-no-dirty-log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        import re
+
+        while True:
+            m = re.search(r"switch port ([\d.]+):(\d+)", self.output())
+            if m and os.path.exists(socket_path):
+                self.switch_port = (m.group(1), int(m.group(2)))
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vhost-user-net back-end did not start: {self.output()[-2000:]}")
+            time.sleep(0.05)
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return Path(self.log_path).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self.log.closed:
+            self.log.close()
+
+    def stats(self) -> dict:
+        import json
+
+        try:
+            return json.loads(Path(self.stats_path).read_text())
+        except (OSError, ValueError):
+            return {}

@@ -357,6 +357,7 @@ class NetDevice(QueueDevice):
             self.stats["tx_bad_header"] += 1  # offloads are not offered
             return b""
         frame = data[NET_HDR_SIZE:]
+        self.stats[f"tx_q{queue}"] += 1
         self._learn_flow(frame[0:6], queue // 2)
         backend = self.backend
         if backend is None:
@@ -420,6 +421,7 @@ class NetDevice(QueueDevice):
                 return self._rx_drop("rx_dropped_not_ready")
             vq.push(fn.port, chain.head, written)
             vq.notify_driver(fn.port)
+            self.stats[f"rx_q{q}"] += 1
             self.stats["rx_frames"] += 1
             self.stats["rx_bytes"] += len(frame)
             return True
@@ -582,6 +584,27 @@ class NetDevice(QueueDevice):
             if self._announce_due and fn.status & _DOK and not fn.needs_reset:
                 self._announce_due = False
                 self.announce()
+
+    def set_active_pairs(self, pairs: int) -> None:
+        """The queue pairs in use, set by a transport that sees the driver's VQ_PAIRS_SET only
+        as queues turned on and off (vhost-user: the front-end keeps the control queue)."""
+        if not 1 <= pairs <= self.max_pairs:
+            raise ValueError(f"{pairs} pairs not in 1..{self.max_pairs}")
+        with self._lock:
+            self.curr_pairs = pairs
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Put the RARP announce of ``mac`` on the back-end (vhost-user's SEND_RARP: the
+        front-end names the guest's MAC, which it owns)."""
+        if self.backend is None:
+            self.stats["announce_no_backend"] += 1
+            return
+        try:
+            self.backend.send(announce_frame(mac))
+        except VirtioLmError:  # the announce is lost, like any frame the back-end fails to send
+            self.stats["announce_errors"] += 1
+            return
+        self.stats["self_announce"] += 1
 
     def announce(self) -> None:
         """Make this VF's MAC known at its (new) place on the network."""

@@ -84,6 +84,7 @@ from virtio_lm.wire.vhost_user import (
     VringState,
     decode_config,
     decode_mem_table,
+    decode_rarp_mac,
     decode_u64,
     encode_config,
 )
@@ -228,18 +229,23 @@ class VhostFunction:
     ``status``, ``set_needs_reset``, ``needs_reset``, ``locked()``).  Lock order:
     :mod:`virtio_lm.pci.function`'s docstring (``locked()`` first, ``fds_locked()`` last)."""
 
-    def __init__(self, device: QueueDevice, *, name: str = "vhost-blk") -> None:
+    def __init__(self, device: QueueDevice, *, name: str = "vhost-blk", rings: int | None = None) -> None:
         self.name = name
         self.device = device
         self.memory = GuestMemoryMap(f"{name}.guest", max_regions=MAX_MEM_SLOTS)
         self.port = MemoryPort(self.memory, DeviceWriter(f"{name}.dma"))  # type: ignore[arg-type]
-        self.queues = [Virtqueue(i, device.queue_max_size, name=f"{name}.q{i}") for i in range(device.num_queues)]
-        self.rings = [Ring(i) for i in range(device.num_queues)]
+        # the device's queues the front-end hands over (virtio-net's control queue stays in QEMU)
+        n = device.num_queues if rings is None else rings
+        if not 1 <= n <= device.num_queues:
+            raise ValueError(f"{name}: {n} rings for a device with {device.num_queues} queues")
+        self.queues = [Virtqueue(i, device.queue_max_size, name=f"{name}.q{i}") for i in range(n)]
+        self.rings = [Ring(i) for i in range(n)]
         self.negotiated = 0
         # the device sees a running function; vhost-user has no status register
         self.status = int(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK | DeviceStatus.DRIVER_OK)
         self.needs_reset_reason: str | None = None
         self.interrupts = 0
+        self.config_changes = 0
         self._lock = threading.RLock()
         self._fd_lock = threading.Lock()
         for q in self.queues:
@@ -285,6 +291,13 @@ class VhostFunction:
                 except OSError as exc:
                     log.warning("%s: call fd of ring %d: %s", self.name, index, exc)
 
+    def config_changed(self) -> None:
+        """A device configuration change.  Over vhost-user the front-end owns the configuration
+        space and its interrupt (a back-end would need the back-end request channel, not
+        negotiated here): the change is logged and counted, the driver is not told."""
+        self.config_changes += 1
+        log.info("%s: configuration change not signalled (no back-end request channel)", self.name)
+
     def set_needs_reset(self, reason: object = None) -> None:
         self.needs_reset_reason = None if reason is None else str(reason)
         log.warning("%s: device error: %s", self.name, reason)
@@ -296,11 +309,21 @@ class VhostFunction:
 
 # ---------------------------------------------------------------------------- back-end
 class VhostUserBackend:
-    """One connection's protocol state over a :class:`VhostFunction` (see the module docstring)."""
+    """One connection's protocol state over a :class:`VhostFunction` (see the module docstring).
 
-    def __init__(self, device: QueueDevice, *, name: str = "vhost-blk", log_writes: bool = True) -> None:
+    Device-type hooks (a subclass per device type overrides them): :attr:`protocol_offer`,
+    :meth:`queue_num` (GET_QUEUE_NUM), :meth:`send_rarp` (SEND_RARP), :meth:`rings_changed`
+    (after a ring started, stopped, was enabled or disabled) and ``rings`` (how many of the
+    device's queues the front-end hands over)."""
+
+    #: VHOST_USER_PROTOCOL_F_* bits offered
+    protocol_offer: int = BACKEND_PROTOCOL_FEATURES
+
+    def __init__(
+        self, device: QueueDevice, *, name: str = "vhost-blk", log_writes: bool = True, rings: int | None = None
+    ) -> None:
         self.device = device
-        self.fn = VhostFunction(device, name=name)
+        self.fn = VhostFunction(device, name=name, rings=rings)
         self.name = name
         self.log_writes = log_writes
         self.features = 0
@@ -330,6 +353,18 @@ class VhostUserBackend:
         if action is None:
             raise VhostRingError(f"{inp.value} on ring {ring.index} while it is {ring.state.value}")
         return action
+
+    # ------------------------------------------------------------------ device-type hooks
+    def queue_num(self) -> int:
+        """GET_QUEUE_NUM's answer: the rings (virtio-blk counts queues)."""
+        return len(self.fn.rings)
+
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP: only a net back-end offers VHOST_USER_PROTOCOL_F_RARP."""
+        raise VhostMessageError(f"SEND_RARP: {self.name} is not a net back-end")
+
+    def rings_changed(self) -> None:
+        """A ring started, stopped, or was enabled / disabled."""
 
     def _update_tracker(self) -> None:
         """Install the sink matching LOG_ALL and the log (see the module docstring)."""
@@ -367,11 +402,11 @@ class VhostUserBackend:
         if req is Request.SET_FEATURES:
             return self._set_features(decode_u64(p))
         if req is Request.GET_PROTOCOL_FEATURES:
-            return encode_reply(req, u64(BACKEND_PROTOCOL_FEATURES))
+            return encode_reply(req, u64(self.protocol_offer))
         if req is Request.SET_PROTOCOL_FEATURES:
             value = decode_u64(p)
-            if value & ~BACKEND_PROTOCOL_FEATURES:
-                raise VhostMessageError(f"SET_PROTOCOL_FEATURES: bits {value & ~BACKEND_PROTOCOL_FEATURES:#x} not offered")
+            if value & ~self.protocol_offer:
+                raise VhostMessageError(f"SET_PROTOCOL_FEATURES: bits {value & ~self.protocol_offer:#x} not offered")
             self.protocol_features = value
             return None
         if req is Request.SET_OWNER:
@@ -381,7 +416,12 @@ class VhostUserBackend:
             self.reset()
             return None
         if req is Request.GET_QUEUE_NUM:
-            return encode_reply(req, u64(len(self.fn.rings)))
+            return encode_reply(req, u64(self.queue_num()))
+        if req is Request.SEND_RARP:
+            if not self.protocol_features & bit(ProtocolFeature.RARP):
+                raise VhostMessageError("SEND_RARP: VHOST_USER_PROTOCOL_F_RARP was not negotiated")
+            self.send_rarp(decode_rarp_mac(p))
+            return None
         if req is Request.GET_MAX_MEM_SLOTS:
             return encode_reply(req, u64(MAX_MEM_SLOTS))
         if req is Request.SET_MEM_TABLE:
@@ -573,6 +613,8 @@ class VhostUserBackend:
         with self.device.locked():
             was = q.enabled
             q.enabled = run
+        if run != was:
+            self.rings_changed()
         if run and not was:
             self.kick(ring.index)
 
@@ -580,6 +622,7 @@ class VhostUserBackend:
         q = self.fn.queues[ring.index]
         with self.device.locked():
             q.enabled = False  # no more chains are taken
+        self.rings_changed()
         deadline = time.monotonic() + STOP_TIMEOUT
         while any(r.queue == ring.index for r in self.device.requests()):
             if time.monotonic() > deadline:

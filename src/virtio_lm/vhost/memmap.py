@@ -63,6 +63,15 @@ def _map_fd(fd: int, offset: int, length: int, what: str, err: type[Exception]) 
     return mm, delta
 
 
+def _same_file(a: int, b: int) -> bool:
+    """Whether fds ``a`` and ``b`` open the same file."""
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 @dataclass(eq=False)
 class MappedRegion:
     """One mapped region.  ``view`` is the region's bytes as a writable numpy array."""
@@ -74,6 +83,7 @@ class MappedRegion:
     fd: int
     mm: mmap.mmap
     view: np.ndarray
+    refs: int = 1  # ADD_MEM_REG of this very region again (one per vhost device sharing the connection)
 
     @property
     def gpa_end(self) -> int:
@@ -178,8 +188,20 @@ class GuestMemoryMap:
             m.close()
 
     def add_region(self, region: MemRegion, fd: int) -> None:
-        """ADD_MEM_REG: one more region (must not overlap those mapped)."""
+        """ADD_MEM_REG: one more region (must not overlap those mapped).
+
+        The very region again -- same guest-physical address, size, user address, offset and
+        backing file -- takes one more reference instead: QEMU 7.2 sends each region once per
+        vhost device, and a multi-queue vhost-user-net has one device per queue pair on the
+        same connection.  REM_MEM_REG drops a reference; the last one unmaps."""
         with self.lock:
+            for m in self._regions:
+                if (m.gpa, m.size, m.uaddr, m.mmap_offset) == (
+                    region.guest_phys_addr, region.memory_size, region.userspace_addr, region.mmap_offset
+                ) and _same_file(m.fd, fd):
+                    m.refs += 1
+                    _close(fd)
+                    return
             current = [MemRegion(m.gpa, m.size, m.uaddr, m.mmap_offset) for m in self._regions]
             try:
                 check_regions(current + [region], [m.fd for m in self._regions] + [fd], max_regions=self.max_regions)
@@ -195,6 +217,9 @@ class GuestMemoryMap:
         with self.lock:
             for i, m in enumerate(self._regions):
                 if m.gpa == region.guest_phys_addr and m.size == region.memory_size and m.uaddr == region.userspace_addr:
+                    m.refs -= 1
+                    if m.refs > 0:
+                        return
                     del self._regions[i]
                     self._reindex()
                     m.close()

@@ -197,6 +197,7 @@ PAYLOAD_RULES: dict[Request, PayloadRule] = {
     Request.SET_PROTOCOL_FEATURES: PayloadRule(U64),
     Request.GET_QUEUE_NUM: PayloadRule(0),
     Request.SET_VRING_ENABLE: PayloadRule(VringState.SIZE),  # type: ignore[attr-defined]
+    Request.SEND_RARP: PayloadRule(U64),
     Request.GET_CONFIG: PayloadRule(_config_shape),
     Request.SET_CONFIG: PayloadRule(_config_shape),
     Request.RESET_DEVICE: PayloadRule(0),

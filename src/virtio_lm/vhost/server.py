@@ -65,9 +65,10 @@ class VhostUserServer:
         name: str = "vhost-blk",
         log_writes: bool = True,
         on_event: Callable[[str], None] | None = None,
+        backend: VhostUserBackend | None = None,
     ) -> None:
         self.path = path
-        self.backend = VhostUserBackend(device, name=name, log_writes=log_writes)
+        self.backend = backend if backend is not None else VhostUserBackend(device, name=name, log_writes=log_writes)
         self.on_event = on_event or (lambda text: None)
         self.connections = 0
         self.refusals: list[str] = []
@@ -186,6 +187,7 @@ class VhostUserServer:
                 self._drop_connection("closed by the front-end")
                 return
             for msg in self._reader.feed(data, fds):
+                log.debug("%s: %s %s", self.path, msg.name, msg.payload[:16].hex())
                 reply = self.backend.handle(msg)
                 if reply is not None:
                     self._conn.sendall(reply)

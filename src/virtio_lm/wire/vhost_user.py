@@ -25,6 +25,7 @@ Payloads used here (all little-endian, packed):
     SingleRegion  40     le64 padding, MemRegion (ADD_MEM_REG / REM_MEM_REG)
     LogBase       16     le64 mmap_size, le64 mmap_offset
     ConfigHeader  12     le32 offset, le32 size, le32 flags; then ``size`` bytes
+    RarpMac        8     the guest's MAC in the first 6 bytes (SEND_RARP), 2 bytes unused
 
 The decoders here only check shape (sizes, reserved bits, counts); what the
 values mean (regions overlapping, addresses outside memory) is checked by
@@ -62,6 +63,7 @@ __all__ = [
     "VringState",
     "decode_config",
     "decode_mem_table",
+    "decode_rarp_mac",
     "decode_u64",
     "encode_config",
     "encode_mem_table",
@@ -285,3 +287,16 @@ def decode_config(buf: bytes | bytearray | memoryview) -> tuple[ConfigHeader, by
 
 def encode_config(offset: int, data: bytes, flags: int = 0) -> bytes:
     return ConfigHeader(offset, len(data), flags).encode() + bytes(data)  # type: ignore[attr-defined]
+
+
+def decode_rarp_mac(buf: bytes | bytearray | memoryview) -> bytes:
+    """SEND_RARP payload: exactly 8 bytes, the MAC in the first 6 (QEMU zeroes the other two;
+    they are not checked).  The MAC must be a unicast address."""
+    if len(buf) < 8:
+        raise ShortBufferError("RarpMac", None, 8, len(buf))
+    if len(buf) > 8:
+        raise TrailingDataError("RarpMac", 8, len(buf))
+    mac = bytes(buf[0:6])
+    if mac[0] & 1:
+        raise FieldValueError("RarpMac", "mac", mac.hex(":"), "a unicast address")
+    return mac
