@@ -43,6 +43,10 @@ MODULES = [
 #: static guest tools built from tests/qemu/NAME.c (optional: tests needing one skip without it)
 TOOLS = ["rio", "udpx", "chan"]
 
+#: how much slower than a quiet 2-core machine this one may be: every host-side deadline of the
+#: real-QEMU tests is multiplied by it (VLM_QEMU_SLOW, default 1)
+SCALE = float(os.environ.get("VLM_QEMU_SLOW", "1"))
+
 GuestUnavailable = QemuUnavailable  # the name these tests use: QEMU, the kernel or busybox cannot be had here
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from virtio_lm.errors import BackendError, WireError
@@ -145,21 +146,23 @@ class Judgement:
 
 
 def judge(
-    sent: int, received_counts: dict[int, int], window: tuple[float, float], sent_at: dict[int, float] | None = None,
-    arrived_at: dict[int, float] | None = None,
+    expected: Iterable[int], received_counts: dict[int, int], window: tuple[float, float],
+    sent_at: dict[int, float] | None = None, arrived_at: dict[int, float] | None = None,
 ) -> Judgement:
-    """Sequence numbers 0..sent-1 were sent; ``received_counts`` says how often each arrived.
+    """The sequence numbers ``expected`` were sent; ``received_counts`` says how often each arrived.
 
     A number received more than once is a duplicate.  A lost number must lie inside
     ``window`` (host ``time.time()`` seconds): by its send time when ``sent_at`` has it;
     otherwise (the guest's sends, whose times the host does not know) by its neighbours
     -- the last number received before it must have arrived no later than the window's
     end and the first after it no earlier than its start."""
+    want = sorted(set(expected))
+    wanted = set(want)
     dup = sum(c - 1 for c in received_counts.values() if c > 1)
-    lost = [s for s in range(sent) if not received_counts.get(s)]
+    lost = [s for s in want if not received_counts.get(s)]
     outside: list[int] = []
     lo, hi = window
-    got = sorted(s for s in received_counts if s < sent)
+    got = sorted(s for s in received_counts if s in wanted)
     for s in lost:
         if sent_at is not None and s in sent_at:
             if not lo <= sent_at[s] <= hi:
@@ -172,4 +175,4 @@ def judge(
         after = arrived_at.get(got[i]) if i < len(got) else None
         if (before is not None and before > hi) or (after is not None and after < lo) or after is None:
             outside.append(s)
-    return Judgement(sent, sum(received_counts.values()), dup, lost, outside)
+    return Judgement(len(want), sum(received_counts.values()), dup, lost, outside)
