@@ -286,8 +286,8 @@ def test_unknown_request_code() -> None:
 
 
 def test_known_but_unsupported_request() -> None:
-    with pytest.raises(VhostMessageError, match="SEND_RARP is not supported"):
-        check_shape(msg(Request.SEND_RARP, bytes(8)))
+    with pytest.raises(VhostMessageError, match="POSTCOPY_ADVISE is not supported"):
+        check_shape(msg(Request.POSTCOPY_ADVISE))
 
 
 @pytest.mark.parametrize(
