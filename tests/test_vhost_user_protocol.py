@@ -328,7 +328,7 @@ def test_set_features_with_bits_not_offered(image) -> None:
         with pytest.raises(VhostMessageError, match="not offered"):
             be.handle(msg(Request.SET_FEATURES, u64b(1 << 63)))
         with pytest.raises(VhostMessageError, match="not offered"):
-            be.handle(msg(Request.SET_PROTOCOL_FEATURES, u64b(1 << 12)))  # INFLIGHT_SHMFD
+            be.handle(msg(Request.SET_PROTOCOL_FEATURES, u64b(1 << 8)))  # PAGEFAULT (postcopy)
     finally:
         be.device.close()
 

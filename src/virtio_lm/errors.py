@@ -526,6 +526,12 @@ class VhostLogError(VhostUserError):
     """A dirty log (SET_LOG_BASE) the back-end refuses."""
 
 
+class VhostInflightError(VhostUserError):
+    """An inflight region (GET_INFLIGHT_FD / SET_INFLIGHT_FD) the back-end refuses: sizes that
+    do not fit, a region whose content (kept by the front-end across a back-end restart, so
+    untrusted) is not a state this back-end could have written."""
+
+
 class BlkIOError(DriverError):
     """A virtio-blk request completed with a status other than OK.
 

@@ -328,6 +328,25 @@ class QueueDevice(VirtioDevice):
                 return
             self._process_queue(queue)
 
+    def resubmit(self, queue: int, chains: list[tuple[int, int]]) -> int:
+        """Execute again chains a previous incarnation of the device took and never returned
+        (``(head, avail idx)``, oldest first), walked again in guest memory: vhost-user's
+        inflight region after a back-end restart.  Stops at a chain that breaks the queue.
+        Returns how many were started."""
+        n = 0
+        with self._lock:
+            fn = self.fn
+            vq = fn.queues[queue]
+            for head, avail_idx in chains:
+                if (queue, head) in self._inflight:
+                    continue  # already held (never expected: the region marks a head once)
+                chain = vq.rewalk(fn.port, head, avail_idx)
+                if chain is None:
+                    break
+                self._start(Request.taken(queue, chain))
+                n += 1
+        return n
+
     def _process_queue(self, queue: int) -> None:
         if self.request_queues is not None and queue not in self.request_queues:
             return

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from virtio_lm.devices.base import QueueDevice
 from virtio_lm.errors import (
     MemoryAccessError,
+    VhostInflightError,
     RegisterAccessError,
     VhostMessageError,
     VhostRingError,
@@ -63,6 +64,7 @@ from virtio_lm.errors import (
 from virtio_lm.memory import MemoryPort
 from virtio_lm.memory.region import DeviceWriter
 from virtio_lm.pf.tracking import PushTracker
+from virtio_lm.vhost.inflight import InflightQueue, InflightRegion
 from virtio_lm.vhost.memmap import GuestMemoryMap, LogMap
 from virtio_lm.vhost.protocol import Message, check_shape, encode_reply
 from virtio_lm.virtqueue.device import Virtqueue
@@ -77,6 +79,7 @@ from virtio_lm.wire.vhost_user import (
     VRING_FILE_INDEX_MASK,
     VRING_FILE_NOFD,
     LogBase,
+    Inflight,
     ProtocolFeature,
     Request,
     SingleRegion,
@@ -110,6 +113,7 @@ BACKEND_PROTOCOL_FEATURES = (
     | bit(ProtocolFeature.LOG_SHMFD)
     | bit(ProtocolFeature.REPLY_ACK)
     | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.INFLIGHT_SHMFD)
     | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS)
 )
 MAX_MEM_SLOTS = 32
@@ -215,6 +219,7 @@ class Ring:
     addr: VringAddr | None = None
     log_used: bool = False
     kick_gen: int = 0  # bumped each time kick_fd changes (an fd number may be reused)
+    resubmit: tuple[tuple[int, int], ...] = ()  # (head, avail idx) found in the inflight region, run at enable
 
     def close_fds(self) -> None:
         for name in ("kick_fd", "call_fd", "err_fd"):
@@ -223,6 +228,35 @@ class Ring:
 
 
 # ---------------------------------------------------------------------------- transport
+class TrackedVirtqueue(Virtqueue):
+    """A :class:`Virtqueue` that records taken and returned heads in an inflight region
+    (:mod:`virtio_lm.vhost.inflight`) while one is attached (``inflight``)."""
+
+    def __init__(self, index: int, max_size: int, *, name: str = "") -> None:
+        super().__init__(index, max_size, name=name)
+        self.inflight: InflightQueue | None = None
+
+    def pop(self, port: MemoryPort):  # type: ignore[no-untyped-def]
+        chain = super().pop(port)
+        t = self.inflight
+        if chain is not None and t is not None:
+            t.take(chain.head)
+        return chain
+
+    def push_many(self, port: MemoryPort, items) -> None:  # type: ignore[no-untyped-def]
+        t = self.inflight
+        if t is None:
+            super().push_many(port, items)
+            return
+        items = list(items)
+        heads = [h for h, _ in items]
+        t.returning(heads)
+        before = self.used_idx
+        super().push_many(port, items)
+        if self.used_idx != before:
+            t.returned(heads, self.used_idx)
+
+
 class VhostFunction:
     """The vhost-user transport a QueueDevice is bound to (what QueueDevice and
     BlkDevice use of a function: ``port``, ``queues``, ``negotiated``, ``name``,
@@ -238,7 +272,7 @@ class VhostFunction:
         n = device.num_queues if rings is None else rings
         if not 1 <= n <= device.num_queues:
             raise ValueError(f"{name}: {n} rings for a device with {device.num_queues} queues")
-        self.queues = [Virtqueue(i, device.queue_max_size, name=f"{name}.q{i}") for i in range(n)]
+        self.queues = [TrackedVirtqueue(i, device.queue_max_size, name=f"{name}.q{i}") for i in range(n)]
         self.rings = [Ring(i) for i in range(n)]
         self.negotiated = 0
         # the device sees a running function; vhost-user has no status register
@@ -333,6 +367,9 @@ class VhostUserBackend:
         self.tracker: PushTracker | None = None
         self.pending = PendingMarks()
         self.messages = 0
+        self.inflight: InflightRegion | None = None
+        self.resubmitted = 0
+        self._reply_fds: list[int] = []
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -353,6 +390,11 @@ class VhostUserBackend:
         if action is None:
             raise VhostRingError(f"{inp.value} on ring {ring.index} while it is {ring.state.value}")
         return action
+
+    def take_reply_fds(self) -> list[int]:
+        """fds to send with the last reply (SCM_RIGHTS); they stay owned by the back-end."""
+        fds, self._reply_fds = self._reply_fds, []
+        return fds
 
     # ------------------------------------------------------------------ device-type hooks
     def queue_num(self) -> int:
@@ -417,6 +459,8 @@ class VhostUserBackend:
             return None
         if req is Request.GET_QUEUE_NUM:
             return encode_reply(req, u64(self.queue_num()))
+        if req in (Request.GET_INFLIGHT_FD, Request.SET_INFLIGHT_FD):
+            return self._inflight_message(req, msg)
         if req is Request.SEND_RARP:
             if not self.protocol_features & bit(ProtocolFeature.RARP):
                 raise VhostMessageError("SEND_RARP: VHOST_USER_PROTOCOL_F_RARP was not negotiated")
@@ -457,6 +501,31 @@ class VhostUserBackend:
                     return encode_reply(req, u64(1))
             return None
         return self._ring_message(req, msg)
+
+    def _inflight_message(self, req: Request, msg: Message) -> bytes | None:
+        if not self.protocol_features & bit(ProtocolFeature.INFLIGHT_SHMFD):
+            raise VhostMessageError(f"{req.name}: VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated")
+        if any(r.state is RingState.STARTED for r in self.fn.rings):
+            raise VhostInflightError(f"{req.name} while rings run")
+        info = Inflight.decode(msg.payload)  # type: ignore[attr-defined]
+        max_q = len(self.fn.rings)
+        max_size = self.device.queue_max_size
+        if req is Request.GET_INFLIGHT_FD:
+            qs = info.queue_size
+            if not 1 <= info.num_queues <= max_q:
+                raise VhostInflightError(f"GET_INFLIGHT_FD: {info.num_queues} queues, the device has {max_q}")
+            if qs == 0 or qs & (qs - 1) or qs > max_size:
+                raise VhostInflightError(f"GET_INFLIGHT_FD: queue size {qs} is not a power of two <= {max_size}")
+            region = InflightRegion.create(info.num_queues, qs)
+        else:
+            region = InflightRegion.attach(msg.take_fds()[0], info, max_queues=max_q, max_size=max_size)
+        old, self.inflight = self.inflight, region
+        if old is not None:
+            old.close()
+        if req is Request.GET_INFLIGHT_FD:
+            self._reply_fds = [region.fd]
+            return encode_reply(req, region.info.encode())  # type: ignore[attr-defined]
+        return None
 
     def _set_features(self, value: int) -> None:
         unoffered = value & ~self.offered_features
@@ -596,6 +665,17 @@ class VhostUserBackend:
             except VirtioLmError as exc:
                 raise VhostRingError(f"ring {ring.index}: {exc}") from exc
             q.last_avail_idx = ring.base
+            q.inflight = None
+            ring.resubmit = ()
+            if self.inflight is not None and ring.index < len(self.inflight.queues):
+                iq = self.inflight.queues[ring.index]
+                if iq.size != q.size:
+                    raise VhostInflightError(f"ring {ring.index}: inflight region for {iq.size} entries, ring of {q.size}")
+                heads = iq.recover(q.used_idx)
+                # every chain taken is returned or still marked: the ring goes on after them
+                q.last_avail_idx = (q.used_idx + len(heads)) & 0xFFFF
+                ring.resubmit = tuple((h, (q.used_idx + k) & 0xFFFF) for k, h in enumerate(heads))
+                q.inflight = iq
             ring.state = RingState.STARTED
             if not self.protocol_negotiated:
                 ring.enabled = True
@@ -616,6 +696,11 @@ class VhostUserBackend:
         if run != was:
             self.rings_changed()
         if run and not was:
+            if ring.resubmit:
+                todo, ring.resubmit = ring.resubmit, ()
+                self.resubmitted += len(todo)
+                log.info("%s: ring %d: executing %d requests again (inflight region)", self.name, ring.index, len(todo))
+                self.device.resubmit(ring.index, list(todo))
             self.kick(ring.index)
 
     def _stop(self, ring: Ring) -> None:
@@ -674,6 +759,11 @@ class VhostUserBackend:
         self.protocol_features = 0
         self.owner = False
         self.fn.memory.clear()
+        for q in self.fn.queues:
+            q.inflight = None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
         if self.log is not None:
             self.log.close()
         self.log, self.tracker = None, None

@@ -29,7 +29,10 @@ __all__ = ["NET_PROTOCOL_FEATURES", "VhostUserNetBackend"]
 
 #: the blk set without CONFIG (QEMU's virtio-net owns the configuration space, and QEMU 7.2
 #: crashes when a net back-end offers it), plus RARP
-NET_PROTOCOL_FEATURES = (BACKEND_PROTOCOL_FEATURES & ~bit(ProtocolFeature.CONFIG)) | bit(ProtocolFeature.RARP)
+#: (no INFLIGHT_SHMFD either: a frame is not a request to execute again)
+NET_PROTOCOL_FEATURES = (
+    BACKEND_PROTOCOL_FEATURES & ~bit(ProtocolFeature.CONFIG) & ~bit(ProtocolFeature.INFLIGHT_SHMFD)
+) | bit(ProtocolFeature.RARP)
 
 
 class VhostUserNetBackend(VhostUserBackend):

@@ -30,6 +30,7 @@ from virtio_lm.wire.vhost_user import (
     VERSION,
     Header,
     HeaderFlags,
+    Inflight,
     LogBase,
     Request,
     SingleRegion,
@@ -198,6 +199,8 @@ PAYLOAD_RULES: dict[Request, PayloadRule] = {
     Request.GET_QUEUE_NUM: PayloadRule(0),
     Request.SET_VRING_ENABLE: PayloadRule(VringState.SIZE),  # type: ignore[attr-defined]
     Request.SEND_RARP: PayloadRule(U64),
+    Request.GET_INFLIGHT_FD: PayloadRule(Inflight.SIZE),  # type: ignore[attr-defined]
+    Request.SET_INFLIGHT_FD: PayloadRule(Inflight.SIZE, (1,)),  # type: ignore[attr-defined]
     Request.GET_CONFIG: PayloadRule(_config_shape),
     Request.SET_CONFIG: PayloadRule(_config_shape),
     Request.RESET_DEVICE: PayloadRule(0),

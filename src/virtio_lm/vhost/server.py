@@ -189,7 +189,12 @@ class VhostUserServer:
             for msg in self._reader.feed(data, fds):
                 log.debug("%s: %s %s", self.path, msg.name, msg.payload[:16].hex())
                 reply = self.backend.handle(msg)
-                if reply is not None:
+                fds = self.backend.take_reply_fds()
+                if reply is not None and fds:
+                    sent = socket.send_fds(self._conn, [reply], fds)
+                    if sent < len(reply):
+                        self._conn.sendall(reply[sent:])
+                elif reply is not None:
                     self._conn.sendall(reply)
         except VhostUserError as exc:
             self.refusals.append(str(exc))

@@ -26,6 +26,18 @@ Payloads used here (all little-endian, packed):
     LogBase       16     le64 mmap_size, le64 mmap_offset
     ConfigHeader  12     le32 offset, le32 size, le32 flags; then ``size`` bytes
     RarpMac        8     the guest's MAC in the first 6 bytes (SEND_RARP), 2 bytes unused
+    Inflight      24     le64 mmap_size, le64 mmap_offset, le16 num_queues, le16 queue_size,
+                         4 bytes of padding (QEMU's struct is not packed)
+
+The inflight region (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is shared memory the back-end
+lays out and the front-end keeps across back-end restarts without reading it; per queue,
+at a 64-byte aligned stride (:func:`inflight_queue_stride`), the split-ring layout of the
+vhost-user document::
+
+    QueueRegionSplit  16     le64 features (0), le16 version (1), le16 desc_num,
+                             le16 last_batch_head, le16 used_idx
+    DescStateSplit    16     u8 inflight (0/1), 5 bytes padding, le16 next, le64 counter
+                             -- desc_num of them, indexed by head
 
 The decoders here only check shape (sizes, reserved bits, counts); what the
 values mean (regions overlapping, addresses outside memory) is checked by
@@ -38,6 +50,8 @@ import enum
 from dataclasses import dataclass
 
 from virtio_lm.errors import FieldValueError, ShortBufferError, TrailingDataError
+import numpy as np
+
 from virtio_lm.wire.codec import layout, read_u64, u64
 
 __all__ = [
@@ -63,7 +77,12 @@ __all__ = [
     "VringState",
     "decode_config",
     "decode_mem_table",
+    "INFLIGHT_DESC_DTYPE",
+    "INFLIGHT_HEADER_DTYPE",
+    "INFLIGHT_VERSION",
+    "Inflight",
     "decode_rarp_mac",
+    "inflight_queue_stride",
     "decode_u64",
     "encode_config",
     "encode_mem_table",
@@ -300,3 +319,32 @@ def decode_rarp_mac(buf: bytes | bytearray | memoryview) -> bytes:
     if mac[0] & 1:
         raise FieldValueError("RarpMac", "mac", mac.hex(":"), "a unicast address")
     return mac
+
+
+@layout("<QQHH4x")
+@dataclass(frozen=True)
+class Inflight:
+    """GET_INFLIGHT_FD / SET_INFLIGHT_FD payload."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+
+INFLIGHT_VERSION = 1
+INFLIGHT_ALIGN = 64
+#: QueueRegionSplit's header, little-endian, as a numpy record (the region is shared memory
+#: the back-end updates in place, one field at a time)
+INFLIGHT_HEADER_DTYPE = np.dtype(
+    [("features", "<u8"), ("version", "<u2"), ("desc_num", "<u2"), ("last_batch_head", "<u2"), ("used_idx", "<u2")]
+)
+#: DescStateSplit
+INFLIGHT_DESC_DTYPE = np.dtype([("inflight", "u1"), ("padding", "u1", (5,)), ("next", "<u2"), ("counter", "<u8")])
+assert INFLIGHT_HEADER_DTYPE.itemsize == 16 and INFLIGHT_DESC_DTYPE.itemsize == 16
+
+
+def inflight_queue_stride(queue_size: int) -> int:
+    """Bytes one queue's part of the inflight region takes (header + descriptors, 64-aligned)."""
+    n = INFLIGHT_HEADER_DTYPE.itemsize + INFLIGHT_DESC_DTYPE.itemsize * queue_size
+    return (n + INFLIGHT_ALIGN - 1) // INFLIGHT_ALIGN * INFLIGHT_ALIGN
