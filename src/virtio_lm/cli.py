@@ -381,14 +381,20 @@ def report(quick: bool, out_dir: str, sections: tuple[str, ...]) -> None:
 @click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="Raw disk image.")
 @click.option("--read-only", is_flag=True, help="Offer VIRTIO_BLK_F_RO; refuse writes.")
 @click.option("--queues", default=1, show_default=True, type=click.IntRange(1, 64), help="Request queues.")
+@click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the back-end's counters (JSON: chains taken per queue, requests executed again) here at exit.")
 @click.option("--unsafe-no-dirty-log", is_flag=True, hidden=True,
               help="Negative control for tests: offer LOG_ALL but never write the dirty log.")
-def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, unsafe_no_dirty_log: bool) -> None:
+@click.option("--unsafe-hold-after", type=int, default=None, hidden=True,
+              help="Fault injection for tests: after N requests, take every further one and never execute it.")
+def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, stats_path: str | None,
+                   unsafe_no_dirty_log: bool, unsafe_hold_after: int | None) -> None:
     """Serve the virtio-blk device model to a vhost-user front-end (QEMU), with dirty logging."""
     from virtio_lm.devices.blk import BlkDevice
     from virtio_lm.vhost.server import VhostUserServer
 
     device = BlkDevice(image, read_only=read_only, num_queues=queues, queue_max_size=1024)
+    device.hold_after = unsafe_hold_after
     server = VhostUserServer(socket_path, device, log_writes=not unsafe_no_dirty_log)
     server.listen()
     done = threading.Event()
@@ -403,8 +409,14 @@ def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, u
     server.start()
     while not done.wait(0.5):
         pass
+    stats = {"taken": [q.taken for q in server.backend.fn.queues], "resubmitted": server.backend.resubmitted,
+             "held": device.held,
+             "connections": server.connections, "refusals": server.refusals}
     server.close()
     device.close()
+    if stats_path:
+        with open(stats_path, "w") as f:
+            json.dump(stats, f)
 
 
 @main.command("vhost-user-net")

@@ -41,7 +41,7 @@ MODULES = [
     "failover", "net_failover", "virtio_net",
 ]  # fmt: skip
 #: static guest tools built from tests/qemu/NAME.c (optional: tests needing one skip without it)
-TOOLS = ["rio", "udpx", "chan"]
+TOOLS = ["rio", "udpx", "chan", "wver"]
 
 #: how much slower than a quiet 2-core machine this one may be: every host-side deadline of the
 #: real-QEMU tests is multiplied by it (VLM_QEMU_SLOW, default 1)
@@ -114,14 +114,19 @@ def guest_assets() -> tuple[Path, Path]:
 class Backend:
     """A vhost-user-blk back-end process on ``socket_path`` serving ``image``."""
 
-    def __init__(self, kind: str, socket_path: str, image: str, *, no_dirty_log: bool = False, log_path: str | None = None) -> None:
+    def __init__(self, kind: str, socket_path: str, image: str, *, no_dirty_log: bool = False, log_path: str | None = None,
+                 queues: int = 1, hold_after: int | None = None, timeout: float = 30.0) -> None:
         self.kind = kind
         self.socket_path = socket_path
         self.log_path = log_path or socket_path + ".log"
+        self.stats_path = socket_path + ".stats.json"
         if kind == "ours":
-            cmd = [sys.executable, "-m", "virtio_lm.cli", "-v", "vhost-user-blk", "--socket", socket_path, "--image", image]
+            cmd = [sys.executable, "-m", "virtio_lm.cli", "-v", "vhost-user-blk", "--socket", socket_path, "--image", image,
+                   "--queues", str(queues), "--stats", self.stats_path]
             if no_dirty_log:
                 cmd.append("--unsafe-no-dirty-log")
+            if hold_after is not None:
+                cmd += ["--unsafe-hold-after", str(hold_after)]
         elif kind == "qsd":
             cmd = [
                 "qemu-storage-daemon",
@@ -133,11 +138,26 @@ class Backend:
             raise ValueError(kind)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(socket_path):
+        deadline = time.monotonic() + timeout * SCALE
+        # ours says when it listens (a socket file left by a killed predecessor is no sign)
+        while not os.path.exists(socket_path) or (kind == "ours" and "serving" not in self.output()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"back-end {kind} did not start: {Path(self.log_path).read_text()[-2000:]}")
             time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL (no clean-up of any kind: the socket file stays)."""
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+    def stats(self) -> dict:
+        import json
+
+        try:
+            return json.loads(Path(self.stats_path).read_text())
+        except (OSError, ValueError):
+            return {}
 
     def output(self) -> str:
         if not self.log.closed:
@@ -175,13 +195,14 @@ class Vm:
         net_queues: int = 1,
         mac: str = "52:54:00:12:34:56",
         blk_reconnect: int | None = None,
+        smp: int = 1,
     ) -> None:
         self.name = name
         args = [
             "-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot",
             "-machine", "q35,memory-backend=mem",
             "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
-            "-m", f"{memory_mib}M", "-smp", "1",
+            "-m", f"{memory_mib}M", "-smp", str(smp),
             "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", "console=ttyS0 panic=-1 quiet loglevel=3 init_on_alloc=0" + ("" if vhost_socket else " vlm_nodisk"),
         ]  # fmt: skip
@@ -258,7 +279,7 @@ class NetBackendProc:
         self.socket_path = socket_path
         self.log_path = socket_path + ".log"
         self.stats_path = socket_path + ".stats.json"
-        cmd = [sys.executable, "-m", "virtio_lm.cli", "-vv", "vhost-user-net", "--socket", socket_path,
+        cmd = [sys.executable, "-m", "virtio_lm.cli", "-v", "vhost-user-net", "--socket", socket_path,
                "--switch", f"{switch[0]}:{switch[1]}", "--queues", str(queues), "--stats", self.stats_path]
         if no_dirty_log:
             cmd.append("--unsafe-no-dirty-log")
@@ -299,3 +320,31 @@ class NetBackendProc:
             return json.loads(Path(self.stats_path).read_text())
         except (OSError, ValueError):
             return {}
+
+
+# ---------------------------------------------------------------------------- wver's blocks
+WVER_MAGIC = 0x574D4C56
+BS = 4096
+
+
+def wver_block(block: int, rnd: int) -> bytes:
+    """The 4 KiB tests/qemu/wver.c writes to ``block`` in round ``rnd``."""
+    head = WVER_MAGIC.to_bytes(4, "little") + block.to_bytes(4, "little") + rnd.to_bytes(4, "little")
+    import numpy as np
+
+    return head + ((np.arange(12, BS) + block * 31 + rnd * 7) & 0xFF).astype(np.uint8).tobytes()
+
+
+def check_wver_image(path: str | Path, first: int, n: int, rounds: int) -> list[str]:
+    """What is wrong with blocks ``first..first+n-1`` of the image after wver's ``rounds``
+    rounds: each must hold the last round (an older round: a write lost, or one executed
+    again after a newer one)."""
+    bad = []
+    with open(path, "rb") as f:
+        for b in range(first, first + n):
+            f.seek(b * BS)
+            got = f.read(BS)
+            if got != wver_block(b, rounds):
+                rnd = int.from_bytes(got[8:12], "little") if got[:4] == WVER_MAGIC.to_bytes(4, "little") else None
+                bad.append(f"block {b}: round {rnd}")
+    return bad

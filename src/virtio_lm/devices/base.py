@@ -49,6 +49,7 @@ Rules the base keeps:
 from __future__ import annotations
 
 import enum
+import logging
 import threading
 from contextlib import AbstractContextManager
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -86,6 +87,8 @@ from virtio_lm.wire.state import (
     decode_image,
     encode_image,
 )
+
+_log = logging.getLogger(__name__)
 
 MAX_HELD_DATA = 16 << 20  # one held completion may not claim more than this
 
@@ -230,6 +233,12 @@ class QueueDevice(VirtioDevice):
         self.kicks_while_quiesced = 0
         self.deferred = 0  # work that raised NotExecuted
         self.completed = 0
+        #: fault injection for restart tests: after this many more requests with back-end work,
+        #: every further one waits (taken, never executed) until close() -- requests guaranteed
+        #: in flight when the test kills the process.  None: off.
+        self.hold_after: int | None = None
+        self.held = 0
+        self._release = threading.Event()
 
     # ================================================================== subclass hooks
     def handle(self, fn: VirtioPciFunction, queue: int, chain: DescriptorChain) -> bytes | Work:
@@ -371,10 +380,25 @@ class QueueDevice(VirtioDevice):
             self.fn.set_needs_reset(exc)
             return
         if callable(work):
+            if self.hold_after is not None:
+                if self.hold_after <= 0:
+                    work = self._held(work)
+                else:
+                    self.hold_after -= 1
             req.state = ReqState.RUNNING
             req.future = self._executor().submit(self._run, req, work)
         else:
             self._finish(req, work)
+
+    def _held(self, work: Work) -> Work:
+        self.held += 1
+        _log.info("%s: fault injection: holding request %d (never executed)", type(self).__name__, self.held)
+
+        def held() -> bytes:
+            self._release.wait()
+            raise NotExecuted()
+
+        return held
 
     def _run(self, req: Request, work: Work) -> None:
         try:
@@ -464,6 +488,7 @@ class QueueDevice(VirtioDevice):
 
     def close(self) -> None:
         """Stop the back-end pool (the device is not used afterwards)."""
+        self._release.set()
         with self._lock:
             self._cancel_not_started()
             pool, self._pool = self._pool, None

@@ -235,12 +235,15 @@ class TrackedVirtqueue(Virtqueue):
     def __init__(self, index: int, max_size: int, *, name: str = "") -> None:
         super().__init__(index, max_size, name=name)
         self.inflight: InflightQueue | None = None
+        self.taken = 0  # chains taken from the avail ring (statistics)
 
     def pop(self, port: MemoryPort):  # type: ignore[no-untyped-def]
         chain = super().pop(port)
-        t = self.inflight
-        if chain is not None and t is not None:
-            t.take(chain.head)
+        if chain is not None:
+            self.taken += 1
+            t = self.inflight
+            if t is not None:
+                t.take(chain.head)
         return chain
 
     def push_many(self, port: MemoryPort, items) -> None:  # type: ignore[no-untyped-def]

@@ -62,11 +62,13 @@ class InflightQueue:
         c = self.counter[self.inflight == 1]
         self._counter = int(c.max()) + 1 if c.size else 1
         self._lock = threading.Lock()
+        self.fresh = False  # made by this process and not started yet: nothing to recover
 
     def init(self) -> None:
         self.hdr[0] = (0, INFLIGHT_VERSION, self.size, 0, 0)
         self.desc[:] = np.zeros(self.size, INFLIGHT_DESC_DTYPE)
         self._counter = 1
+        self.fresh = True
 
     def check(self, q: int) -> None:
         h = self.hdr[0]
@@ -106,7 +108,12 @@ class InflightQueue:
 
     # ------------------------------------------------------------------ restart
     def recover(self, ring_used_idx: int) -> list[int]:
-        """The heads to execute again, oldest first (see the module docstring)."""
+        """The heads to execute again, oldest first (see the module docstring).  A fresh
+        region only takes the used ring's idx (a first start may come after a migration)."""
+        if self.fresh:
+            self.fresh = False
+            self.hdr["used_idx"][0] = ring_used_idx
+            return []
         stale = (ring_used_idx - int(self.hdr["used_idx"][0])) & U16
         if stale:
             if stale > self.size:
