@@ -58,10 +58,14 @@ def test_guest_write_drop_caches_read_back_and_host_image(assets, image, tmp_pat
     be = Backend("ours", str(tmp_path / "vu.sock"), str(image), queues=4)
     vm = None
     try:
-        vm = Vm(tmp_path, "vm", kernel, initrd, be.socket_path, queues=4, smp=2)
+        vm = Vm(tmp_path, "vm", kernel, initrd, be.socket_path, queues=4, smp=4)
         assert vm.boot(120 * SCALE) == IMAGE_MIB << 11
         rc, out = vm.sh("ls /sys/block/vda/mq")  # num-queues 4: four blk-mq hardware queues
         assert rc == 0 and out.split() == ["0", "1", "2", "3"], out
+        # a few writes from each vCPU: each goes down that CPU's queue
+        for cpu in range(4):
+            rc, out = vm.sh(f"wver /dev/vda {8192 + 64 * cpu} 64 2 {cpu}")
+            assert rc == 0 and "WVER ok 64" in out, out
         # 8 MiB of random data at 1 MiB, written through the page cache then flushed
         rc, _ = vm.sh("dd if=/dev/urandom of=/tmp/w bs=1M count=8 2>/dev/null")
         assert rc == 0
@@ -87,6 +91,9 @@ def test_guest_write_drop_caches_read_back_and_host_image(assets, image, tmp_pat
         _cleanup(vm, be)
     out = be.output()
     assert "Traceback" not in out, out
+    assert all(n > 0 for n in be.stats()["taken"]), be.stats()  # every queue carried requests
+    for cpu in range(4):
+        assert check_wver_image(image, 8192 + 64 * cpu, 64, 2) == []
 
 
 # ============================================================================ live migration
