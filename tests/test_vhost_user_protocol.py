@@ -297,8 +297,12 @@ def test_known_but_unsupported_request() -> None:
         (Request.SET_LOG_BASE, LogBase(4096, 0).encode(), 0),
         (Request.SET_VRING_KICK, u64b(0), 2),
         (Request.ADD_MEM_REG, SingleRegion(MemRegion(0, 4096, 0, 0)).encode(), 0),
+        (Request.SET_INFLIGHT_FD, bytes(24), 0),
+        (Request.GET_INFLIGHT_FD, bytes(24), 1),
+        (Request.SEND_RARP, bytes(8), 1),
     ],
-    ids=["owner-with-fd", "log-without-fd", "kick-two-fds", "add-region-without-fd"],
+    ids=["owner-with-fd", "log-without-fd", "kick-two-fds", "add-region-without-fd", "set-inflight-without-fd",
+         "get-inflight-with-fd", "rarp-with-fd"],
 )
 def test_wrong_fd_count_refused_and_fds_closed(image, req, payload, nfds) -> None:
     be = make(image)
