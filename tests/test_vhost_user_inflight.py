@@ -295,3 +295,21 @@ def test_wver_image_check_and_its_negative_controls(tmp_path) -> None:
         f.seek(6 * 4096)
         f.write(bytes(4096))  # block 6 never written
     assert check_wver_image(img, 0, 8, 3) == ["block 5: round 2", "block 6: round None"]
+
+
+def test_set_after_get_of_the_same_region_keeps_it_fresh(image, guest) -> None:
+    """QEMU sends SET_INFLIGHT_FD right after GET_INFLIGHT_FD with the region it got; a first start
+    after a migration (used idx far from 0) must then not be taken for a restart."""
+    be = make(image)
+    try:
+        negotiate(be, guest)
+        kept = get_region(be)
+        region = be.inflight
+        be.handle(msg(Request.SET_INFLIGHT_FD, Inflight(inflight_queue_stride(QSIZE), 0, 1, QSIZE).encode(), [kept]))
+        assert be.inflight is region and closed(kept)
+        guest.cpu.write(USED + 2, (5000).to_bytes(2, "little"))  # the used idx a migrated guest left
+        start_ring(be, guest, base=5000)
+        assert be.fn.queues[0].last_avail_idx == 5000 and be.fn.rings[0].resubmit == ()
+    finally:
+        be.disconnect()
+        be.device.close()

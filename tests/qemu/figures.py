@@ -1,12 +1,16 @@
-"""Figures: our vhost-user-blk back-end vs qemu-storage-daemon, same image, same run.
+"""Figures: our vhost-user-blk back-end vs qemu-storage-daemon, same image, same guest, one run.
 
-    python tests/qemu/figures.py [--json PATH]
+    python tests/qemu/figures.py [--samples N] [--queues Q] [--migration] [--json PATH]
 
-Per back-end: guest sequential read/write (1 MiB O_DIRECT dd, 64 MiB) and 4 KiB random
-read/write (tests/qemu/rio.c, O_DIRECT, queue depth 1, over 64 MiB) throughput, then a live
-migration (the guest running the verifying loop) at max-bandwidth 1 GiB/s: QEMU's
-query-migrate total-time and downtime.  Guest under TCG: absolute numbers are the emulator's;
-the ratio is the figure.
+Both back-ends serve a copy of the same raw image to their own guest (same kernel, initramfs,
+QEMU command line); the two guests are up at the same time and the measurements alternate
+between them (sample 1 ours, sample 1 qsd, sample 2 ours, ...), so load on the machine falls on
+both alike.  Per sample, in the guest: sequential write and read (1 MiB O_DIRECT dd, 64 MiB),
+4 KiB random write and read (tests/qemu/rio.c, O_DIRECT) at queue depth 1 and 16, over 64 MiB.
+Printed per metric: the median and the spread (min-max) of the samples for each back-end, and
+the ratio of the medians.  ``--migration``: also a live migration of a guest running the
+verifying loop per back-end (QEMU's total-time and downtime; one sample each).  Guest under TCG:
+absolute numbers are the emulator's; the ratio is the figure.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -24,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qemu.guest import Backend, Vm, free_port, guest_assets  # noqa: E402
 
 SEQ_MIB = 64
-RIO_COUNT = 2000
+RIO_COUNT = {1: 2000, 16: 4000}
 BW = 1 << 30
+KINDS = ("ours", "qsd")
 
 
 def timed(vm: Vm, cmd: str) -> float:
@@ -37,29 +44,45 @@ def timed(vm: Vm, cmd: str) -> float:
     return dt
 
 
-def throughput(kind: str, kernel: Path, initrd: Path, image: Path, work: Path) -> dict:
-    be = Backend(kind, str(work / f"{kind}-io.sock"), str(image))
-    vm = Vm(work, f"{kind}-io", kernel, initrd, be.socket_path)
+def sample(vm: Vm, base: float) -> dict[str, float]:
+    r: dict[str, float] = {}
+    dt = timed(vm, f"dd if=/dev/zero of=/dev/vda bs=1M count={SEQ_MIB} oflag=direct 2>/dev/null") - base
+    r["seq_write_MiBps"] = SEQ_MIB / dt
+    dt = timed(vm, f"dd if=/dev/vda of=/dev/null bs=1M count={SEQ_MIB} iflag=direct 2>/dev/null") - base
+    r["seq_read_MiBps"] = SEQ_MIB / dt
+    for qd, count in RIO_COUNT.items():
+        for op, name in (("w", f"rand4k_write_qd{qd}_iops"), ("r", f"rand4k_read_qd{qd}_iops")):
+            rc, out = vm.sh(f"rio {op} /dev/vda {SEQ_MIB} {count} 7 {qd}", 300)
+            m = re.search(r"RIO (\d+) (\d+)", out)
+            if rc or not m:
+                raise RuntimeError(out)
+            r[name] = int(m.group(1)) / (int(m.group(2)) / 1e9)
+    return r
+
+
+def throughput(kernel: Path, initrd: Path, images: dict[str, Path], work: Path, samples: int, queues: int) -> dict:
+    bes: dict[str, Backend] = {}
+    vms: dict[str, Vm] = {}
     try:
-        vm.boot()
-        base = min(timed(vm, "true") for _ in range(5))  # console round trip
-        r: dict = {}
-        dt = timed(vm, f"dd if=/dev/zero of=/dev/vda bs=1M count={SEQ_MIB} oflag=direct 2>/dev/null") - base
-        r["seq_write_MiBps"] = SEQ_MIB / dt
-        dt = timed(vm, f"dd if=/dev/vda of=/dev/null bs=1M count={SEQ_MIB} iflag=direct 2>/dev/null") - base
-        r["seq_read_MiBps"] = SEQ_MIB / dt
-        rc, _ = vm.sh("[ -x /bin/rio ]")
-        if rc == 0:
-            for op, name in (("w", "rand4k_write_iops"), ("r", "rand4k_read_iops")):
-                rc, out = vm.sh(f"rio {op} /dev/vda {SEQ_MIB} {RIO_COUNT} 7", 300)
-                m = re.search(r"RIO (\d+) (\d+)", out)
-                if rc or not m:
-                    raise RuntimeError(out)
-                r[name] = int(m.group(1)) / (int(m.group(2)) / 1e9)
-        return r
+        for kind in KINDS:
+            bes[kind] = Backend(kind, str(work / f"{kind}-io.sock"), str(images[kind]), queues=queues)
+            vms[kind] = Vm(work, f"{kind}-io", kernel, initrd, bes[kind].socket_path, queues=queues, smp=1)
+        for vm in vms.values():
+            vm.boot(180)
+        rc, _ = vms["ours"].sh("[ -x /bin/rio ]")
+        if rc:
+            raise RuntimeError("the guest has no rio (gcc missing?)")
+        base = {k: min(timed(vm, "true") for _ in range(5)) for k, vm in vms.items()}  # console round trip
+        out: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+        for i in range(samples):
+            for kind in KINDS:
+                out[kind].append(sample(vms[kind], base[kind]))
+                print(f"sample {i + 1}/{samples} {kind}: " + ", ".join(f"{k}={v:.0f}" for k, v in out[kind][-1].items()),
+                      flush=True)
+        return out
     finally:
-        vm.stop()
-        be.stop()
+        for t in (*vms.values(), *bes.values()):
+            t.stop()
 
 
 def migration(kind: str, kernel: Path, initrd: Path, image: Path, work: Path) -> dict:
@@ -72,14 +95,18 @@ def migration(kind: str, kernel: Path, initrd: Path, image: Path, work: Path) ->
         src.boot()
         src.sh("exec 9</dev/vda")
         src.send("sh /vlm/loop.sh &")
-        time.sleep(2)
+        deadline = time.monotonic() + 60
+        while int(src.sh("cat /tmp/iter 2>/dev/null || echo 0")[1].split()[-1]) < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the verifying loop did not start")
+            time.sleep(0.2)
         dst.qmp("query-status")
         src.qmp("migrate-set-parameters", **{"max-bandwidth": BW})
         src.qmp("migrate", uri=f"tcp:127.0.0.1:{port}")
-        while True:
-            info = src.qmp("query-migrate")
-            if info.get("status") in ("completed", "failed", "cancelled"):
-                break
+        deadline = time.monotonic() + 300
+        while (info := src.qmp("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"migration still {info.get('status')}")
             time.sleep(0.05)
         rc, out = dst.sh("sh /vlm/verify.sh", 60)
         return {
@@ -94,30 +121,43 @@ def migration(kind: str, kernel: Path, initrd: Path, image: Path, work: Path) ->
             t.stop()
 
 
+def summary(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--samples", type=int, default=3, help="samples per metric and back-end (>= 3 for a spread)")
+    ap.add_argument("--queues", type=int, default=1, help="num-queues of both back-ends")
+    ap.add_argument("--migration", action="store_true", help="also one live migration per back-end")
+    ap.add_argument("--json", help="also write every sample here")
     args = ap.parse_args()
     kernel, initrd = guest_assets()
     work = Path(tempfile.mkdtemp(prefix="vlm-fig-"))
-    image = work / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(128 << 20)
-    res: dict = {}
-    for kind in ("ours", "qsd"):
-        res[kind] = {"io": throughput(kind, kernel, initrd, image, work)}
-    for kind in ("ours", "qsd"):
-        res[kind]["migration"] = migration(kind, kernel, initrd, image, work)
-    print(f"{'metric':24} {'ours':>10} {'qsd':>10} {'ours/qsd':>9}")
-    for k in res["ours"]["io"]:
-        o, q = res["ours"]["io"][k], res["qsd"]["io"][k]
-        print(f"{k:24} {o:10.1f} {q:10.1f} {o / q:9.2f}")
-    for k in ("total_time_ms", "downtime_ms"):
-        o, q = res["ours"]["migration"][k], res["qsd"]["migration"][k]
-        print(f"migration {k:14} {o:10} {q:10} {o / q if q else float('nan'):9.2f}")
-    print("verify after migration:", res["ours"]["migration"]["guest_verify"], "/", res["qsd"]["migration"]["guest_verify"])
+    images = {}
+    for kind in KINDS:
+        images[kind] = work / f"{kind}.img"
+        with open(images[kind], "wb") as f:
+            f.truncate(128 << 20)
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    res: dict = {"started": started, "samples": args.samples, "queues": args.queues,
+                 "io": throughput(kernel, initrd, images, work, args.samples, args.queues)}
+    print(f"\n{args.samples} samples each, alternating; median [min-max]; started {started}")
+    print(f"{'metric':26} {'ours':>24} {'qemu-storage-daemon':>24} {'ours/qsd':>9}")
+    for k in res["io"]["ours"][0]:
+        o = summary([s[k] for s in res["io"]["ours"]])
+        q = summary([s[k] for s in res["io"]["qsd"]])
+        print(f"{k:26} {o[0]:9.1f} [{o[1]:6.0f}-{o[2]:6.0f}] {q[0]:9.1f} [{q[1]:6.0f}-{q[2]:6.0f}] {o[0] / q[0]:9.2f}")
+    if args.migration:
+        for kind in KINDS:
+            res[f"migration_{kind}"] = migration(kind, kernel, initrd, images[kind], work)
+        for k in ("total_time_ms", "downtime_ms"):
+            o, q = res["migration_ours"][k], res["migration_qsd"][k]
+            print(f"migration {k:16} {o:>24} {q:>24} {o / q if q else float('nan'):9.2f}")
+        print("verify after migration:", res["migration_ours"]["guest_verify"], "/", res["migration_qsd"]["guest_verify"])
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

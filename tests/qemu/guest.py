@@ -75,7 +75,7 @@ def build_initramfs(mods: Path, out: Path) -> None:
         exe = GUEST_DIR / f"{tool}-{hashlib.sha256(src.read_bytes()).hexdigest()[:12]}"
         if shutil.which("gcc") and not exe.exists():
             try:  # rio: the figures' 4 KiB random I/O; udpx / chan: the vhost-user-net tests
-                _run(["gcc", "-O2", "-static", "-o", str(exe) + ".tmp", str(src)])
+                _run(["gcc", "-O2", "-static", "-pthread", "-o", str(exe) + ".tmp", str(src)])
                 os.replace(str(exe) + ".tmp", exe)
             except (subprocess.CalledProcessError, OSError):
                 pass

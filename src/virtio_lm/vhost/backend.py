@@ -521,7 +521,14 @@ class VhostUserBackend:
                 raise VhostInflightError(f"GET_INFLIGHT_FD: queue size {qs} is not a power of two <= {max_size}")
             region = InflightRegion.create(info.num_queues, qs)
         else:
-            region = InflightRegion.attach(msg.take_fds()[0], info, max_queues=max_q, max_size=max_size)
+            fd = msg.take_fds()[0]
+            cur = self.inflight
+            if cur is not None and cur.info == info and cur.same_file(fd):
+                # QEMU sends SET_INFLIGHT_FD after every GET_INFLIGHT_FD, with the region it just got:
+                # it stays this process's own (fresh) region
+                _close(fd)
+                return None
+            region = InflightRegion.attach(fd, info, max_queues=max_q, max_size=max_size)
         old, self.inflight = self.inflight, region
         if old is not None:
             old.close()

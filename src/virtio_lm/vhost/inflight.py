@@ -199,6 +199,14 @@ class InflightRegion:
             raise
         return r
 
+    def same_file(self, fd: int) -> bool:
+        """Whether ``fd`` opens this region's file."""
+        try:
+            a, b = os.fstat(self.fd), os.fstat(fd)
+        except OSError:
+            return False
+        return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
     def close(self) -> None:
         for q in self.queues:
             del q.hdr, q.desc, q.inflight, q.counter, q.next
