@@ -385,16 +385,19 @@ def report(quick: bool, out_dir: str, sections: tuple[str, ...]) -> None:
               help="Write the back-end's counters (JSON: chains taken per queue, requests executed again) here at exit.")
 @click.option("--unsafe-no-dirty-log", is_flag=True, hidden=True,
               help="Negative control for tests: offer LOG_ALL but never write the dirty log.")
+@click.option("--inline-max", default=256 << 10, show_default=True, type=click.IntRange(0),
+              help="Requests moving at most this many bytes run on the notification thread (0: all on the I/O pool).")
 @click.option("--unsafe-hold-after", type=int, default=None, hidden=True,
               help="Fault injection for tests: after N requests, take every further one and never execute it.")
 def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, stats_path: str | None,
-                   unsafe_no_dirty_log: bool, unsafe_hold_after: int | None) -> None:
+                   inline_max: int, unsafe_no_dirty_log: bool, unsafe_hold_after: int | None) -> None:
     """Serve the virtio-blk device model to a vhost-user front-end (QEMU), with dirty logging."""
     from virtio_lm.devices.blk import BlkDevice
     from virtio_lm.vhost.server import VhostUserServer
 
     device = BlkDevice(image, read_only=read_only, num_queues=queues, queue_max_size=1024)
     device.hold_after = unsafe_hold_after
+    device.inline_max = inline_max
     server = VhostUserServer(socket_path, device, log_writes=not unsafe_no_dirty_log)
     server.listen()
     done = threading.Event()
