@@ -729,3 +729,28 @@ def test_guest_memory_map_atomic_or_byte(guest) -> None:
             gm.atomic_or_byte(MIB, 1, port_writer)
     finally:
         gm.close()
+
+
+def test_inline_requests_complete_during_the_kick_with_one_notification(image, guest) -> None:
+    """inline_max: small requests run on the notification thread (no I/O pool at all) and a
+    batch of completions is announced to the driver once."""
+    be = make(image)
+    try:
+        be.device.inline_max = 1 << 20
+        dq, logmem, call = setup_ring(be, guest)
+        for i in range(4):
+            dq.port.write(0x8000 + 16 * i, BlkOutHdr(BlkReqType.IN, 0, i * 8).encode())
+            dq.add([Segment(0x8000 + 16 * i, 16)], [Segment(MIB + 0x10000 + i * 0x1000, 4096), Segment(0xA000 + i, 1)])
+        dq.publish()
+        before = be.fn.interrupts
+        be.kick(0)
+        assert len(dq.get_all_used()) == 4  # done when kick returns
+        assert be.device.completed == 4 and be.fn.interrupts - before == 1
+        for i in range(4):
+            assert guest.read(MIB + 0x10000 + i * 0x1000, 4096) == image.read_bytes()[i * 4096 : (i + 1) * 4096]
+        pages = unpack_bitmap(logmem.array.copy(), 4096 * 8)
+        assert all(pages[(MIB + 0x10000 + i * 0x1000) >> 12] for i in range(4))  # still through the tracker
+        logmem.close()
+    finally:
+        be.disconnect()
+        be.device.close()
