@@ -385,7 +385,7 @@ def report(quick: bool, out_dir: str, sections: tuple[str, ...]) -> None:
               help="Write the back-end's counters (JSON: chains taken per queue, requests executed again) here at exit.")
 @click.option("--unsafe-no-dirty-log", is_flag=True, hidden=True,
               help="Negative control for tests: offer LOG_ALL but never write the dirty log.")
-@click.option("--inline-max", default=256 << 10, show_default=True, type=click.IntRange(0),
+@click.option("--inline-max", default=16 << 10, show_default=True, type=click.IntRange(0),
               help="Requests moving at most this many bytes run on the notification thread (0: all on the I/O pool).")
 @click.option("--unsafe-hold-after", type=int, default=None, hidden=True,
               help="Fault injection for tests: after N requests, take every further one and never execute it.")
