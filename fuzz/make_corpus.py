@@ -35,7 +35,7 @@ from virtio_lm.wire.ctrl import (
 from virtio_lm.wire.features import Feature, bit
 from virtio_lm.wire.ring import DescFlags, VirtqDesc
 from virtio_lm.wire.state import InflightHeader, QueueRecord, Record, RecordType, decode_image, encode_image
-from virtio_lm.wire.vhost_user import Header, MemRegion, Request, VringState, encode_mem_table
+from virtio_lm.wire.vhost_user import Header, Inflight, MemRegion, Request, VringState, encode_mem_table
 
 MC = MigrationCommand
 
@@ -187,6 +187,11 @@ def vhost_user() -> dict[str, bytes]:
                           + message(Request.SET_VRING_BASE, VringState(0, 0).encode()))
             + vhost_chunk(message(Request.SET_VRING_KICK, bytes(8)), 1, 1),
         "need-reply": vhost_chunk(message(Request.SET_OWNER, flags=1 | 8)),
+        # INFLIGHT_SHMFD (bit 12): a region given out, then a 1 MiB memfd offered as one
+        "inflight": vhost_chunk(message(Request.SET_PROTOCOL_FEATURES, (1 << 12).to_bytes(8, "little"))
+                                + message(Request.GET_INFLIGHT_FD, Inflight(0, 0, 1, 16).encode()))
+            + vhost_chunk(message(Request.SET_INFLIGHT_FD, Inflight(4096, 0, 1, 16).encode()), 1),
+        "send-rarp-to-blk": vhost_chunk(message(Request.SEND_RARP, bytes.fromhex("525400123456") + bytes(2))),
     }
 
 
