@@ -313,3 +313,20 @@ def test_set_after_get_of_the_same_region_keeps_it_fresh(image, guest) -> None:
     finally:
         be.disconnect()
         be.device.close()
+
+
+def test_a_ring_enabled_with_completions_behind_it_interrupts_the_driver(image, guest) -> None:
+    """After a migration (or a restart) the last completions' interrupt may have gone with the old
+    back-end: when a ring with a non-zero used idx starts running, the driver is interrupted once
+    (with protocol features the ring runs at SET_VRING_ENABLE, not at SET_VRING_KICK)."""
+    be = make(image)
+    try:
+        negotiate(be, guest)
+        guest.cpu.write(USED + 2, (7).to_bytes(2, "little"))
+        start_ring(be, guest, base=7)
+        before = be.fn.interrupts
+        be.handle(msg(Request.SET_VRING_ENABLE, VringState(0, 1).encode()))
+        assert be.fn.interrupts == before + 1
+    finally:
+        be.disconnect()
+        be.device.close()

@@ -690,8 +690,6 @@ class VhostUserBackend:
             if not self.protocol_negotiated:
                 ring.enabled = True
         self._apply_enable(ring)
-        if q.enabled and q.used_idx != 0:
-            self.fn.signal_call(ring.index)  # completions the driver may not have seen (a migration)
 
     @property
     def protocol_negotiated(self) -> bool:
@@ -706,6 +704,11 @@ class VhostUserBackend:
         if run != was:
             self.rings_changed()
         if run and not was:
+            if q.used_idx != 0:
+                # completions the driver may not have been told of: the interrupt of the last ones
+                # before a migration or a back-end restart can be lost with the old back-end (a
+                # virtio-net transmit queue then waits for it forever); a spurious one is harmless
+                self.fn.signal_call(ring.index)
             if ring.resubmit:
                 todo, ring.resubmit = ring.resubmit, ()
                 self.resubmitted += len(todo)
