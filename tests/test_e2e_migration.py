@@ -64,7 +64,16 @@ def run_e2e(
         dst_h = c.host([vm], switch=sw, incoming=True, profile=profile)
         src, dst = src_h.monitor(), dst_h.monitor()
         time.sleep(warmup)
-        out["before"] = src.cmd("query-vms")[0]
+        # the guest at work before the migration starts: its blk requests flowing and its net
+        # frames out (on a busy host a large VM's workloads take a while to get going; the
+        # wait is bounded host-side, not by a fixed guest-side time)
+        deadline = time.monotonic() + 120
+        while True:
+            before = src.cmd("query-vms")[0]
+            if before["blk"]["writes"] > 0 and before["net"]["tx-sent"] > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        out["before"] = before
         info = migrate(src, dst, {"x-tracking-mode": mode, "x-device-tracking": device_tracking})
         out["info"] = info
         out["source-status"] = src.cmd("query-status")["status"]
