@@ -115,31 +115,52 @@ def test_proxy_needs_exactly_one_fault_point() -> None:
 
 
 # ----------------------------------------------------------------- the verdict of one trial
-GOOD_BEFORE = dict(committed=False, source_intact=True, dest="untouched", running=1, retry=True)
-GOOD_AFTER = dict(committed=True, source_intact=None, dest="committed", running=1, retry=None)
+SRC_RUNS = dict(src="running", source_intact=True, dest="untouched", lease="src", running=1, retry=True)
+DST_RUNS = dict(committed=True, src="postmigrate", dest="committed", lease="dst", running=1)
 
 
 @pytest.mark.parametrize("fields", [
-    GOOD_BEFORE, dict(GOOD_BEFORE, dest="gone"), GOOD_AFTER,
-    dict(GOOD_AFTER, dest="untouched", running=0),  # the COMMIT was lost: nobody runs, the source stays paused
-    dict(GOOD_AFTER, dest="gone", running=0),
+    SRC_RUNS, dict(SRC_RUNS, dest="gone"), DST_RUNS,
+    dict(SRC_RUNS, committed=True, resolved="source"),  # COMMIT lost, the source reclaimed the lease
+    dict(DST_RUNS, resolved="source+destination", src="gone"),  # source killed after COMMIT: dest runs
+    # none runs, rightly: the source died before the destination had the VM whole ...
+    dict(src="gone", dest="untouched", lease="src", running=0),
+    # ... or the destination died after it had started (it took the lease)
+    dict(committed=True, src="postmigrate", dest="gone", lease="dst", running=0),
 ])
 def test_correct_outcomes(fields: dict) -> None:
     assert Trial("cut", "offset 1", **fields).correct
 
 
 @pytest.mark.parametrize("fields", [
-    dict(GOOD_BEFORE, source_intact=False),  # the source did not come back
-    dict(GOOD_BEFORE, dest="committed", running=2),  # both run
-    dict(GOOD_BEFORE, retry=False),
-    dict(GOOD_BEFORE, dest="WRONG: running, VFs ['RUNNING']"),
-    dict(GOOD_AFTER, running=0),  # the destination was handed the VM and does not run
-    dict(GOOD_AFTER, running=2),
-    dict(GOOD_AFTER, dest="WRONG: runs but fails its verification"),
-    dict(GOOD_BEFORE, error="TimeoutError: the migration did not end"),
+    dict(SRC_RUNS, source_intact=False),  # the source did not come back whole
+    dict(SRC_RUNS, dest="committed", running=2),  # both run
+    dict(SRC_RUNS, retry=False),
+    dict(SRC_RUNS, lease="dst"),  # the source resumed although the destination holds the lease
+    dict(SRC_RUNS, dest="WRONG: running, VFs ['RUNNING']"),
+    dict(DST_RUNS, lease="src"),  # the destination runs without the lease
+    dict(DST_RUNS, dest="untouched", running=0),  # the COMMIT was lost and nobody runs
+    dict(DST_RUNS, dest="gone", lease="src", running=0),  # the destination died before it started: the source must run
+    dict(src="gone", dest="untouched", dest_prepared=True, lease="src", running=0),  # prepared destination left idle
+    dict(DST_RUNS, running=2),
+    dict(DST_RUNS, dest="WRONG: runs but fails its verification"),
+    dict(SRC_RUNS, error="TimeoutError: the migration did not end"),
 ])
 def test_wrong_outcomes_are_flagged(fields: dict) -> None:
     assert not Trial("cut", "offset 1", **fields).correct
+
+
+def test_sigkill_src_drops_what_it_held() -> None:
+    sink = Sink()
+    px = FaultProxy(sink.address, kind="sigkill-src", at=40_000)
+    s = send_through(px, DATA)
+    assert px.reached.wait(WAIT)
+    wait_len(sink, 40_000)
+    px.release.set()  # the source is dead: nothing past the offset ever arrives
+    assert sink.closed.wait(WAIT)
+    assert bytes(sink.got) == DATA[:40_000]
+    s.close()
+    px.close()
 
 
 # ----------------------------------------------------------------- a small campaign

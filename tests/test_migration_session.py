@@ -26,6 +26,7 @@ from virtio_lm.errors import (
     StreamError,
 )
 from fakes import MemoryVm, MemoryVmShell, default_vfs
+from virtio_lm.migration.lease import FileLease
 from virtio_lm.migration.policy import Decision, MigrationParams, Policy, TokenBucket
 from virtio_lm.migration.session import (
     DEST_TABLE,
@@ -77,14 +78,19 @@ class Link:
     """Both sessions and the VM on one fake clock; records what crossed the wire."""
 
     def __init__(self, vm: MemoryVm, shell: MemoryVmShell, *, params: MigrationParams | None = None,
-                 rate: float = LINK, chunk: int = 256 * 1024, to_file: bool = False) -> None:
+                 rate: float = LINK, chunk: int = 256 * 1024, to_file: bool = False, lease_dir=None) -> None:
         self.clock = FakeClock()
         self.vm = vm
         self.shell = shell
         self.rate = rate
         self.chunk = chunk
-        self.src = SourceSession(vm, params, clock=self.clock, to_file=to_file)
-        self.dst = DestSession(shell, clock=self.clock, from_file=to_file)
+        self.src_lease = self.dst_lease = None
+        if lease_dir is not None:  # the VM's lease, one file both sides reach (migration/lease.py)
+            path = str(lease_dir / "disk.img.lease")
+            self.src_lease, self.dst_lease = FileLease(path, "src"), FileLease(path, "dst")
+            self.src_lease.acquire()
+        self.src = SourceSession(vm, params, clock=self.clock, to_file=to_file, lease=self.src_lease)
+        self.dst = DestSession(shell, clock=self.clock, from_file=to_file, lease=self.dst_lease)
         self.to_dst = bytearray()  # every byte the source sent
         self.to_src = bytearray()
         self.sent_log: list[tuple[float, int]] = []  # (time, cumulative bytes handed out)
@@ -480,7 +486,10 @@ def test_destination_gone_after_ready_before_commit_rolls_back():
 
     link.run(tamper_src=drop_ready)
     assert_rolled_back(link, PeerGoneError)
-    assert link.shell.aborted and not link.shell.running
+    # the destination sent READY and lost the source: it cannot know the source rolled back
+    assert link.dst.status == "commit-unknown" and not link.shell.running and not link.shell.aborted
+    assert link.dst.resolve(run="source") == "source"  # (no lease: the operator's word)
+    assert link.dst.status == "failed" and link.shell.aborted and not link.shell.running
 
 
 # ====================================================================== cancel at every status
@@ -543,12 +552,17 @@ def test_link_drop_after_commit_leaves_source_postmigrate_not_resumed():
 
     link.run(tamper_dst=cut_after_commit)
     src = link.src
-    assert src.phase is SourcePhase.LOST and src.status == "failed"
-    assert src.vm_state == "postmigrate" and src.committed
+    assert src.phase is SourcePhase.UNRESOLVED and src.status == "commit-unknown"
+    assert src.vm_state == "postmigrate" and src.committed and src.commit_sent
     assert vm.paused and vm.rollbacks == 0 and "release" not in vm.calls
     assert isinstance(src.error, PeerGoneError)
-    # the destination never got COMMIT: it aborted; never both running
-    assert not link.shell.running and link.shell.aborted
+    # the destination never got COMMIT: restored, paused, in doubt -- neither runs yet
+    assert link.dst.status == "commit-unknown" and not link.shell.running and not link.shell.aborted
+    with pytest.raises(MigrationStateError):  # no lease: resolving needs the operator's word
+        src.resolve()
+    assert link.dst.resolve(run="destination") == "destination" and link.shell.running
+    assert src.resolve(run="destination") == "destination"
+    assert src.status == "completed" and vm.released and vm.rollbacks == 0 and same_memory(vm, link.shell)
 
 
 def test_destination_start_failure_after_commit_source_stays_postmigrate():
@@ -556,9 +570,169 @@ def test_destination_start_failure_after_commit_source_stays_postmigrate():
     shell = MemoryVmShell(MEM)
     shell.fail["start"] = RuntimeError("RUN refused")
     link = Link(vm, shell).run()
-    assert link.src.phase is SourcePhase.LOST and link.src.vm_state == "postmigrate"
+    assert link.src.phase is SourcePhase.UNRESOLVED and link.src.vm_state == "postmigrate"
     assert isinstance(link.src.error, DestinationError)
-    assert vm.rollbacks == 0 and not shell.running
+    assert vm.rollbacks == 0 and not shell.running and link.dst.status == "failed"
+    assert link.src.resolve(run="source") == "source"
+    assert link.src.status == "failed" and link.src.vm_state == "running" and vm.resumed_cleanly
+
+
+# ---------------------------------------------------------------- after commit, with the VM's lease
+# Each fault point of the commit window, then resolve() on the sides still alive (dest first, as
+# orchestrate.resolve does, and the other order): exactly one of the two runs, or none only when
+# the side that held the only runnable copy died.
+
+def _cut_on(link: Link, kind: SectionType):
+    def tamper(data: bytes, off: int) -> bytes | None:
+        return None if kind in [s.type for s in _sections_in(link, off, data)] else data
+    return tamper
+
+
+def _flip_commit(link: Link):
+    def tamper(data: bytes, off: int) -> bytes:
+        for sec in _sections_in(link, off, data):
+            if sec.type is SectionType.COMMIT:
+                k = sec.offset - off + 13  # inside the 16-byte section: its checksum no longer matches
+                return data[:k] + bytes([data[k] ^ 0x5A]) + data[k + 1 :]
+        return data
+    return tamper
+
+
+def runs(link: Link) -> int:
+    return int(link.src.vm_state == "running") + int(link.shell.running)
+
+
+@pytest.mark.parametrize("dest_first", [True, False])
+@pytest.mark.parametrize("fault", ["drop-commit", "flip-commit"])
+def test_commit_lost_the_lease_settles_exactly_one(tmp_path, fault, dest_first):
+    vm = MemoryVm(MEM, fill="half")
+    link = Link(vm, MemoryVmShell(MEM), lease_dir=tmp_path)
+    if fault == "drop-commit":
+        link.run(tamper_dst=_cut_on(link, SectionType.COMMIT))
+    else:
+        link.run(tamper_dst=_flip_commit(link), hook=lambda lk: lk.dst.phase is DestPhase.IN_DOUBT)
+        assert link.dst.status == "commit-unknown" and isinstance(link.dst.error, StreamError)
+        link.src.on_peer_closed()  # the destination's runner closes the connection
+    src, dst = link.src, link.dst
+    assert src.status == dst.status == "commit-unknown" and runs(link) == 0
+    assert src.vm_state == "postmigrate" and vm.rollbacks == 0
+    if dest_first:  # the destination takes the lease over: it runs, the source hands over
+        assert dst.resolve() == "destination" and src.resolve() == "destination"
+        assert dst.status == src.status == "completed" and vm.released and same_memory(vm, link.shell)
+    else:  # the source reclaims it first: it resumes, the destination can no longer take it
+        assert src.resolve() == "source" and dst.resolve() == "source"
+        assert src.status == "failed" and vm.resumed_cleanly and dst.status == "failed" and link.shell.aborted
+    assert runs(link) == 1
+
+
+def test_running_lost_the_source_hands_over(tmp_path):
+    vm = MemoryVm(MEM, fill="half")
+    link = Link(vm, MemoryVmShell(MEM), lease_dir=tmp_path)
+    link.run(tamper_src=_drop_running(link))
+    assert link.dst.status == "completed" and link.shell.running
+    assert link.src.status == "commit-unknown" and link.src.vm_state == "postmigrate"
+    assert link.src.resolve() == "destination"
+    assert link.src.status == "completed" and vm.released and runs(link) == 1
+    assert link.dst_lease.held and not link.src_lease.held
+
+
+def _drop_running(link: Link):
+    def tamper(data: bytes, off: int) -> bytes | None:
+        return None if _find(link, SectionType.RUNNING, data, off) else data
+    return tamper
+
+
+def test_destination_dies_before_commit_the_source_resumes(tmp_path):
+    """The destination process dies holding READY (COMMIT sent, never read): it never took the
+    lease, so the source reclaims it and resumes -- exactly one runs."""
+    vm = MemoryVm(MEM, fill="half")
+    link = Link(vm, MemoryVmShell(MEM), lease_dir=tmp_path)
+    link.run(tamper_dst=_cut_on(link, SectionType.COMMIT))  # ... and the destination is gone
+    assert link.src.resolve() == "source"
+    assert link.src.status == "failed" and vm.resumed_cleanly and "release" not in vm.calls
+    assert runs(link) == 1 and link.src_lease.held
+
+
+def test_destination_dies_after_it_started_the_source_never_resumes(tmp_path):
+    """The destination started (it holds the lease) and its process died before RUNNING left:
+    the VM died with its new host -- the source must not resume a copy that ran on elsewhere."""
+    vm = MemoryVm(MEM, fill="half")
+    link = Link(vm, MemoryVmShell(MEM), lease_dir=tmp_path)
+    link.run(tamper_src=_drop_running(link))
+    link.shell.running = False  # SIGKILL
+    assert link.src.resolve() == "destination"
+    assert link.src.vm_state == "postmigrate" and vm.rollbacks == 0 and runs(link) == 0
+
+
+def test_source_dies_after_commit_sent_the_destination_runs(tmp_path):
+    """The source sent COMMIT and died before it arrived: the destination, in doubt, takes the
+    lease over from the (dead) source and runs."""
+    vm = MemoryVm(MEM, fill="half")
+    link = Link(vm, MemoryVmShell(MEM), lease_dir=tmp_path)
+    link.run(tamper_dst=_cut_on(link, SectionType.COMMIT))
+    assert link.dst.resolve() == "destination" and link.shell.running and link.dst_lease.held
+    assert same_memory(vm, link.shell) and link.shell.cpu == vm.cpu_state()
+
+
+def test_source_dies_before_ready_the_destination_stays_untouched(tmp_path):
+    vm = MemoryVm(MEM, fill="half")
+    link = Link(vm, MemoryVmShell(MEM), lease_dir=tmp_path)
+    link.run(hook=lambda lk: lk.src.phase is SourcePhase.PRECOPY and lk.src.sent > MEM // 4)
+    link.dst.on_peer_closed()  # SIGKILL of the source
+    assert link.dst.status == "failed" and link.shell.aborted and not link.shell.running
+    with pytest.raises(MigrationStateError):
+        link.dst.resolve()  # nothing in doubt: never prepared
+    assert link.src_lease.held  # (the dead source's: nobody else may run this VM)
+
+
+def test_rollback_after_the_destination_took_the_lease_hands_over(tmp_path):
+    """READY lost on the way back (the source rolls back), but the destination was resolved to run
+    first: the source's rollback finds the lease gone and must not resume -- it hands over."""
+    vm = MemoryVm(MEM, fill="half")
+    link = Link(vm, MemoryVmShell(MEM), lease_dir=tmp_path)
+    link.run(hook=lambda lk: lk.dst.phase is DestPhase.WAIT_COMMIT)
+    link.dst.on_peer_closed(ConnectionResetError("partition"))
+    assert link.dst.resolve() == "destination" and link.shell.running
+    link.src.on_peer_closed(ConnectionResetError("partition"))  # the source notices later
+    assert link.src.status == "completed" and link.src.vm_state == "postmigrate"
+    assert vm.released and vm.rollbacks == 0 and runs(link) == 1 and link.src.resolution == "destination"
+
+
+def test_rollback_with_the_lease_unreadable_stays_unresolved(tmp_path):
+    vm = MemoryVm(MEM, fill="half")
+    link = Link(vm, MemoryVmShell(MEM), lease_dir=tmp_path)
+    link.run(hook=lambda lk: lk.src.phase is SourcePhase.WAIT_READY)
+    link.src_lease.path = str(tmp_path / "gone" / "disk.img.lease")  # the storage went away
+    link.src.on_peer_closed()
+    assert link.src.status == "commit-unknown" and link.src.vm_state == "finish-migrate" and vm.rollbacks == 0
+    with pytest.raises(OSError):
+        link.src.resolve()
+    assert link.src.status == "commit-unknown"
+
+
+def test_resolve_is_refused_outside_commit_unknown_and_with_a_lease_and_a_word(tmp_path):
+    vm = MemoryVm(MEM, fill="half")
+    link = Link(vm, MemoryVmShell(MEM), lease_dir=tmp_path)
+    with pytest.raises(MigrationStateError):
+        link.src.resolve()
+    link.run(tamper_dst=_cut_on(link, SectionType.COMMIT))
+    with pytest.raises(MigrationStateError):  # the lease decides, not the caller
+        link.src.resolve(run="source")
+    with pytest.raises(MigrationStateError):
+        link.dst.resolve(run="destination")
+    assert link.src.status == link.dst.status == "commit-unknown"
+
+
+def test_lease_one_holder_at_a_time(tmp_path):
+    path = str(tmp_path / "x.lease")
+    a, b, c = FileLease(path, "a"), FileLease(path, "b"), FileLease(path, "c")
+    token = a.acquire()
+    assert a.held and b.owner() == token
+    assert b.take(token) and b.held and not a.held
+    assert not a.reclaim() and not c.take(token)  # negative control: a stale token takes nothing
+    assert b.reclaim() and b.held and b.owner() != token
+    with pytest.raises(ValueError):
+        FileLease(path, "a/b")
 
 
 def _sections_in(link: Link, off: int, data: bytes):
@@ -615,13 +789,18 @@ def test_tables_cover_every_pair():
         for i in (SourceInput.DEST_ERROR, SourceInput.PEER_GONE, SourceInput.BAD_STREAM, SourceInput.LOCAL_ERROR):
             assert SOURCE_TABLE[p, i].action is SourceAction.ROLLBACK
         assert SOURCE_TABLE[p, SourceInput.CANCEL].action is SourceAction.CANCEL
-    # after commit nothing rolls back
-    for i in SourceInput:
-        step = SOURCE_TABLE[SourcePhase.COMMITTED, i]
-        assert step is None or step.action not in (SourceAction.ROLLBACK, SourceAction.CANCEL)
-    # the destination starts only on COMMIT (or the end of a complete file)
+    # after commit nothing rolls back by itself: only resolve() (the lease's answer) does
+    rollbacks = {(p, i) for (p, i), s in SOURCE_TABLE.items()
+                 if s and s.action in (SourceAction.ROLLBACK, SourceAction.CANCEL)
+                 and p in (SourcePhase.COMMITTED, SourcePhase.UNRESOLVED)}
+    assert rollbacks == {(SourcePhase.UNRESOLVED, SourceInput.RESOLVE_SOURCE)}
+    # the destination starts only on COMMIT, the end of a complete file, or resolve() (the lease)
     starts = {(p, i) for (p, i), s in DEST_TABLE.items() if s and s.action is DestAction.START}
-    assert starts == {(DestPhase.WAIT_COMMIT, DestInput.COMMIT), (DestPhase.WAIT_COMMIT, DestInput.FILE_END)}
+    assert starts == {(DestPhase.WAIT_COMMIT, DestInput.COMMIT), (DestPhase.WAIT_COMMIT, DestInput.FILE_END),
+                      (DestPhase.IN_DOUBT, DestInput.RESOLVE_DEST)}
+    # READY out, the source lost: hold, never abort (the source may have committed)
+    for i in (DestInput.PEER_GONE, DestInput.BAD_STREAM):
+        assert DEST_TABLE[DestPhase.WAIT_COMMIT, i].action is DestAction.HOLD
     commits = {(p, i) for (p, i), s in SOURCE_TABLE.items() if s and s.action is SourceAction.COMMIT}
     assert commits == {(SourcePhase.WAIT_READY, SourceInput.READY)}
 
@@ -676,7 +855,7 @@ def test_source_follows_its_table_for_every_external_input(phase, inp):
         assert link.src.phase is want, (phase, inp, link.src.phase)
     if want in (SourcePhase.FAILED, SourcePhase.CANCELLED):
         assert link.vm.resumed_cleanly
-    if want is SourcePhase.LOST:
+    if want is SourcePhase.UNRESOLVED:
         assert link.vm.paused and link.vm.rollbacks == 0
 
 
@@ -740,9 +919,9 @@ def test_destination_data_after_complete_is_a_protocol_error():
     from virtio_lm.wire.stream import CpuState
 
     link.dst.receive(enc.encode(CpuState(b"late")))
-    assert link.dst.phase is DestPhase.FAILED and link.shell.aborted
-    back = StreamDecoder(Direction.TO_SOURCE).feed(bytes(link.to_src) + b"".join(link.dst.produce()))
-    assert back[-1].type is SectionType.ERROR and back[-1].body.code is ErrorCode.BAD_STREAM
+    # READY is out: a source that talks nonsense may still have sent COMMIT -- hold, in doubt
+    assert link.dst.phase is DestPhase.IN_DOUBT and not link.shell.aborted and not link.shell.running
+    assert isinstance(link.dst.error, StreamError) and link.dst.produce() == []
 
 
 # ====================================================================== policy on its own

@@ -252,9 +252,39 @@ def test_link_drop_after_commit_over_tcp_source_stays_postmigrate():
     th.start()
     sr = SourceRunner(src, socket.create_connection(lst.getsockname()), timeout=5).start()
     assert sr.join(WAIT)
-    assert src.phase.value == "lost" and src.status == "failed" and src.vm_state == "postmigrate"
+    assert src.phase.value == "unresolved" and src.status == "commit-unknown" and src.vm_state == "postmigrate"
     assert vm.paused and vm.rollbacks == 0 and "release" not in vm.calls
+    # the operator's word (no lease): the destination runs -- the source hands over
+    assert sr.resolve("destination") == "destination"
+    assert src.status == "completed" and vm.released and vm.rollbacks == 0
+    assert any(getattr(e, "status", None) == "completed" for e in sr.events)
     lst.close()
+
+
+def test_source_gone_after_ready_leaves_the_destination_runner_in_doubt():
+    """The source's connection ends after READY without COMMIT: the destination's runner ends
+    with the session in doubt (restored, paused, not aborted) until it is resolved."""
+    vm = MemoryVm(MEM, fill="half")
+    shell = MemoryVmShell(MEM)
+    src = SourceSession(vm, clock=time.monotonic)
+    lst = listen()
+    dr = DestRunner(DestSession(shell, clock=time.monotonic), listener=lst, timeout=5).start()
+    sock = socket.create_connection(lst.getsockname())
+    src.start()
+    while src.phase.value not in ("wait-ready", "committed"):  # (COMMIT, if queued, never leaves)
+        for c in src.produce(1 << 20):
+            sock.sendall(c)
+            src.on_sent(len(c))
+        sock.settimeout(0.05)
+        try:
+            src.receive(sock.recv(1 << 16))
+        except socket.timeout:
+            pass
+    sock.close()  # READY may be on its way: the source is gone before it could COMMIT
+    assert dr.join(WAIT)
+    assert dr.info()["status"] == "commit-unknown" and not shell.running and not shell.aborted
+    assert dr.resolve("source") == "source"
+    assert dr.info()["status"] == "failed" and shell.aborted and not shell.running
 
 
 def test_file_stream_round_trip_and_analyze(tmp_path):

@@ -6,6 +6,7 @@ destination, with a :class:`FaultProxy` between them.  The trial's fault kind
 goes round-robin over :data:`KINDS`:
 
 * ``sigkill`` -- the destination process is SIGKILLed,
+* ``sigkill-src`` -- the source process is SIGKILLed (what it had not sent yet is lost),
 * ``cut`` -- the connection is reset (RST both ways),
 * ``flip`` -- one byte of the source's stream is flipped,
 * ``cancel`` -- ``migrate_cancel`` on the source,
@@ -16,17 +17,20 @@ probability :data:`COMMIT_WEIGHT`, because a uniform offset almost never lands
 there -- in the commit window: just before the COMMIT reaches the destination
 or just after (its RUNNING not yet back at the source).
 
-After the fault the trial records: whether the source committed (its VM in
-``postmigrate``), whether the source is intact (not committed: it runs and its
-own verification passes), whether the destination is untouched (in
-``inmigrate``, its VFs in INIT) or committed (it runs and verifies) or gone
-(SIGKILLed), how many of the two run, and whether a retry to a fresh
-destination succeeds and verifies (when the source still runs).  A trial is
-correct when: before the commit, the source is intact, the destination
-untouched or gone, exactly one runs and the retry succeeds; after the commit,
-the source stays paused, the destination is committed, untouched or gone, and
-at most one runs (none only when the COMMIT or the destination itself was lost
--- the source cannot know, and must not resume).
+When either side ends in ``commit-unknown`` (the fault came after the source's
+COMMIT, or after the destination's READY) the campaign settles it as an
+orchestrator does, :func:`virtio_lm.orchestrate.resolve` (the VM's lease decides,
+docs/decisions.md "After COMMIT").  Then it records: whether the source sent COMMIT,
+whether the destination had sent READY, where the source is (running /
+postmigrate / gone) and whether it is intact (it runs and its own verification
+passes), whether the destination is untouched (``inmigrate``, VFs in INIT) or
+committed (it runs and verifies) or gone, who holds the lease, how many of the two
+run, and whether a retry to a fresh destination succeeds and verifies (when the
+source runs).  A trial is correct when never two run; the side that runs holds the
+lease (the source never resumes once the destination may run); a source that runs
+is intact and its retry succeeds; and exactly one runs -- none only when the side
+with the VM's only runnable copy was killed: the source before the destination had
+the VM whole (READY), or the destination after it had started (it took the lease).
 """
 
 from __future__ import annotations
@@ -44,16 +48,18 @@ from typing import Any
 
 from virtio_lm.wire.stream import Direction, Ready, StreamDecoder
 
-KINDS = ("sigkill", "cut", "flip", "cancel")
+KINDS = ("sigkill", "sigkill-src", "cut", "flip", "cancel")
 COMMIT_WEIGHT = 0.3
 #: the commit-window variants of each kind (the proxy's ``window`` argument)
 WINDOWS = {
     "sigkill": ("before-commit", "after-commit"),
+    "sigkill-src": ("before-commit", "after-commit"),
     "cut": ("drop-commit", "after-commit"),
     "flip": ("flip-commit",),
     "cancel": ("before-commit", "after-commit"),
 }
 FINAL = ("completed", "failed", "cancelled")
+UNKNOWN = "commit-unknown"
 
 
 class FaultProxy:
@@ -67,19 +73,22 @@ class FaultProxy:
     is the COMMIT): ``drop-commit`` (cut instead of passing it on), ``flip-commit``
     (flip its first byte), ``before-commit`` (hold it), ``after-commit`` (pass it on,
     then cut -- kind ``cut`` -- or hold the destination's answer).  :attr:`reached` is
-    set when the fault point was reached."""
+    set when the fault point was reached.  ``sigkill-src`` holds, and what was held is
+    dropped on release (it never left the killed source)."""
 
     def __init__(self, target: tuple[str, int], *, kind: str, at: int | None = None, window: str | None = None) -> None:
         if (at is None) == (window is None):
             raise ValueError("give a stream offset or a commit-window variant")
         self.target = target
         self.action = {"cut": "cut", "flip": "flip"}.get(kind, "hold")
+        self.drop_held = kind == "sigkill-src"
         self.at = at
         self.window = window
         self.reached = threading.Event()
         self.release = threading.Event()
         self.ready_seen = threading.Event()
         self.commit_sent = threading.Event()
+        self.commit_seen = threading.Event()  # the source sent something after READY: its COMMIT
         self.forwarded = 0
         self.lst = socket.create_server(("127.0.0.1", 0))
         self.uri = "tcp:127.0.0.1:%d" % self.lst.getsockname()[1]
@@ -100,13 +109,19 @@ class FaultProxy:
         threading.Thread(target=self._to_dest, args=(a, b), daemon=True).start()
         threading.Thread(target=self._to_source, args=(b, a), daemon=True).start()
 
-    def _hold(self) -> None:
+    def _hold(self) -> bool:
+        """Hold until released; True when what was held must be dropped (the link is cut)."""
         self.reached.set()
         self.release.wait(300)  # a guard against a hung campaign, not a timing
+        if self.drop_held:
+            self.cut()
+        return self.drop_held
 
     def _to_dest(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(1 << 16):
+                if self.ready_seen.is_set():
+                    self.commit_seen.set()
                 if self.window is not None and self.ready_seen.is_set() and not self.reached.is_set() \
                         and not self.commit_sent.is_set():
                     if self.window == "drop-commit":
@@ -117,7 +132,8 @@ class FaultProxy:
                         data = bytes([data[0] ^ 0x5A]) + data[1:]
                         self.reached.set()
                     elif self.window == "before-commit":
-                        self._hold()
+                        if self._hold():
+                            return
                     elif self.window == "after-commit":
                         self.commit_sent.set()
                 elif self.at is not None and not self.reached.is_set() and self.forwarded + len(data) > self.at:
@@ -133,7 +149,8 @@ class FaultProxy:
                             self.reached.set()
                             self.cut()
                             return
-                        self._hold()
+                        if self._hold():
+                            return
                 dst.sendall(data)
                 self.forwarded += len(data)
             dst.shutdown(socket.SHUT_WR)
@@ -149,7 +166,8 @@ class FaultProxy:
                         self.reached.set()
                         self.cut()
                         return
-                    self._hold()
+                    if self._hold():
+                        return
                 # READY noted before it is passed on: the COMMIT answering it follows at once
                 if not self.ready_seen.is_set() and any(isinstance(s.body, Ready) for s in dec.feed(data)):
                     self.ready_seen.set()
@@ -183,23 +201,36 @@ class Trial:
     kind: str
     point: str
     reached: bool = False
-    status: str = ""  # the source's final migration status
-    committed: bool = False
-    source_intact: bool | None = None  # None: committed (not expected to run)
+    status: str = ""  # the source's migration status after the fault (and the resolution)
+    committed: bool = False  # the source sent COMMIT
+    dest_prepared: bool = False  # the destination had sent READY (it held the whole VM)
+    resolved: str = ""  # the sides that were in commit-unknown and were resolved
+    src: str = ""  # running / postmigrate / gone / ...
+    source_intact: bool | None = None  # None: the source does not run
     dest: str = ""  # untouched / committed / gone / WRONG: ...
+    lease: str = ""  # the host holding the VM's lease at the end (src / dst / ...)
     running: int = 0
     retry: bool | None = None  # None: not applicable (the source does not run)
     error: str = ""
 
     @property
+    def none_justified(self) -> bool:
+        """Nobody runs, and rightly: the side with the VM's only runnable copy was killed."""
+        if self.src == "gone":  # before the destination had the VM whole
+            return not self.dest_prepared and self.dest == "untouched"
+        if self.dest == "gone":  # after the destination started: it took the lease
+            return self.lease == "dst" and self.src == "postmigrate"
+        return False
+
+    @property
     def correct(self) -> bool:
-        if self.error:
+        if self.error or self.running > 1 or self.dest.startswith("WRONG"):
             return False
-        dest_ok = self.dest in ("untouched", "committed", "gone")
-        if not self.committed:
-            return bool(self.source_intact) and self.dest in ("untouched", "gone") and self.running == 1 \
-                and bool(self.retry)
-        return dest_ok and self.running <= 1 and (self.running == 1 or self.dest != "committed")
+        if self.src == "running" and not (self.source_intact and self.retry and self.lease == "src"):
+            return False  # resumed without the lease, or not intact
+        if self.dest == "committed" and self.lease != "dst":
+            return False
+        return self.running == 1 or self.none_justified
 
 
 @dataclass
@@ -226,6 +257,7 @@ class _Run:
         self.monitors: list[Monitor] = []
         net = start_network(work, self.procs)
         self.vm = vm_spec_text(c.memory_mib, net.image, c.dirty_rate, seed, sweep_mib=c.sweep_mib)
+        self.image = net.image
         self.switch = net.switch
         self.src_proc, self.src = self.host("src", incoming=False)
         self.dst_proc, self.dst = self.host("dst", incoming=True)
@@ -259,7 +291,7 @@ def _listen(dst: Any) -> tuple[str, int]:
 
 def _wait_final(mon: Any, timeout: float = 120.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
-    while (info := mon.cmd("query-migrate")).get("status") not in FINAL:
+    while (info := mon.cmd("query-migrate")).get("status") not in FINAL + (UNKNOWN,):
         if time.monotonic() > deadline:
             raise TimeoutError(f"no final status in {timeout} s: {info.get('status')}")
         time.sleep(0.02)
@@ -287,7 +319,17 @@ def reference(c: Campaign) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _holder(image: Path) -> str:
+    """The host name in the VM's lease file ("" when there is none)."""
+    try:
+        return (image.parent / (image.name + ".lease")).read_text().strip().split("/", 1)[0]
+    except OSError:
+        return ""
+
+
 def one_trial(c: Campaign, kind: str, rng: random.Random, seed: int) -> Trial:
+    from virtio_lm.orchestrate import resolve, run_migration
+
     if rng.random() < COMMIT_WEIGHT:
         window: str | None = rng.choice(WINDOWS[kind])
         at = None
@@ -305,24 +347,47 @@ def one_trial(c: Campaign, kind: str, rng: random.Random, seed: int) -> Trial:
         proxy = FaultProxy(_listen(run.dst), kind=kind, at=at, window=window)
         run.src.cmd("migrate", uri=proxy.uri)
         deadline = time.monotonic() + 300
-        while (info := run.src.cmd("query-migrate")).get("status") not in FINAL:
+        info: dict[str, Any] = {}
+        while True:
             if proxy.reached.is_set() and not proxy.release.is_set():
                 if kind == "sigkill":
                     run.dst_proc.kill()
+                elif kind == "sigkill-src":
+                    run.src_proc.kill()
                 elif kind == "cancel":
                     run.src.cmd("migrate_cancel")
                 proxy.release.set()
+            if not run.src_proc.alive:
+                break
+            if (info := run.src.cmd("query-migrate")).get("status") in FINAL + (UNKNOWN,):
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError("the migration did not end")
             time.sleep(0.01)
         proxy.release.set()
+        src_alive, dst_alive = run.src_proc.alive, run.dst_proc.alive
         t.reached = proxy.reached.is_set()
-        t.status = str(info["status"])
-        src_state = _status(run.src)
-        t.committed = src_state == "postmigrate"
-        src_running = src_state == "running"
+        t.dest_prepared = proxy.ready_seen.is_set()
+        t.committed = bool(info.get("x-commit-sent")) if src_alive else proxy.commit_seen.is_set()
+        # settle an unknown outcome as an orchestrator does (the destination first; the lease decides)
+        before = {}
+        if src_alive:
+            before["source"] = info.get("status")
+        if dst_alive:
+            before["destination"] = _wait_final(run.dst).get("status")
+        if UNKNOWN in before.values():
+            resolve(run.src if src_alive else None, run.dst if dst_alive else None)
+            t.resolved = "+".join(k for k, v in before.items() if v == UNKNOWN)
+        t.lease = _holder(Path(run.image))
+        src_running = False
+        if not src_alive:
+            t.src = "gone"
+        else:
+            t.status = str(run.src.cmd("query-migrate").get("status"))
+            t.src = _status(run.src)
+            src_running = t.src == "running"
         dst_running = False
-        if not run.dst_proc.alive:
+        if not dst_alive:
             t.dest = "gone"
         else:
             dinfo = _wait_final(run.dst)
@@ -335,13 +400,10 @@ def one_trial(c: Campaign, kind: str, rng: random.Random, seed: int) -> Trial:
             elif dst_state == "inmigrate" and all(v["state"] == "INIT" for v in vfs):
                 t.dest = "untouched"
             else:
-                t.dest = f"WRONG: {dst_state}, VFs {[v['state'] for v in vfs]}"
+                t.dest = f"WRONG: {dst_state} ({dinfo['status']}), VFs {[v['state'] for v in vfs]}"
         t.running = int(src_running) + int(dst_running)
-        if not t.committed:
-            t.source_intact = src_running and bool(run.src.cmd("x-vm-verify")["passed"])
         if src_running:
-            from virtio_lm.orchestrate import run_migration
-
+            t.source_intact = bool(run.src.cmd("x-vm-verify")["passed"])
             _, fresh = run.host("retry", incoming=True)
             r = run_migration(run.src, fresh, timeout=300)
             t.retry = r.get("status") == "completed" and bool(fresh.cmd("x-vm-verify")["passed"])
@@ -375,17 +437,19 @@ def summary(c: Campaign) -> list[dict[str, Any]]:
         ts = [t for t in c.results if t.kind == kind]
         if not ts:
             continue
-        before = [t for t in ts if not t.committed]
-        after = [t for t in ts if t.committed]
         rows.append({
             "kind": kind, "trials": len(ts), "reached": sum(t.reached for t in ts),
             "in-commit-window": sum(t.point.startswith("commit") for t in ts),
-            "before-commit": len(before), "after-commit": len(after),
-            "source-intact": sum(bool(t.source_intact) for t in before),
-            "dest-untouched-or-committed": sum(t.dest in ("untouched", "committed", "gone") for t in ts),
+            "after-commit": sum(t.committed for t in ts),
+            "resolved": sum(bool(t.resolved) for t in ts),
+            "source-runs": sum(t.src == "running" for t in ts),
+            "source-intact": sum(bool(t.source_intact) for t in ts),
+            "dest-runs": sum(t.dest == "committed" for t in ts),
             "exactly-one-running": sum(t.running == 1 for t in ts),
             "none-running": sum(t.running == 0 for t in ts),
-            "retry-ok": sum(bool(t.retry) for t in before), "correct": sum(t.correct for t in ts),
+            "none-justified": sum(t.running == 0 and t.none_justified for t in ts),
+            "two-running": sum(t.running > 1 for t in ts),
+            "retry-ok": sum(bool(t.retry) for t in ts), "correct": sum(t.correct for t in ts),
         })
     return rows
 
@@ -393,15 +457,17 @@ def summary(c: Campaign) -> list[dict[str, Any]]:
 def print_table(c: Campaign) -> None:
     print(f"\n== fault campaign: {len(c.results)} trials, reference stream {c.reference_bytes:,} bytes, "
           f"commit-window weight {COMMIT_WEIGHT}")
-    print(f"  {'kind':<8} {'trials':>6} {'reached':>7} {'window':>6} {'before':>6} {'after':>5} {'src intact':>10} "
-          f"{'dst ok':>6} {'one runs':>8} {'none':>4} {'retry ok':>8} {'correct':>7}")
+    print(f"  {'kind':<11} {'trials':>6} {'reached':>7} {'window':>6} {'after':>5} {'resolved':>8} "
+          f"{'src runs':>8} {'intact':>6} {'dst runs':>8} {'one':>3} {'none':>4} {'two':>3} {'retry ok':>8} "
+          f"{'correct':>7}")
     for r in summary(c):
-        print(f"  {r['kind']:<8} {r['trials']:>6} {r['reached']:>7} {r['in-commit-window']:>6} {r['before-commit']:>6} "
-              f"{r['after-commit']:>5} {r['source-intact']:>4}/{r['before-commit']:<5} "
-              f"{r['dest-untouched-or-committed']:>6} {r['exactly-one-running']:>8} {r['none-running']:>4} "
-              f"{r['retry-ok']:>2}/{r['before-commit']:<5} {r['correct']:>3}/{r['trials']:<3}")
-    print("  before/after: the source had not / had committed; src intact and retry ok count the trials before "
-          "the commit;\n  none: neither runs (only after the commit: the COMMIT or the destination was lost)")
+        print(f"  {r['kind']:<11} {r['trials']:>6} {r['reached']:>7} {r['in-commit-window']:>6} {r['after-commit']:>5} "
+              f"{r['resolved']:>8} {r['source-runs']:>8} {r['source-intact']:>6} {r['dest-runs']:>8} "
+              f"{r['exactly-one-running']:>3} {r['none-running']:>4} {r['two-running']:>3} "
+              f"{r['retry-ok']:>8} {r['correct']:>3}/{r['trials']:<3}")
+    print("  after: the source sent COMMIT; resolved: a side was in commit-unknown and x-migrate-resolve settled it\n"
+          "  (the lease decides); one / none / two: VMs running at the end -- none only where the side with the\n"
+          "  only runnable copy was killed (the source before READY, the destination after it took the lease)")
     for t in c.results:
         if not t.correct:
             print(f"  INCORRECT: {t.kind} at {t.point}: {asdict(t)}")

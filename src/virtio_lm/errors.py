@@ -77,6 +77,7 @@ layer may use it (``wire`` and ``memory`` included).
           +-- MigrationCancelledError   migrate_cancel (or the source's ABORT, seen by the destination)
           +-- NotConvergingError        max rounds / max time reached without converging
           +-- MigrationStateError       a call the session's status does not allow (e.g. start twice)
+          +-- LeaseLostError            the VM's lease is held by another host: this one must not run it
      +-- MonitorError                   the QMP monitor (host/qmp/)
           +-- QmpError                  a command failed: becomes {"error": {"class", "desc"}}
           +-- QmpLimitError             client input/output past a bound; the client is disconnected
@@ -676,3 +677,8 @@ class NotConvergingError(MigrationError):
 
 class MigrationStateError(MigrationError):
     """A call the migration session's current status does not allow."""
+
+
+class LeaseLostError(MigrationError):
+    """The VM's lease (migration/lease.py) is held by another host: this one must not run
+    the VM (a destination that would start, a source that would resume)."""

@@ -26,6 +26,7 @@ from virtio_lm.addr import MIGRATION_SCHEMES, MONITOR_SCHEMES, Address, parse_ad
 from virtio_lm.errors import MigrationError, VirtioLmError
 
 FINAL = ("completed", "failed", "cancelled")
+UNKNOWN = "commit-unknown"  # the link failed after COMMIT: settle with resolve()
 
 
 class ChildProcess:
@@ -192,6 +193,11 @@ def run_migration(
                 bar.update(info)
             if info.get("status") in FINAL:
                 break
+            if info.get("status") == UNKNOWN:  # the link failed after COMMIT: settle it
+                resolve(src, dst, vm=vm)
+                info = src.cmd("query-migrate", **vmarg)
+                if info.get("status") in FINAL:
+                    break
             if time.monotonic() > deadline:
                 src.cmd("migrate_cancel", **vmarg)
                 raise MigrationError(f"migration did not finish in {timeout} s")
@@ -204,9 +210,61 @@ def run_migration(
         dinfo = dst.cmd("query-migrate", **vmarg)
         if dinfo.get("status") in FINAL:
             break
+        if dinfo.get("status") == UNKNOWN:
+            resolve(src, dst, vm=vm)
         time.sleep(0.01)
     info["destination"] = dinfo
     return info
+
+
+def _query(mon: Monitor | None, vmarg: dict[str, Any]) -> dict[str, Any] | None:
+    """query-migrate, or None when the host is gone (its monitor does not answer)."""
+    if mon is None:
+        return None
+    try:
+        return mon.cmd("query-migrate", **vmarg)
+    except MonitorCommandError:
+        raise
+    except Exception:  # noqa: BLE001 - EOF, reset, timeout: the host is gone
+        return None
+
+
+def resolve(
+    src: Monitor | None, dst: Monitor | None, *, vm: str | None = None, settle: float = 40.0
+) -> dict[str, str | None]:
+    """Settle a migration whose outcome is unknown (status ``commit-unknown`` on either side,
+    docs/decisions.md "After COMMIT"); ``None`` (or a monitor that no longer answers) for a
+    host that is gone.  The destination is asked first -- the source did decide to commit --
+    then the source.  With the VM's lease each side's ``x-migrate-resolve`` asks the lease (so
+    the answer is right whatever this function believes); without one this function gives
+    the word: the destination runs if it started, or if it is in doubt while the source
+    committed or is gone; the source runs if it rolled back or the destination gave up; a
+    source whose destination is gone stays unresolved (nobody can tell whether it started).
+    Returns each side's status afterwards (None: gone)."""
+    vmarg = {"vm": vm} if vm else {}
+    s, d = _query(src, vmarg), _query(dst, vmarg)
+    # a destination still waiting for COMMIT has not noticed the loss yet (a reset: at once; a
+    # silent link: its timeout): let it settle, so that one that got COMMIT is known to run
+    deadline = time.monotonic() + settle
+    while d is not None and d.get("status") not in FINAL + (UNKNOWN,) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        d = _query(dst, vmarg)
+    if d is not None and d.get("status") == UNKNOWN:
+        word = None
+        if not d.get("x-lease"):
+            src_rolled_back = s is not None and s.get("status") != UNKNOWN and not s.get("x-commit-sent")
+            word = "source" if src_rolled_back or (s is not None and s.get("status") == "failed") else "destination"
+        dst.cmd("x-migrate-resolve", **vmarg, **({"run": word} if word else {}))  # type: ignore[union-attr]
+        d = _query(dst, vmarg)
+    if s is not None and s.get("status") == UNKNOWN:
+        word = None
+        if not s.get("x-lease"):
+            if d is None:
+                return {"source": UNKNOWN, "destination": None}
+            word = "destination" if d.get("status") == "completed" else "source"
+        src.cmd("x-migrate-resolve", **vmarg, **({"run": word} if word else {}))  # type: ignore[union-attr]
+        s = _query(src, vmarg)
+    return {"source": s.get("status") if s else None, "destination": d.get("status") if d else None}
 
 
 def migration_progress(out: Any = None) -> "_Progress | PlainMigrationProgress":

@@ -37,6 +37,10 @@ selects a VM where a host has several, default the first)::
                             start-up with --profile; another value is refused)
     query-migrate-parameters
     migrate_cancel
+    x-migrate-resolve       {vm?, run?}: settle a migration whose status is 'commit-unknown'
+                            (the link failed after COMMIT): the VM's lease decides on each
+                            side (run: the operator's word, only for a VM without a lease);
+                            answers {run: source|destination, status}
     query-vfs               every VF of the PF: VM, kind, profile, mig-state (the host's
                             VFIO-style state), state (the device's), tracking, counters
     query-vms               every VM: run state, vCPU, workload counters
@@ -58,11 +62,12 @@ from virtio_lm.drivers.admin_driver import AdminDriver
 from virtio_lm.drivers.pf_driver import PfDriver
 from virtio_lm.drivers.vfio import VfMigration
 from virtio_lm.drivers.vfio_backends import backend_for
-from virtio_lm.errors import QmpError, VirtioLmError
+from virtio_lm.errors import MigrationStateError, QmpError, VirtioLmError
 from virtio_lm.host.calibrate import Calibrator
 from virtio_lm.host.endpoints import VmDestination, VmSource
 from virtio_lm.host.qmp import CommandTable, QmpServer
 from virtio_lm.memory import Memory
+from virtio_lm.migration.lease import FileLease, lease_path
 from virtio_lm.migration.policy import MigrationParams
 from virtio_lm.migration.session import (
     SWITCHOVER_HISTORY,
@@ -160,8 +165,9 @@ PARAM_SCHEMA = {
 class Slot:
     """One VM on this host and its migration, if any."""
 
-    def __init__(self, vm: VirtualMachine) -> None:
+    def __init__(self, vm: VirtualMachine, lease: FileLease | None = None) -> None:
         self.vm = vm
+        self.lease = lease  # beside the disk image (migration/lease.py); None: the VM has no disk
         self.status = "paused"
         self.runner: Any = None
         self.session: SourceSession | DestSession | None = None
@@ -198,7 +204,9 @@ class Host:
                 raise ValueError(f"two VMs named {spec.name}")
             mem = Memory(spec.memory_mib * MIB, name=spec.name, backing="memfd")
             vm = VirtualMachine(spec, mem)
-            self.slots[spec.name] = Slot(vm)
+            holder = config.name.replace("/", "_").replace("\n", "_") or "host"
+            lease = FileLease(lease_path(spec.blk_image), holder) if spec.blk_image else None
+            self.slots[spec.name] = Slot(vm, lease)
             plan += [(vm, kind) for kind in spec.vf_kinds]
         if len(plan) > config.total_vfs:
             raise ValueError(f"{len(plan)} VFs needed, the PF has {config.total_vfs}")
@@ -246,6 +254,8 @@ class Host:
             if config.incoming:
                 slot.status = "inmigrate"
             else:
+                if slot.lease is not None:
+                    slot.lease.acquire()  # this host runs the VM: the lease is its own
                 slot.vm.boot()
                 slot.status = "running"
 
@@ -294,6 +304,7 @@ class Host:
         t.register("migrate-set-parameters", self.cmd_set_parameters, args_schema=PARAM_SCHEMA)
         t.register("query-migrate-parameters", lambda a: self.params.to_qmp())
         t.register("migrate_cancel", self.cmd_cancel, args_schema=vm_arg)
+        t.register("x-migrate-resolve", self.cmd_resolve, args_schema={"*run": ("source", "destination"), **vm_arg})
         t.register("query-vfs", self.cmd_query_vfs)
         t.register("query-vms", lambda a: [s.vm.info() | {"status": s.status} for s in self.slots.values()])
         t.register("x-vm-verify", self.cmd_verify, args_schema={"*vm": "str", "*disk": "bool"})
@@ -324,6 +335,9 @@ class Host:
         slot = self._slot(args)
         if slot.status == "inmigrate":
             raise QmpError("Migration is not finished yet")
+        if slot.session is not None and slot.session.status == "commit-unknown":
+            raise QmpError("the migration's outcome is unknown (the link failed after COMMIT): "
+                           "x-migrate-resolve decides where the VM runs, not cont")
         if slot.status in ("postmigrate", "shutdown"):
             raise QmpError(f"the VM is in '{slot.status}': its VFs were handed over or reset")
         if self._busy(slot):
@@ -380,6 +394,9 @@ class Host:
                 uri = parse_address(args["uri"], MIGRATION_SCHEMES)
             except (ValueError, KeyError, VirtioLmError) as exc:
                 raise QmpError(f"invalid migration request: {exc}") from exc
+            lease = slot.lease if uri.kind != "file" else None
+            if lease is not None and not lease.held:
+                raise QmpError(f"this host does not hold the VM's lease ({lease.path}): another host runs it")
             if isinstance(self.pf_driver, PfDriver):
                 self.pf_driver.report_portion = self.params.x_report_portion
                 self.pf_driver.state_portion = self.params.x_state_portion
@@ -395,7 +412,8 @@ class Host:
                 calibrator=(lambda c=calibrator: c.measure(self.migration)) if calibrator is not None else None,
             )
             session = SourceSession(
-                endpoint, params, clock=time.monotonic, to_file=uri.kind == "file", history=SWITCHOVER_HISTORY
+                endpoint, params, clock=time.monotonic, to_file=uri.kind == "file", history=SWITCHOVER_HISTORY,
+                lease=lease,
             )
             try:
                 runner = start_outgoing(session, args["uri"], on_event=lambda e: self._on_event(slot, e))
@@ -413,16 +431,21 @@ class Host:
                 raise QmpError("The incoming migration has already been started or the VM is running here")
             if self._busy(slot):
                 raise QmpError("an incoming migration is already listening")
+            if isinstance(slot.session, DestSession) and slot.session.in_doubt:
+                raise QmpError("the last incoming migration's outcome is unknown: x-migrate-resolve it first")
+            uri = parse_address(args["uri"], MIGRATION_SCHEMES)
 
             def started() -> None:
+                if uri.kind == "file" and slot.lease is not None:
+                    slot.lease.acquire()  # a stream file is its own commit: the VM is this host's now
                 slot.status = "running"
 
             endpoint = VmDestination(
                 slot.vm, self.migration, on_start=started, restore_delay=self.params.x_restore_delay_ms / 1000
             )
-            uri = parse_address(args["uri"], MIGRATION_SCHEMES)
             session = DestSession(
-                endpoint, clock=time.monotonic, from_file=uri.kind == "file", history=SWITCHOVER_HISTORY
+                endpoint, clock=time.monotonic, from_file=uri.kind == "file", history=SWITCHOVER_HISTORY,
+                lease=slot.lease if uri.kind != "file" else None,
             )
             try:
                 runner = start_incoming(session, args["uri"], on_event=lambda e: self._on_event(slot, e))
@@ -487,6 +510,20 @@ class Host:
         if self._busy(slot):
             slot.runner.cancel()
         return {}
+
+    def cmd_resolve(self, args: dict[str, Any]) -> dict[str, Any]:
+        """x-migrate-resolve: settle a migration whose outcome is unknown (docs/decisions.md)."""
+        slot = self._slot(args)
+        runner = slot.runner
+        if runner is None:
+            raise QmpError("no migration to resolve")
+        try:
+            where = runner.resolve(args.get("run"))
+        except MigrationStateError as exc:
+            raise QmpError(str(exc)) from exc
+        except OSError as exc:
+            raise QmpError(f"the VM's lease cannot be read or written: {exc}") from exc
+        return {"run": where, "status": runner.info()["status"]}
 
     def cmd_query_vfs(self, args: dict[str, Any]) -> list[dict[str, Any]]:
         out = []

@@ -11,7 +11,9 @@ import numpy as np
 
 from virtio_lm.errors import (
     ConfigMismatchError,
+    LeaseLostError,
     MigrationCancelledError,
+    MigrationStateError,
     MigrationError,
     PeerGoneError,
     StreamError,
@@ -21,10 +23,11 @@ from virtio_lm.errors import (
 from virtio_lm.migration.endpoint import DestEndpoint
 from virtio_lm.migration.events import Clock, Event, MigrationEvent, VmStateEvent
 from virtio_lm.migration.history import SwitchoverHistory
+from virtio_lm.migration.lease import Lease
 from virtio_lm.migration.tables import (
+    DEST_DETACHED,
     DEST_STATUS,
     DEST_TABLE,
-    DEST_TERMINAL,
     DestAction,
     DestInput,
     DestPhase,
@@ -74,9 +77,12 @@ class DestSession:
 
     def __init__(
         self, endpoint: DestEndpoint, *, clock: Clock, from_file: bool = False,
-        history: SwitchoverHistory | None = None,
+        history: SwitchoverHistory | None = None, lease: Lease | None = None,
     ) -> None:
         self.ep = endpoint
+        self.lease = lease  # the VM's lease: taken over before the VM starts here (lease.py)
+        self._lease_owner = ""  # the source's token, read when its HELLO arrived
+        self.resolution: str | None = None  # how an unknown outcome was settled: source / destination
         self.history = history
         self._t_precopy: float | None = None  # arrival of the last pre-copy section
         self._t_final: float | None = None  # arrival of the first FINAL section
@@ -109,7 +115,35 @@ class DestSession:
 
     @property
     def finished(self) -> bool:
-        return self.phase in DEST_TERMINAL
+        """Nothing more comes from the stream (a final status, or in doubt waiting for :meth:`resolve`)."""
+        return self.phase in DEST_DETACHED
+
+    @property
+    def in_doubt(self) -> bool:
+        """READY went out, then the source was lost: restored and paused until :meth:`resolve`."""
+        return self.phase is DestPhase.IN_DOUBT
+
+    def resolve(self, run: str | None = None) -> str:
+        """Settle an unknown outcome (status ``commit-unknown``).  With a lease it decides:
+        taken over from the source -> the VM starts here (``completed``); the source kept it
+        -> discard everything (``failed``).  Without one, ``run`` (``source`` /
+        ``destination``) is the operator's word.  Returns where the VM runs."""
+        if self.phase is not DestPhase.IN_DOUBT:
+            raise MigrationStateError(f"nothing to resolve in status {self.status}")
+        if self.lease is not None:
+            if run is not None:
+                raise MigrationStateError("the VM has a lease: the lease decides where it runs, not the caller")
+            run = "destination" if self.lease.take(self._lease_owner) else "source"
+        elif run not in ("source", "destination"):
+            raise MigrationStateError("the VM has no lease: say where it runs (source or destination)")
+        self.resolution = run
+        self._input(DestInput.RESOLVE_DEST if run == "destination" else DestInput.RESOLVE_SOURCE)
+        return run
+
+    @property
+    def _bad(self) -> DestInput:
+        """The input for bytes that do not make a stream: a file has no source to be in doubt about."""
+        return DestInput.BAD_FILE if self.from_file else DestInput.BAD_STREAM
 
     @property
     def wants_to_send(self) -> bool:
@@ -134,7 +168,7 @@ class DestSession:
         try:
             sections = decode()
         except StreamError as exc:
-            self._input(DestInput.BAD_STREAM, exc)
+            self._input(self._bad, exc)
             return
         for sec in sections:
             if self.finished:
@@ -167,7 +201,7 @@ class DestSession:
                 self._input(DestInput.FILE_END)
             else:
                 self._input(
-                    DestInput.BAD_STREAM,
+                    DestInput.BAD_FILE,
                     StreamTruncatedError(
                         f"file ended before the stream was complete ({self._dec.pending} bytes of a partial section)",
                         offset=self._dec.offset,
@@ -202,6 +236,12 @@ class DestSession:
                 self._input(DestInput.LOCAL_ERROR, as_migration_error(e, "check_config"))
                 return
             self.config = body.config
+            if reason is None and self.lease is not None:
+                try:
+                    self._lease_owner = self.lease.owner()  # the source's token: take it over on COMMIT
+                except OSError as e:
+                    self._input(DestInput.LOCAL_ERROR, as_migration_error(e, "the VM's lease cannot be read"))
+                    return
             if reason is None:
                 self._input(DestInput.HELLO_OK)
             else:
@@ -231,7 +271,7 @@ class DestSession:
         if step is None:
             sec = self._sec
             self._input(
-                DestInput.BAD_STREAM,
+                self._bad,
                 UnexpectedSectionError(
                     f"{inp.value} not expected in phase {self.phase.value}",
                     section=sec.type.name if sec else None, offset=sec.offset if sec else None,
@@ -281,11 +321,17 @@ class DestSession:
         if action is DestAction.RESTORE:
             self._restore()
             return
+        if action is DestAction.HOLD:  # restored and paused: the lease decides (resolve())
+            self._out.clear()
+            return
         if action is DestAction.START:
+            if self.lease is not None and not self.from_file and not self.lease.take(self._lease_owner):
+                raise LeaseLostError("the source kept the VM's lease (it resumed there): not starting here")
             t0 = self.clock()
             ep.start()
             self.start_us = int((self.clock() - t0) * 1e6)
-            if None not in (self._t_precopy, self._t_final, self._t_ready) and not self.from_file:
+            if None not in (self._t_precopy, self._t_final, self._t_ready) and not self.from_file \
+                    and self.resolution is None:
                 # the source's part: as it reported it in COMPLETE, else the silence seen here
                 src_part = self._source_fixed_s
                 if src_part is None:
@@ -412,4 +458,7 @@ class DestSession:
                 out["x-switchover-cost"] = round(self.switchover_cost * 1000, 3)
         if self.error is not None:
             out["error-desc"] = str(self.error)
+        out["x-lease"] = self.lease is not None
+        if self.resolution is not None:
+            out["x-resolution"] = self.resolution
         return out

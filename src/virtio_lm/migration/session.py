@@ -36,14 +36,22 @@ phase is entered only when its action succeeded.
 
 Never both running: the destination starts only on COMMIT, and the source
 sends COMMIT only after READY.  Before COMMIT every failure rolls the source
-back (the VM runs on where it was); after COMMIT a failure leaves the source
-in ``postmigrate`` with status ``failed`` (its memory and frozen VFs intact for
-an operator to decide).
+back (the VM runs on where it was).  After COMMIT a failure leaves the source
+in ``postmigrate`` with status ``commit-unknown`` (phase UNRESOLVED: memory and
+frozen VFs intact), and a destination that sent READY and then lost the source
+holds, restored and paused, with the same status (phase IN_DOUBT): neither knows
+whether the other runs.  ``resolve()`` settles it on each side through the VM's
+lease (:mod:`~virtio_lm.migration.lease`, on storage both reach): the
+destination starts only if it takes the lease over from the source, the source
+resumes only if it reclaims it -- one of them gets it, never both
+(docs/decisions.md, "After COMMIT").  Without a lease ``resolve(run=...)`` takes
+the operator's word.
 
 The parts, one module each (the way h11 lays out a protocol):
 
 * :mod:`~virtio_lm.migration.events` -- what a session reports (QMP-style events);
 * :mod:`~virtio_lm.migration.tables` -- phases, inputs, actions and both transition tables;
+* :mod:`~virtio_lm.migration.lease` -- the VM's lease, the arbiter of an unknown outcome;
 * :mod:`~virtio_lm.migration.history` -- the switch-over cost a host has measured
   (calibration, completed migrations) and the estimate's constants;
 * :mod:`~virtio_lm.migration.source` -- :class:`SourceSession` (rounds, the

@@ -11,6 +11,7 @@ import numpy as np
 from virtio_lm.errors import (
     ConfigMismatchError,
     DestinationError,
+    LeaseLostError,
     MigrationCancelledError,
     MigrationError,
     MigrationStateError,
@@ -28,6 +29,7 @@ from virtio_lm.migration.events import (
     ThrottleEvent,
     VmStateEvent,
 )
+from virtio_lm.migration.lease import Lease
 from virtio_lm.migration.history import RECALIBRATE, ROUND_TRIPS, SwitchoverHistory
 from virtio_lm.migration.policy import (
     Decision,
@@ -96,6 +98,7 @@ class SourceSession:
         to_file: bool = False,
         batch_pages: int = 256,
         history: SwitchoverHistory | None = None,
+        lease: Lease | None = None,
     ) -> None:
         if not 1 <= batch_pages <= MAX_RAM_PAGES:
             raise ValueError(f"batch_pages must be 1..{MAX_RAM_PAGES}")
@@ -106,6 +109,9 @@ class SourceSession:
         self.to_file = to_file
         self.batch_pages = batch_pages
         self.history = history  # learned switch-over costs (None: pages-only estimate)
+        self.lease = lease  # the VM's lease (None: an unknown outcome needs the operator's word)
+        self.commit_sent = False  # COMMIT went out (the point of no return by ourselves)
+        self.resolution: str | None = None  # where an unknown outcome was settled: source / destination
         self.fixed_cost_estimate: float | None = None
         self.phase = SourcePhase.IDLE
         self.vm_state = "running"
@@ -250,6 +256,24 @@ class SourceSession:
         before = self.phase
         self._input(SourceInput.CANCEL, MigrationCancelledError("migration cancelled"), local=True)
         return self.phase is SourcePhase.CANCELLED and before is not SourcePhase.CANCELLED
+
+    def resolve(self, run: str | None = None) -> str:
+        """Settle an unknown outcome (status ``commit-unknown``: COMMIT went out, then the
+        destination was lost).  With a lease it decides: reclaimed -> the VM resumes here
+        (status ``failed``, rolled back); taken by the destination -> this side hands over
+        (status ``completed``, VFs released).  Without one, ``run`` (``source`` /
+        ``destination``) is the operator's word.  Returns where the VM runs."""
+        if self.phase is not SourcePhase.UNRESOLVED:
+            raise MigrationStateError(f"nothing to resolve in status {self.status}")
+        if self.lease is not None:
+            if run is not None:
+                raise MigrationStateError("the VM has a lease: the lease decides where it runs, not the caller")
+            run = "source" if self.lease.reclaim() else "destination"  # an OSError: unresolved still
+        elif run not in ("source", "destination"):
+            raise MigrationStateError("the VM has no lease: say where it runs (source or destination)")
+        self.resolution = run
+        self._input(SourceInput.RESOLVE_SOURCE if run == "source" else SourceInput.RESOLVE_DEST, local=True)
+        return run
 
     def on_sent(self, nbytes: int) -> None:
         """The transport wrote ``nbytes`` more of what :meth:`produce` handed out."""
@@ -552,8 +576,24 @@ class SourceSession:
             return
         if step.action is SourceAction.IGNORE:
             return
+        if (
+            step.action in (SourceAction.ROLLBACK, SourceAction.CANCEL) and self.lease is not None
+            and self.phase in (SourcePhase.SWITCHOVER, SourcePhase.WAIT_READY)
+        ):
+            # the destination may hold READY: resume only with the lease reclaimed (lease.py)
+            try:
+                kept = self.lease.reclaim()
+            except OSError as e:
+                if self.error is None:
+                    self.error = as_migration_error(e, "the VM's lease cannot be read")
+                self._input(SourceInput.LEASE_UNREADABLE, local=True)
+                return
+            if not kept:
+                self.resolution = "destination"
+                self._input(SourceInput.LEASE_LOST, local=True)
+                return
         if exc is not None and self.error is None and step.next in (
-            SourcePhase.FAILED, SourcePhase.CANCELLED, SourcePhase.LOST
+            SourcePhase.FAILED, SourcePhase.CANCELLED, SourcePhase.UNRESOLVED
         ):
             self.error = exc
         try:
@@ -631,6 +671,7 @@ class SourceSession:
         if action is SourceAction.COMMIT:
             self._t["ready"] = self.clock()
             self._emit(Commit())
+            self.commit_sent = True
             self._set_vm("postmigrate")
             return
         if action is SourceAction.FINISH:
@@ -655,8 +696,21 @@ class SourceSession:
         if action in (SourceAction.ROLLBACK, SourceAction.CANCEL):
             self._rollback(cancelled=action is SourceAction.CANCEL)
             return
-        if action is SourceAction.STRAND:
+        if action is SourceAction.STRAND:  # paused, VFs frozen, memory intact: until resolve()
             self._out.clear()
+            self._peer_dead = True  # nothing more goes to this destination
+            return
+        if action is SourceAction.HAND_OVER:  # the destination holds the lease: it runs the VM
+            self._out.clear()
+            self._peer_dead = True
+            self._set_vm("postmigrate")
+            try:
+                self.ep.stop_tracking()
+                ep.release()
+            except Exception as e:
+                self.release_error = e
+            if self.error is None:
+                self.error = LeaseLostError("the destination holds the VM's lease: the VM runs there")
             return
         raise AssertionError(action)  # pragma: no cover
 
@@ -824,4 +878,8 @@ class SourceSession:
                 out["downtime-overrun-phase"] = self.downtime_overrun_phase
         if self.error is not None:
             out["error-desc"] = str(self.error)
+        out["x-commit-sent"] = self.commit_sent
+        out["x-lease"] = self.lease is not None
+        if self.resolution is not None:
+            out["x-resolution"] = self.resolution
         return out

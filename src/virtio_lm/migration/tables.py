@@ -31,7 +31,7 @@ class SourcePhase(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"  # rolled back: the VM runs on
     CANCELLED = "cancelled"  # rolled back: the VM runs on
-    LOST = "lost"  # failed after COMMIT: postmigrate, not resumed
+    UNRESOLVED = "unresolved"  # failed after COMMIT: postmigrate, outcome unknown until resolve()
 
 
 class SourceInput(enum.Enum):
@@ -49,6 +49,10 @@ class SourceInput(enum.Enum):
     CANCEL = "cancel"
     GIVE_UP = "give-up"
     LOCAL_ERROR = "local-error"
+    LEASE_LOST = "lease-lost"  # about to resume, the lease is gone: the destination took the VM
+    LEASE_UNREADABLE = "lease-unreadable"  # about to resume, the lease file cannot be read or written
+    RESOLVE_SOURCE = "resolve-source"  # resolve(): the lease is still ours (or the operator says so)
+    RESOLVE_DEST = "resolve-dest"  # resolve(): the destination holds the lease (or the operator says so)
 
 
 class SourceAction(enum.Enum):
@@ -63,11 +67,13 @@ class SourceAction(enum.Enum):
     FILE_FINISH = "file-finish"  # the stream file is complete; the VM stays stopped
     ROLLBACK = "rollback"  # ABORT to the destination (if reachable), throttle off, rollback()
     CANCEL = "cancel"  # the same, status cancelled
-    STRAND = "strand"  # failure after COMMIT: stay postmigrate
+    STRAND = "strand"  # failure after COMMIT: stay postmigrate, the outcome unknown
+    HAND_OVER = "hand-over"  # the destination holds the lease: release() without having seen RUNNING
 
 
 _S, _SI, _SA = SourcePhase, SourceInput, SourceAction
-SOURCE_TERMINAL = (_S.COMPLETED, _S.FAILED, _S.CANCELLED, _S.LOST)
+# the runner is done with the connection in these (UNRESOLVED waits for resolve(), not for bytes)
+SOURCE_TERMINAL = (_S.COMPLETED, _S.FAILED, _S.CANCELLED, _S.UNRESOLVED)
 SOURCE_FAILURES = (_SI.DEST_ERROR, _SI.PEER_GONE, _SI.BAD_STREAM, _SI.LOCAL_ERROR)
 
 
@@ -93,11 +99,20 @@ def _build_source_table() -> dict[tuple[SourcePhase, SourceInput], Step | None]:
     t[_S.WAIT_READY, _SI.READY] = Step(_S.COMMITTED, _SA.COMMIT)
     t[_S.COMMITTED, _SI.RUNNING] = Step(_S.COMPLETED, _SA.FINISH)
     for i in SOURCE_FAILURES:
-        t[_S.COMMITTED, i] = Step(_S.LOST, _SA.STRAND)
+        t[_S.COMMITTED, i] = Step(_S.UNRESOLVED, _SA.STRAND)
     t[_S.COMMITTED, _SI.CANCEL] = Step(_S.COMMITTED, _SA.IGNORE)  # too late: QEMU ignores it too
     for p in SOURCE_TERMINAL:
         for i in _SI:
-            t[p, i] = None if i is _SI.START else Step(p, _SA.IGNORE)
+            t[p, i] = None if i in (_SI.START, _SI.RESOLVE_SOURCE, _SI.RESOLVE_DEST) else Step(p, _SA.IGNORE)
+    # once the final data goes out the destination may come to hold READY (and be resolved to
+    # run): a rollback there first reclaims the lease.  Gone -> the destination runs: hand over;
+    # unreadable -> nobody can tell: stay paused, unresolved
+    for p in (_S.SWITCHOVER, _S.WAIT_READY):
+        t[p, _SI.LEASE_LOST] = Step(_S.COMPLETED, _SA.HAND_OVER)
+        t[p, _SI.LEASE_UNREADABLE] = Step(_S.UNRESOLVED, _SA.STRAND)
+    # after COMMIT the outcome is unknown until resolved: by the lease, or the operator's word
+    t[_S.UNRESOLVED, _SI.RESOLVE_SOURCE] = Step(_S.FAILED, _SA.ROLLBACK)
+    t[_S.UNRESOLVED, _SI.RESOLVE_DEST] = Step(_S.COMPLETED, _SA.HAND_OVER)
     return t
 
 
@@ -113,7 +128,7 @@ SOURCE_STATUS = {
     _S.COMPLETED: "completed",
     _S.FAILED: "failed",
     _S.CANCELLED: "cancelled",
-    _S.LOST: "failed",
+    _S.UNRESOLVED: "commit-unknown",
 }
 
 
@@ -122,6 +137,7 @@ class DestPhase(enum.Enum):
     WAIT_HELLO = "wait-hello"
     RECEIVING = "receiving"
     WAIT_COMMIT = "wait-commit"  # restored, READY sent (file: waiting for the end of the file)
+    IN_DOUBT = "in-doubt"  # restored, READY sent, the source lost: COMMIT may have been sent; resolve()
     COMPLETED = "completed"  # started
     FAILED = "failed"  # aborted (or refused)
     CANCELLED = "cancelled"
@@ -137,8 +153,11 @@ class DestInput(enum.Enum):
     SOURCE_ABORT = "source-abort"
     PEER_GONE = "peer-gone"
     BAD_STREAM = "bad-stream"
+    BAD_FILE = "bad-file"  # a stream file that does not decode or ends early (no source to be in doubt about)
     CANCEL = "cancel"
     LOCAL_ERROR = "local-error"
+    RESOLVE_DEST = "resolve-dest"  # resolve(): the lease was ours to take (or the operator says run here)
+    RESOLVE_SOURCE = "resolve-source"  # resolve(): the source holds the lease (or the operator says so)
 
 
 class DestAction(enum.Enum):
@@ -151,10 +170,12 @@ class DestAction(enum.Enum):
     START = "start"  # start(), RUNNING
     ABORT = "abort"  # abort(), no message (the source is gone or gave up)
     ABORT_ERROR = "abort-error"  # abort(), ERROR to the source
+    HOLD = "hold"  # stay restored and paused, send nothing: the outcome is the lease's (resolve())
 
 
 _D, _DI, _DA = DestPhase, DestInput, DestAction
 DEST_TERMINAL = (_D.COMPLETED, _D.FAILED, _D.CANCELLED)
+DEST_DETACHED = DEST_TERMINAL + (_D.IN_DOUBT,)  # nothing more from the stream
 
 
 def _build_dest_table() -> dict[tuple[DestPhase, DestInput], Step | None]:
@@ -163,17 +184,25 @@ def _build_dest_table() -> dict[tuple[DestPhase, DestInput], Step | None]:
         t[p, _DI.SOURCE_ABORT] = Step(_D.FAILED, _DA.ABORT)
         t[p, _DI.PEER_GONE] = Step(_D.FAILED, _DA.ABORT)
         t[p, _DI.BAD_STREAM] = Step(_D.FAILED, _DA.ABORT_ERROR)
+        t[p, _DI.BAD_FILE] = Step(_D.FAILED, _DA.ABORT)
         t[p, _DI.LOCAL_ERROR] = Step(_D.FAILED, _DA.ABORT_ERROR)
         t[p, _DI.CANCEL] = Step(_D.CANCELLED, _DA.ABORT_ERROR)
+    # READY is out: the source may have sent COMMIT.  Losing it (silence, EOF, reset, bytes that
+    # do not decode -- perhaps the COMMIT itself) leaves the outcome to the lease: hold
+    t[_D.WAIT_COMMIT, _DI.PEER_GONE] = Step(_D.IN_DOUBT, _DA.HOLD)
+    t[_D.WAIT_COMMIT, _DI.BAD_STREAM] = Step(_D.IN_DOUBT, _DA.HOLD)
     t[_D.WAIT_HELLO, _DI.HELLO_OK] = Step(_D.RECEIVING, _DA.ACCEPT)
     t[_D.WAIT_HELLO, _DI.HELLO_BAD] = Step(_D.FAILED, _DA.REFUSE)
     t[_D.RECEIVING, _DI.DATA] = Step(_D.RECEIVING, _DA.APPLY)
     t[_D.RECEIVING, _DI.COMPLETE] = Step(_D.WAIT_COMMIT, _DA.RESTORE)
     t[_D.WAIT_COMMIT, _DI.COMMIT] = Step(_D.COMPLETED, _DA.START)
     t[_D.WAIT_COMMIT, _DI.FILE_END] = Step(_D.COMPLETED, _DA.START)
-    for p in DEST_TERMINAL:
+    for p in DEST_DETACHED:
         for i in _DI:
-            t[p, i] = Step(p, _DA.IGNORE)
+            t[p, i] = None if i in (_DI.RESOLVE_DEST, _DI.RESOLVE_SOURCE) else Step(p, _DA.IGNORE)
+    t[_D.IN_DOUBT, _DI.RESOLVE_DEST] = Step(_D.COMPLETED, _DA.START)
+    t[_D.IN_DOUBT, _DI.RESOLVE_SOURCE] = Step(_D.FAILED, _DA.ABORT)
+    t[_D.IN_DOUBT, _DI.LOCAL_ERROR] = Step(_D.FAILED, _DA.ABORT)  # START failed (the lease was gone)
     return t
 
 
@@ -183,6 +212,7 @@ DEST_STATUS = {
     _D.WAIT_HELLO: "setup",
     _D.RECEIVING: "active",
     _D.WAIT_COMMIT: "device",
+    _D.IN_DOUBT: "commit-unknown",
     _D.COMPLETED: "completed",
     _D.FAILED: "failed",
     _D.CANCELLED: "cancelled",

@@ -105,6 +105,16 @@ class _Runner:
         """Wait for the end; True if it ended."""
         return self.done.wait(timeout)
 
+    def resolve(self, run: str | None = None) -> str:
+        """Settle a session whose outcome is unknown (``commit-unknown``, after its thread
+        ended): see ``SourceSession.resolve`` / ``DestSession.resolve``.  The events it
+        causes go out as any other."""
+        with self.lock:
+            try:
+                return self.session.resolve(run)  # type: ignore[attr-defined]
+            finally:
+                self._pump_events(self.session)  # type: ignore[attr-defined]
+
     def run(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
