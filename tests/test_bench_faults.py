@@ -5,13 +5,14 @@ processes (slow)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 import socket
 import threading
 import time
 
 import pytest
 
-from virtio_lm.bench_faults import KINDS, Campaign, FaultProxy, Trial, run
+from virtio_lm.bench_faults import KINDS, Campaign, FaultProxy, Trial, one_trial, run
 
 WAIT = 30.0
 
@@ -175,3 +176,30 @@ def test_small_campaign_every_kind_correct(tmp_path, capsys) -> None:
     assert all(r["correct"] for r in report["results"]), out
     for kind in KINDS:
         assert kind in out
+
+
+class _Window:
+    """A random source that always picks the commit window, and in it the given variant."""
+
+    def __init__(self, window: str) -> None:
+        self.window = window
+
+    def random(self) -> float:
+        return 0.0
+
+    def choice(self, options):
+        assert self.window in options
+        return self.window
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,window", [
+    ("cut", "drop-commit"), ("flip", "flip-commit"), ("sigkill", "before-commit"), ("sigkill-src", "before-commit"),
+])
+def test_commit_window_fault_ends_with_exactly_one_running(kind: str, window: str) -> None:
+    """The faults that leave the outcome unknown (the COMMIT dropped or corrupted, the destination
+    killed holding READY, the source killed with its COMMIT unsent): after resolving, exactly
+    one runs, it holds the lease, and it verifies (a source that runs: its retry too)."""
+    t = one_trial(Campaign(trials=1, seed=5), kind, _Window(window), seed=7)
+    assert t.reached and t.committed and t.resolved, asdict(t)
+    assert t.correct and t.running == 1, asdict(t)

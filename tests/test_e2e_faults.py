@@ -6,7 +6,9 @@ counters move, and its own verification (``x-vm-verify``: memory sweep, page
 cache, every disk block) passes -- and a retry to a fresh destination must then
 succeed and verify there (guest and network).  The destination that saw the
 failure must not run the VM (its VFs back in INIT).  After the source commits,
-a dropped link leaves the source in ``postmigrate``: it does not resume by itself.
+a dropped link leaves the source in ``postmigrate`` with status ``commit-unknown``:
+it does not resume by itself; ``x-migrate-resolve`` (the VM's lease decides,
+``orchestrate.resolve`` asks the destination first) ends with exactly one running.
 
 Faults: the destination SIGKILLed while the stream is active (slowed with
 max-bandwidth), the connection cut by a proxy (RST), one byte of the stream
@@ -53,7 +55,7 @@ from e2e_helpers import (  # noqa: E402
     wait_for,
 )
 
-from virtio_lm.orchestrate import Monitor, MonitorCommandError  # noqa: E402
+from virtio_lm.orchestrate import Monitor, MonitorCommandError, resolve  # noqa: E402
 
 SLOW = 8_000_000  # bytes/s: round 0 of a 64 MiB VM takes seconds
 WARMUP = 0.8
@@ -256,22 +258,38 @@ def test_second_migrate_refused_while_one_runs(setup: Setup) -> None:
 
 
 # ------------------------------------------------------------------------------ after the commit
-def test_link_drop_after_commit_leaves_source_in_postmigrate(setup: Setup) -> None:
+def wait_unknown(mon: Monitor) -> dict[str, Any]:
+    return wait_for(mon, lambda i: i.get("status") in ("commit-unknown", "completed", "failed", "cancelled"),
+                    timeout=120, poll=0.02)
+
+
+def lease_holder(image) -> str:
+    return (image.parent / (image.name + ".lease")).read_text().split("/", 1)[0]
+
+
+def test_link_drop_after_commit_both_in_doubt_resolved_the_destination_runs(setup: Setup) -> None:
+    """The COMMIT is dropped and the link cut: the source (committed) and the destination
+    (READY sent) both say commit-unknown, neither runs, cont is refused; resolving -- the
+    destination first, as orchestrate.resolve does -- starts the destination (it takes the
+    lease over) and completes the source (it finds the lease gone): exactly one runs."""
     _, dst = setup.destination()
     px = setup.c.proxy(listen_address(dst), cut_after_ready=True)
     setup.src.cmd("migrate", uri=px.uri)
-    info = wait_final(setup.src)
+    info = wait_unknown(setup.src)
     assert px.ready_seen.is_set() and px.dropped_after_ready > 0, "the proxy did not drop the COMMIT"
-    assert info["status"] == "failed", info
-    assert info["vm-status"] == "postmigrate"
-    # the source committed: it does not resume by itself, now or a little later
-    assert vm_status(setup.src) == "postmigrate"
-    time.sleep(0.5)
-    assert vm_status(setup.src) == "postmigrate"
+    assert info["status"] == "commit-unknown" and info["vm-status"] == "postmigrate", info
+    assert info["x-commit-sent"] and info["x-lease"]
+    assert wait_unknown(dst)["status"] == "commit-unknown"
+    assert vm_status(dst) == "inmigrate"  # restored, paused: it does not run on its own
     with pytest.raises(MonitorCommandError):
-        setup.src.cmd("cont")
-    # and the destination never got the COMMIT: it does not run either
-    assert_destination_untouched(dst)
+        dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")  # not before it is resolved
+    assert_stays_committed(setup.src)  # the source does not resume on its own either
+    assert lease_holder(setup.image).startswith("source")
+    assert resolve(setup.src, dst) == {"source": "completed", "destination": "completed"}
+    assert vm_status(dst) == "running" and vm_status(setup.src) == "postmigrate"
+    assert lease_holder(setup.image).startswith("destination")
+    res = finish_and_verify(setup.src, dst, None, after=0.3)
+    assert res["guest"]["passed"], json.dumps(res["guest"]["checks"], default=str)[:3000]
 
 
 def assert_stays_committed(src: Monitor, seconds: float = 0.5) -> None:
@@ -290,13 +308,16 @@ def test_link_cut_after_commit_reached_the_destination_exactly_one_runs(setup: S
     _, dst = setup.destination()
     px = setup.c.proxy(listen_address(dst), cut_after_commit=True)
     setup.src.cmd("migrate", uri=px.uri)
-    info = wait_final(setup.src)
+    info = wait_unknown(setup.src)
     assert px.commit_forwarded.is_set() and px.dropped_after_commit > 0, "the proxy did not drop RUNNING"
-    assert info["status"] == "failed" and info["vm-status"] == "postmigrate", info
+    assert info["status"] == "commit-unknown" and info["vm-status"] == "postmigrate", info
     assert wait_final(dst)["status"] == "completed"
     assert vm_status(dst) == "running"
     assert_stays_committed(setup.src)
     assert vm_status(dst) == "running"
+    # the source asks the lease: the destination holds it -- hand over, never resume
+    assert setup.src.cmd("x-migrate-resolve") == {"run": "destination", "status": "completed"}
+    assert vm_status(setup.src) == "postmigrate"
     vfs = setup.src.cmd("query-vfs")
     assert all(v["state"] != "RUNNING" for v in vfs), vfs  # the source's VFs never run again
     res = finish_and_verify(setup.src, dst, None, after=0.3)
