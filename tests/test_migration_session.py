@@ -995,3 +995,52 @@ def test_ack_of_a_section_never_sent_is_a_protocol_error():
     _to_src(link, Ack(5, 0))
     assert link.src.phase is SourcePhase.FAILED and isinstance(link.src.error, StreamError)
     assert link.vm.resumed_cleanly
+
+
+# ====================================================================== cancel at a random moment
+_CANCEL_PHASES = [SourcePhase.SETUP, SourcePhase.PRECOPY, SourcePhase.SWITCHOVER, SourcePhase.WAIT_READY,
+                  SourcePhase.COMMITTED]
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+@pytest.mark.parametrize("seed", range(10))
+def test_cancel_at_a_random_moment_of_each_phase(seed, side):
+    """migrate_cancel (on the source's monitor, or the destination's) at a random step of each
+    phase the source goes through, with a random link chunk.  Before COMMIT: the source rolls
+    back (VM resumed cleanly, nothing lost), the destination discards everything, and a second
+    migration of the same VM completes.  After COMMIT a source cancel is too late and ignored:
+    the migration completes.  Exactly one runs either way."""
+    rng = random.Random(seed * 7919 + (side == "destination"))
+    phase = _CANCEL_PHASES[seed % len(_CANCEL_PHASES)]
+    skip = rng.randrange(0, 25) if phase is SourcePhase.PRECOPY else rng.randrange(0, 2)
+    vm = MemoryVm(MEM, fill="half", dirty_rate=1000, seed=seed)
+    link = Link(vm, MemoryVmShell(MEM), chunk=rng.choice([4096, 32 * 1024, 256 * 1024]))
+    seen: dict = {"n": 0, "took": None}
+
+    def hook(lk: Link) -> None:
+        if lk.src.phase is phase and seen["took"] is None:
+            if seen["n"] >= skip:
+                seen["took"] = lk.src.cancel() if side == "source" else lk.dst.cancel()
+            seen["n"] += 1
+
+    link.run(hook=hook)
+    assert seen["took"] is not None, f"phase {phase} left before step {skip}"
+    if phase is SourcePhase.COMMITTED:
+        if side == "source":  # too late: ignored
+            assert seen["took"] is False
+            assert_completed(link)
+        elif link.dst.status == "cancelled":  # before COMMIT arrived: it aborted, told the source
+            assert link.src.status == "commit-unknown" and not link.shell.running
+            assert link.src.resolve(run="source") == "source"  # (no lease: what orchestrate.resolve says)
+            assert link.src.vm_state == "running" and vm.resumed_cleanly
+        else:  # COMMIT was in: too late, ignored
+            assert seen["took"] is False
+            assert_completed(link)
+        assert int(link.src.vm_state == "running") + int(link.shell.running) == 1
+        return
+    assert seen["took"] is True
+    want = MigrationCancelledError if side == "source" else DestinationError
+    assert_rolled_back(link, want)
+    assert link.dst.status in ("failed", "cancelled") and not link.shell.running
+    assert int(link.src.vm_state == "running") + int(link.shell.running) == 1
+    second_migration_succeeds(vm)
