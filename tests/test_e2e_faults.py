@@ -397,6 +397,96 @@ def test_destination_image_write_limit_guest_sees_io_errors_and_no_block_is_torn
     assert torn_blocks(setup.image.read_bytes(), BLOCKS) == []
 
 
+@pytest.fixture
+def small_fs(tmp_path):
+    """A tmpfs of 8 MiB mounted for the test (root only: skipped with the reason otherwise)."""
+    import subprocess
+
+    mnt = tmp_path / "smallfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "virtio-lm-enospc", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for a real ENOSPC (needs root): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill_up(fs) -> int:
+    """Take every free block of the filesystem ``fs`` (a filler file); returns the bytes taken."""
+    import errno
+    import os
+
+    n = 0
+    with open(fs / "filler", "wb", buffering=0) as f:
+        for size in (1 << 20, 4096):
+            while True:
+                try:
+                    f.write(b"\xff" * size)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    break
+                n += size
+    return n
+
+
+def test_destination_disk_full_enospc_guest_sees_io_errors_nothing_lost_silently(tmp_path, small_fs) -> None:
+    """ENOSPC for real: the shared image lives on an 8 MiB tmpfs; while the switch-over is held
+    (the destination's x-restore-delay-ms, the source's blk VF already FREEZED) a filler file
+    takes every free block.  Blocks the guest never wrote have no storage behind them: the
+    writes that reach them at resume (re-executed in-flight ones) and after fail with ENOSPC.
+    The guest sees each as an I/O error; its memory check passes; every other block reads back
+    as written; no block of the image is torn -- nothing is lost silently."""
+    import os
+    import re
+
+    from e2e_helpers import Cluster
+
+    from virtio_lm.wire.guest import BLOCK_SIZE
+
+    blocks = 1024
+    image = small_fs / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(blocks * BLOCK_SIZE)
+    (tmp_path / "work").mkdir()
+    c = Cluster(tmp_path / "work")
+    try:
+        sw = c.switch()
+        vm = vm_arg(image, blk_rate=60.0, mac=None).replace(",blocks=256,", f",blocks={blocks},")
+        src = c.host([vm], switch=sw).monitor()
+        time.sleep(WARMUP)
+        dst_h = c.host([vm], switch=sw, incoming=True)
+        dst = dst_h.monitor()
+        dst.cmd("migrate-set-parameters", **{"x-restore-delay-ms": 1500})
+        src.cmd("migrate", uri="tcp:%s:%d" % listen_address(dst))
+        deadline = time.monotonic() + 120
+        while not any(v["kind"] == "blk" and v["state"] == "FREEZED" for v in src.cmd("query-vfs")):
+            assert src.cmd("query-migrate")["status"] not in ("completed", "failed"), "the hold did not hold"
+            assert time.monotonic() < deadline, "the source's blk VF never froze"
+            time.sleep(0.01)
+        assert fill_up(small_fs) > 0
+        assert os.statvfs(small_fs).f_bavail == 0  # full: a write to a block never written fails, ENOSPC
+        info = wait_final(src)
+        assert info["status"] == "completed", (info.get("error-desc"), info)
+        deadline = time.monotonic() + 60
+        while (blk := next(iter(dst.cmd("query-vms")))["blk"])["errors"] < 3:
+            assert time.monotonic() < deadline, f"no write failed on the destination: {blk}"
+            time.sleep(0.05)
+        dst.cmd("stop")
+        report = dst.cmd("x-vm-verify")
+        assert report["checks"]["memory"]["passed"], report["checks"]["memory"]
+        blk = report["checks"]["blk"]
+        assert not blk["passed"] and blk["stats"]["errors"] >= 3, blk
+        for problem in blk["problems"]:  # only the failed writes: reported, never silent
+            assert re.fullmatch(r"write of block \d+ failed with status 1", problem), problem
+        assert torn_blocks(image.read_bytes(), blocks) == []
+    finally:
+        c.close()
+
+
 def test_negative_control_a_torn_block_is_found() -> None:
     from virtio_lm.vm.workloads import block_content
     from virtio_lm.wire.guest import BLOCK_SIZE
