@@ -12,7 +12,10 @@ a file stream), chunk u16 (0: all at once), stream bytes``.
 
 Invariants:
 * ``receive`` / ``on_peer_closed`` never raise; after the end of the stream the
-  session is final: ``completed``, or ``failed`` with a :class:`MigrationError`.
+  session is final: ``completed``, or ``failed`` with a :class:`MigrationError` --
+  or, over a socket after READY went out, ``commit-unknown`` (the source may have
+  committed): restored, not running, not aborted, until ``resolve()``; resolving it
+  to the source aborts it like a failure.
 * The VM runs here only when the session completed; a failed session leaves the
   shell untouched or rolled back (``abort`` called: memory zeroed, no images).
 * Completed: every VF announced by HELLO was restored and the CPU state set.
@@ -82,7 +85,13 @@ def TestOneInput(data: bytes) -> None:
     back += b"".join(bytes(b) for b in s.produce())
 
     assert s.finished, s.status
-    assert s.status in ("completed", "failed"), s.status
+    assert s.status in ("completed", "failed", "commit-unknown"), s.status
+    if s.status == "commit-unknown":
+        assert not from_file, "a stream file has nobody to be in doubt about"
+        assert isinstance(s.error, MigrationError), repr(s.error)
+        assert not shell.running and not shell.aborted
+        assert set(shell.images) == {v.index for v in s.config.vfs} and shell.cpu is not None  # restored
+        assert s.resolve(run="source") == "source" and s.status == "failed"
     if s.status == "completed":
         assert shell.running and not shell.aborted
         assert s.config is not None

@@ -17,13 +17,14 @@ no net VF: refused at the configuration check), ``migrate_cancel`` in each
 status the source goes through (``setup``: a destination that never answers;
 ``active``: a slow stream; ``device``: the destination's ``x-restore-delay-ms``
 holds the source there), a second ``migrate`` while one runs, and the link
-dropped after COMMIT.  In the commit window (issue 12): the link cut after the
-COMMIT reached the destination (exactly one runs: the destination), and
+dropped after COMMIT (both sides ``commit-unknown``, resolved: the destination runs).  In
+the commit window (issue 12): the link cut after the COMMIT reached the destination (the
+source resolves through the lease and hands over: exactly one runs), and
 ``migrate_cancel`` while the source waits for RUNNING (too late: it must not
 resume); ``migrate_cancel`` on the destination's monitor mid-stream.  The
 destination unable to write part of the disk image (RLIMIT_FSIZE: EFBIG, standing
-in for ENOSPC, which would need a small filesystem and root to mount it): the guest
-sees I/O errors, no block is torn.
+in for ENOSPC) and, where root may mount a small tmpfs, a real ENOSPC: the guest sees
+I/O errors, no block is torn.
 """
 
 from __future__ import annotations
@@ -273,6 +274,8 @@ def test_link_drop_after_commit_both_in_doubt_resolved_the_destination_runs(setu
     destination first, as orchestrate.resolve does -- starts the destination (it takes the
     lease over) and completes the source (it finds the lease gone): exactly one runs."""
     _, dst = setup.destination()
+    with pytest.raises(MonitorCommandError, match="no migration to resolve"):
+        setup.src.cmd("x-migrate-resolve")
     px = setup.c.proxy(listen_address(dst), cut_after_ready=True)
     setup.src.cmd("migrate", uri=px.uri)
     info = wait_unknown(setup.src)
@@ -285,7 +288,13 @@ def test_link_drop_after_commit_both_in_doubt_resolved_the_destination_runs(setu
         dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")  # not before it is resolved
     assert_stays_committed(setup.src)  # the source does not resume on its own either
     assert lease_holder(setup.image).startswith("source")
+    with pytest.raises(MonitorCommandError):  # not one of source / destination
+        setup.src.cmd("x-migrate-resolve", run="elsewhere")
+    with pytest.raises(MonitorCommandError, match="lease decides"):  # a VM with a lease: no word taken
+        setup.src.cmd("x-migrate-resolve", run="source")
     assert resolve(setup.src, dst) == {"source": "completed", "destination": "completed"}
+    with pytest.raises(MonitorCommandError, match="nothing to resolve"):
+        dst.cmd("x-migrate-resolve")
     assert vm_status(dst) == "running" and vm_status(setup.src) == "postmigrate"
     assert lease_holder(setup.image).startswith("destination")
     res = finish_and_verify(setup.src, dst, None, after=0.3)
