@@ -1044,3 +1044,30 @@ def test_cancel_at_a_random_moment_of_each_phase(seed, side):
     assert link.dst.status in ("failed", "cancelled") and not link.shell.running
     assert int(link.src.vm_state == "running") + int(link.shell.running) == 1
     second_migration_succeeds(vm)
+
+
+@pytest.mark.parametrize("inp", list(_DEST_INPUTS))
+def test_destination_in_doubt_holds_against_every_external_input(inp):
+    """IN_DOUBT ends only by resolve(): a late COMMIT, an ABORT, EOF, garbage or migrate_cancel
+    change nothing -- restored, paused, not aborted."""
+    link = Link(MemoryVm(MEM, fill="half"), MemoryVmShell(MEM), chunk=32 * 1024)
+    link.run(hook=lambda lk: lk.dst.phase is DestPhase.WAIT_COMMIT)
+    link.dst.on_peer_closed(ConnectionResetError("cut"))
+    assert link.dst.phase is DestPhase.IN_DOUBT
+    _DEST_INPUTS[inp](link)
+    assert link.dst.phase is DestPhase.IN_DOUBT and DEST_TABLE[DestPhase.IN_DOUBT, inp].action is DestAction.IGNORE
+    assert not link.shell.running and not link.shell.aborted
+
+
+@pytest.mark.parametrize("inp", list(_SOURCE_PEER_INPUTS))
+def test_source_unresolved_holds_against_every_external_input(inp):
+    """UNRESOLVED ends only by resolve(): a late RUNNING, an ERROR, garbage or migrate_cancel
+    neither resume nor release the VM."""
+    vm = MemoryVm(MEM, fill="half")
+    link = Link(vm, MemoryVmShell(MEM))
+    link.run(tamper_dst=_cut_on(link, SectionType.COMMIT))
+    assert link.src.phase is SourcePhase.UNRESOLVED
+    calls = list(vm.calls)
+    _SOURCE_PEER_INPUTS[inp](link)
+    assert link.src.phase is SourcePhase.UNRESOLVED and link.src.vm_state == "postmigrate"
+    assert vm.calls == calls and vm.rollbacks == 0
