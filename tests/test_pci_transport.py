@@ -163,10 +163,33 @@ def test_reset_through_transport(mem):
 
 
 # ---------------------------------------------------------------- the documented example
-def _doc_code() -> str:
+def _doc_blocks() -> list[str]:
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert len(blocks) == 1, "docs/driver-example.md must hold exactly one python block"
-    return blocks[0]
+    assert len(blocks) == 2, "docs/driver-example.md holds two python blocks: bring-up, SR-IOV + FLR"
+    return blocks
+
+
+def _doc_code() -> str:
+    return _doc_blocks()[0]
+
+
+def test_sriov_and_flr_example_in_docs_runs():
+    ns: dict = {}
+    exec(compile(_doc_blocks()[1], str(DOC), "exec"), ns)
+    assert ns["pf"].num_vfs == 0 and ns["vf"].flr_count == 2  # its FLR, then VF Enable cleared
+
+
+@pytest.mark.parametrize("broken", ["flr", "enable"])
+def test_sriov_and_flr_example_fails_when_registers_do_nothing(broken, monkeypatch):
+    """Negative control: with the FLR or the VF Enable write doing nothing, the example fails."""
+    from virtio_lm.pci import SriovPF, VirtioPciFunction
+
+    if broken == "flr":
+        monkeypatch.setattr(VirtioPciFunction, "_devctl_written", lambda self, old, new: new & 0x7FFF)
+    else:
+        monkeypatch.setattr(SriovPF, "_sriov_ctrl_written", lambda self, old, new: new)
+    with pytest.raises(AssertionError):
+        exec(compile(_doc_blocks()[1], str(DOC), "exec"), {})
 
 
 def test_driver_example_in_docs_runs():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from virtio_lm.wire import blk, net, pci, ring
+from virtio_lm.wire import blk, net, pci, pcicfg, ring
 from virtio_lm.wire.blk import BlkConfig, BlkFeature, BlkOutHdr, BlkReqType, BlkStatus, DiscardSegment
 from virtio_lm.wire.features import DeviceId, DeviceStatus, Feature
 from virtio_lm.wire.net import (
@@ -56,12 +56,22 @@ HEADERS = (
     "linux/virtio_blk.h",
     "linux/virtio_net.h",
     "linux/if_ether.h",
+    "linux/pci_regs.h",
 )
 
 
 def _offsets(prefix: str, cls: type, rename: dict[str, str] | None = None) -> dict[str, int]:
     rename = rename or {}
     return {f"{prefix}.{rename.get(name, name)}": off for name, off in cls.OFFSETS.items()}
+
+
+#: pci_regs.h macros with the same name in virtio_lm.wire.pcicfg
+PCI_REGS_NAMES = sorted(
+    n for n in dir(pcicfg)
+    if n.startswith(("PCI_", "PCI_EXT_")) and isinstance(getattr(pcicfg, n), int)
+    and n not in {"PCI_FIND_CAP_TTL", "PCI_STATUS_W1C", "PCI_EXP_DEVSTA_W1C", "PCI_BASE_ADDRESS_MEM_MASK",
+                  "PCI_CLASS_STORAGE_SCSI", "PCI_CLASS_NETWORK_ETHERNET", "PCI_CLASS_OTHERS"}
+)
 
 
 def _expected() -> dict[str, int]:
@@ -245,6 +255,14 @@ def _expected() -> dict[str, int]:
     e["ETH_P_ARP"] = net.ETHERTYPE_ARP
     e["ETH_P_RARP"] = net.ETHERTYPE_RARP
     e["ETH_P_8021Q"] = net.ETHERTYPE_VLAN
+    # ------------------------------------------------------------ pci_regs.h (configuration space)
+    for name in PCI_REGS_NAMES:
+        e[name] = getattr(pcicfg, name)
+    e["PCI_EXT_CAP_ID(0x12345678)"] = pcicfg.pci_ext_cap_id(0x12345678)
+    e["PCI_EXT_CAP_VER(0x12345678)"] = pcicfg.pci_ext_cap_ver(0x12345678)
+    e["PCI_EXT_CAP_NEXT(0x12345678)"] = pcicfg.pci_ext_cap_next(0x12345678)
+    e["sizeof.virtio_pci_cfg_cap"] = pcicfg.VIRTIO_PCI_CFG_CAP_SIZEOF
+    e["virtio_pci_cfg_cap.pci_cfg_data"] = pcicfg.VIRTIO_PCI_CFG_CAP_DATA
     return {k: int(v) for k, v in e.items()}
 
 

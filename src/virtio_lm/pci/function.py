@@ -18,7 +18,13 @@
   MSI-X vector the driver programmed for that source is kept in
   :attr:`config_msix_vector` / :attr:`queue_msix_vectors` (see
   :meth:`msix_vector`).  The ISR is updated whether or not a vector is set
-  (MSI-X enable is not modelled).
+  (MSI-X enable is in the configuration space, :attr:`msix_enabled`; QEMU's vfio-user
+  client emulates the MSI-X table and masking itself).
+* the PCI configuration space (:meth:`config_read` / :meth:`config_write`,
+  :mod:`virtio_lm.pci.config`): header, capability list, MSI-X, PCI Express with
+  Function Level Reset by the Device Control register;
+* BAR 0 (:meth:`bar_read` / :meth:`bar_write`): the structures above at the offsets of
+  :data:`virtio_lm.wire.pcicfg.BAR0`, where the virtio capabilities point.
 
 Every access the function refuses raises a :class:`TransportError` subclass
 and changes nothing.  The one exception to "refuse loudly" is FEATURES_OK:
@@ -40,9 +46,11 @@ state; rewriting the current value is a no-op.  Every other write raises
 
 Locks (the one statement of their order)
 ----------------------------------------
-A function and the device bound to it share three locks, always taken in this order
+A function and the device bound to it share these locks, always taken in this order
 and never the other way round:
 
+0. the function's configuration-space lock -- ``ConfigSpace.locked()`` (re-entrant; a
+   configuration write whose register acts -- FLR, VF Enable -- holds it while it acts);
 1. the function's register lock -- :meth:`VirtioPciFunction.locked` (re-entrant; every
    register access, a state image's save / apply: ``pci.snapshot``,
    ``devices.base.QueueDevice.mig_save`` / ``mig_restore``);
@@ -73,11 +81,13 @@ from virtio_lm.errors import (
     VirtqueueError,
 )
 from virtio_lm.memory import MemoryPort
+from virtio_lm.pci.config import CapLayout, ConfigSpace, build_function_config
 from virtio_lm.pci.device import VirtioDevice
 from virtio_lm.virtqueue.device import Virtqueue
 from virtio_lm.wire.codec import int_le, le_int
 from virtio_lm.wire.features import DeviceStatus, Feature, bit
-from virtio_lm.wire.pci import COMMON_CFG, COMMON_CFG_BY_NAME, Access, IsrBits, VIRTIO_MSI_NO_VECTOR, lookup
+from virtio_lm.wire import pcicfg as C
+from virtio_lm.wire.pci import COMMON_CFG, COMMON_CFG_BY_NAME, Access, IsrBits, VIRTIO_MSI_NO_VECTOR, VirtioPciCap, lookup
 
 __all__ = [
     "CONFIG_INTERRUPT",
@@ -189,7 +199,9 @@ class VirtioPciFunction:
     _transport_offer: int = 0
     _transport_mask: int = FEATURE_SR_IOV  # only an SR-IOV PF offers VIRTIO_F_SR_IOV
 
-    def __init__(self, device: VirtioDevice, port: MemoryPort, *, name: str, withheld_features: int = 0) -> None:
+    def __init__(
+        self, device: VirtioDevice, port: MemoryPort, *, name: str, withheld_features: int = 0, vf: bool = False
+    ) -> None:
         if not isinstance(device, VirtioDevice):
             raise TypeError(f"device must be a VirtioDevice, got {type(device).__name__}")
         self.name = name
@@ -221,6 +233,22 @@ class VirtioPciFunction:
         self._irq_lock = threading.Lock()   # ISR and the device-owned status bit
         for q in self.queues:
             self._wire_queue(q)
+        #: True for a VF of an SR-IOV PF (its header reads as SR-IOV has it)
+        self.is_vf = vf
+        self._flr_callbacks: list[Callable[[], None]] = []
+        self.msix_vectors = len(self.queues) + 1
+        self._msix_table = bytearray()
+        self._reset_msix_table()
+        self.config: ConfigSpace
+        self.caps: CapLayout
+        self.config, self.caps = build_function_config(
+            device_type=int(device.device_id), queues=len(self.queues), device_config_size=device.config_size,
+            msix_vectors=self.msix_vectors, vf=vf,
+        )
+        self.config.hook(self.caps.exp + C.PCI_EXP_DEVCTL, 2, self._devctl_written)
+        self.config.window(self.caps.pci_cfg + C.VIRTIO_PCI_CFG_CAP_DATA, 4, self._cfg_window_read,
+                           self._cfg_window_write)
+        self.config.seal()
         device.bind(self)
 
     def __repr__(self) -> str:
@@ -486,11 +514,122 @@ class VirtioPciFunction:
             self._reset()
 
     def flr(self) -> None:
-        """Function level reset: everything a device reset clears, from any state."""
-        with self._lock:
+        """Function level reset: everything a device reset clears, from any state, and the
+        configuration space back to its power-on values.  A driver starts one by setting
+        "Initiate Function Level Reset" in the PCI Express Device Control register
+        (:meth:`config_write`); this method is what that write does."""
+        with self.config.locked(), self._lock:
             self._reset()
             self.config_generation = 0
             self.flr_count += 1
+            self.config.reset()
+            self._reset_msix_table()
+
+    def add_flr_callback(self, cb: Callable[[], None]) -> None:
+        """``cb()`` after each Function Level Reset started through the Device Control register."""
+        self._flr_callbacks.append(cb)
+
+    # ================================================================== configuration space
+    def config_read(self, offset: int, width: int) -> int:
+        """A configuration-space read (1/2/4 bytes, naturally aligned; see :mod:`virtio_lm.pci.config`)."""
+        return self.config.read(offset, width)
+
+    def config_write(self, offset: int, width: int, value: int) -> None:
+        """A configuration-space write: read-only bits ignore it, registers with side effects act."""
+        self.config.write(offset, width, value)
+
+    def _devctl_written(self, old: int, new: int) -> int:
+        if not new & C.PCI_EXP_DEVCTL_BCR_FLR:
+            return new
+        self.flr()
+        for cb in list(self._flr_callbacks):
+            cb()
+        return C.cfg_int(self.config.peek(self.caps.exp + C.PCI_EXP_DEVCTL, 2))
+
+    @property
+    def msix_enabled(self) -> bool:
+        flags = C.cfg_int(self.config.peek(self.caps.msix + C.PCI_MSIX_FLAGS, 2))
+        return bool(flags & C.PCI_MSIX_FLAGS_ENABLE)
+
+    def _cfg_window(self) -> tuple[int, int, int]:
+        at = self.caps.pci_cfg
+        bar = self.config.peek(at + VirtioPciCap.OFFSETS["bar"], 1)[0]
+        off = C.cfg_int(self.config.peek(at + VirtioPciCap.OFFSETS["offset"], 4))
+        length = C.cfg_int(self.config.peek(at + VirtioPciCap.OFFSETS["length"], 4))
+        return bar, off, length
+
+    def _cfg_window_read(self, rel: int, width: int) -> int:
+        bar, off, length = self._cfg_window()
+        if rel != 0 or width != length:  # the spec: access pci_cfg_data with the width set in length
+            return 0
+        return self.bar_read(bar, off, width)
+
+    def _cfg_window_write(self, rel: int, width: int, value: int) -> None:
+        bar, off, length = self._cfg_window()
+        if rel == 0 and width == length:
+            self.bar_write(bar, off, width, value)
+
+    # ================================================================== BAR 0
+    def _reset_msix_table(self) -> None:
+        self._msix_table = bytearray(C.MsixEntry().encode() * self.msix_vectors)
+
+    def bar_read(self, bar: int, offset: int, width: int) -> int:
+        """A driver's read of BAR ``bar`` (see :data:`virtio_lm.wire.pcicfg.BAR0` for the layout)."""
+        region, rel = self._bar_region(bar, offset, width)
+        if region == "common":
+            return self.common_read(rel, width)
+        if region == "isr":
+            return self.isr_read() if width == 1 else self._bar_refuse(bar, offset, width, "the ISR is one byte")
+        if region == "device":
+            return self.device_config_read(rel, width)
+        if region == "notify":
+            return 0
+        if region == "msix_table":
+            return C.cfg_int(self._msix_table[rel : rel + width])
+        return 0  # the PBA: no pending bits (QEMU keeps its own)
+
+    def bar_write(self, bar: int, offset: int, width: int, value: int) -> None:
+        """A driver's write to BAR ``bar``."""
+        region, rel = self._bar_region(bar, offset, width)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << (8 * width):
+            raise RegisterAccessError(f"{self.name}: value {value!r} does not fit a {width}-byte BAR write")
+        if region == "common":
+            self.common_write(rel, width, value)
+        elif region == "device":
+            self.device_config_write(rel, width, value)
+        elif region == "notify":
+            if width not in (2, 4) or rel % C.BAR0.notify_off_multiplier:
+                self._bar_refuse(bar, offset, width, "a notification is a 2- or 4-byte write at a queue's address")
+            self.notify(rel // C.BAR0.notify_off_multiplier)
+        elif region == "msix_table":
+            self._msix_table[rel : rel + width] = C.cfg_bytes(value, width)
+        else:
+            self._bar_refuse(bar, offset, width, f"the {region} is read-only")
+
+    def _bar_refuse(self, bar: int, offset: int, width: int, why: str) -> int:
+        raise RegisterAccessError(f"{self.name}: BAR {bar} [{offset:#x}/{width}]: {why}")
+
+    def _bar_region(self, bar: int, offset: int, width: int) -> tuple[str, int]:
+        for v in (bar, offset, width):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise RegisterAccessError(f"{self.name}: BAR access {bar!r}/{offset!r}/{width!r}: ints wanted")
+        if bar != 0:
+            self._bar_refuse(bar, offset, width, "a virtio-lm function has BAR 0 only")
+        if width not in (1, 2, 4, 8) or offset < 0 or offset % width:
+            self._bar_refuse(bar, offset, width, "not a naturally aligned 1/2/4/8-byte access")
+        b = C.BAR0
+        regions = (
+            ("common", b.common, b.common_length),
+            ("isr", b.isr, 1),
+            ("device", b.device, self.device.config_size),
+            ("notify", b.notify, b.notify_length(len(self.queues))),
+            ("msix_table", b.msix_table, self.msix_vectors * C.PCI_MSIX_ENTRY_SIZE),
+            ("msix_pba", b.msix_pba, 8 * ((self.msix_vectors + 63) // 64)),
+        )
+        for name, start, length in regions:
+            if start <= offset and offset + width <= start + length:
+                return name, offset - start
+        return self._bar_refuse(bar, offset, width, "no register there")  # type: ignore[return-value]
 
     # ================================================================== notify / interrupts
     def notify(self, queue: int) -> None:
