@@ -478,5 +478,46 @@ def vhost_user_net(socket_path: str, switch_: str | None, tap: str | None, queue
             json.dump(stats, f)
 
 
+@main.command("vfio-user")
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False),
+              help="Directory for the sockets: pf.sock, vf1.sock, vf2.sock, ...")
+@click.option("--profile", type=click.Choice(["seed", "virtio-1.4"]), default="seed", show_default=True,
+              help="The PF's migration control plane.")
+@click.option("--blk", "blk_image", type=click.Path(exists=True, dir_okay=False),
+              help="A virtio-blk VF over this raw image (VF 1).")
+@click.option("--mac", "net_mac", help="A virtio-net VF with this MAC (after the blk VF).")
+@click.option("--switch", "switch", help="HOST:PORT of the L2 switch the net VF joins (virtio-lm switch).")
+@click.option("--total-vfs", default=8, show_default=True, type=click.IntRange(1, 64), help="TotalVFs of the PF.")
+@click.option("--serve", "serve", default="", help="Comma-separated functions to serve (pf,vf1,...); default all.")
+def vfio_user(directory: str, profile: str, blk_image: str | None, net_mac: str | None, switch: str | None,
+              total_vfs: int, serve: str) -> None:
+    """Serve a host's PF and each VF to QEMU's vfio-user-pci, each on a socket of its own."""
+    import os
+
+    from virtio_lm.vfio_user.host import VfioUserHost
+    from virtio_lm.vm.kinds import KINDS, DeviceContext
+    from virtio_lm.vm.machine import VmSpec
+
+    os.makedirs(directory, exist_ok=True)
+    sw = parse_hostport(switch) if switch else None
+    spec = VmSpec(name="vfio", blk_image=blk_image, net_mac=net_mac)
+    ctx = DeviceContext(switch=(sw.host_or_loopback, sw.port) if sw else None)
+    devices = [lambda k=k: KINDS[k].device(spec, ctx) for k in ("blk", "net") if KINDS[k].in_spec(spec)]
+    host = VfioUserHost(directory, devices, profile=profile, total_vfs=total_vfs,
+                        serve={s for s in serve.split(",") if s} or None).start()
+    done = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for key, server in host.servers.items():
+        click.echo(f"vfio-user: {host.function(key).name} ({key}) on {server.path}", err=True)
+    while not done.wait(0.5):
+        pass
+    host.close()
+
+
 if __name__ == "__main__":
     main()

@@ -533,6 +533,24 @@ class VhostInflightError(VhostUserError):
     untrusted) is not a state this back-end could have written."""
 
 
+# --------------------------------------------------------------------------- vfio-user
+class VfioUserError(VirtioLmError):
+    """A vfio-user message the server refuses; the connection that sent it is closed."""
+
+
+class VfioUserMessageError(VfioUserError):
+    """A malformed message: header, type, size, payload shape, fds where none belong, order."""
+
+
+class VfioUserRequestError(VirtioLmError):
+    """A well-formed vfio-user request the device refuses: answered with an error reply
+    carrying ``errno``; the connection stays up."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class BlkIOError(DriverError):
     """A virtio-blk request completed with a status other than OK.
 
