@@ -434,15 +434,21 @@ def test_config_write_value_too_big_refused(mems):
             fn.config_write(C.PCI_COMMAND, 2, value)
 
 
-def test_partial_access_to_an_acting_register_refused(mems):
+def test_byte_and_dword_writes_reach_an_acting_register(mems):
+    """PCI byte enables: the FLR bit written as the upper byte alone, or in a dword with DEVSTA."""
     host, _ = mems
     pf = build_pf(host.device_port("pf"), threaded=False)
-    with pytest.raises(RegisterAccessError) as ei:
-        pf.config_write(pf.caps.exp + C.PCI_EXP_DEVCTL + 1, 1, 0x80)  # the FLR byte alone
-    assert ei.value.reason == "partial"
-    with pytest.raises(RegisterAccessError):
-        pf.config_write(pf.caps.exp + C.PCI_EXP_DEVCTL, 4, C.PCI_EXP_DEVCTL_BCR_FLR)  # with DEVSTA
-    assert pf.flr_count == 0
+    devctl = pf.caps.exp + C.PCI_EXP_DEVCTL
+    assert pf.config_read(devctl, 4) == pf.config_read(devctl, 2)  # dword read: DEVCTL + DEVSTA (0)
+    pf.config_write(devctl + 1, 1, C.PCI_EXP_DEVCTL_BCR_FLR >> 8)
+    assert pf.flr_count == 1
+    pf.config_write(devctl, 4, C.PCI_EXP_DEVCTL_BCR_FLR | 0x000F_0000)  # with DEVSTA's W1C bits
+    assert pf.flr_count == 2 and not pf.config_read(devctl, 2) & C.PCI_EXP_DEVCTL_BCR_FLR
+    pf.config_write(devctl, 1, 0x10)  # the low byte alone: no FLR, the bit lands
+    assert pf.flr_count == 2 and pf.config_read(devctl, 2) & 0x10
+    s = pf.caps.sriov
+    pf.config_write(s + C.PCI_SRIOV_CTRL, 4, 0)  # a dword over CTRL and STATUS
+    assert pf.num_vfs == 0
 
 
 def test_read_only_bits_ignore_writes(mems):

@@ -34,6 +34,7 @@ __all__ = [
     "QemuProcess",
     "QemuProcessError",
     "QemuUnavailable",
+    "qemu11",
     "cpio_entry",
     "fetch_kernel",
     "static_busybox",
@@ -109,16 +110,41 @@ def cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 1) -> bytes:
     return rec + data + b"\0" * (-len(data) % 4)
 
 
+QEMU11_DIR = Path(os.environ.get("VLM_QEMU11_DIR", str(GUEST_DIR / "qemu11")))
+FETCH_QEMU11 = Path(__file__).resolve().parents[2] / "scripts" / "fetch-qemu11"
+
+
+def qemu11(fetch: bool = True) -> list[str]:
+    """The command that starts the extracted QEMU 11.1 (Debian trixie-backports; it has the
+    vfio-user-pci client), through its own dynamic loader and libraries, with its firmware.
+    Fetched by ``scripts/fetch-qemu11`` first when missing and ``fetch``; QemuUnavailable when
+    it cannot be had."""
+    root = QEMU11_DIR / "root"
+    binary = root / "usr/bin/qemu-system-x86_64"
+    if not binary.exists() and fetch and FETCH_QEMU11.exists():
+        try:
+            _run(["bash", str(FETCH_QEMU11)])
+        except (subprocess.SubprocessError, OSError) as exc:
+            err = getattr(exc, "stderr", b"") or b""
+            raise QemuUnavailable(f"could not fetch QEMU 11.1 from trixie-backports: {exc} {err.decode()[-300:]}") from exc
+    if not binary.exists():
+        raise QemuUnavailable(f"QEMU 11.1 is not extracted under {QEMU11_DIR} (scripts/fetch-qemu11 fetches it)")
+    libs = f"{root}/usr/lib/x86_64-linux-gnu"
+    return [f"{libs}/ld-linux-x86-64.so.2", "--library-path", libs, str(binary),
+            "-L", str(root / "usr/share/qemu"), "-L", str(root / "usr/share/seabios")]
+
+
 # ---------------------------------------------------------------------------- a QEMU process
 class QemuProcess:
     """``qemu-system-x86_64 ARGS -serial stdio -qmp unix:QMP_PATH`` (see the module docstring).
 
     ``error`` is the exception class raised on a failure (a subclass of Exception taking a
-    message), so each user keeps its own error type."""
+    message), so each user keeps its own error type; ``binary`` the command that starts QEMU
+    (default ``qemu-system-x86_64``; :func:`qemu11` for the extracted QEMU 11.1)."""
 
     def __init__(
         self, name: str, workdir: Path, args: list[str], qmp_path: str, *,
-        error: type[Exception] = QemuProcessError,
+        error: type[Exception] = QemuProcessError, binary: list[str] | None = None,
     ) -> None:
         self.name = name
         self.qmp_path = qmp_path
@@ -130,7 +156,7 @@ class QemuProcess:
         self._replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._sock: socket.socket | None = None
         self._seq = 0
-        cmd = [QEMU, *args, "-serial", "stdio", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
+        cmd = [*(binary or [QEMU]), *args, "-serial", "stdio", "-qmp", f"unix:{qmp_path},server=on,wait=off"]
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         threading.Thread(target=self._pump_console, name=f"{name}-console", daemon=True).start()

@@ -6,7 +6,9 @@ a port, sends frames carrying a :class:`~virtio_lm.wire.netstate.SeqPayload`
 frame it receives, per source MAC, so that a test can tell lost frames from
 duplicated ones.  RARP announce frames are recorded separately.  With
 ``echo=True`` it answers every sequence frame with the same sequence number
-(a ping responder).
+(a ping responder).  With ``ip`` it is also an IPv4 host: it answers ARP for that address,
+records every UDP datagram sent to it (:attr:`udp_received`) and echoes those whose
+destination port is in ``udp_echo_ports`` back to their sender.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import time
 from virtio_lm.errors import WireError
 from virtio_lm.net.backends import UdpSwitchPort
 from virtio_lm.net.switch import Addr
-from virtio_lm.wire.net import ETH_HLEN, eth_header, parse_announce
+from virtio_lm.wire.inet import arp_reply, arp_request_for, ipv4_addr, parse_udp4, udp4_frame
+from virtio_lm.wire.net import ETH_HLEN, ETHERTYPE_ARP, eth_header, parse_announce
 from virtio_lm.wire.netstate import ETHERTYPE_SEQ, SEQ_MAGIC, SeqPayload
 
 
@@ -43,8 +46,16 @@ def parse_seq(frame: bytes) -> tuple[bytes, bytes, int, int] | None:
 class NetPeer:
     """A switch port that sends and counts sequence-numbered frames."""
 
-    def __init__(self, switch: Addr, mac: bytes, *, stream: int = 1, echo: bool = False, name: str = "peer") -> None:
+    def __init__(
+        self, switch: Addr, mac: bytes, *, stream: int = 1, echo: bool = False, name: str = "peer",
+        ip: str | None = None, udp_echo_ports: tuple[int, ...] = (),
+    ) -> None:
         self.mac = bytes(mac)
+        self.ip = ipv4_addr(ip) if ip is not None else None
+        self.udp_echo_ports = frozenset(udp_echo_ports)
+        #: (source IP, destination port, payload) of every UDP datagram sent to :attr:`ip`
+        self.udp_received: list[tuple[bytes, int, bytes]] = []
+        self.arp_replies = 0
         self.stream = stream
         self.echo = echo
         self.port = UdpSwitchPort(switch, name=name)
@@ -95,7 +106,8 @@ class NetPeer:
             else:
                 parsed = parse_seq(frame)
                 if parsed is None:
-                    self.other += 1
+                    if not self._on_ip(frame):
+                        self.other += 1
                 else:
                     dst, src, stream, seq = parsed
                     self.received[src].append(seq)
@@ -103,6 +115,26 @@ class NetPeer:
                     if self.echo and dst == self.mac:
                         self.port.send(seq_frame(src, self.mac, self.stream, seq, len(frame)))
             self._cond.notify_all()
+
+    def _on_ip(self, frame: bytes) -> bool:
+        """ARP for our address and UDP to it (with :attr:`ip` set); whether the frame was one."""
+        if self.ip is None:
+            return False
+        if len(frame) >= ETH_HLEN and int.from_bytes(frame[12:14], "big") == ETHERTYPE_ARP:
+            request = arp_request_for(frame)
+            if request is not None and request[2] == self.ip:
+                sender_mac, sender_ip, _ = request
+                self.port.send(arp_reply(self.mac, self.ip, sender_mac, sender_ip))
+                self.arp_replies += 1
+            return True
+        udp = parse_udp4(frame)
+        if udp is None or udp.dst_ip != self.ip:
+            return False
+        self.udp_received.append((udp.src_ip, udp.dport, udp.payload))
+        if udp.dport in self.udp_echo_ports:
+            self.port.send(udp4_frame(udp.src_mac, self.mac, self.ip, udp.src_ip, udp.dport, udp.sport,
+                                      udp.payload, ident=len(self.udp_received)))
+        return True
 
     def seqs_from(self, mac: bytes) -> list[int]:
         with self._lock:

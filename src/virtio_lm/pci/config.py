@@ -10,8 +10,9 @@ changes.  A read hook computes a register's value at read time (the PCI config a
 
 An access is 1, 2 or 4 bytes, naturally aligned, inside the space; anything else is refused with
 :class:`~virtio_lm.errors.RegisterAccessError` (attribute ``reason``: ``"width"``,
-``"misaligned"`` or ``"range"``).  A hooked register is accessed whole or not at all
-(``reason`` ``"partial"``), so a hook never sees half a value.
+``"misaligned"`` or ``"range"``).  An access may cover several registers or part of one (PCI's
+byte enables): a hook always sees its register's whole value, the bytes written merged into the
+bytes it had.  Only a window is accessed from inside or not at all (``reason`` ``"partial"``).
 
 :func:`build_function_config` lays out a virtio-lm function's space: the type 0 header (vendor
 0x1af4, modern device id 0x1040 + type, subsystem, class, one 64-bit memory BAR 0 -- for a VF
@@ -118,7 +119,8 @@ class ConfigSpace:
         return self._lock
 
     # -------------------------------------------------------------- checks
-    def _check(self, offset: int, width: int) -> _Register | None:
+    def _check(self, offset: int, width: int) -> list[_Register]:
+        """The hooked registers and windows the access overlaps, in offset order."""
         for v in (offset, width):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise _refuse(0, 0, "width", f"offset and width must be ints, got {offset!r}, {width!r}")
@@ -128,28 +130,31 @@ class ConfigSpace:
             raise _refuse(offset, width, "range", f"outside the {self.size}-byte configuration space")
         if offset % width:
             raise _refuse(offset, width, "misaligned", f"not aligned to its width {width}")
-        reg = self._regs.get(offset)
-        hits = {id(r): r for b in range(offset, offset + width) if (r := self._regs.get(b)) is not None}
-        if not hits:
-            return None
-        if len(hits) == 1 and reg is not None and reg.window_read is not None:
-            return reg
-        if len(hits) > 1 or reg is None or reg.offset != offset or reg.width != width:
-            r = next(iter(hits.values()))
-            raise _refuse(offset, width, "partial",
-                          f"the {r.width}-byte register at {r.offset:#x} is accessed whole")
-        return reg
+        regs: dict[int, _Register] = {}
+        for b in range(offset, offset + width):
+            r = self._regs.get(b)
+            if r is not None:
+                regs[r.offset] = r
+        out = [regs[k] for k in sorted(regs)]
+        for r in out:
+            if r.window_read is not None and (len(out) > 1 or offset + width > r.offset + r.width):
+                raise _refuse(offset, width, "partial", f"an access straddles the window at {r.offset:#x}")
+        return out
 
     # -------------------------------------------------------------- access
     def read(self, offset: int, width: int) -> int:
-        """A driver's read (checked; a read hook runs)."""
-        reg = self._check(offset, width)
+        """A driver's read (checked; a window or read hook answers for its register)."""
+        regs = self._check(offset, width)
         with self._lock:
-            if reg is not None and reg.window_read is not None:
-                return reg.window_read(offset - reg.offset, width) & ((1 << (8 * width)) - 1)
-            if reg is not None and reg.read_hook is not None:
-                return reg.read_hook() & ((1 << (8 * width)) - 1)
-            return le_int(self._data[offset : offset + width])
+            if regs and regs[0].window_read is not None:
+                return regs[0].window_read(offset - regs[0].offset, width) & ((1 << (8 * width)) - 1)
+            data = bytearray(self._data[offset : offset + width])
+            for r in regs:
+                if r.read_hook is not None:
+                    value = int_le(r.read_hook() & ((1 << (8 * r.width)) - 1), r.width)
+                    for b in range(max(offset, r.offset), min(offset + width, r.offset + r.width)):
+                        data[b - offset] = value[b - r.offset]
+            return le_int(data)
 
     def peek(self, offset: int, length: int) -> bytes:
         """Raw bytes as stored, no hooks, no width rule (the server's bulk read, tests)."""
@@ -161,22 +166,38 @@ class ConfigSpace:
             return bytes(self._data[offset : offset + length])
 
     def write(self, offset: int, width: int, value: int) -> None:
-        """A driver's write: writable bits change, write-1-to-clear bits clear, hooks run."""
-        reg = self._check(offset, width)
+        """A driver's write: writable bits change, write-1-to-clear bits clear, and each register
+        with a hook that the write touches (wholly or some of its bytes, as byte enables allow)
+        gets ``hook(old, new)`` with its whole value before and after; nothing changes when a
+        hook refuses."""
+        regs = self._check(offset, width)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << (8 * width):
             raise _refuse(offset, width, "value", f"value {value!r} does not fit {width} bytes")
         with self._lock:
-            if reg is not None and reg.window_write is not None:
-                reg.window_write(offset - reg.offset, width, value)
+            if regs and regs[0].window_write is not None:
+                regs[0].window_write(offset - regs[0].offset, width, value)
                 return
             old = le_int(self._data[offset : offset + width])
             wmask = le_int(self._wmask[offset : offset + width])
             w1c = le_int(self._w1c[offset : offset + width])
             new = (old & ~wmask) | (value & wmask)
             new &= ~(value & w1c)
-            if reg is not None and reg.hook is not None:
-                new = reg.hook(old, new) & ((1 << (8 * width)) - 1)
-            self._data[offset : offset + width] = int_le(new, width)
+            new_bytes = int_le(new, width)
+            results: list[tuple[_Register, int]] = []
+            for r in regs:
+                if r.hook is None:
+                    continue
+                r_bytes = bytearray(self._data[r.offset : r.offset + r.width])
+                for i in range(max(offset, r.offset), min(offset + width, r.offset + r.width)):
+                    r_bytes[i - r.offset] = new_bytes[i - offset]
+                r_old = le_int(self._data[r.offset : r.offset + r.width])
+                results.append((r, r.hook(r_old, le_int(r_bytes)) & ((1 << (8 * r.width)) - 1)))
+            hooked = {i for r, _ in results for i in range(r.offset, r.offset + r.width)}
+            for i in range(offset, offset + width):
+                if i not in hooked:
+                    self._data[i] = new_bytes[i - offset]
+            for r, stored in results:  # after the hook: it may have reset the space (FLR)
+                self._data[r.offset : r.offset + r.width] = int_le(stored, r.width)
 
     def store(self, offset: int, width: int, value: int) -> None:
         """The device itself sets a register (no masks, no hooks)."""
