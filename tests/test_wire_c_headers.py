@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from virtio_lm.wire import blk, net, pci, pcicfg, ring
+from virtio_lm.wire import blk, net, pci, pcicfg, ring, vfio_user
 from virtio_lm.wire.blk import BlkConfig, BlkFeature, BlkOutHdr, BlkReqType, BlkStatus, DiscardSegment
 from virtio_lm.wire.features import DeviceId, DeviceStatus, Feature
 from virtio_lm.wire.net import (
@@ -57,6 +57,7 @@ HEADERS = (
     "linux/virtio_net.h",
     "linux/if_ether.h",
     "linux/pci_regs.h",
+    "linux/vfio.h",
 )
 
 
@@ -263,6 +264,18 @@ def _expected() -> dict[str, int]:
     e["PCI_EXT_CAP_NEXT(0x12345678)"] = pcicfg.pci_ext_cap_next(0x12345678)
     e["sizeof.virtio_pci_cfg_cap"] = pcicfg.VIRTIO_PCI_CFG_CAP_SIZEOF
     e["virtio_pci_cfg_cap.pci_cfg_data"] = pcicfg.VIRTIO_PCI_CFG_CAP_DATA
+    # ------------------------------------------------------------ vfio.h (the VFIO ABI vfio-user reuses)
+    for name in dir(vfio_user):
+        if name.startswith("VFIO_") and not name.startswith("VFIO_USER_"):
+            e[name] = getattr(vfio_user, name)
+    for r in vfio_user.PciRegion:
+        e[f"VFIO_PCI_{r.name}_REGION_INDEX"] = r
+    for q in vfio_user.PciIrq:
+        e[f"VFIO_PCI_{q.name}_IRQ_INDEX"] = q
+    for c_name, cls in (("vfio_region_info", vfio_user.RegionInfo), ("vfio_irq_info", vfio_user.IrqInfo),
+                        ("vfio_irq_set", vfio_user.IrqSet), ("vfio_device_feature", vfio_user.DeviceFeature)):
+        e[f"sizeof.{c_name}"] = cls.SIZE
+        e.update(_offsets(c_name, cls))
     return {k: int(v) for k, v in e.items()}
 
 

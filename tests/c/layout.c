@@ -14,6 +14,7 @@
 #include <linux/virtio_net.h>
 #include <linux/if_ether.h>
 #include <linux/pci_regs.h>
+#include <linux/vfio.h>
 
 #define SZ(type) printf("sizeof.%s=%zu\n", #type, sizeof(struct type))
 #define OFF(type, field) printf("%s.%s=%zu\n", #type, #field, offsetof(struct type, field))
@@ -423,5 +424,70 @@ int main(void)
 	K(PCI_EXT_CAP_NEXT(0x12345678));
 	SZ(virtio_pci_cfg_cap);
 	OFF(virtio_pci_cfg_cap, pci_cfg_data);
+	/* ---------------------------------------------------------- vfio.h (vfio-user reuses it) */
+	K(VFIO_DEVICE_FLAGS_RESET);
+	K(VFIO_DEVICE_FLAGS_PCI);
+	K(VFIO_REGION_INFO_FLAG_READ);
+	K(VFIO_REGION_INFO_FLAG_WRITE);
+	K(VFIO_REGION_INFO_FLAG_MMAP);
+	K(VFIO_REGION_INFO_FLAG_CAPS);
+	K(VFIO_IRQ_INFO_EVENTFD);
+	K(VFIO_IRQ_INFO_MASKABLE);
+	K(VFIO_IRQ_INFO_AUTOMASKED);
+	K(VFIO_IRQ_INFO_NORESIZE);
+	K(VFIO_IRQ_SET_DATA_NONE);
+	K(VFIO_IRQ_SET_DATA_BOOL);
+	K(VFIO_IRQ_SET_DATA_EVENTFD);
+	K(VFIO_IRQ_SET_ACTION_MASK);
+	K(VFIO_IRQ_SET_ACTION_UNMASK);
+	K(VFIO_IRQ_SET_ACTION_TRIGGER);
+	K(VFIO_IRQ_SET_DATA_TYPE_MASK);
+	K(VFIO_IRQ_SET_ACTION_TYPE_MASK);
+	K(VFIO_DEVICE_FEATURE_MASK);
+	K(VFIO_DEVICE_FEATURE_GET);
+	K(VFIO_DEVICE_FEATURE_SET);
+	K(VFIO_DEVICE_FEATURE_PROBE);
+	K(VFIO_DEVICE_FEATURE_MIGRATION);
+	K(VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE);
+	K(VFIO_DEVICE_FEATURE_DMA_LOGGING_START);
+	K(VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP);
+	K(VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT);
+	K(VFIO_PCI_NUM_REGIONS);
+	K(VFIO_PCI_NUM_IRQS);
+	K(VFIO_PCI_BAR0_REGION_INDEX);
+	K(VFIO_PCI_BAR1_REGION_INDEX);
+	K(VFIO_PCI_BAR2_REGION_INDEX);
+	K(VFIO_PCI_BAR3_REGION_INDEX);
+	K(VFIO_PCI_BAR4_REGION_INDEX);
+	K(VFIO_PCI_BAR5_REGION_INDEX);
+	K(VFIO_PCI_ROM_REGION_INDEX);
+	K(VFIO_PCI_CONFIG_REGION_INDEX);
+	K(VFIO_PCI_VGA_REGION_INDEX);
+	K(VFIO_PCI_INTX_IRQ_INDEX);
+	K(VFIO_PCI_MSI_IRQ_INDEX);
+	K(VFIO_PCI_MSIX_IRQ_INDEX);
+	K(VFIO_PCI_ERR_IRQ_INDEX);
+	K(VFIO_PCI_REQ_IRQ_INDEX);
+	SZ(vfio_region_info);
+	OFF(vfio_region_info, argsz);
+	OFF(vfio_region_info, flags);
+	OFF(vfio_region_info, index);
+	OFF(vfio_region_info, cap_offset);
+	OFF(vfio_region_info, size);
+	OFF(vfio_region_info, offset);
+	SZ(vfio_irq_info);
+	OFF(vfio_irq_info, argsz);
+	OFF(vfio_irq_info, flags);
+	OFF(vfio_irq_info, index);
+	OFF(vfio_irq_info, count);
+	SZ(vfio_irq_set);
+	OFF(vfio_irq_set, argsz);
+	OFF(vfio_irq_set, flags);
+	OFF(vfio_irq_set, index);
+	OFF(vfio_irq_set, start);
+	OFF(vfio_irq_set, count);
+	SZ(vfio_device_feature);
+	OFF(vfio_device_feature, argsz);
+	OFF(vfio_device_feature, flags);
 	return 0;
 }

@@ -272,6 +272,9 @@ class VfioUserDevice:
         except ValueError:
             msg.close_fds()
             raise VfioUserMessageError(f"{self.name}: unknown command {h.command}") from None
+        if cmd not in _FIXED_PAYLOAD:
+            msg.close_fds()
+            raise VfioUserMessageError(f"{self.name}: {cmd.name} is sent by a server, not by a client")
         try:
             self._check_shape(cmd, msg)
             payload = self._dispatch(cmd, msg)

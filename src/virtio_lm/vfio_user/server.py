@@ -64,6 +64,7 @@ class VfioUserServer:
         self._sel = selectors.DefaultSelector()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # handle() and disconnect() of the device, one at a time
+        self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
     def listen(self) -> None:
@@ -86,11 +87,15 @@ class VfioUserServer:
         return self
 
     def stop(self) -> None:
-        os.write(self._stop_w, b"x")
         if self._thread is not None:
+            os.write(self._stop_w, b"x")
             self._thread.join(30)
+            self._thread = None
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self.stop()
         self._drop_connection("server closing")
         if self._listener is not None:
@@ -101,6 +106,10 @@ class VfioUserServer:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+        try:
+            self._sel.unregister(self._stop_r)
+        except (KeyError, ValueError):
+            pass
         self._sel.close()
         os.close(self._stop_r)
         os.close(self._stop_w)

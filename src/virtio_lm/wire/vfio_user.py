@@ -77,7 +77,7 @@ class MsgFlags(enum.IntFlag):
 MSG_TYPE_MASK = 0xF
 MSG_TYPE_COMMAND = 0x0
 MSG_TYPE_REPLY = 0x1
-MSG_FLAGS_KNOWN = MSG_TYPE_MASK | MsgFlags.NO_REPLY | MsgFlags.ERROR
+MSG_FLAGS_KNOWN = int(MSG_TYPE_MASK | MsgFlags.NO_REPLY | MsgFlags.ERROR)
 
 # ------------------------------------------------------------------ linux/vfio.h
 VFIO_DEVICE_FLAGS_RESET = 1 << 0
@@ -239,7 +239,7 @@ def encode_message(header: Header, payload: bytes = b"") -> bytes:
 def decode_version(payload: bytes) -> tuple[VersionHead, dict]:
     """The version numbers and the capabilities object of a VERSION payload (JSON optional)."""
     if len(payload) < VersionHead.SIZE:
-        raise ShortBufferError(f"VERSION payload of {len(payload)} bytes, need {VersionHead.SIZE}")
+        raise ShortBufferError("vfio_user_version", None, VersionHead.SIZE, len(payload))
     head = VersionHead.decode(payload[: VersionHead.SIZE])
     text = payload[VersionHead.SIZE :]
     if not text:
