@@ -9,6 +9,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk failover net_failover virtio_net; do
+    [ -e /lib/modules/$m.ko ] || continue   # built into this kernel
     insmod /lib/modules/$m.ko || echo "VLM_INSMOD_FAIL $m"
 done
 stty -echo 2>/dev/null

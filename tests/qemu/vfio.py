@@ -11,7 +11,9 @@ Every wait is bounded by a host-side deadline.
 
 from __future__ import annotations
 
+import glob
 import json
+import lzma
 import os
 import shutil
 import subprocess
@@ -39,6 +41,38 @@ def _udp_tool() -> bytes:
     return out.read_bytes()
 
 
+FETCH_LINUX612 = HERE.parent.parent / "scripts" / "fetch-linux612"
+LINUX612_DIR = Path(os.environ.get("VLM_LINUX612_DIR", str(GUEST_DIR / "linux612")))
+
+
+def fetch_linux612() -> tuple[Path, Path]:
+    """``(vmlinuz, module tree)`` of Debian trixie's 6.12 kernel (fetched by scripts/fetch-linux612)."""
+    def found() -> tuple[Path, Path] | None:
+        k = sorted(glob.glob(str(LINUX612_DIR / "x/boot/vmlinuz-6.12.*-amd64")))
+        if not k:
+            return None
+        mods = LINUX612_DIR / "x/usr/lib/modules" / Path(k[-1]).name[len("vmlinuz-"):] / "kernel"
+        return (Path(k[-1]), mods) if mods.is_dir() else None
+    if found() is None:
+        try:
+            subprocess.run(["bash", str(FETCH_LINUX612)], check=True, capture_output=True, timeout=600)
+        except (subprocess.SubprocessError, OSError) as exc:
+            raise QemuUnavailable(f"could not fetch trixie's linux-image-6.12: {exc}") from exc
+    got = found()
+    if got is None:
+        raise QemuUnavailable(f"no vmlinuz-6.12 with its modules under {LINUX612_DIR}")
+    return got
+
+
+def _module(mods: Path, name: str) -> bytes | None:
+    """A module's bytes, decompressed (6.12's are .ko.xz); None when the kernel has it built in."""
+    for pattern, unpack in ((f"{name}.ko", lambda b: b), (f"{name}.ko.xz", lzma.decompress)):
+        hits = list(mods.rglob(pattern))
+        if hits:
+            return unpack(hits[0].read_bytes())
+    return None
+
+
 def build_initramfs(mods: Path, out: Path) -> None:
     entries = []
     ino = 1
@@ -50,21 +84,23 @@ def build_initramfs(mods: Path, out: Path) -> None:
         entries.append(cpio_entry(name, mode, data, ino=ino))
         ino += 1
     for m in MODULES:
-        hits = list(mods.rglob(f"{m}.ko"))
-        if not hits:
-            raise QemuUnavailable(f"module {m}.ko not found under {mods}")
-        entries.append(cpio_entry(f"lib/modules/{m}.ko", 0o100644, hits[0].read_bytes(), ino=ino))
+        data = _module(mods, m)
+        if data is None:
+            continue  # built in (6.12: everything but virtio_blk and virtio_net's helpers)
+        entries.append(cpio_entry(f"lib/modules/{m}.ko", 0o100644, data, ino=ino))
         ino += 1
+    if _module(mods, "virtio_blk") is None:
+        raise QemuUnavailable(f"virtio_blk not found under {mods}")
     entries.append(cpio_entry("TRAILER!!!", 0, ino=0))
     out.write_bytes(b"".join(entries))
 
 
-def vfio_assets() -> tuple[list[str], Path, Path]:
+def vfio_assets(kernel_version: str = "6.1") -> tuple[list[str], Path, Path]:
     if shutil.which("busybox") is None:
         raise QemuUnavailable("busybox (busybox-static) is not installed")
     qemu = qemu11()
-    kernel, mods = fetch_kernel()
-    initrd = GUEST_DIR / "initramfs-vfio.cpio"
+    kernel, mods = fetch_kernel() if kernel_version == "6.1" else fetch_linux612()
+    initrd = GUEST_DIR / f"initramfs-vfio-{kernel_version}.cpio"
     newest = max(p.stat().st_mtime for p in (HERE / "vfio-init.sh", HERE / "udp.c", Path(__file__)))
     if not initrd.exists() or initrd.stat().st_mtime < newest:
         build_initramfs(mods, initrd)
@@ -105,8 +141,8 @@ class VfioServer:
 
 class VfioVm:
     def __init__(self, workdir: Path, name: str, sockets: list[str], *, memory_mib: int = 256,
-                 extra_append: str = "") -> None:
-        qemu, kernel, initrd = vfio_assets()
+                 extra_append: str = "", kernel_version: str = "6.1") -> None:
+        qemu, kernel, initrd = vfio_assets(kernel_version)
         args = [
             "-accel", "tcg", "-nodefaults", "-display", "none", "-no-reboot",
             "-machine", "q35,memory-backend=mem",
