@@ -14,8 +14,8 @@ Skipped, with the reason, only where QEMU 11.1, the kernel, busybox-static or gc
 from __future__ import annotations
 
 import hashlib
-import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -54,20 +54,66 @@ def _pattern(seed: int, n: int) -> bytes:
     return bytes(out[:n])
 
 
-def test_linux_drives_blk_and_net_vfs_over_vfio_user(assets, tmp_path):
-    image = tmp_path / "disk.img"
-    read_part = _pattern(1, 64 << 10)  # what the guest must read at offset 0
-    image.write_bytes(read_part + bytes(IMAGE_SIZE - len(read_part)))
-    switch = L2Switch(host="127.0.0.1")
-    switch.start()
-    peer = NetPeer(switch.address, PEER_MAC, ip="10.0.0.1", udp_echo_ports=(7,))
-    server = VfioServer(tmp_path, ["--blk", str(image), "--mac", VM_MAC, "--switch",
-                                   f"{switch.address[0]}:{switch.address[1]}"], serve="vf1,vf2")
-    vm = None
+class Guest:
+    """One Linux 6.1 guest with three vfio-user-pci devices, booted once for the module: the seed PF
+    (served in this process, so its registers can be read), the blk VF and the net VF (served by
+    ``virtio-lm vfio-user`` as a separate process)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.image = tmp / "disk.img"
+        self.read_part = _pattern(1, 64 << 10)  # what the guest must read at offset 0
+        self.image.write_bytes(self.read_part + bytes(IMAGE_SIZE - len(self.read_part)))
+        self.switch = L2Switch(host="127.0.0.1")
+        self.switch.start()
+        self.peer = NetPeer(self.switch.address, PEER_MAC, ip="10.0.0.1", udp_echo_ports=(7,))
+        (tmp / "pf").mkdir()
+        self.host = VfioUserHost(str(tmp / "pf"), [], serve={"pf"}, profile="seed").start()
+        self.pf = self.host.devices["pf"]
+        self.pf.record_accesses = True
+        self.server: VfioServer | None = None
+        self.vm: VfioVm | None = None
+        self.server = VfioServer(tmp, ["--blk", str(self.image), "--mac", VM_MAC, "--switch",
+                                       f"{self.switch.address[0]}:{self.switch.address[1]}"], serve="vf1,vf2")
+        # the PF first: it is 0000:00:01.0; loglevel 6 shows the kernel's first line
+        self.vm = VfioVm(tmp, "vfio-vm", [self.host.servers["pf"].path, self.server.sockets["vf1"],
+                                          self.server.sockets["vf2"]], extra_append="loglevel=6")
+        self.vm.q.wait_for(r"Linux version", time.monotonic() + 120)
+        self.pf.accesses.clear()  # what SeaBIOS's virtio-blk driver did before the kernel is not Linux's
+        self.vm.boot()
+        self.vm.sh("dmesg -n 1")  # kernel messages off the console: only command output from here
+        self.vm.wait_sh("test -b /dev/vda && test -e /sys/class/net/eth0", timeout=60)
+
+    def diag(self) -> str:
+        return "\n".join([self.vm.diag() if self.vm else "", self.server.output()[-3000:] if self.server else ""])
+
+    def close(self) -> None:
+        if self.vm is not None:
+            self.vm.stop()
+        if self.server is not None:
+            self.server.stop()
+        self.host.close()
+        self.peer.close()
+        self.switch.stop()
+
+
+@pytest.fixture(scope="module")
+def guest(assets, tmp_path_factory):
+    g = None
     try:
-        vm = VfioVm(tmp_path, "vfio-vm", [server.sockets["vf1"], server.sockets["vf2"]])
-        vm.boot()
-        vm.wait_sh("test -b /dev/vda && test -e /sys/class/net/eth0", timeout=60)
+        g = Guest(tmp_path_factory.mktemp("vfio"))
+        yield g
+    except Exception:
+        if g is not None:
+            print(g.diag())
+        raise
+    finally:
+        if g is not None:
+            g.close()
+
+
+def test_linux_drives_blk_and_net_vfs_over_vfio_user(guest):
+    vm, image, read_part, peer = guest.vm, guest.image, guest.read_part, guest.peer
+    try:
         # ------------------------------------------------ virtio_blk: read what the host wrote
         _, out = vm.sh("dd if=/dev/vda bs=4096 count=16 2>/dev/null | md5sum")
         assert out.split()[0] == hashlib.md5(read_part).hexdigest(), out
@@ -96,28 +142,15 @@ def test_linux_drives_blk_and_net_vfs_over_vfio_user(assets, tmp_path):
         status, out = vm.sh("udp 10.0.0.1 9 2", timeout=30)
         assert out.strip().endswith("UDP 2 0"), out
     except Exception:
-        print(vm.diag() if vm else "", server.output()[-3000:], sep="\n")
+        print(guest.diag())
         raise
-    finally:
-        if vm is not None:
-            vm.stop()
-        server.stop()
-        peer.close()
-        switch.stop()
 
 
-def test_linux_61_on_the_proposals_pf(assets, tmp_path):
+def test_linux_61_on_the_proposals_pf(guest):
     """Evidence for docs/decisions.md: Linux 6.1's virtio_pci + virtio_blk on the seed PF."""
-    host = VfioUserHost(str(tmp_path), [], serve={"pf"}, profile="seed").start()
-    dev = host.devices["pf"]
-    dev.record_accesses = True
+    vm, dev = guest.vm, guest.pf
     fn = dev.fn
-    vm = None
     try:
-        vm = VfioVm(tmp_path, "vfio-pf", [host.servers["pf"].path], extra_append="loglevel=6")
-        vm.q.wait_for(r"Linux version", time.monotonic() + 120)
-        dev.accesses.clear()  # what SeaBIOS's virtio-blk driver did before the kernel is not Linux's
-        vm.boot()
         deadline = time.monotonic() + 60
         while not fn.status & DeviceStatus.FAILED and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -147,13 +180,11 @@ def test_linux_61_on_the_proposals_pf(assets, tmp_path):
         count, ext = out.split()[-2:]
         assert count == "0"  # no SR-IOV in the guest's view ...
         assert int(ext, 16) & 0xFFFF != 0x10  # ... because no SR-IOV capability at 0x100 reaches it
+        _, out = vm.sh("cat /sys/bus/pci/devices/0000:00:01.0/vendor /sys/bus/pci/devices/0000:00:01.0/device")
+        assert out.split()[-2:] == ["0x1af4", "0x1042"]  # it is our PF at 00:01.0
     except Exception:
-        print(vm.diag() if vm else "")
+        print(guest.diag())
         raise
-    finally:
-        if vm is not None:
-            vm.stop()
-        host.close()
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
