@@ -60,6 +60,7 @@ from virtio_lm.errors import (
     VhostRingError,
     VirtioLmError,
     VirtqueueError,
+    WireError,
 )
 from virtio_lm.memory import MemoryPort
 from virtio_lm.memory.region import DeviceWriter
@@ -510,7 +511,10 @@ class VhostUserBackend:
             raise VhostMessageError(f"{req.name}: VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD was not negotiated")
         if any(r.state is RingState.STARTED for r in self.fn.rings):
             raise VhostInflightError(f"{req.name} while rings run")
-        info = Inflight.decode(msg.payload)  # type: ignore[attr-defined]
+        try:
+            info = Inflight.decode(msg.payload)  # type: ignore[attr-defined]
+        except WireError as exc:  # e.g. non-zero padding: a malformed message, not a refused region
+            raise VhostMessageError(f"{req.name}: {exc}") from exc
         max_q = len(self.fn.rings)
         max_size = self.device.queue_max_size
         if req is Request.GET_INFLIGHT_FD:
