@@ -11,7 +11,6 @@ and the server listens for the next client.
 
 from __future__ import annotations
 
-import array
 import logging
 import os
 import selectors
@@ -21,31 +20,17 @@ from typing import Callable
 
 from virtio_lm.errors import VfioUserError, VfioUserMessageError
 from virtio_lm.vfio_user.protocol import MessageReader, VfioUserDevice
+from virtio_lm.vhost.server import recv_with_fds as _recv_with_fds
 from virtio_lm.wire.vfio_user import MAX_MSG_FDS
 
 __all__ = ["VfioUserServer"]
 
 log = logging.getLogger(__name__)
 
-_FD_SIZE = array.array("i").itemsize
-
-
 def recv_with_fds(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
-    """Up to ``n`` bytes and the fds that came with them (refused when fds were cut off)."""
-    data, anc, flags, _ = sock.recvmsg(n, socket.CMSG_SPACE(MAX_MSG_FDS * _FD_SIZE))
-    fds: list[int] = []
-    for level, ctype, cdata in anc:
-        if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
-            fds.extend(arr)
-    for fd in fds:
-        os.set_inheritable(fd, False)
-    if flags & socket.MSG_CTRUNC:
-        for fd in fds:
-            os.close(fd)
-        raise VfioUserMessageError("ancillary data truncated (too many fds in one message)")
-    return data, fds
+    """Up to ``n`` bytes and the fds that came with them (refused when fds were cut off): the
+    vhost-user server's receive, with vfio-user's fd limit and error."""
+    return _recv_with_fds(sock, n, max_fds=MAX_MSG_FDS, error=VfioUserMessageError)
 
 
 class VfioUserServer:

@@ -29,7 +29,7 @@ from virtio_lm.errors import VhostUserError, VirtioLmError
 from virtio_lm.vhost.backend import VhostUserBackend
 from virtio_lm.vhost.protocol import MessageReader
 
-__all__ = ["VhostUserServer"]
+__all__ = ["VhostUserServer", "recv_with_fds"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,13 @@ _MAX_FDS = 16
 _FD_SIZE = array.array("i").itemsize
 
 
-def _recv_with_fds(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
-    data, anc, flags, _ = sock.recvmsg(n, socket.CMSG_SPACE(_MAX_FDS * _FD_SIZE))
+def recv_with_fds(
+    sock: socket.socket, n: int, *, max_fds: int = _MAX_FDS, error: type[Exception] = VhostUserError
+) -> tuple[bytes, list[int]]:
+    """Up to ``n`` bytes and the fds that came with them (SCM_RIGHTS), not inheritable; room
+    for ``max_fds``.  When the kernel cut fds off, the ones that came are closed and ``error``
+    is raised.  (The vfio-user server receives its messages with this too.)"""
+    data, anc, flags, _ = sock.recvmsg(n, socket.CMSG_SPACE(max_fds * _FD_SIZE))
     fds: list[int] = []
     for level, ctype, cdata in anc:
         if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
@@ -48,7 +53,7 @@ def _recv_with_fds(sock: socket.socket, n: int) -> tuple[bytes, list[int]]:
     if flags & socket.MSG_CTRUNC:
         for fd in fds:
             os.close(fd)
-        raise VhostUserError("ancillary data truncated (too many fds in one message)")
+        raise error("ancillary data truncated (too many fds in one message)")
     for fd in fds:
         os.set_inheritable(fd, False)
     return data, fds
@@ -175,7 +180,7 @@ class VhostUserServer:
     def _on_readable(self) -> None:
         assert self._conn is not None
         try:
-            data, fds = _recv_with_fds(self._conn, max(1, self._reader.want()))
+            data, fds = recv_with_fds(self._conn, max(1, self._reader.want()))
         except (ConnectionError, OSError, VhostUserError) as exc:
             self._drop_connection(f"receive failed: {exc}")
             return
