@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import click
 
@@ -400,18 +400,10 @@ def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, s
     device.inline_max = inline_max
     server = VhostUserServer(socket_path, device, log_writes=not unsafe_no_dirty_log)
     server.listen()
-    done = threading.Event()
-
-    def stop(signum: int, frame: object) -> None:
-        done.set()
-        server.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    done = _stop_on_signals(server.stop)
     click.echo(f"vhost-user-blk: serving {image} on {socket_path}", err=True)
     server.start()
-    while not done.wait(0.5):
-        pass
+    _wait_for(done)
     stats = {"taken": [q.taken for q in server.backend.fn.queues], "resubmitted": server.backend.resubmitted,
              "held": device.held,
              "connections": server.connections, "refusals": server.refusals}
@@ -420,6 +412,25 @@ def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, s
     if stats_path:
         with open(stats_path, "w") as f:
             json.dump(stats, f)
+
+
+def _stop_on_signals(then: Callable[[], None] | None = None) -> threading.Event:
+    """SIGTERM / SIGINT set the returned event (and call ``then``): how a serving command ends."""
+    done = threading.Event()
+
+    def stop(signum: int, frame: object) -> None:
+        done.set()
+        if then is not None:
+            then()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return done
+
+
+def _wait_for(done: threading.Event) -> None:
+    while not done.wait(0.5):  # (a short wait: the main thread runs the signal handlers)
+        pass
 
 
 @main.command("vhost-user-net")
@@ -457,18 +468,10 @@ def vhost_user_net(socket_path: str, switch_: str | None, tap: str | None, queue
     backend = VhostUserNetBackend(device, log_writes=not unsafe_no_dirty_log)
     server = VhostUserServer(socket_path, device, backend=backend)
     server.listen()
-    done = threading.Event()
-
-    def stop(signum: int, frame: object) -> None:
-        done.set()
-        server.stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    done = _stop_on_signals(server.stop)
     click.echo(f"vhost-user-net: {where}, {queues} queue pairs, on {socket_path}", err=True)
     server.start()
-    while not done.wait(0.5):
-        pass
+    _wait_for(done)
     server.close()
     stats = {"device": dict(device.stats), "rarps": backend.rarps, "connections": server.connections,
              "refusals": server.refusals}
@@ -505,17 +508,10 @@ def vfio_user(directory: str, profile: str, blk_image: str | None, net_mac: str 
     devices = [lambda k=k: KINDS[k].device(spec, ctx) for k in ("blk", "net") if KINDS[k].in_spec(spec)]
     host = VfioUserHost(directory, devices, profile=profile, total_vfs=total_vfs,
                         serve={s for s in serve.split(",") if s} or None).start()
-    done = threading.Event()
-
-    def stop(signum: int, frame: object) -> None:
-        done.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    done = _stop_on_signals()
     for key, server in host.servers.items():
         click.echo(f"vfio-user: {host.function(key).name} ({key}) on {server.path}", err=True)
-    while not done.wait(0.5):
-        pass
+    _wait_for(done)
     host.close()
 
 
