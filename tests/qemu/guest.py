@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from virtio_lm.qemu_guest import (
     GUEST_DIR,
@@ -111,7 +112,42 @@ def guest_assets() -> tuple[Path, Path]:
 
 
 # ---------------------------------------------------------------------------- back-ends
-class Backend:
+class _BackendProcess:
+    """What both back-end processes offer: their log, the counters they write at exit, a stop
+    (SIGTERM, then SIGKILL after :attr:`STOP_GRACE` seconds)."""
+
+    STOP_GRACE = 10.0
+    log_path: str
+    stats_path: str
+    proc: subprocess.Popen
+    log: Any
+
+    def stats(self) -> dict:
+        import json
+
+        try:
+            return json.loads(Path(self.stats_path).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def output(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return Path(self.log_path).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(self.STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if not self.log.closed:
+            self.log.close()
+
+
+class Backend(_BackendProcess):
     """A vhost-user-blk back-end process on ``socket_path`` serving ``image``."""
 
     def __init__(self, kind: str, socket_path: str, image: str, *, no_dirty_log: bool = False, log_path: str | None = None,
@@ -149,29 +185,6 @@ class Backend:
         """SIGKILL (no clean-up of any kind: the socket file stays)."""
         self.proc.kill()
         self.proc.wait()
-        self.log.close()
-
-    def stats(self) -> dict:
-        import json
-
-        try:
-            return json.loads(Path(self.stats_path).read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return Path(self.log_path).read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
         self.log.close()
 
 
@@ -274,11 +287,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class NetBackendProc:
+class NetBackendProc(_BackendProcess):
     """Our vhost-user-net back-end process (``virtio-lm vhost-user-net``) on a switch port.
 
     ``switch_port`` is the UDP address its switch port bound (from its start-up line);
     :meth:`stats` the counters it writes at exit (after :meth:`stop`)."""
+
+    STOP_GRACE = 20.0
 
     def __init__(self, socket_path: str, switch: tuple[str, int], *, queues: int = 1, no_dirty_log: bool = False,
                  timeout: float = 30.0) -> None:
@@ -302,30 +317,6 @@ class NetBackendProc:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"vhost-user-net back-end did not start: {self.output()[-2000:]}")
             time.sleep(0.05)
-
-    def output(self) -> str:
-        if not self.log.closed:
-            self.log.flush()
-        return Path(self.log_path).read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self.log.closed:
-            self.log.close()
-
-    def stats(self) -> dict:
-        import json
-
-        try:
-            return json.loads(Path(self.stats_path).read_text())
-        except (OSError, ValueError):
-            return {}
 
 
 # ---------------------------------------------------------------------------- wver's blocks
