@@ -22,7 +22,7 @@ from virtio_lm.memory import Memory
 from virtio_lm.pci import PciDriverTransport
 from virtio_lm.pci.parts import part_name
 from virtio_lm.pci.sriov import SriovPF
-from virtio_lm.pf.admin import MODE_TRANSITIONS, SUPPORTED, MemberMode, ModeAction
+from virtio_lm.pf.admin import INITIAL_USE, MODE_TRANSITIONS, SUPPORTED, MemberMode, ModeAction
 from virtio_lm.pf.device import PF_FEATURES, PF_FEATURES_1_4, Profile, build_pf
 from virtio_lm.virtqueue.device import Segment
 from virtio_lm.virtqueue.driver import Allocator
@@ -316,8 +316,39 @@ def test_sriov_group_with_vf_enable_clear_is_einval_invalid_group():
     try:
         expect(h, S.EINVAL, Q.INVALID_GROUP, OP.LIST_QUERY, G.SRIOV, 0)
         expect(h, S.OK, Q.OK, OP.LIST_QUERY, G.SELF, 0)
+        expect(h, S.EINVAL, Q.INVALID_GROUP, OP.LIST_USE, G.SRIOV, 0, encode_bitmap(INITIAL_USE))
+        assert h.admin.used_commands(G.SRIOV) == INITIAL_USE
     finally:
         h.close()
+
+
+def test_lists_before_vf_enable_answers_only_the_two_list_commands_while_vf_enable_is_clear():
+    """Linux 6.12's probe-time LIST_QUERY / LIST_USE (no member) are answered; a member
+    command is still INVALID_GROUP, and the used list holds once VFs are enabled."""
+    h = make_host(vfs=0, lists_before_vf_enable=True)
+    try:
+        st, result, _ = h.raw(OP.LIST_QUERY, G.SRIOV, 0, space=64)
+        assert (st.status, st.status_qualifier) == (S.OK, Q.OK)
+        assert decode_bitmap(result) == SUPPORTED[G.SRIOV]
+        used = frozenset({int(OP.LIST_QUERY), int(OP.LIST_USE), int(OP.DEV_MODE_SET)})
+        expect(h, S.OK, Q.OK, OP.LIST_USE, G.SRIOV, 0, encode_bitmap(used))
+        assert h.admin.used_commands(G.SRIOV) == used
+        # still no group to address a member in: the member commands keep the spec's answer
+        expect(h, S.EINVAL, Q.INVALID_GROUP, OP.DEV_MODE_SET, G.SRIOV, 1, b"\x01" + bytes(7))
+        expect(h, S.EINVAL, Q.INVALID_GROUP, OP.RESOURCE_OBJ_CREATE, G.SRIOV, 1, create_data(0))
+        def factory(k: int):
+            mem = Memory(MEM_SIZE, name=f"vm{k}")
+            dev = GatedDmaTestDevice(gated=False)
+            h.guests[k], h.devs[k] = mem, dev
+            return dev, mem.device_port(f"vf{k}")
+
+        h.pf.enable_vfs(1, factory)  # the register write alone: no new LIST_USE
+        assert h.admin.used_commands(G.SRIOV) == used
+        expect(h, S.OK, Q.OK, OP.DEV_MODE_SET, G.SRIOV, 1, b"\x01" + bytes(7))
+        expect(h, S.EINVAL, Q.INVALID_OPCODE, OP.RESOURCE_OBJ_CREATE, G.SRIOV, 1, create_data(0))  # not in the used list
+    finally:
+        h.close()
+
 
 
 @pytest.mark.parametrize("opcode", [0x12, 0x7FFF, 0x8000, 0xFFFF, OP.LEGACY_COMMON_CFG_WRITE])

@@ -492,8 +492,11 @@ def vhost_user_net(socket_path: str, switch_: str | None, tap: str | None, queue
 @click.option("--switch", "switch", help="HOST:PORT of the L2 switch the net VF joins (virtio-lm switch).")
 @click.option("--total-vfs", default=8, show_default=True, type=click.IntRange(1, 64), help="TotalVFs of the PF.")
 @click.option("--serve", "serve", default="", help="Comma-separated functions to serve (pf,vf1,...); default all.")
+@click.option("--lists-before-vf-enable", is_flag=True,
+              help="virtio-1.4 PF: answer the SR-IOV group's LIST_QUERY / LIST_USE while VF Enable is clear, "
+                   "as Linux 6.12's virtio_pci expects at probe (the spec says INVALID_GROUP; docs/decisions.md).")
 def vfio_user(directory: str, profile: str, blk_image: str | None, net_mac: str | None, switch: str | None,
-              total_vfs: int, serve: str) -> None:
+              total_vfs: int, serve: str, lists_before_vf_enable: bool) -> None:
     """Serve a host's PF and each VF to QEMU's vfio-user-pci, each on a socket of its own."""
     import os
 
@@ -507,7 +510,8 @@ def vfio_user(directory: str, profile: str, blk_image: str | None, net_mac: str 
     ctx = DeviceContext(switch=(sw.host_or_loopback, sw.port) if sw else None)
     devices = [lambda k=k: KINDS[k].device(spec, ctx) for k in ("blk", "net") if KINDS[k].in_spec(spec)]
     host = VfioUserHost(directory, devices, profile=profile, total_vfs=total_vfs,
-                        serve={s for s in serve.split(",") if s} or None).start()
+                        serve={s for s in serve.split(",") if s} or None,
+                        lists_before_vf_enable=lists_before_vf_enable).start()
     done = _stop_on_signals()
     for key, server in host.servers.items():
         click.echo(f"vfio-user: {host.function(key).name} ({key}) on {server.path}", err=True)

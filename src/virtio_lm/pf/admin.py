@@ -13,10 +13,20 @@ Checks, in the spec's order, each a refusal with no side effect
 
     reserved1 of the head not zero                 EINVAL  INVALID_COMMAND
     group_type not 0 / 1; SR-IOV with VF Enable clear  EINVAL  INVALID_GROUP
+      (LIST_QUERY / LIST_USE excepted when ``lists_before_vf_enable``)
     opcode not supported for the group, or not
       in the list the driver used (LIST_USE)      EINVAL  INVALID_OPCODE
     group_member_id invalid (when used)           EINVAL  INVALID_MEMBER
     the command's own checks                      (per command)
+
+The spec (admin.tex, device requirements) says a device MUST fail *all*
+SR-IOV-group commands with INVALID_GROUP while VF Enable is clear; Linux
+6.12's virtio_pci sends LIST_QUERY / LIST_USE for that group once, when the
+PF's admin queue comes up at probe -- before any VF can exist -- and keeps an
+empty command list for the device's life if refused.  ``lists_before_vf_enable``
+answers those two (they address no member) while VF Enable is clear; every
+member command is still refused.  Off by default: the spec's rule.
+(docs/decisions.md, "Linux 6.12 on the virtio-1.4 PF".)
 
 The member's device mode is :data:`MODE_TRANSITIONS`, a table over every
 (mode, request) pair; its device is driven through
@@ -151,6 +161,7 @@ class AdminHandler:
         get_objects: int = DEFAULT_GET_OBJECTS,
         set_objects: int = DEFAULT_SET_OBJECTS,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        lists_before_vf_enable: bool = False,
     ) -> None:
         for name, v in (("get_objects", get_objects), ("set_objects", set_objects)):
             if not 0 <= v <= 0xFF:
@@ -158,6 +169,8 @@ class AdminHandler:
         self.pf = pf
         self.device_cap = DevPartsCap(get_objects, set_objects)
         self.stop_timeout = stop_timeout
+        #: answer the SR-IOV group's LIST_QUERY / LIST_USE while VF Enable is clear (see above)
+        self.lists_before_vf_enable = lists_before_vf_enable
         self._lock = threading.RLock()
         self._members: dict[int, Member] = {}
         self._used: dict[GroupType, frozenset[int]] = {g: INITIAL_USE for g in GroupType}
@@ -235,7 +248,8 @@ class AdminHandler:
             group = GroupType(hdr.group_type)
         except ValueError:
             raise _refuse(op, None, _S.EINVAL, _Q.INVALID_GROUP, f"group type {hdr.group_type} is not supported") from None
-        if group is GroupType.SRIOV and self.pf.num_vfs == 0:
+        if group is GroupType.SRIOV and self.pf.num_vfs == 0 and not (
+                self.lists_before_vf_enable and op in _NO_MEMBER):
             raise _refuse(op, None, _S.EINVAL, _Q.INVALID_GROUP, "SR-IOV group: VF Enable is clear")
         if op > OPCODE_STRUCT_LAST or op not in SUPPORTED[group]:
             raise _refuse(op, None, _S.EINVAL, _Q.INVALID_OPCODE, f"opcode {op:#x} is not supported for {group.name}")

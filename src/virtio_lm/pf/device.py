@@ -293,18 +293,21 @@ def build_pf(
     freeze_timeout: float = 10.0,
     threaded: bool = True,
     profile: Profile | str = Profile.SEED,
+    lists_before_vf_enable: bool = False,
 ) -> SriovPF:
     """A PF function with its device and its profile's control plane wired together.
 
     ``profile`` ``"seed"`` (the proposal's control queue and
     :class:`VfMigrationController`; ``modes``, ``log_max_*`` and
     ``freeze_timeout`` apply) or ``"virtio-1.4"`` (the admin queue and
-    :class:`AdminHandler`; ``freeze_timeout`` bounds DEV_MODE_SET's stop)."""
+    :class:`AdminHandler`; ``freeze_timeout`` bounds DEV_MODE_SET's stop;
+    ``lists_before_vf_enable`` answers the SR-IOV group's LIST_QUERY / LIST_USE
+    while VF Enable is clear, as Linux 6.12 expects at probe)."""
     prof = Profile(profile)
     dev = PfDevice(threaded=threaded, profile=prof)
     if prof is Profile.VIRTIO_1_4:
         pf = SriovPF(dev, port, name=name, total_vfs=total_vfs, vf_withheld_features=VF_WITHHELD_1_4)
-        dev.attach_admin(AdminHandler(pf, stop_timeout=freeze_timeout))
+        dev.attach_admin(AdminHandler(pf, stop_timeout=freeze_timeout, lists_before_vf_enable=lists_before_vf_enable))
         return pf
     pf = SriovPF(dev, port, name=name, total_vfs=total_vfs)
     dev.attach(

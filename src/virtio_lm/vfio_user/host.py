@@ -59,11 +59,12 @@ class VfioUserHost:
         total_vfs: int = 8,
         serve: set[str] | None = None,
         name: str = "pf0",
+        lists_before_vf_enable: bool = False,
     ) -> None:
         self.directory = directory
         self.pf_memory, pf_port = guest_port(name)
         self.pf: SriovPF = build_pf(pf_port, total_vfs=max(total_vfs, len(vf_devices), 1), name=name,
-                                    profile=profile)
+                                    profile=profile, lists_before_vf_enable=lists_before_vf_enable)
         self.vf_memory: dict[int, GuestMemoryMap] = {}
 
         def factory(number: int) -> tuple[Any, MemoryPort]:
