@@ -25,7 +25,7 @@ if str(TESTS_DIR) not in sys.path:
 
 FUZZ_DIR = Path(__file__).resolve().parent
 CORPUS_DIR = FUZZ_DIR / "corpus"
-HARNESSES = ("ctrl_queue", "state_image", "virtqueue_chain", "stream_sections", "vhost_user", "qmp_input")
+HARNESSES = ("ctrl_queue", "state_image", "virtqueue_chain", "stream_sections", "vhost_user", "qmp_input", "vfio_user")
 
 
 def corpus(name: str) -> list[Path]:

@@ -9,6 +9,7 @@ source session writes, a front-end's opening messages, a QMP session.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -35,6 +36,9 @@ from virtio_lm.wire.ctrl import (
 from virtio_lm.wire.features import Feature, bit
 from virtio_lm.wire.ring import DescFlags, VirtqDesc
 from virtio_lm.wire.state import InflightHeader, QueueRecord, Record, RecordType, decode_image, encode_image
+from virtio_lm.wire import vfio_user as VW
+from virtio_lm.wire.pcicfg import BAR0, PCI_SRIOV_CTRL, PCI_SRIOV_CTRL_VFE
+from virtio_lm.wire.pci import COMMON_CFG_BY_NAME
 from virtio_lm.wire.vhost_user import Header, Inflight, MemRegion, Request, VringState, encode_mem_table
 
 MC = MigrationCommand
@@ -206,9 +210,54 @@ def qmp_input() -> dict[str, bytes]:
     }
 
 
+# ------------------------------------------------------------------ vfio_user
+def vfio_msg(cmd: int, payload: bytes = b"", mid: int = 1, flags: int = 0) -> bytes:
+    return VW.Header(mid, int(cmd), VW.HEADER_SIZE + len(payload), flags, 0).encode() + payload
+
+
+def vfio_hello() -> bytes:
+    caps = json.dumps({"capabilities": {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}}).encode() + b"\0"
+    return vfio_msg(VW.Command.VERSION, VW.VersionHead(0, 0).encode() + caps)
+
+
+def vfio_user() -> dict[str, bytes]:
+    C_ = VW.Command
+    cfg = int(VW.PciRegion.CONFIG)
+    sriov_ctrl = 0x100 + PCI_SRIOV_CTRL  # the PF's SR-IOV extended capability sits at 0x100
+    status = BAR0.common + COMMON_CFG_BY_NAME["device_status"].offset
+    return {
+        # PF (selector 0): discovery, a configuration-space walk, VF Enable by register, FLR
+        "pf-discover-and-reset": b"\0" + vhost_chunk(
+            vfio_hello()
+            + vfio_msg(C_.DEVICE_GET_INFO, VW.DeviceInfo().encode(), 2)
+            + vfio_msg(C_.DEVICE_GET_REGION_INFO, VW.RegionInfo(index=cfg).encode(), 3)
+            + vfio_msg(C_.DEVICE_GET_IRQ_INFO, VW.IrqInfo(index=int(VW.PciIrq.MSIX)).encode(), 4)
+            + vfio_msg(C_.REGION_READ, VW.RegionAccess(0, cfg, 64).encode(), 5)
+            + vfio_msg(C_.REGION_READ, VW.RegionAccess(0x100, cfg, 64).encode(), 6)
+            + vfio_msg(C_.REGION_WRITE, VW.RegionAccess(sriov_ctrl, cfg, 2).encode() + u16(PCI_SRIOV_CTRL_VFE), 7)
+            + vfio_msg(C_.DEVICE_RESET, b"", 8)),
+        # VF (selector 1): a DMA window (a memfd), an MSI-X eventfd, a status write posted and not
+        "vf-dma-irq-status": b"\1" + vhost_chunk(vfio_hello()) + vhost_chunk(
+            vfio_msg(C_.DMA_MAP, VW.DmaMap(flags=3, offset=0, address=0, size=1 << 20).encode(), 2), 1, 0)
+            + vhost_chunk(vfio_msg(C_.DEVICE_SET_IRQS, VW.IrqSet(
+                flags=VW.VFIO_IRQ_SET_DATA_EVENTFD | VW.VFIO_IRQ_SET_ACTION_TRIGGER,
+                index=int(VW.PciIrq.MSIX), start=0, count=1).encode(), 3), 1, 1)
+            + vhost_chunk(
+                vfio_msg(C_.REGION_WRITE, VW.RegionAccess(status, 0, 1).encode() + b"\x01", 4)
+                + vfio_msg(C_.REGION_WRITE, VW.RegionAccess(status, 0, 1).encode() + b"\x03", 5,
+                           int(VW.MsgFlags.NO_REPLY))
+                + vfio_msg(C_.REGION_READ, VW.RegionAccess(status, 0, 1).encode(), 6)
+                + vfio_msg(C_.DEVICE_FEATURE, VW.DeviceFeature(
+                    flags=VW.VFIO_DEVICE_FEATURE_GET | VW.VFIO_DEVICE_FEATURE_MIGRATION).encode(), 7)
+                + vfio_msg(C_.DMA_UNMAP, VW.DmaUnmap(address=0, size=1 << 20).encode(), 8)),
+        "vf-command-before-version": b"\1" + vhost_chunk(vfio_msg(C_.REGION_READ, VW.RegionAccess(0, cfg, 4).encode())),
+    }
+
+
 SEEDS = {
     "ctrl_queue": ctrl_queue, "state_image": state_image, "virtqueue_chain": virtqueue_chain,
     "stream_sections": stream_sections, "vhost_user": vhost_user, "qmp_input": qmp_input,
+    "vfio_user": vfio_user,
 }
 
 

@@ -129,3 +129,37 @@ def test_qmp_input_catches_a_malformed_answer(monkeypatch) -> None:
     monkeypatch.setattr(framing, "encode", lambda m: real(m)[:-2] + b"\n")
     with pytest.raises(AssertionError):
         harness("qmp_input").TestOneInput(seed("qmp_input", "negotiate-and-query"))
+
+
+def test_vfio_user_catches_a_reply_to_a_posted_write(monkeypatch) -> None:
+    from virtio_lm.vfio_user.protocol import VfioUserDevice
+    from virtio_lm.wire import vfio_user as W
+
+    data = seed("vfio_user", "vf-dma-irq-status")
+    mod = harness("vfio_user")
+    mod.TestOneInput(data)
+    real = VfioUserDevice.handle
+
+    def answers_everything(self, msg):
+        out = real(self, msg)
+        return out if out is not None else W.Header(msg.header.id, msg.header.command, 16, W.MsgFlags.REPLY, 0).encode()
+
+    monkeypatch.setattr(VfioUserDevice, "handle", answers_everything)
+    with pytest.raises(AssertionError, match="REGION_WRITE"):
+        mod.TestOneInput(data)
+
+
+def test_vfio_user_catches_a_function_left_unserviceable(monkeypatch) -> None:
+    from virtio_lm.vfio_user.protocol import VfioUserDevice
+
+    data = seed("vfio_user", "pf-discover-and-reset")
+    mod = harness("vfio_user")
+    real = VfioUserDevice.disconnect
+
+    def forgets_version(self):
+        real(self)
+        self.version_done = True  # the next client's VERSION is then "a second VERSION"
+
+    monkeypatch.setattr(VfioUserDevice, "disconnect", forgets_version)
+    with pytest.raises(Exception, match="second VERSION"):
+        mod.TestOneInput(data)
