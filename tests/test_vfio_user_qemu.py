@@ -187,19 +187,18 @@ def test_linux_61_on_the_proposals_pf(guest):
         raise
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Linux 6.12's virtio_pci sends LIST_QUERY for the SR-IOV group at probe, before any VF exists "
-    "(in a VM the guest cannot even see SR-IOV); pf/admin.py refuses an SR-IOV-group command while "
-    "VF Enable is clear (EINVAL / INVALID_GROUP), so the driver's admin command list stays empty. "
-    "Reported on issue 15 for the 1.4 profile's owner; strict: the test fails once that changes."))
 def test_linux_612_admin_queue_on_the_14_pf(tmp_path):
     """The virtio-1.4 profile's PF under Debian trixie's 6.12, whose virtio_pci speaks the admin
-    virtqueue: every admin command the real driver sends is answered, none refused."""
+    virtqueue.  Probe 1, the spec's rule: the driver's LIST_QUERY for the SR-IOV group, sent while
+    VF Enable is clear, gets EINVAL / INVALID_GROUP and nothing else is sent.  Probe 2 (the driver
+    unbound and bound again) with ``lists_before_vf_enable``: LIST_QUERY and LIST_USE are answered
+    OK, and so is every command the driver sends after them."""
     try:
         vfio_assets("6.12")
     except QemuUnavailable as exc:
         pytest.skip(f"6.12 real-guest test: {exc}")
-    from virtio_lm.wire.admin import AdminCmdHdr, AdminOpcode, AdminStatus, AdminCmdStatus
+    from virtio_lm.pf.admin import SUPPORTED
+    from virtio_lm.wire.admin import AdminCmdHdr, AdminCmdStatus, AdminOpcode, AdminQualifier, AdminStatus, GroupType
 
     host = VfioUserHost(str(tmp_path), [], serve={"pf"}, profile="virtio-1.4").start()
     fn = host.devices["pf"].fn
@@ -226,10 +225,28 @@ def test_linux_612_admin_queue_on_the_14_pf(tmp_path):
         vm.boot()
         vm.wait_sh("test -b /dev/vda", timeout=60)
         assert fn.status & DeviceStatus.DRIVER_OK and fn.negotiated & bit(Feature.ADMIN_VQ)
-        print("Linux 6.12 on the 1.4 PF: admin commands", served, "features", hex(fn.negotiated))
+        print("Linux 6.12 on the 1.4 PF, probe 1 (spec rule): admin commands", served,
+              "features", hex(fn.negotiated))
+        assert host.pf.num_vfs == 0 and not handler.lists_before_vf_enable
+        assert served == [("LIST_QUERY", 1, AdminStatus.EINVAL, AdminQualifier.INVALID_GROUP)], served
+
+        # probe 2: the same driver, bound again, against the Linux-compatible answer
+        handler.lists_before_vf_enable = True
+        served.clear()
+        _, out = vm.sh("cat /sys/bus/pci/devices/0000:00:01.0/vendor /sys/bus/pci/devices/0000:00:01.0/device")
+        assert out.split()[-2:] == ["0x1af4", "0x1042"]  # our PF is 00:01.0
+        vm.sh("echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/unbind")
+        vm.wait_sh("! test -b /dev/vda", timeout=60)
+        vm.sh("echo 0000:00:01.0 > /sys/bus/pci/drivers/virtio-pci/bind")
+        vm.wait_sh("test -b /dev/vda", timeout=60)
+        assert fn.status & DeviceStatus.DRIVER_OK and fn.negotiated & bit(Feature.ADMIN_VQ)
+        print("Linux 6.12 on the 1.4 PF, probe 2 (lists_before_vf_enable): admin commands", served,
+              "used list", sorted(handler.used_commands(GroupType.SRIOV)))
         names = [n for n, *_ in served]
-        assert "LIST_QUERY" in names and "LIST_USE" in names
+        assert names[:2] == ["LIST_QUERY", "LIST_USE"], served
         assert all(status == AdminStatus.OK for _, _, status, _ in served), served
+        # what Linux put in LIST_USE is what the device now holds, and a subset of what it offered
+        assert handler.used_commands(GroupType.SRIOV) <= SUPPORTED[GroupType.SRIOV]
     except Exception:
         print(vm.diag() if vm else "", served)
         raise
