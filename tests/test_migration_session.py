@@ -735,6 +735,38 @@ def test_lease_one_holder_at_a_time(tmp_path):
         FileLease(path, "a/b")
 
 
+def test_lease_changes_overwrite_one_fixed_record_in_place(tmp_path):
+    """After its first write the lease file never changes size or blocks: every take /
+    reclaim is an in-place overwrite (an fdatasync, not a journal commit, on COMMIT)."""
+    import os
+
+    from virtio_lm.migration.lease import MAX_HOLDER, RECORD_SIZE
+
+    path = str(tmp_path / "x.lease")
+    a, b = FileLease(path, "a" * MAX_HOLDER), FileLease(path, "b")
+    token = a.acquire()
+    st = os.stat(path)
+    assert st.st_size == RECORD_SIZE and a.owner() == token
+    for _ in range(3):
+        assert b.take(a.mine) if a.held else a.take(b.mine)
+        now = os.stat(path)
+        assert (now.st_size, now.st_ino, now.st_blocks) == (st.st_size, st.st_ino, st.st_blocks)
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert len(raw) == RECORD_SIZE and raw.endswith(b"\n") and raw.count(b"\n") == 1
+    with pytest.raises(ValueError):
+        FileLease(path, "x" * (MAX_HOLDER + 1))  # a token that would not fit the record
+
+
+def test_lease_file_of_the_old_one_line_format_is_read_and_taken(tmp_path):
+    path = tmp_path / "x.lease"
+    path.write_bytes(b"src/0123456789abcdef\n")  # written before the fixed-size record
+    b = FileLease(str(path), "dst")
+    assert b.owner() == "src/0123456789abcdef"
+    assert not b.take("src/ffffffffffffffff")  # negative control: another token takes nothing
+    assert b.take("src/0123456789abcdef") and b.held and path.stat().st_size == 128
+
+
 def _sections_in(link: Link, off: int, data: bytes):
     dec = StreamDecoder()
     return [s for s in dec.feed(bytes(link.to_dst)) if s.offset >= off]

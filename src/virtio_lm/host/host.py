@@ -67,7 +67,7 @@ from virtio_lm.host.calibrate import Calibrator
 from virtio_lm.host.endpoints import VmDestination, VmSource
 from virtio_lm.host.qmp import CommandTable, QmpServer
 from virtio_lm.memory import Memory
-from virtio_lm.migration.lease import FileLease, lease_path
+from virtio_lm.migration.lease import MAX_HOLDER, FileLease, lease_path
 from virtio_lm.migration.policy import MigrationParams
 from virtio_lm.migration.session import (
     SWITCHOVER_HISTORY,
@@ -204,7 +204,7 @@ class Host:
                 raise ValueError(f"two VMs named {spec.name}")
             mem = Memory(spec.memory_mib * MIB, name=spec.name, backing="memfd")
             vm = VirtualMachine(spec, mem)
-            holder = config.name.replace("/", "_").replace("\n", "_") or "host"
+            holder = config.name.replace("/", "_").replace("\n", "_").encode()[:MAX_HOLDER].decode(errors="ignore").strip() or "host"
             lease = FileLease(lease_path(spec.blk_image), holder) if spec.blk_image else None
             self.slots[spec.name] = Slot(vm, lease)
             plan += [(vm, kind) for kind in spec.vf_kinds]
