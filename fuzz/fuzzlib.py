@@ -14,9 +14,11 @@ runs them all); without atheris it says how to install it and exits 2.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 #: the migration test fakes (MemoryVm, MemoryVmShell) live with the tests (tests/fakes.py)
 TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"
@@ -25,7 +27,15 @@ if str(TESTS_DIR) not in sys.path:
 
 FUZZ_DIR = Path(__file__).resolve().parent
 CORPUS_DIR = FUZZ_DIR / "corpus"
-HARNESSES = ("ctrl_queue", "state_image", "virtqueue_chain", "stream_sections", "vhost_user", "qmp_input", "vfio_user")
+HARNESSES = (
+    "ctrl_queue",
+    "state_image",
+    "virtqueue_chain",
+    "stream_sections",
+    "vhost_user",
+    "qmp_input",
+    "vfio_user",
+)
 
 
 def corpus(name: str) -> list[Path]:
@@ -64,6 +74,75 @@ class Reader:
 
     def rest(self) -> bytes:
         return self.bytes(self.left)
+
+
+def open_fds() -> int:
+    """How many fds this process has open (the harnesses' leak check)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def make_fd(eventfd: bool, memfd_size: int = 1 << 20) -> int:
+    """An fd a peer could pass: an eventfd (kick, call, MSI-X) or a 1 MiB memfd (memory)."""
+    if eventfd:
+        return os.eventfd(0, os.EFD_NONBLOCK)
+    fd = os.memfd_create("vlm-fuzz-memory")
+    os.ftruncate(fd, memfd_size)
+    return fd
+
+
+def serve_connection(
+    r: Reader,
+    reader: Any,
+    handle: Callable[[Any], Any],
+    disconnect: Callable[[], None],
+    check: Callable[[Any, Any], None],
+    feed_refused: type[BaseException],
+    handle_refused: type[BaseException],
+    max_chunks: int = 24,
+) -> None:
+    """One client connection of a message-protocol server, fed the fuzzer's chunks.
+
+    Each chunk is ``nfds u8 (mod 3), kind u8 (bit i: fd i is an eventfd), length u16
+    (mod 4 KiB), bytes``: the fds (:func:`make_fd`) come with the bytes, as with
+    SCM_RIGHTS.  ``reader.feed(bytes, fds)`` frames them into messages (``feed_refused``
+    drops the connection); each message goes to ``handle`` and its answer to
+    ``check(answer, msg)``; ``handle_refused`` drops the connection, and the messages
+    after it only close their fds.  Then the connection ends as the server ends it
+    (``reader.eof()``, ``reader.close()``, ``disconnect()``), and every fd the client
+    passed must be closed by then (AssertionError "fds leaked" otherwise)."""
+    fds_before = open_fds()
+    try:
+        for _ in range(max_chunks):
+            if r.left == 0:
+                break
+            nfds, kinds = r.u8() % 3, r.u8()
+            chunk = r.bytes(r.u16() % 4096)
+            fds = [make_fd(bool(kinds >> i & 1)) for i in range(nfds)]
+            try:
+                msgs: Sequence[Any] = reader.feed(chunk, fds)
+            except feed_refused:
+                break
+            dropped = False
+            for msg in msgs:
+                if dropped:
+                    msg.close_fds()
+                    continue
+                try:
+                    answer = handle(msg)
+                except handle_refused:
+                    dropped = True  # the server drops the connection here
+                    continue
+                check(answer, msg)
+            if dropped:
+                break
+        try:
+            reader.eof()
+        except feed_refused:
+            pass
+    finally:
+        reader.close()
+        disconnect()
+    assert open_fds() == fds_before, f"{open_fds() - fds_before} fds leaked"
 
 
 def main(test_one_input: Callable[[bytes], None]) -> None:

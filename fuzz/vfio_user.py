@@ -32,7 +32,7 @@ import json
 import os
 import tempfile
 
-from fuzzlib import Reader, main
+from fuzzlib import Reader, main, serve_connection
 
 from virtio_lm.devices.blk import BlkDevice
 from virtio_lm.errors import VfioUserMessageError
@@ -54,23 +54,15 @@ def device(which: str) -> VfioUserDevice:
         os.mkdir(os.path.join(work, "pf"))
         os.mkdir(os.path.join(work, "vf"))
         pf_host = VfioUserHost(os.path.join(work, "pf"), [], profile="virtio-1.4")
-        vf_host = VfioUserHost(os.path.join(work, "vf"), [lambda: BlkDevice(image, queue_max_size=256)],
-                               total_vfs=2, profile="virtio-1.4")
+        vf_host = VfioUserHost(
+            os.path.join(work, "vf"),
+            [lambda: BlkDevice(image, queue_max_size=256)],
+            total_vfs=2,
+            profile="virtio-1.4",
+        )
         os.unlink(image)  # the device holds it open
         _devices.update(pf=pf_host.devices["pf"], vf=vf_host.devices["vf1"])
     return _devices[which]
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def make_fd(eventfd: bool) -> int:
-    if eventfd:
-        return os.eventfd(0, os.EFD_NONBLOCK)
-    fd = os.memfd_create("vlm-fuzz-dma")
-    os.ftruncate(fd, MIB)
-    return fd
 
 
 def check_reply(reply: bytes | None, msg: Message) -> None:
@@ -91,17 +83,33 @@ def check_reply(reply: bytes | None, msg: Message) -> None:
 
 def _hello(dev: VfioUserDevice) -> None:
     """A fresh client: VERSION, then the vendor id from configuration space."""
-    caps = json.dumps({"capabilities": {"max_msg_fds": 8, "max_data_xfer_size": MIB}}).encode() + b"\0"
+    caps = (
+        json.dumps(
+            {"capabilities": {"max_msg_fds": 8, "max_data_xfer_size": MIB}}
+        ).encode()
+        + b"\0"
+    )
     payload = W.VersionHead(W.VERSION_MAJOR, W.VERSION_MINOR).encode() + caps
     reader = MessageReader()
     try:
-        for m in reader.feed(W.Header(1, W.Command.VERSION, W.HEADER_SIZE + len(payload), 0, 0).encode() + payload):
+        for m in reader.feed(
+            W.Header(1, W.Command.VERSION, W.HEADER_SIZE + len(payload), 0, 0).encode()
+            + payload
+        ):
             check_reply(dev.handle(m), m)
         access = W.RegionAccess(0, W.PciRegion.CONFIG, 2).encode()
-        (m,) = reader.feed(W.Header(2, W.Command.REGION_READ, W.HEADER_SIZE + len(access), 0, 0).encode() + access)
+        (m,) = reader.feed(
+            W.Header(
+                2, W.Command.REGION_READ, W.HEADER_SIZE + len(access), 0, 0
+            ).encode()
+            + access
+        )
         reply = dev.handle(m)
         check_reply(reply, m)
-        assert reply is not None and int.from_bytes(reply[-2:], "little") in (0x1AF4, 0xFFFF), reply
+        assert reply is not None and int.from_bytes(reply[-2:], "little") in (
+            0x1AF4,
+            0xFFFF,
+        ), reply
     finally:
         reader.close()
         dev.disconnect()
@@ -110,40 +118,16 @@ def _hello(dev: VfioUserDevice) -> None:
 def TestOneInput(data: bytes) -> None:
     r = Reader(data)
     dev = device("vf" if r.u8() & 1 else "pf")
-    fds_before = open_fds()
-    reader = MessageReader()
-    try:
-        for _ in range(MAX_CHUNKS):
-            if r.left == 0:
-                break
-            nfds, kinds = r.u8() % 3, r.u8()
-            chunk = r.bytes(r.u16() % 4096)
-            fds = [make_fd(bool(kinds >> i & 1)) for i in range(nfds)]
-            try:
-                msgs = reader.feed(chunk, fds)
-            except VfioUserMessageError:
-                break
-            dropped = False
-            for msg in msgs:
-                if dropped:
-                    msg.close_fds()
-                    continue
-                try:
-                    reply = dev.handle(msg)
-                except VfioUserMessageError:
-                    dropped = True  # the server drops the client here
-                    continue
-                check_reply(reply, msg)
-            if dropped:
-                break
-        try:
-            reader.eof()
-        except VfioUserMessageError:
-            pass
-    finally:
-        reader.close()
-        dev.disconnect()
-    assert open_fds() == fds_before, f"{open_fds() - fds_before} fds leaked"
+    serve_connection(
+        r,
+        MessageReader(),
+        dev.handle,
+        dev.disconnect,
+        check_reply,
+        VfioUserMessageError,
+        VfioUserMessageError,
+        MAX_CHUNKS,
+    )
     _hello(dev)
 
 

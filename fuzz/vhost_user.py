@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from fuzzlib import Reader, main
+from fuzzlib import Reader, main, serve_connection
 
 from virtio_lm.devices.blk import BlkDevice
 from virtio_lm.errors import VhostMessageError, VhostUserError
@@ -43,26 +43,18 @@ def backend() -> VhostUserBackend:
         fd, path = tempfile.mkstemp(prefix="vlm-fuzz-", suffix=".img")
         os.ftruncate(fd, MIB)
         os.close(fd)
-        _backend = VhostUserBackend(BlkDevice(path, queue_max_size=256), name="fuzz-vhost")
+        _backend = VhostUserBackend(
+            BlkDevice(path, queue_max_size=256), name="fuzz-vhost"
+        )
         os.unlink(path)  # the device holds it open
     return _backend
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def make_fd(eventfd: bool) -> int:
-    if eventfd:
-        return os.eventfd(0, os.EFD_NONBLOCK)
-    fd = os.memfd_create("vlm-fuzz-guest")
-    os.ftruncate(fd, MIB)
-    return fd
-
-
-def check_reply(reply: bytes, request: int) -> None:
+def check_reply(reply: bytes | None, msg) -> None:
+    if reply is None:
+        return
     h = Header.decode(reply[: Header.SIZE])  # type: ignore[attr-defined]
-    assert h.request == request, (h.request, request)
+    assert h.request == msg.request, (h.request, msg.request)
     assert h.flags & HeaderFlags.REPLY and h.flags & 0x3 == VERSION, h.flags
     assert len(reply) == Header.SIZE + h.size, (len(reply), h.size)  # type: ignore[attr-defined]
 
@@ -70,41 +62,16 @@ def check_reply(reply: bytes, request: int) -> None:
 def TestOneInput(data: bytes) -> None:
     be = backend()
     r = Reader(data)
-    fds_before = open_fds()
-    reader = MessageReader()
-    try:
-        for _ in range(MAX_CHUNKS):
-            if r.left == 0:
-                break
-            nfds, kinds = r.u8() % 3, r.u8()
-            chunk = r.bytes(r.u16() % 4096)
-            fds = [make_fd(bool(kinds >> i & 1)) for i in range(nfds)]
-            try:
-                msgs = reader.feed(chunk, fds)
-            except VhostMessageError:
-                break
-            refused = False
-            for i, msg in enumerate(msgs):
-                if refused:
-                    msg.close_fds()
-                    continue
-                try:
-                    reply = be.handle(msg)
-                except VhostUserError:
-                    refused = True  # the server drops the connection here
-                    continue
-                if reply is not None:
-                    check_reply(reply, msg.request)
-            if refused:
-                break
-        try:
-            reader.eof()
-        except VhostMessageError:
-            pass
-    finally:
-        reader.close()
-        be.disconnect()
-    assert open_fds() == fds_before, f"{open_fds() - fds_before} fds leaked"
+    serve_connection(
+        r,
+        MessageReader(),
+        be.handle,
+        be.disconnect,
+        check_reply,
+        VhostMessageError,
+        VhostUserError,
+        MAX_CHUNKS,
+    )
 
 
 if __name__ == "__main__":
