@@ -42,7 +42,7 @@ MODULES = [
     "failover", "net_failover", "virtio_net",
 ]  # fmt: skip
 #: static guest tools built from tests/qemu/NAME.c (optional: tests needing one skip without it)
-TOOLS = ["rio", "udpx", "chan", "wver"]
+TOOLS = ["rio", "udpx", "chan", "wver", "ublast"]
 
 #: how much slower than a quiet 2-core machine this one may be: every host-side deadline of the
 #: real-QEMU tests is multiplied by it (VLM_QEMU_SLOW, default 1)
@@ -191,7 +191,10 @@ class Backend(_BackendProcess):
 # ---------------------------------------------------------------------------- VMs
 class Vm:
     """One QEMU process (see the module docstring): a :class:`~virtio_lm.qemu_guest.QemuProcess`
-    with memfd RAM and a vhost-user-blk device, waits given as timeouts in seconds."""
+    with memfd RAM and a vhost-user-blk device, waits given as timeouts in seconds.
+
+    ``net_socket``: a virtio-net device on a vhost-user-net back-end; ``user_net``: the same
+    device on QEMU's own ``-netdev user`` instead (at most one of the two)."""
 
     def __init__(
         self,
@@ -209,6 +212,7 @@ class Vm:
         mac: str = "52:54:00:12:34:56",
         blk_reconnect: int | None = None,
         smp: int = 1,
+        user_net: bool = False,
     ) -> None:
         self.name = name
         args = [
@@ -231,6 +235,14 @@ class Vm:
             args += ["-chardev", f"socket,id=vn0,path={net_socket}",
                      "-netdev", f"vhost-user,id=net0,chardev=vn0,queues={net_queues}",
                      "-device", f"virtio-net-pci,netdev=net0,mac={mac}{mq}"]  # fmt: skip
+        if user_net:
+            # QEMU's own user-mode network (slirp) on the same device (vectors=0 as above, so
+            # that the two set-ups differ only in the back-end): the guest is 10.0.2.15/24 by
+            # convention, and datagrams it sends to 10.0.2.2:PORT arrive at the host's 127.0.0.1:PORT
+            if net_socket is not None:
+                raise ValueError("one NIC: net_socket or user_net, not both")
+            args += ["-netdev", "user,id=net0",
+                     "-device", f"virtio-net-pci,netdev=net0,mac={mac},vectors=0"]  # fmt: skip
         if incoming_port is not None:
             args += ["-incoming", f"tcp:127.0.0.1:{incoming_port}"]
         self.q = QemuProcess(name, workdir, args, str(workdir / f"{name}.qmp"), error=RuntimeError)

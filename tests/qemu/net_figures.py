@@ -1,0 +1,249 @@
+"""Figures: guest UDP throughput through our vhost-user-net back-end vs QEMU's own -netdev user.
+
+    python tests/qemu/net_figures.py [--samples N] [--sizes 64,1400] [--window S] [--json PATH]
+
+Two guests of the same kernel, initramfs and QEMU command line, the same virtio-net-pci device
+(one queue pair, INTx as in the vhost-user-net tests), up at the same time:
+
+* ``ours``: ``-netdev vhost-user`` on our back-end process (tests/qemu/guest.py
+  :class:`NetBackendProc`) on an embedded :class:`~virtio_lm.net.switch.L2Switch`, with a
+  :class:`~virtio_lm.net.udppeer.UdpPeer` on the switch as the receiver (guest 10.0.0.2, peer
+  10.0.0.1 as a permanent neighbour entry, as in tests/test_vhost_user_net_qemu.py);
+* ``user``: ``-netdev user`` (slirp); the guest (10.0.2.15) sends to 10.0.2.2:PORT, which QEMU
+  delivers to a UDP socket bound here on 127.0.0.1:PORT.
+
+Per sample and payload size, in the guest ``ublast`` (tests/qemu/ublast.c) sends datagrams as
+fast as it can; once they arrive, the host counts what its receiver gets over a window timed
+here (``--window`` seconds): datagrams a second (``pps``) and payload bytes a second (``MBps``,
+10^6).  ``guest_sent_pps``: what ublast handed to the guest's socket a second (guest clock; a
+datagram the guest's queue dropped counts as sent).  Samples alternate between the two guests
+(sample 1 ours, sample 1 user, sample 2 ours, ...), so load on the machine falls on both alike.
+Printed per metric: the median and the spread (min-max) of the samples for each set-up and the
+ratio of the medians.  Guest under TCG: absolute numbers are the emulator's; the ratio is the
+figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qemu.guest import NetBackendProc, Vm, free_port, guest_assets  # noqa: E402
+
+from virtio_lm.net.switch import L2Switch, big_buffers  # noqa: E402
+from virtio_lm.net.udppeer import UdpPeer  # noqa: E402
+from virtio_lm.wire.inet import UDPSEQ_MAGIC, ipv4_addr  # noqa: E402
+from virtio_lm.wire.net import format_mac, parse_mac  # noqa: E402
+
+KINDS = ("ours", "user")
+GUEST_MAC, PEER_MAC = parse_mac("52:54:00:12:34:56"), parse_mac("52:54:00:00:00:fe")
+GUEST_IP, PEER_IP = "10.0.0.2", "10.0.0.1"
+SLIRP_GUEST_IP, SLIRP_HOST_IP = "10.0.2.15", "10.0.2.2"
+PEER_PORT = 5001
+FIRST_TIMEOUT = 60.0  # s for the first datagram of a run to reach the host
+WARM = 0.5  # s between the first arrival and the window's start
+QUIET = 0.3  # s without an arrival: the previous run has drained
+
+
+class HostSink:
+    """A UDP socket on 127.0.0.1 counting the ublast datagrams it receives, on its own thread."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        big_buffers(self.sock)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="net-figures-sink", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        buf = bytearray(65536)
+        magic = UDPSEQ_MAGIC.to_bytes(4, "little")
+        while not self._stop.is_set():
+            try:
+                n = self.sock.recv_into(buf)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if n >= 16 and buf[:4] == magic:
+                self.count += 1
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+class Setup:
+    """One guest with its network and the host-side receiver: ``counter()`` is how many
+    datagrams the receiver has had so far, ``target`` where the guest sends."""
+
+    def __init__(self, kind: str, kernel: Path, initrd: Path, work: Path) -> None:
+        self.kind = kind
+        self.sw: L2Switch | None = None
+        self.peer: UdpPeer | None = None
+        self.be: NetBackendProc | None = None
+        self.sink: HostSink | None = None
+        self.vm: Vm | None = None
+        if kind == "ours":
+            self.sw = L2Switch(idle_timeout=3600).start()
+            self.peer = UdpPeer(self.sw.address, PEER_MAC, ipv4_addr(PEER_IP))
+            self.be = NetBackendProc(str(work / "ours-net.sock"), self.sw.address)
+            self.vm = Vm(work, "ours-net", kernel, initrd, None, net_socket=self.be.socket_path, mac=format_mac(GUEST_MAC))
+            peer = self.peer
+            self.counter: Callable[[], int] = lambda: len(peer.received)
+            self.target = (PEER_IP, PEER_PORT)
+            self.config = (f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up"
+                           f" && arp -s {PEER_IP} {format_mac(PEER_MAC)}")
+        elif kind == "user":
+            self.sink = HostSink()
+            self.vm = Vm(work, "user-net", kernel, initrd, None, user_net=True, mac=format_mac(GUEST_MAC))
+            sink = self.sink
+            self.counter = lambda: sink.count
+            self.target = (SLIRP_HOST_IP, sink.port)
+            self.config = f"ip addr add {SLIRP_GUEST_IP}/24 dev eth0 && ip link set eth0 up"
+        else:
+            raise ValueError(kind)
+
+    def up(self) -> None:
+        assert self.vm is not None
+        rc, out = self.vm.sh(self.config)
+        if rc:
+            raise RuntimeError(f"{self.kind}: {self.config}: {rc} {out}")
+        rc, _ = self.vm.sh("[ -x /bin/ublast ]")
+        if rc:
+            raise RuntimeError("the guest has no ublast (gcc missing?)")
+
+    def quiesce(self) -> None:
+        """Wait (bounded) until nothing has arrived for QUIET seconds."""
+        deadline = time.monotonic() + 10
+        last, since = self.counter(), time.monotonic()
+        while time.monotonic() - since < QUIET and time.monotonic() < deadline:
+            time.sleep(0.05)
+            n = self.counter()
+            if n != last:
+                last, since = n, time.monotonic()
+
+    def measure(self, size: int, window: float) -> dict[str, float]:
+        vm = self.vm
+        assert vm is not None
+        self.quiesce()
+        c = self.counter()
+        ip, port = self.target
+        rc, out = vm.sh(f"ublast {ip} {port} {size} /tmp/b.out & echo $! > /tmp/b.pid")
+        if rc:
+            raise RuntimeError(f"{self.kind}: ublast did not start: {out}")
+        try:
+            deadline = time.monotonic() + FIRST_TIMEOUT
+            while self.counter() == c:
+                if time.monotonic() > deadline:
+                    _, diag = vm.sh("cat /proc/net/snmp | grep Udp; cat /sys/class/net/eth0/statistics/tx_packets; ip neigh")
+                    raise RuntimeError(f"{self.kind}: no datagram reached the host in {FIRST_TIMEOUT:.0f} s; guest: {diag}")
+                time.sleep(0.01)
+            time.sleep(WARM)
+            c0, t0 = self.counter(), time.monotonic()
+            time.sleep(window)
+            c1, t1 = self.counter(), time.monotonic()
+        finally:
+            rc, out = vm.sh("kill $(cat /tmp/b.pid); while ! grep -q 'UBLAST end' /tmp/b.out 2>/dev/null; do sleep 0.1; done;"
+                            " cat /tmp/b.out; rm /tmp/b.out", 120)
+        m = re.search(r"UBLAST sent (\d+) errors (\d+) ns (\d+)", out)
+        if rc or not m:
+            raise RuntimeError(f"{self.kind}: ublast: {rc} {out}")
+        pps = (c1 - c0) / (t1 - t0)
+        return {f"pps_{size}": pps, f"MBps_{size}": pps * size / 1e6,
+                f"guest_sent_pps_{size}": int(m.group(1)) / (int(m.group(3)) / 1e9)}
+
+    def stop(self) -> dict:
+        """Stop everything; the back-end's and switch's counters (ours)."""
+        extra: dict = {}
+        for t in (self.vm, self.be):
+            if t is not None:
+                t.stop()
+        if self.be is not None:
+            extra["backend_stats"] = self.be.stats()
+        if self.peer is not None:
+            self.peer.close()
+        if self.sw is not None:
+            extra["switch_stats"] = dict(self.sw.stats)
+            self.sw.stop()
+        if self.sink is not None:
+            self.sink.close()
+        return extra
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def num(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=3, help="samples per metric and set-up (>= 3 for a spread)")
+    ap.add_argument("--sizes", default="64,1400", help="UDP payload sizes in bytes, comma-separated (16..1472)")
+    ap.add_argument("--window", type=float, default=3.0, help="host-timed counting window per sample, seconds")
+    ap.add_argument("--json", help="also write every sample here")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if any(not 16 <= s <= 1472 for s in sizes) or args.samples < 1 or args.window <= 0:
+        ap.error("sizes 16..1472, samples >= 1, window > 0")
+    kernel, initrd = guest_assets()
+    work = Path(tempfile.mkdtemp(prefix="vlm-netfig-"))
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    res: dict = {"started": started, "samples": args.samples, "sizes": sizes, "window_s": args.window,
+                 "net": {k: [] for k in KINDS}}
+    setups: dict[str, Setup] = {}
+    try:
+        for kind in KINDS:
+            setups[kind] = Setup(kind, kernel, initrd, work)
+        for s in setups.values():
+            assert s.vm is not None
+            s.vm.boot(180)
+        for s in setups.values():
+            s.up()
+        for i in range(args.samples):
+            for kind in KINDS:
+                r: dict[str, float] = {}
+                for size in sizes:
+                    r.update(setups[kind].measure(size, args.window))
+                res["net"][kind].append(r)
+                print(f"sample {i + 1}/{args.samples} {kind}: " + ", ".join(f"{k}={num(v)}" for k, v in r.items()), flush=True)
+    finally:
+        for kind, s in setups.items():
+            res[f"stop_{kind}"] = s.stop()
+    print(f"\n{args.samples} samples each, alternating, {args.window:g} s host-timed window;"
+          f" median [min-max]; started {started}")
+    print(f"{'metric':22} {'ours (vhost-user-net)':>28} {'QEMU -netdev user':>28} {'ours/user':>9}")
+    for k in res["net"]["ours"][0]:
+        o = summary([s[k] for s in res["net"]["ours"]])
+        u = summary([s[k] for s in res["net"]["user"]])
+        ratio = o[0] / u[0] if u[0] else float("nan")
+        print(f"{k:22} {num(o[0]):>10} [{num(o[1]):>7}-{num(o[2]):>7}] {num(u[0]):>10} [{num(u[1]):>7}-{num(u[2]):>7}]"
+              f" {ratio:9.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
