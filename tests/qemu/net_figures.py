@@ -16,7 +16,8 @@ Per sample and payload size, in the guest ``ublast`` (tests/qemu/ublast.c) sends
 fast as it can; once they arrive, the host counts what its receiver gets over a window timed
 here (``--window`` seconds): datagrams a second (``pps``) and payload bytes a second (``MBps``,
 10^6).  ``guest_sent_pps``: what ublast handed to the guest's socket a second (guest clock; a
-datagram the guest's queue dropped counts as sent).  Samples alternate between the two guests
+datagram the guest's queue dropped counts as sent); ``switch_fps`` (ours only): the frames the
+switch forwarded a second over the same window.  Samples alternate between the two guests
 (sample 1 ours, sample 1 user, sample 2 ours, ...), so load on the machine falls on both alike.
 Printed per metric: the median and the spread (min-max) of the samples for each set-up and the
 ratio of the medians.  Guest under TCG: absolute numbers are the emulator's; the ratio is the
@@ -101,13 +102,23 @@ class Setup:
         self.be: NetBackendProc | None = None
         self.sink: HostSink | None = None
         self.vm: Vm | None = None
+        try:
+            self._start(kind, kernel, initrd, work)
+        except BaseException:
+            self.stop()  # what did start (the switch's thread, the back-end process) goes with it
+            raise
+
+    def _start(self, kind: str, kernel: Path, initrd: Path, work: Path) -> None:
         if kind == "ours":
             self.sw = L2Switch(idle_timeout=3600).start()
             self.peer = UdpPeer(self.sw.address, PEER_MAC, ipv4_addr(PEER_IP))
             self.be = NetBackendProc(str(work / "ours-net.sock"), self.sw.address)
             self.vm = Vm(work, "ours-net", kernel, initrd, None, net_socket=self.be.socket_path, mac=format_mac(GUEST_MAC))
-            peer = self.peer
+            peer, sw = self.peer, self.sw
             self.counter: Callable[[], int] = lambda: len(peer.received)
+            # the frames the switch forwarded (the guest's, and little else): whether the
+            # peer (this process, Python) keeps up with what reaches it
+            self.extra: Callable[[], int] | None = lambda: sw.stats["frames"]
             self.target = (PEER_IP, PEER_PORT)
             self.config = (f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up"
                            f" && arp -s {PEER_IP} {format_mac(PEER_MAC)}")
@@ -116,6 +127,7 @@ class Setup:
             self.vm = Vm(work, "user-net", kernel, initrd, None, user_net=True, mac=format_mac(GUEST_MAC))
             sink = self.sink
             self.counter = lambda: sink.count
+            self.extra = None
             self.target = (SLIRP_HOST_IP, sink.port)
             self.config = f"ip addr add {SLIRP_GUEST_IP}/24 dev eth0 && ip link set eth0 up"
         else:
@@ -157,9 +169,11 @@ class Setup:
                     raise RuntimeError(f"{self.kind}: no datagram reached the host in {FIRST_TIMEOUT:.0f} s; guest: {diag}")
                 time.sleep(0.01)
             time.sleep(WARM)
+            e0 = self.extra() if self.extra else 0
             c0, t0 = self.counter(), time.monotonic()
             time.sleep(window)
             c1, t1 = self.counter(), time.monotonic()
+            e1 = self.extra() if self.extra else 0
         finally:
             rc, out = vm.sh("kill $(cat /tmp/b.pid); while ! grep -q 'UBLAST end' /tmp/b.out 2>/dev/null; do sleep 0.1; done;"
                             " cat /tmp/b.out; rm /tmp/b.out", 120)
@@ -167,8 +181,11 @@ class Setup:
         if rc or not m:
             raise RuntimeError(f"{self.kind}: ublast: {rc} {out}")
         pps = (c1 - c0) / (t1 - t0)
-        return {f"pps_{size}": pps, f"MBps_{size}": pps * size / 1e6,
-                f"guest_sent_pps_{size}": int(m.group(1)) / (int(m.group(3)) / 1e9)}
+        r = {f"pps_{size}": pps, f"MBps_{size}": pps * size / 1e6,
+             f"guest_sent_pps_{size}": int(m.group(1)) / (int(m.group(3)) / 1e9)}
+        if self.extra:
+            r[f"switch_fps_{size}"] = (e1 - e0) / (t1 - t0)
+        return r
 
     def stop(self) -> dict:
         """Stop everything; the back-end's and switch's counters (ours)."""
@@ -235,10 +252,14 @@ def main() -> int:
     print(f"{'metric':22} {'ours (vhost-user-net)':>28} {'QEMU -netdev user':>28} {'ours/user':>9}")
     for k in res["net"]["ours"][0]:
         o = summary([s[k] for s in res["net"]["ours"]])
-        u = summary([s[k] for s in res["net"]["user"]])
-        ratio = o[0] / u[0] if u[0] else float("nan")
-        print(f"{k:22} {num(o[0]):>10} [{num(o[1]):>7}-{num(o[2]):>7}] {num(u[0]):>10} [{num(u[1]):>7}-{num(u[2]):>7}]"
-              f" {ratio:9.3f}")
+        line = f"{k:22} {num(o[0]):>10} [{num(o[1]):>7}-{num(o[2]):>7}]"
+        if k in res["net"]["user"][0]:
+            u = summary([s[k] for s in res["net"]["user"]])
+            ratio = o[0] / u[0] if u[0] else float("nan")
+            line += f" {num(u[0]):>10} [{num(u[1]):>7}-{num(u[2]):>7}] {ratio:9.3f}"
+        else:  # ours only: no counterpart in the user set-up
+            line += f" {'-':>28} {'-':>9}"
+        print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     shutil.rmtree(work, ignore_errors=True)
