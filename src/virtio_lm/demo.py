@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -90,13 +89,8 @@ class Network:
 def start_network(work: Path, procs: list[ChildProcess]) -> Network:
     """Create the disk image in ``work``, start the switch and the peer (appended to ``procs``)."""
     image = work / "disk.img"
-    # fully allocated, as `qemu-img create -o preallocation=full` makes one: the guest's writes
-    # then overwrite blocks in place, so the image's fdatasync (a FLUSH, the pre-pause flush, the
-    # one at FREEZED inside the downtime) never waits for a journal commit of new allocations
-    with open(image, "wb") as f:
-        f.write(bytes(IMAGE_MIB << 20))
-        f.flush()
-        os.fsync(f.fileno())
+    with open(image, "wb") as f:  # sparse: a fully allocated one measured no better here (issue 9 note)
+        f.truncate(IMAGE_MIB << 20)
     sw = ChildProcess("switch", cli_command("switch", "--listen", "127.0.0.1:0", "--lifetime", "900"), work)
     procs.append(sw)
     switch_addr = sw.first_line().split()[-1]
