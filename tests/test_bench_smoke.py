@@ -94,3 +94,38 @@ def test_the_micro_bench_groups_run(capsys):
     out = capsys.readouterr().out
     for needle in ("zero-page scan", "pull-bytemap", "TX in flight"):
         assert needle in out, out[-3000:]
+
+
+@pytest.mark.slow  # matplotlib's import alone is seconds here
+def test_downtime_replot_draws_every_run_from_the_json(tmp_path):
+    """``replot`` rebuilds the cells from a matrix JSON: every completed run is a marker
+    (a run missing from the JSON is a marker fewer -- the negative control)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from virtio_lm import bench_downtime as bd
+
+    runs = [{"limit": lim, "mode": mode, "rate": 32.0, "status": "completed", "downtime": d, "expected": 10.0}
+            for lim, mode, d in ((30, "push-bitmap", 12.0), (30, "push-bitmap", 574.7), (100, "pull-bytemap", 20.0))]
+    drawn: list[int] = []
+    real = bd.plot
+
+    def counting(cells, path, title, **kw):
+        drawn.append(sum(len(c.runs) for c in cells))
+        real(cells, path, title, **kw)
+
+    for doc, want in (({"runs": runs}, 3), ({"runs": runs[1:]}, 2)):
+        src = tmp_path / "m.json"
+        src.write_text(json.dumps(doc))
+        out = tmp_path / "m.png"
+        bd.plot, saved = counting, bd.plot
+        try:
+            bd.replot(src, out, "t")
+        finally:
+            bd.plot = saved
+        assert out.stat().st_size > 0 and drawn[-1] == want
+    plt.close("all")

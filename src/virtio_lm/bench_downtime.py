@@ -183,7 +183,7 @@ def plot(cells: list[Cell], path: Path, title: str, *, dpi: int = 110) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     markers = dict(zip(MODES, "o^sD"))
     colors = {32.0: "tab:blue", 128.0: "tab:red"}
     rng = np.random.default_rng(0)
@@ -211,10 +211,21 @@ def plot(cells: list[Cell], path: Path, title: str, *, dpi: int = 110) -> None:
     ax.set_title(title)
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left")
+    # beside the axes, not over them: the worst runs sit top left (a small limit, a long downtime)
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def replot(json_path: Path, png_path: Path, title: str) -> None:
+    """Draw a matrix's plot again from its JSON (what :func:`run` wrote)."""
+    doc = json.loads(Path(json_path).read_text())
+    cells: dict[tuple[int, str, float], Cell] = {}
+    for r in doc["runs"]:
+        key = (int(r["limit"]), str(r["mode"]), float(r["rate"]))
+        cells.setdefault(key, Cell(*key)).runs.append(r)
+    plot(list(cells.values()), png_path, title)
 
 
 def run(m: Matrix, out_dir: Path, *, title: str = "virtio-lm downtime vs limit (first migrations)") -> list[Cell]:
