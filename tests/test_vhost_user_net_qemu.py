@@ -13,7 +13,6 @@ had.  Guest side: tests/qemu/ (udpx.c, chan.c).
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
@@ -21,12 +20,10 @@ import pytest
 
 pytestmark = [
     pytest.mark.qemu, pytest.mark.slow,  # a Linux guest under QEMU (TCG)
-    # Known flaky (issue 13, open): in two whole-suite runs on a loaded machine the migrated
-    # guest sent no datagram for 60 s; alone (9 runs, 5 under stress-ng --cpu 2) it passes.
-    # Until the cause is found it runs on request only, so that it cannot block every landing.
-    pytest.mark.skipif(os.environ.get("VIRTIO_LM_NET_QEMU") != "1",
-                       reason="vhost-user-net under QEMU is known flaky in whole-suite runs (issue 13): "
-                              "set VIRTIO_LM_NET_QEMU=1 to run it"),
+    # It ran on request only for a while: in whole-suite runs on a loaded machine the migrated
+    # guest went silent.  The likely cause is QEMU 7.2's TCG dirty-bitmap sync losing pages of a
+    # 256M guest -- a blk migration test's destination kernel oopsed that way in a CI run -- and
+    # tests/qemu/guest.py now gives every guest RAM that is not a multiple of 64 pages.
 ]
 
 from qemu.guest import SCALE, GuestUnavailable, NetBackendProc, Vm, free_port, guest_assets
