@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from qemu.guest import SCALE
+
 from virtio_lm.qemu_baseline import QemuBaseline, QemuBaselineError, QemuUnavailable, build_dirtier
+
+#: host-side bound of one whole baseline run (boot, fill, migration, the guest's own check): it
+#: passes in ~10 s quiet; a CI run under stress-ng --cpu 2 with the suite beside it took over 50
+BUDGET = 240 * SCALE
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +102,8 @@ def baseline(tmp_path: Path):
 @pytest.mark.qemu
 def test_qemu_migration_with_dirtier_completes_and_verifies(baseline: QemuBaseline, tmp_path: Path) -> None:
     qb = baseline
-    r = qb.run(memory_mib=128, fill_mib=16, sweep_mib=16, dirty_rate_mbps=32, downtime_limit_ms=300, timeout_s=50)
+    r = qb.run(memory_mib=128, fill_mib=16, sweep_mib=16, dirty_rate_mbps=32, downtime_limit_ms=300,
+               timeout_s=BUDGET)
     qb.close()
     assert not list(tmp_path.iterdir())  # the temp dir is cleaned
     assert r["status"] == "completed"
@@ -120,7 +127,7 @@ def test_qemu_migration_with_dirtier_completes_and_verifies(baseline: QemuBaseli
 def test_qemu_failure_is_typed_with_the_console_tail(baseline: QemuBaseline, tmp_path: Path) -> None:
     """A fill larger than the guest's RAM: QemuBaselineError with the guest's words, QEMUs gone."""
     with pytest.raises(QemuBaselineError) as info:
-        baseline.run(memory_mib=128, fill_mib=200, sweep_mib=0, timeout_s=40)
+        baseline.run(memory_mib=128, fill_mib=200, sweep_mib=0, timeout_s=BUDGET)
     baseline.close()
     text = str(info.value)
     assert "the dirtier failed: DIRTIER_BAD cannot map the fill region" in text
