@@ -272,7 +272,7 @@ class Proxy:
         self.cut_after_ready = cut_after_ready
         self.cut_after_commit = cut_after_commit
         self.hold_after_commit = hold_after_commit
-        self.commit_forwarded = threading.Event()  # the data the source sent after READY went on
+        self.commit_forwarded = threading.Event()  # the data the source sent after READY is going on
         self.release = threading.Event()
         self.dropped_after_commit = 0
         self.lst = socket.create_server(("127.0.0.1", 0))
@@ -316,9 +316,12 @@ class Proxy:
                         self.cut()
                         return
                     if (self.cut_after_commit or self.hold_after_commit) and self.ready_seen.is_set():
+                        # noted before it goes on: the destination answers the COMMIT with RUNNING
+                        # at once, and the other pump must already know by then (set after the
+                        # send, a preempted pump let RUNNING through under stress-ng)
+                        self.commit_forwarded.set()
                         dst.sendall(data)  # the COMMIT (the source's answer to READY)
                         self.forwarded[direction] += len(data)
-                        self.commit_forwarded.set()
                         continue
                     off = self.forwarded["to-dest"]
                     if self.corrupt_at is not None and off <= self.corrupt_at < off + len(data):
