@@ -59,6 +59,7 @@ from virtio_lm.errors import (
 )
 from virtio_lm.pci.function import CONFIG_INTERRUPT, VirtioPciFunction
 from virtio_lm.vhost.memmap import GuestMemoryMap
+from virtio_lm.vhost.protocol import CarriesFds
 from virtio_lm.wire import pcicfg as C
 from virtio_lm.wire import vfio_user as W
 from virtio_lm.wire.pci import VIRTIO_PCI_VENDOR_ID, VIRTIO_MSI_NO_VECTOR, modern_device_id
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Message:
+class Message(CarriesFds):
     """One client message: header, payload, the fds that came with it (owned until taken)."""
 
     header: W.Header
@@ -83,14 +84,6 @@ class Message:
             return W.Command(self.header.command).name
         except ValueError:
             return f"command {self.header.command}"
-
-    def take_fds(self) -> list[int]:
-        fds, self.fds = self.fds, []
-        return fds
-
-    def close_fds(self) -> None:
-        for fd in self.take_fds():
-            _close(fd)
 
 
 def _close(fd: int) -> None:

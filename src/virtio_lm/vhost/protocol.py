@@ -45,8 +45,28 @@ __all__ = ["PAYLOAD_RULES", "Message", "MessageReader", "PayloadRule", "check_sh
 HEADER_SIZE = Header.SIZE  # type: ignore[attr-defined]
 
 
+class CarriesFds:
+    """What a protocol message that came with SCM_RIGHTS fds does with them: it owns
+    ``self.fds`` until they are taken, and closes those it still owns.  (The vhost-user and
+    vfio-user messages both.)"""
+
+    fds: list[int]
+
+    def take_fds(self) -> list[int]:
+        """Hand the fds over (the message no longer closes them)."""
+        fds, self.fds = self.fds, []
+        return fds
+
+    def close_fds(self) -> None:
+        for fd in self.take_fds():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 @dataclass
-class Message:
+class Message(CarriesFds):
     """One front-end message: header, payload bytes, the fds that came with it."""
 
     header: Header
@@ -63,19 +83,6 @@ class Message:
             return Request(self.header.request).name
         except ValueError:
             return f"request {self.header.request}"
-
-    def take_fds(self) -> list[int]:
-        """Hand the fds over (the message no longer closes them)."""
-        fds, self.fds = self.fds, []
-        return fds
-
-    def close_fds(self) -> None:
-        for fd in self.take_fds():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
 
 def check_header(h: Header) -> None:
     if h.version != VERSION:
