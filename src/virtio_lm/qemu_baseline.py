@@ -235,6 +235,19 @@ class QemuBaseline:
                     raise
         raise QemuBaselineError("no free port for the destination's -incoming")
 
+    @staticmethod
+    def _diagnose(q: QemuProcess, pid: int) -> str:
+        """What the guest says of a process that did not answer its signal: its state, where it
+        sleeps, the signals it has pending and blocked, and whether the guest's clock moves."""
+        cmd = (f"grep -E '^(State|SigPnd|ShdPnd|SigBlk|SigCgt)' /proc/{pid}/status; cat /proc/{pid}/wchan; echo; "
+               f"cat /proc/{pid}/stack; cat /proc/uptime; "
+               "cat /sys/devices/system/clocksource/clocksource0/current_clocksource; sleep 1; cat /proc/uptime; "
+               "dmesg | tail -n 15")
+        try:
+            return q.sh(cmd, time.monotonic() + 30)[1]
+        except (QemuBaselineError, OSError) as exc:
+            return f"(the guest shell did not answer either: {exc.__class__.__name__})"
+
     def _migrate(self, src: QemuProcess, dst: QemuProcess, port: int, *, fill_mib: int, sweep_mib: int, rate: float,
                  downtime_limit_ms: int, max_bandwidth: int, deadline: float) -> dict:
         # boot, start the dirtier, wait for its steady rate.  A subshell reports the dirtier's
@@ -280,8 +293,15 @@ class QemuBaseline:
         resume = dst.wait_event("RESUME", deadline)
 
         # the destination's guest stops the dirtier, which verifies its memory
-        dst.sh(f"kill -USR1 {pid}", deadline)
-        exit_status = int(dst.wait_for(r"^DIRTIER_EXIT (\d+)", deadline).group(1))
+        start = len(dst.text())
+        status, out = dst.sh(f"kill -USR1 {pid}", deadline)
+        if status != 0:
+            raise QemuBaselineError(f"destination: kill -USR1 {pid} failed ({status}): {out}")
+        try:
+            exit_status = int(dst.wait_for(r"^DIRTIER_EXIT (\d+)", deadline, start).group(1))
+        except QemuBaselineError as exc:
+            raise QemuBaselineError(f"{exc}\n--- destination: the dirtier after SIGUSR1\n"
+                                    f"{self._diagnose(dst, pid)}") from exc
         found = re.search(rf"^(DIRTIER_(?:OK|BAD){LINE})\r?\n", dst.text(), re.M)
         verdict = found.group(1) if found else f"DIRTIER_EXIT {exit_status} without a verdict"
         if verdict.startswith("DIRTIER_OK") and exit_status != 0:

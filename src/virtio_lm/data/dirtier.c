@@ -35,6 +35,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -62,13 +63,21 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static void sleep_until(double t)
+/* Sleeps until CLOCK_MONOTONIC reaches t (at once when it has), with SIGUSR1 unblocked only while
+ * waiting: the loop keeps SIGUSR1 blocked, so a signal that comes between its check of
+ * stop_requested and this wait stays pending and ends the wait at once (ppoll sets the mask and
+ * waits in one step).  With clock_nanosleep a signal landing in that gap was only seen after the
+ * sleep, and a sleep is unbounded if the guest's clock misbehaves after a migration. */
+static void wait_until(double t, const sigset_t *unblocked)
 {
+    double left = t - now_s();
+    if (left < 0)
+        left = 0;
     struct timespec ts;
-    ts.tv_sec = (time_t)t;
-    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
+    ts.tv_sec = (time_t)left;
+    ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
     if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
-    clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL); /* EINTR on SIGUSR1: fine */
+    ppoll(NULL, 0, &ts, unblocked); /* EINTR on SIGUSR1: the caller checks stop_requested */
 }
 
 static uint64_t page_seed(uint64_t page)
@@ -198,6 +207,8 @@ int main(int argc, char **argv)
             sigsuspend(&old);
         sigprocmask(SIG_SETMASK, &old, NULL);
     }
+    if (dirtying)
+        sigprocmask(SIG_BLOCK, &usr1, &old);
     while (dirtying && !stop_requested) {
         uint64_t n = sweep_pages - position;
         if (n > BURST)
@@ -221,10 +232,12 @@ int main(int argc, char **argv)
             next += (double)n / pages_per_s;
             if (next < t - 0.05)
                 next = t - 0.05; /* behind by more than 50 ms: no catching up beyond that */
-            else if (next > t)
-                sleep_until(next);
         }
+        /* also when behind (a zero wait): a pending SIGUSR1 is delivered here */
+        wait_until(pages_per_s > 0 ? next : 0, &old);
     }
+    if (dirtying)
+        sigprocmask(SIG_SETMASK, &old, NULL);
     double secs = now_s() - t0;
 
     if (corrupt) {
