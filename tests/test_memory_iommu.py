@@ -207,3 +207,25 @@ def test_a_port_takes_one_platform_tracker(mem):
     IommuDirtyDomain(port)
     with pytest.raises(PlatformTrackingError, match="already attached"):
         IommuDirtyDomain(port)
+
+
+def test_a_ring_tracker_beside_the_platform_tracker_takes_marks_directly(mem):
+    """With a platform tracker attached the writer calls every sink's mark: the device tracker's
+    dirty ring is bypassed (both see each write at once), and it is used again after detach."""
+    from virtio_lm.pf.tracking import PullTracker
+    from virtio_lm.wire.ctrl import TrackMode
+
+    port = mem.device_port("vf1")
+    own = PullTracker(TrackMode.PULL_BYTEMAP, 12, buffered=True)
+    port.writer.tracker = own
+    port.write(2 * PAGE_SIZE, b"a")
+    assert list(own.ring) == [2]
+    dom = IommuDirtyDomain(port)
+    dom.set_dirty_tracking(True)
+    port.write(9 * PAGE_SIZE, b"z")
+    assert list(own.ring) == [2]  # 9 went through mark()
+    assert list(np.flatnonzero(collect(dom))) == [9]
+    dom.detach()
+    port.write(11 * PAGE_SIZE, b"z")
+    assert list(own.ring) == [2, 11]
+    assert own.snapshot() == bytes([0, 0, 1] + [0] * 6 + [1, 0, 1])

@@ -33,6 +33,7 @@ from virtio_lm.pci import PciDriverTransport
 from virtio_lm.pci.sriov import SriovPF
 from virtio_lm.pf.controller import VfMigrationController
 from virtio_lm.pf.device import CTRL_QUEUE, PF_FEATURES, PfDevice, build_pf
+from virtio_lm.pf.tracking import report_to_pages
 from virtio_lm.virtqueue.driver import Allocator
 from virtio_lm.wire.blk import BlkFeature
 from virtio_lm.wire.ctrl import (
@@ -995,3 +996,46 @@ def test_a_batch_longer_than_the_queue_goes_in_several_kicks(h):
     h.drv.set_states([1] * n, S.QUIESCED)
     assert h.drv.stats.commands - before == n and h.drv.get_state(1) is S.QUIESCED
     assert h.drv.ctrlq.num_free() == h.drv.queue_size  # every descriptor back
+
+
+# ====================================================================== the dirty ring, at the PF
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
+def test_leaving_running_puts_every_ringed_mark_into_the_map(mode):
+    """A one-page DMA write waits in the tracker's dirty ring until the map is read; QUIESCED
+    (and FREEZED) put it in the map at once, so a reader that never drains (another process
+    mapping the push map) has every mark before the migration's last collection."""
+    h = make_host()
+    try:
+        h.drv.start_tracking(1, mode, map_segments=2)
+        h.pf.vf(1).port.write(5 * PAGE_SIZE + 1, b"x")
+        ring = h.ctl.context(1).tracker.ring
+        assert list(ring) == [5]  # the control: it is not in the map yet
+        h.drv.set_state(1, S.QUIESCED)
+        assert len(ring) == 0
+        assert list(np.flatnonzero(h.drv.collect_dirty(1))) == [5]
+    finally:
+        h.close()
+
+
+@pytest.mark.parametrize("mode", [TrackMode.PUSH_BITMAP, TrackMode.PUSH_BYTEMAP], ids=lambda m: m.name)
+def test_stop_puts_the_ring_into_the_push_map_and_a_pf_reset_drops_it(mode):
+    h = make_host()
+    try:
+        tr = h.drv.start_tracking(1, mode, map_segments=2)
+        segs = list(tr.segments)
+        port = h.pf.vf(1).port
+        port.write(3 * PAGE_SIZE, b"x")
+        h.ctl.stop_dirty_page_track(1)  # the device side of STOP: the map is complete when it returns
+        raw = b"".join(h.host.read(a, n) for a, n in segs)
+        assert list(np.flatnonzero(report_to_pages(raw, len(raw) * (8 if mode.is_bitmap else 1),
+                                                   bitmap=mode.is_bitmap))) == [3]
+        for a, n in segs:
+            h.host.cpu.fill(a, n, 0)
+        h.ctl.start_dirty_page_track(1, int(mode), segs)
+        port.write(4 * PAGE_SIZE, b"x")
+        assert len(h.ctl.context(1).tracker.ring) == 1
+        h.ctl.reset()  # a reset device writes no map
+        assert not any(h.host.read(a, n).strip(b"\0") for a, n in segs)
+        assert h.ctl.context(1).tracker is None
+    finally:
+        h.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sys
 import threading
+from array import array
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 
 from virtio_lm.errors import DirtyReportError, MapTableError, TrackingError
 from virtio_lm.memory import Memory
+from virtio_lm.memory.dirty import RING_DRAIN_AT, RING_MAX_RUN, take_ring
+from virtio_lm.memory.region import DeviceWriter
 from virtio_lm.pf.tracking import (
     PullTracker,
     PushTracker,
@@ -29,15 +32,34 @@ HOST_SIZE = 8 * 4096
 
 
 # --------------------------------------------------------------------------- rigs
-class PushRig:
+class Rig:
+    """``mark`` as a VF's DMA write makes it: with ``buffered`` through a DeviceWriter whose
+    tracker is the rig's (one-page writes go to the tracker's dirty ring), else ``tracker.mark``."""
+
+    buffered = False
+
+    def mark(self, first: int, last: int) -> None:
+        if self.buffered:
+            self.writer.written(first, last, (last - first + 1) * 4096)
+        else:
+            self.tracker.mark(first, last)
+
+    def _wire(self, buffered: bool) -> None:
+        self.buffered = buffered
+        self.writer = DeviceWriter("vf")
+        self.writer.tracker = self.tracker
+
+
+class PushRig(Rig):
     """A push tracker over a host memory, collected like a driver: test-and-clear per segment."""
 
-    def __init__(self, mode, segments, tracker_cls=PushTracker):
+    def __init__(self, mode, segments, tracker_cls=PushTracker, buffered=False):
         self.host = Memory(HOST_SIZE, name="pf-host")
         self.pf_port = self.host.device_port("pf")
         self.segments = segments
-        self.tracker = tracker_cls(mode, self.pf_port, segments)
+        self.tracker = tracker_cls(mode, self.pf_port, segments, buffered=buffered)
         self.bitmap = mode.is_bitmap
+        self._wire(buffered)
 
     def collect(self) -> np.ndarray:
         raw = np.concatenate([self.host.cpu.atomic_fetch_and_clear(a, n) for a, n in self.segments])
@@ -54,11 +76,12 @@ class PushRig:
         self.host.close()
 
 
-class PullRig:
-    def __init__(self, mode, log_max_pages, tracker_cls=PullTracker):
-        self.tracker = tracker_cls(mode, log_max_pages)
+class PullRig(Rig):
+    def __init__(self, mode, log_max_pages, tracker_cls=PullTracker, buffered=False):
+        self.tracker = tracker_cls(mode, log_max_pages, buffered=buffered)
         self.bitmap = mode.is_bitmap
         self.reports: list[bytes] = []
+        self._wire(buffered)
 
     def collect(self) -> np.ndarray:
         rep = self.tracker.snapshot()
@@ -85,7 +108,7 @@ def run_rounds(rig, rounds) -> None:
     for ranges in rounds:
         marked = np.zeros(cap, dtype=bool)
         for first, last in ranges:
-            rig.tracker.mark(first, last)
+            rig.mark(first, last)
             marked[first : last + 1] = True
         assert rig.stray_writes() == 0
         assert_exact(marked, rig.collect())
@@ -138,10 +161,10 @@ def pull_case(draw):
 
 # --------------------------------------------------------------------------- exactness
 @settings(max_examples=150, deadline=None)
-@given(push_case())
-def test_push_reports_exactly_the_marked_pages(case):
+@given(push_case(), st.booleans())
+def test_push_reports_exactly_the_marked_pages(case, buffered):
     mode, segs, rounds = case
-    rig = PushRig(mode, segs)
+    rig = PushRig(mode, segs, buffered=buffered)
     try:
         run_rounds(rig, rounds)
         assert rig.tracker.overflow_events == 0
@@ -151,10 +174,10 @@ def test_push_reports_exactly_the_marked_pages(case):
 
 
 @settings(max_examples=150, deadline=None)
-@given(pull_case())
-def test_pull_reports_exactly_the_marked_pages(case):
+@given(pull_case(), st.booleans())
+def test_pull_reports_exactly_the_marked_pages(case, buffered):
     mode, log, rounds = case
-    rig = PullRig(mode, log)
+    rig = PullRig(mode, log, buffered=buffered)
     run_rounds(rig, rounds)
     assert rig.tracker.overflow_events == 0
     assert rig.tracker.marks == sum(l - f + 1 for r in rounds for f, l in r)
@@ -253,7 +276,7 @@ def _race(rig, seed: int, n_marks: int = 3000) -> None:
         for _ in range(n_marks):
             f = rng.randrange(cap)
             l = min(cap - 1, f + rng.randrange(4))  # short ranges over a big map: most pages marked once
-            rig.tracker.mark(f, l)
+            rig.mark(f, l)
             marked[f : l + 1] = True
         done.set()
 
@@ -275,9 +298,10 @@ def _race(rig, seed: int, n_marks: int = 3000) -> None:
     assert_exact(marked, union)
 
 
+@pytest.mark.parametrize("buffered", [False, True], ids=["mark", "ring"])
 @pytest.mark.parametrize("mode", PUSH_MODES)
-def test_push_concurrent_marks_and_collections_lose_nothing(mode):
-    rig = PushRig(mode, [(20000 + 7, 3), (11, 9000), (9100, 9000)])
+def test_push_concurrent_marks_and_collections_lose_nothing(mode, buffered):
+    rig = PushRig(mode, [(20000 + 7, 3), (11, 9000), (9100, 9000)], buffered=buffered)
     try:
         _race(rig, seed=int(mode))
         assert rig.stray_writes() == 0
@@ -285,9 +309,146 @@ def test_push_concurrent_marks_and_collections_lose_nothing(mode):
         rig.close()
 
 
+@pytest.mark.parametrize("buffered", [False, True], ids=["mark", "ring"])
 @pytest.mark.parametrize("mode", PULL_MODES)
-def test_pull_concurrent_marks_and_snapshots_lose_nothing(mode):
-    _race(PullRig(mode, 14), seed=int(mode))
+def test_pull_concurrent_marks_and_snapshots_lose_nothing(mode, buffered):
+    _race(PullRig(mode, 14, buffered=buffered), seed=int(mode))
+
+
+# --------------------------------------------------------------------------- the dirty ring
+@pytest.mark.parametrize("mode", PUSH_MODES + PULL_MODES)
+def test_ring_takes_short_writes_and_mark_takes_long_ones(mode):
+    rig = PushRig(mode, [(5, 400)], buffered=True) if mode.is_push else PullRig(mode, 10, buffered=True)
+    try:
+        rig.mark(7, 7)
+        rig.mark(20, 22)
+        rig.mark(100, 100 + RING_MAX_RUN)  # RING_MAX_RUN + 1 pages: through mark()
+        rig.mark(9, 9 + RING_MAX_RUN - 1)
+        assert list(rig.tracker.ring) == [7, ~20, 22, ~9, 9 + RING_MAX_RUN - 1]
+        assert rig.tracker.marks == 1 + 3 + (RING_MAX_RUN + 1) + RING_MAX_RUN  # drains first
+        assert len(rig.tracker.ring) == 0
+        want = sorted({7, 20, 21, 22, *range(100, 101 + RING_MAX_RUN), *range(9, 9 + RING_MAX_RUN)})
+        assert np.flatnonzero(rig.collect()).tolist() == want
+    finally:
+        rig.close()
+
+
+def test_take_ring_leaves_a_run_without_its_last_page():
+    ring = array("q", [3, ~10, 12, 5, ~40])
+    pages, ends = take_ring(ring)
+    assert sorted(pages.tolist()) == [3, 5, 10, 11, 12] and sorted(ends.tolist()) == [3, 5, 12]
+    assert list(ring) == [~40]
+    ring.append(41)
+    pages, ends = take_ring(ring)
+    assert pages.tolist() == [40, 41] and ends.tolist() == [41] and len(ring) == 0
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES + PULL_MODES)
+def test_writers_on_several_threads_share_one_ring_and_lose_nothing(mode):
+    """The blk VF writes from a pool of threads through one port: runs from two threads must not
+    interleave inside the ring (the check reports pages no thread wrote, or misses some)."""
+    rig = PushRig(mode, [(11, 9000)], buffered=True) if mode.is_push else PullRig(mode, 14, buffered=True)
+    cap = rig.tracker.capacity_pages
+    marked = np.zeros(cap, dtype=bool)
+    union = np.zeros(cap, dtype=bool)
+    lock = threading.Lock()
+    threads_left = [2]
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        mine = np.zeros(cap, dtype=bool)
+        for _ in range(4000):
+            f = rng.randrange(cap - 8)
+            l = f + rng.randrange(8)
+            rig.mark(f, l)
+            mine[f : l + 1] = True
+        with lock:
+            marked[:] |= mine
+            threads_left[0] -= 1
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        ths = [threading.Thread(target=writer, args=(s,)) for s in (1, 2)]
+        for t in ths:
+            t.start()
+        while threads_left[0]:
+            union |= rig.collect()
+        for t in ths:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    union |= rig.collect()
+    try:
+        assert_exact(marked, union)
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES)
+def test_push_ring_is_invisible_without_the_read_barrier(mode):
+    """Negative control: the driver sees the ring's marks only because reading the PF's
+    memory drains the ring; without that barrier the collection misses them."""
+    rig = PushRig(mode, [(3, 3), (100, 20)], buffered=True)
+    try:
+        rig.host.remove_read_barrier(rig.tracker.drain)
+        with pytest.raises(AssertionError, match="missing"):
+            run_rounds(rig, [[(p, p) for p in range(0, 40, 2)]])
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES + PULL_MODES)
+def test_a_full_ring_drains_on_the_writers_thread(mode):
+    rig = PushRig(mode, [(0, 8192)], buffered=True) if mode.is_push else PullRig(mode, 16, buffered=True)
+    try:
+        for p in range(RING_DRAIN_AT - 1):
+            rig.mark(p, p)
+        assert len(rig.tracker.ring) == RING_DRAIN_AT - 1
+        rig.mark(RING_DRAIN_AT - 1, RING_DRAIN_AT - 1)
+        assert len(rig.tracker.ring) == 0  # drained by the write that filled it
+        assert np.flatnonzero(rig.collect()).tolist() == list(range(RING_DRAIN_AT))
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES + PULL_MODES)
+def test_ring_overflow_is_the_fail_safe_too(mode):
+    rig = PushRig(mode, [(5, 3)], buffered=True) if mode.is_push else PullRig(mode, 3, buffered=True)
+    try:
+        cap = rig.tracker.capacity_pages
+        rig.mark(1, 1)
+        rig.mark(cap + 5, cap + 5)  # one page past the map, through the ring
+        assert rig.tracker.overflow_events == 1
+        assert rig.collect().all()
+        assert not rig.collect().any()
+        assert rig.tracker.marks == 2
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES)
+def test_push_ring_closed_goes_into_the_map_and_stops_draining(mode):
+    rig = PushRig(mode, [(5, 3)], buffered=True)
+    try:
+        rig.mark(2, 2)
+        rig.tracker.close()
+        assert rig.collect().tolist()[:3] == [False, False, True]
+        rig.mark(4, 4)  # after close: nobody drains it on a read any more
+        assert not rig.collect().any()
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES + PULL_MODES)
+def test_ring_discarded_never_reaches_the_map(mode):
+    rig = PushRig(mode, [(5, 3)], buffered=True) if mode.is_push else PullRig(mode, 3, buffered=True)
+    try:
+        rig.mark(2, 2)
+        rig.tracker.discard_ring()
+        assert not rig.collect().any()
+    finally:
+        rig.close()
 
 
 # --------------------------------------------------------------------------- fail-safe

@@ -731,6 +731,27 @@ def test_guest_memory_map_atomic_or_byte(guest) -> None:
         gm.close()
 
 
+def test_atomic_or_at_scatters_into_both_kinds_of_memory(guest) -> None:
+    """Memory and GuestMemoryMap: OR a value into scattered bytes, refuse an address outside
+    without touching anything, tell the writer of the span."""
+    gm = GuestMemoryMap("t")
+    gm.set_table([MemRegion(0, MIB, UADDR, 0)], [os.dup(guest.fd)])
+    try:
+        for mem, read in ((gm, guest.read), (guest, guest.read)):
+            told: list[tuple[int, int]] = []
+            w = type("W", (), {"written": lambda self, a, b, n: told.append((a, b))})()
+            mem.atomic_or_at(np.array([7, 3 * 4096 + 1], dtype=np.int64), 0x40, w)
+            mem.atomic_or_at(np.array([7], dtype=np.int64), 0x02, w)
+            assert read(7, 1) == b"\x42" and read(3 * 4096 + 1, 1) == b"\x40"
+            assert told == [(0, 3), (0, 0)]
+            with pytest.raises(MemoryAccessError):
+                mem.atomic_or_at(np.array([9, MIB if mem is gm else guest.size], dtype=np.int64), 1, w)
+            assert read(9, 1) == b"\x00"
+            guest.cpu.fill(0, 4 * 4096, 0)
+    finally:
+        gm.close()
+
+
 def test_inline_requests_complete_during_the_kick_with_one_notification(image, guest) -> None:
     """inline_max: small requests run on the notification thread (no I/O pool at all) and a
     batch of completions is announced to the driver once."""

@@ -24,12 +24,13 @@ import contextlib
 import mmap
 import os
 import threading
-from typing import Iterator
+from array import array
+from typing import Callable, Iterator
 
 import numpy as np
 
 from virtio_lm.errors import DmaDisabledError, MemoryAccessError, PlatformTrackingError
-from virtio_lm.memory.dirty import PAGE_SHIFT, PAGE_SIZE, DirtyLog, DirtySink
+from virtio_lm.memory.dirty import PAGE_SHIFT, PAGE_SIZE, RING_DRAIN_AT, RING_MAX_RUN, DirtyLog, DirtySink, RingSink
 
 Buffer = bytes | bytearray | memoryview
 
@@ -65,32 +66,77 @@ class DeviceWriter(Writer):
     """A device's DMA writes.  ``tracker`` is set while the device's own (the
     proposal's) dirty tracking runs; the platform's tracker -- an IOMMU
     translating this device's DMA, outside the device -- is attached with
-    :meth:`attach_platform`."""
+    :meth:`attach_platform`.
+
+    When the tracker is the only sink and is a :class:`~virtio_lm.memory.dirty.RingSink`,
+    a write of up to :data:`~virtio_lm.memory.dirty.RING_MAX_RUN` pages appends to the
+    tracker's ring (and drains it at :data:`~virtio_lm.memory.dirty.RING_DRAIN_AT`
+    entries) instead of calling ``mark``."""
 
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        self.tracker: DirtySink | None = None
+        self._tracker: DirtySink | None = None
         self._platform: DirtySink | None = None
+        self._sinks: tuple[DirtySink, ...] = ()
+        self._ring_sink: RingSink | None = None
+        self._ring: array | None = None  # the ring sink's ring, looked up once
+
+    @property
+    def tracker(self) -> DirtySink | None:
+        return self._tracker
+
+    @tracker.setter
+    def tracker(self, sink: DirtySink | None) -> None:
+        self._tracker = sink
+        self._rewire()
 
     def attach_platform(self, sink: DirtySink) -> None:
         """Route this device's writes through the platform tracker ``sink`` too."""
         if self._platform is not None and self._platform is not sink:
             raise PlatformTrackingError(f"{self.name}: already attached to another platform tracker")
         self._platform = sink
+        self._rewire()
 
     def detach_platform(self, sink: DirtySink) -> None:
         if self._platform is sink:
             self._platform = None
+            self._rewire()
+
+    def _rewire(self) -> None:
+        t, p = self._tracker, self._platform
+        rs = t if p is None and isinstance(t, RingSink) and getattr(t, "ring", None) is not None else None
+        self._ring = None  # a write meanwhile takes the slow path, never a stale ring
+        self._sinks = tuple(s for s in (t, p) if s is not None)
+        self._ring_sink = rs
+        self._ring = rs.ring if rs is not None else None
 
     @property
     def platform(self) -> DirtySink | None:
         return self._platform
 
     def sinks(self) -> tuple[DirtySink, ...]:
-        t, p = self.tracker, self._platform
-        if p is None:
-            return (t,) if t is not None else ()
-        return (t, p) if t is not None else (p,)
+        return self._sinks
+
+    def written(self, first_page: int, last_page: int, nbytes: int,
+                _drain_at: int = RING_DRAIN_AT, _max_run: int = RING_MAX_RUN) -> None:
+        self.bytes_written += nbytes
+        ring = self._ring
+        if ring is not None:  # the hot path: a few C calls, no Python frame
+            if first_page == last_page:
+                ring.append(first_page)
+            elif last_page - first_page < _max_run:
+                ring.extend((~first_page, last_page))  # a run (see RingSink); one C call: writers
+                # on other threads cannot come between its two entries
+            else:
+                ring = None
+            if ring is not None:
+                if len(ring) >= _drain_at:
+                    rs = self._ring_sink
+                    if rs is not None:
+                        rs.drain()
+                return
+        for sink in self._sinks:
+            sink.mark(first_page, last_page)
 
 
 class Memory:
@@ -147,6 +193,7 @@ class Memory:
         self._ro = self._rw.view()
         self._ro.flags.writeable = False
         self._atomic = threading.Lock()
+        self._barriers: tuple[Callable[[], None], ...] = ()
         self.cpu = MemoryPort(self, CpuWriter(f"{name}.cpu", self.num_pages))
 
     # ------------------------------------------------------------------ checks
@@ -158,19 +205,38 @@ class Memory:
     def contains(self, addr: int, length: int) -> bool:
         return 0 <= addr and 0 <= length and addr + length <= self.size
 
+    # ------------------------------------------------------------------ read barriers
+    def add_read_barrier(self, drain: Callable[[], None]) -> None:
+        """Call ``drain`` before every read of this memory (a push tracker's ring, whose
+        marks belong in a map here: whoever reads the map sees every mark made before)."""
+        self._barriers = (*self._barriers, drain)
+
+    def remove_read_barrier(self, drain: Callable[[], None]) -> None:
+        self._barriers = tuple(b for b in self._barriers if b != drain)
+
+    def _drain(self) -> None:
+        for drain in self._barriers:
+            drain()
+
     # ------------------------------------------------------------------ reads
     def read(self, addr: int, length: int) -> bytes:
         self.check(addr, length)
+        if self._barriers:
+            self._drain()
         return self._mm[addr : addr + length]
 
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
         n = len(buf)
         self.check(addr, n)
+        if self._barriers:
+            self._drain()
         memoryview(buf).cast("B")[:] = memoryview(self._mm)[addr : addr + n]
 
     @property
     def array(self) -> np.ndarray:
         """Read-only numpy view of the whole memory (uint8)."""
+        if self._barriers:
+            self._drain()
         return self._ro
 
     # ------------------------------------------------------------------ writes
@@ -193,6 +259,8 @@ class Memory:
     def modify(self, addr: int, length: int, writer: Writer) -> Iterator[np.ndarray]:
         """A writable numpy view of ``[addr, addr+length)``; pages marked on exit."""
         self.check(addr, length)
+        if self._barriers:
+            self._drain()
         view = self._rw[addr : addr + length]
         try:
             yield view
@@ -210,6 +278,19 @@ class Memory:
             cur = self._rw[addr : addr + n]
             np.bitwise_or(cur, np.frombuffer(data, dtype=np.uint8), out=cur)
         writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
+
+    def atomic_or_at(self, addrs: np.ndarray, value: int, writer: Writer) -> None:
+        """OR ``value`` into the byte at each of ``addrs`` (a scatter, e.g. sparse marks of a
+        bytemap), atomic like :meth:`atomic_or`.  The writer is told of the page range from the
+        lowest to the highest address (a superset of the pages written)."""
+        if len(addrs) == 0:
+            return
+        lo, hi = int(addrs.min()), int(addrs.max())
+        self.check(lo, hi - lo + 1)
+        with self._atomic:
+            rw = self._rw
+            rw[addrs] = rw[addrs] | value
+        writer.written(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT, len(addrs))
 
     def atomic_or_byte(self, addr: int, value: int, writer: Writer) -> None:
         """OR one byte (the common case of a dirty mark), atomic like :meth:`atomic_or`."""
@@ -229,6 +310,8 @@ class Memory:
     def atomic_fetch_and_clear(self, addr: int, length: int, writer: Writer) -> np.ndarray:
         """Return a copy of ``[addr, addr+length)`` and zero it, atomically."""
         self.check(addr, length)
+        if self._barriers:
+            self._drain()  # outside the lock: a drain takes it to write the marks
         with self._atomic:
             out = self._rw[addr : addr + length].copy()
             self._rw[addr : addr + length] = 0
@@ -242,6 +325,8 @@ class Memory:
         if count is None:
             count = self.num_pages - first_page
         self.check(first_page << PAGE_SHIFT, count << PAGE_SHIFT)
+        if self._barriers:
+            self._drain()
         words = self._ro[first_page << PAGE_SHIFT : (first_page + count) << PAGE_SHIFT].view(np.uint64)
         return ~words.reshape(count, PAGE_SIZE // 8).any(axis=1)
 
@@ -270,6 +355,8 @@ class Memory:
     def page(self, page: int) -> np.ndarray:
         """Read-only view of one page."""
         self.check(page << PAGE_SHIFT, PAGE_SIZE)
+        if self._barriers:
+            self._drain()
         return self._ro[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT]
 
     # ------------------------------------------------------------------ ports
@@ -353,6 +440,11 @@ class MemoryPort:
     def atomic_or(self, addr: int, data: Buffer) -> None:
         self._gate("write", addr, len(data))
         self.memory.atomic_or(addr, data, self.writer)
+
+    def atomic_or_at(self, addrs: np.ndarray, value: int) -> None:
+        if len(addrs):
+            self._gate("write", int(addrs.min()), 1)
+        self.memory.atomic_or_at(addrs, value, self.writer)
 
     def atomic_or_byte(self, addr: int, value: int) -> None:
         self._gate("write", addr, 1)

@@ -176,14 +176,20 @@ class VfMigrationController:
             ctx.sm.driver_ok()
 
     def reset(self) -> None:
-        """The PF was reset: every VF's tracking stops."""
+        """The PF was reset: every VF's tracking stops (marks still in a dirty ring are dropped:
+        a reset device writes no map)."""
         with self._lock:
             for ctx in self._vfs.values():
-                self._drop_tracking(ctx)
+                self._drop_tracking(ctx, flush=False)
 
-    def _drop_tracking(self, ctx: VfContext) -> None:
+    def _drop_tracking(self, ctx: VfContext, *, flush: bool = True) -> None:
         if ctx.tracker is not None and ctx.fn.port.writer.tracker is ctx.tracker:  # type: ignore[attr-defined]
             ctx.fn.port.writer.tracker = None  # type: ignore[attr-defined]
+        if ctx.tracker is not None:
+            if flush:
+                ctx.tracker.close()  # the ring's marks go into the map before STOP completes
+            else:
+                ctx.tracker.discard_ring()
         ctx.tracker = None
         ctx.mode = None
         ctx.report = None
@@ -236,9 +242,9 @@ class VfMigrationController:
                 raise self._refuse(cmd, ctx, f"already tracking in {ctx.mode.name if ctx.mode else '?'}; STOP first")
             try:
                 if m.is_push:
-                    tracker = make_tracker(m, pf_port=self.pf.port, segments=segments)
+                    tracker = make_tracker(m, pf_port=self.pf.port, segments=segments, buffered=True)
                 else:
-                    tracker = make_tracker(m, log_max_pages=self.log_max[m])
+                    tracker = make_tracker(m, log_max_pages=self.log_max[m], buffered=True)
             except MapTableError as exc:
                 raise self._refuse(cmd, ctx, str(exc)) from exc
             ctx.tracker, ctx.mode, ctx.report = tracker, m, None
@@ -291,8 +297,12 @@ class VfMigrationController:
             try:
                 if action is Action.QUIESCE:
                     dev.mig_quiesce()
+                    if ctx.tracker is not None:
+                        ctx.tracker.drain()  # a QUIESCED VF dirties no page: every mark is in its map now
                 elif action is Action.FREEZE:
                     dev.mig_freeze(self.freeze_timeout)
+                    if ctx.tracker is not None:
+                        ctx.tracker.drain()  # its back-end I/O has settled: the last marks are in
                     ctx.image = dev.mig_save()
                     ctx.restoring = None
                 elif action is Action.UNFREEZE:

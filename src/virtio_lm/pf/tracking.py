@@ -33,6 +33,18 @@ A push tracker whose map write is refused (the PF's bus mastering is off)
 counts it in ``write_errors`` and sets the whole map on the next write that
 gets through.
 
+**Dirty ring** (``buffered=True``; the PF's trackers, not vhost-user's log): the
+tracker is a :class:`~virtio_lm.memory.dirty.RingSink`.  A VF's DMA write of
+up to 64 pages appends its pages to :attr:`DirtyTracker.ring` instead of
+calling :meth:`DirtyTracker.mark`; :meth:`DirtyTracker.drain` applies the ring to the
+map in one numpy pass.  It drains before every read of the map: a pull
+snapshot drains first; a push tracker is a read barrier of the PF's memory
+(every read of that memory, the driver's ``atomic_fetch_and_clear`` among
+them, drains it first).  The PF also drains it when the VF leaves RUNNING and
+when tracking stops, so the map holds every mark before a migration's last
+collection, whoever reads it.  ``marks`` and ``overflow_events`` drain before
+they answer.
+
 Reports to page arrays: :func:`report_to_pages` (any length; bytes past the
 report are clean; marks past ``num_pages`` raise :class:`DirtyReportError`,
 or with ``strict=False`` make every page dirty).
@@ -42,12 +54,14 @@ from __future__ import annotations
 
 import bisect
 import threading
+from array import array
 from typing import Sequence
 
 import numpy as np
 
 from virtio_lm.errors import DirtyReportError, DmaDisabledError, MapTableError
 from virtio_lm.memory import MemoryPort, pack_bitmap, unpack_bitmap
+from virtio_lm.memory.dirty import take_ring
 from virtio_lm.wire.ctrl import TrackMode
 
 __all__ = [
@@ -85,33 +99,70 @@ def bitmap_range(first_page: int, last_page: int) -> tuple[int, np.ndarray]:
 
 
 class DirtyTracker:
-    """Common part: mode, capacity, statistics, argument checks."""
+    """Common part: mode, capacity, statistics, argument checks, the dirty ring."""
 
-    def __init__(self, mode: TrackMode, capacity_pages: int) -> None:
+    def __init__(self, mode: TrackMode, capacity_pages: int, *, buffered: bool = False) -> None:
         self.mode = TrackMode(mode)
         self.capacity_pages = capacity_pages
-        self.marks = 0
-        self.overflow_events = 0
+        self._marks = 0
+        self._overflow_events = 0
         self._lock = threading.Lock()
+        #: one-page marks not yet in the map (None: every mark goes through :meth:`mark`)
+        self.ring: array | None = array("q") if buffered else None
 
     def mark(self, first_page: int, last_page: int) -> None:
         """Record pages ``first_page..last_page`` (inclusive) as written."""
         if first_page < 0 or last_page < first_page:
             raise ValueError(f"bad page range {first_page}..{last_page}")
         with self._lock:
-            self.marks += last_page - first_page + 1
+            self._marks += last_page - first_page + 1
             overflow = last_page >= self.capacity_pages
             if overflow:
-                self.overflow_events += 1
+                self._overflow_events += 1
             self._record(first_page, last_page, overflow)
 
+    def drain(self) -> None:
+        """Apply every page in :attr:`ring` to the map (see the module doc)."""
+        ring = self.ring
+        if not ring:
+            return
+        with self._lock:
+            pages, ends = take_ring(ring)
+            if len(pages) == 0:
+                return
+            self._marks += len(pages)
+            over = int(np.count_nonzero(ends >= self.capacity_pages))  # marks, as mark() counts them
+            self._overflow_events += over
+            self._record_pages(pages, over > 0)
+
+    def discard_ring(self) -> None:
+        """Drop the marks in :attr:`ring` unapplied (the PF was reset: the device writes no map)."""
+        if self.ring is not None:
+            with self._lock:
+                take_ring(self.ring)
+
+    @property
+    def marks(self) -> int:
+        """Pages marked so far (a range of n pages counts n)."""
+        self.drain()
+        return self._marks
+
+    @property
+    def overflow_events(self) -> int:
+        """Marks of a page at or past ``capacity_pages``."""
+        self.drain()
+        return self._overflow_events
+
     def _record(self, first_page: int, last_page: int, overflow: bool) -> None:  # called under _lock
+        raise NotImplementedError
+
+    def _record_pages(self, pages: np.ndarray, overflow: bool) -> None:  # called under _lock
         raise NotImplementedError
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.mode.cli_name}, capacity={self.capacity_pages} pages, "
-            f"marks={self.marks}, overflow_events={self.overflow_events})"
+            f"marks={self._marks}, overflow_events={self._overflow_events})"
         )
 
 
@@ -124,7 +175,8 @@ class PushTracker(DirtyTracker):
     segments (two pages would share a map position).
     """
 
-    def __init__(self, mode: TrackMode, pf_port: MemoryPort, segments: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, mode: TrackMode, pf_port: MemoryPort, segments: Sequence[tuple[int, int]], *,
+                 buffered: bool = False) -> None:
         mode = TrackMode(mode)
         if not mode.is_push:
             raise ValueError(f"{mode.name} is not a push mode")
@@ -152,7 +204,20 @@ class PushTracker(DirtyTracker):
         self.map_bytes = total
         self.write_errors = 0
         self._pending_all = False
-        super().__init__(mode, total * 8 if mode.is_bitmap else total)
+        super().__init__(mode, total * 8 if mode.is_bitmap else total, buffered=buffered)
+        if buffered:
+            pf_port.memory.add_read_barrier(self.drain)
+
+    def close(self) -> None:
+        """Tracking stops: the ring goes into the map, and reads of the PF's memory stop draining it."""
+        if self.ring is not None:
+            self.pf_port.memory.remove_read_barrier(self.drain)
+            self.drain()
+
+    def discard_ring(self) -> None:
+        if self.ring is not None:
+            self.pf_port.memory.remove_read_barrier(self.drain)
+        super().discard_ring()
 
     def _or_map(self, offset: int, data: np.ndarray) -> None:
         """OR ``data`` into the concatenated map at byte ``offset`` (one atomic op per segment)."""
@@ -195,11 +260,39 @@ class PushTracker(DirtyTracker):
             self.write_errors += 1
             self._pending_all = True
 
+    def _record_pages(self, pages: np.ndarray, overflow: bool) -> None:
+        try:
+            if self._pending_all or overflow:
+                self._pending_all = True
+                self._fill_all()
+                self._pending_all = False
+                return
+            if self.mode.is_bitmap:
+                first = int(pages.min()) & ~7
+                span = np.zeros(int(pages.max()) - first + 1, dtype=bool)
+                span[pages - first] = True
+                self._or_map(first >> 3, pack_bitmap(span))
+            else:
+                first = int(pages.min())
+                span = int(pages.max()) - first + 1
+                if len(pages) * 16 < span:  # sparse: a byte each, not the whole span
+                    starts = np.asarray(self._starts, dtype=np.int64)
+                    k = np.searchsorted(starts, pages, side="right") - 1
+                    bases = np.asarray([a for a, _ in self.segments], dtype=np.int64)
+                    self.pf_port.atomic_or_at(bases[k] + pages - starts[k], 1)
+                else:
+                    span8 = np.zeros(span, dtype=np.uint8)
+                    span8[pages - first] = 1
+                    self._or_map(first, span8)
+        except DmaDisabledError:
+            self.write_errors += 1
+            self._pending_all = True
+
 
 class PullTracker(DirtyTracker):
     """Pull bitmap / bytemap: the map is inside the device, ``2**log_max_pages`` pages."""
 
-    def __init__(self, mode: TrackMode, log_max_pages: int) -> None:
+    def __init__(self, mode: TrackMode, log_max_pages: int, *, buffered: bool = False) -> None:
         mode = TrackMode(mode)
         if mode.is_push:
             raise ValueError(f"{mode.name} is not a pull mode")
@@ -207,7 +300,7 @@ class PullTracker(DirtyTracker):
             raise ValueError(
                 f"log_max_pages {log_max_pages} out of 0..{max_log_pages(mode)} (report length is le32)"
             )
-        super().__init__(mode, 1 << log_max_pages)
+        super().__init__(mode, 1 << log_max_pages, buffered=buffered)
         self.log_max_pages = log_max_pages
         self._map = np.zeros(min(self.capacity_pages, _INITIAL_PULL_PAGES), dtype=np.uint8)
         self._overflow = False
@@ -222,14 +315,30 @@ class PullTracker(DirtyTracker):
             self._map = grown
         self._map[first_page : last_page + 1] = 1
 
+    def _record_pages(self, pages: np.ndarray, overflow: bool) -> None:
+        if overflow:
+            self._overflow = True
+            return
+        top = int(pages.max())
+        if top >= len(self._map):
+            grown = np.zeros(min(self.capacity_pages, max(top + 1, 2 * len(self._map))), dtype=np.uint8)
+            grown[: len(self._map)] = self._map
+            self._map = grown
+        self._map[pages] = 1
+
+    def close(self) -> None:
+        """Tracking stops (nothing to do: the map is the device's own)."""
+
     @property
     def map_bytes(self) -> int:
         """Bytes the device holds for the map now (the model keeps a byte per page up to the
         highest page marked, in both pull modes)."""
+        self.drain()
         return int(self._map.nbytes)
 
     def snapshot(self) -> bytes:
         """Take the current map, start a fresh one, return it trimmed (see module doc)."""
+        self.drain()
         with self._lock:
             taken, overflow = self._map, self._overflow
             self._map = np.zeros(len(taken), dtype=np.uint8)
@@ -252,16 +361,18 @@ def make_tracker(
     pf_port: MemoryPort | None = None,
     segments: Sequence[tuple[int, int]] | None = None,
     log_max_pages: int | None = None,
+    buffered: bool = False,
 ) -> PushTracker | PullTracker:
-    """The tracker for ``mode``: push modes need ``pf_port`` and ``segments``, pull modes ``log_max_pages``."""
+    """The tracker for ``mode``: push modes need ``pf_port`` and ``segments``, pull modes ``log_max_pages``;
+    ``buffered``: with a dirty ring (module doc)."""
     mode = TrackMode(mode)
     if mode.is_push:
         if pf_port is None or segments is None:
             raise ValueError(f"{mode.name} needs pf_port and segments")
-        return PushTracker(mode, pf_port, segments)
+        return PushTracker(mode, pf_port, segments, buffered=buffered)
     if log_max_pages is None:
         raise ValueError(f"{mode.name} needs log_max_pages")
-    return PullTracker(mode, log_max_pages)
+    return PullTracker(mode, log_max_pages, buffered=buffered)
 
 
 def report_to_pages(

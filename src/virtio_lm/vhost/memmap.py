@@ -353,6 +353,18 @@ class GuestMemoryMap:
             m.view[off] |= value
         self._mark(writer, addr, 1)
 
+    def atomic_or_at(self, addrs: np.ndarray, value: int, writer: Writer) -> None:
+        """OR ``value`` into the byte at each of ``addrs``, atomic like :meth:`atomic_or`; the writer
+        is told of the lowest to the highest address (as :meth:`Memory.atomic_or_at`)."""
+        if len(addrs) == 0:
+            return
+        with self.lock, self._atomic:
+            at = [self._pieces(a, 1)[0] for a in addrs.tolist()]  # every address checked first
+            for m, off, _ in at:
+                m.view[off] |= value
+        lo = int(addrs.min())
+        self._mark(writer, lo, int(addrs.max()) - lo + 1)
+
     def atomic_store_byte(self, addr: int, value: int, writer: Writer) -> None:
         with self.lock, self._atomic:
             ((m, off, _),) = self._pieces(addr, 1)
