@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import threading
@@ -316,10 +317,19 @@ def test_pull_concurrent_marks_and_snapshots_lose_nothing(mode, buffered):
 
 
 # --------------------------------------------------------------------------- the dirty ring
+@contextlib.contextmanager
+def ring_rig(mode, segments, log_max_pages):
+    """A buffered rig: push over ``segments``, pull with ``log_max_pages``; closed after."""
+    rig = PushRig(mode, segments, buffered=True) if mode.is_push else PullRig(mode, log_max_pages, buffered=True)
+    try:
+        yield rig
+    finally:
+        rig.close()
+
+
 @pytest.mark.parametrize("mode", PUSH_MODES + PULL_MODES)
 def test_ring_takes_short_writes_and_mark_takes_long_ones(mode):
-    rig = PushRig(mode, [(5, 400)], buffered=True) if mode.is_push else PullRig(mode, 10, buffered=True)
-    try:
+    with ring_rig(mode, [(5, 400)], 10) as rig:
         rig.mark(7, 7)
         rig.mark(20, 22)
         rig.mark(100, 100 + RING_MAX_RUN)  # RING_MAX_RUN + 1 pages: through mark()
@@ -329,8 +339,6 @@ def test_ring_takes_short_writes_and_mark_takes_long_ones(mode):
         assert len(rig.tracker.ring) == 0
         want = sorted({7, 20, 21, 22, *range(100, 101 + RING_MAX_RUN), *range(9, 9 + RING_MAX_RUN)})
         assert np.flatnonzero(rig.collect()).tolist() == want
-    finally:
-        rig.close()
 
 
 def test_take_ring_leaves_a_run_without_its_last_page():
@@ -400,22 +408,18 @@ def test_push_ring_is_invisible_without_the_read_barrier(mode):
 
 @pytest.mark.parametrize("mode", PUSH_MODES + PULL_MODES)
 def test_a_full_ring_drains_on_the_writers_thread(mode):
-    rig = PushRig(mode, [(0, 8192)], buffered=True) if mode.is_push else PullRig(mode, 16, buffered=True)
-    try:
+    with ring_rig(mode, [(0, 8192)], 16) as rig:
         for p in range(RING_DRAIN_AT - 1):
             rig.mark(p, p)
         assert len(rig.tracker.ring) == RING_DRAIN_AT - 1
         rig.mark(RING_DRAIN_AT - 1, RING_DRAIN_AT - 1)
         assert len(rig.tracker.ring) == 0  # drained by the write that filled it
         assert np.flatnonzero(rig.collect()).tolist() == list(range(RING_DRAIN_AT))
-    finally:
-        rig.close()
 
 
 @pytest.mark.parametrize("mode", PUSH_MODES + PULL_MODES)
 def test_ring_overflow_is_the_fail_safe_too(mode):
-    rig = PushRig(mode, [(5, 3)], buffered=True) if mode.is_push else PullRig(mode, 3, buffered=True)
-    try:
+    with ring_rig(mode, [(5, 3)], 3) as rig:
         cap = rig.tracker.capacity_pages
         rig.mark(1, 1)
         rig.mark(cap + 5, cap + 5)  # one page past the map, through the ring
@@ -423,32 +427,24 @@ def test_ring_overflow_is_the_fail_safe_too(mode):
         assert rig.collect().all()
         assert not rig.collect().any()
         assert rig.tracker.marks == 2
-    finally:
-        rig.close()
 
 
 @pytest.mark.parametrize("mode", PUSH_MODES)
 def test_push_ring_closed_goes_into_the_map_and_stops_draining(mode):
-    rig = PushRig(mode, [(5, 3)], buffered=True)
-    try:
+    with ring_rig(mode, [(5, 3)], None) as rig:
         rig.mark(2, 2)
         rig.tracker.close()
         assert rig.collect().tolist()[:3] == [False, False, True]
         rig.mark(4, 4)  # after close: nobody drains it on a read any more
         assert not rig.collect().any()
-    finally:
-        rig.close()
 
 
 @pytest.mark.parametrize("mode", PUSH_MODES + PULL_MODES)
 def test_ring_discarded_never_reaches_the_map(mode):
-    rig = PushRig(mode, [(5, 3)], buffered=True) if mode.is_push else PullRig(mode, 3, buffered=True)
-    try:
+    with ring_rig(mode, [(5, 3)], 3) as rig:
         rig.mark(2, 2)
         rig.tracker.discard_ring()
         assert not rig.collect().any()
-    finally:
-        rig.close()
 
 
 # --------------------------------------------------------------------------- fail-safe

@@ -55,7 +55,7 @@ from __future__ import annotations
 import bisect
 import threading
 from array import array
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -235,58 +235,59 @@ class PushTracker(DirtyTracker):
         for addr, length in self.segments:
             self.pf_port.atomic_or(addr, bytes([value]) * length)
 
-    def _record(self, first_page: int, last_page: int, overflow: bool) -> None:
+    def _write_map(self, overflow: bool, write: Callable[[], None]) -> None:
+        """``write()`` the marks into the map -- or the whole map, after an overflow or a refused
+        write; a write refused now (the PF's bus mastering is off) is counted and remembered."""
         try:
             if self._pending_all or overflow:
                 self._pending_all = True
                 self._fill_all()
                 self._pending_all = False
                 return
-            if first_page == last_page:  # the common case: one byte of the map
-                if self.mode.is_bitmap:
-                    off, value = first_page >> 3, 1 << (first_page & 7)
-                else:
-                    off, value = first_page, 1
-                k = bisect.bisect_right(self._starts, off) - 1
-                self.pf_port.atomic_or_byte(self.segments[k][0] + off - self._starts[k], value)
-                return
-            if self.mode.is_bitmap:
-                b0, data = bitmap_range(first_page, last_page)
-            else:
-                b0, data = first_page, np.ones(last_page - first_page + 1, dtype=np.uint8)
-            self._or_map(b0, data)
+            write()
         except DmaDisabledError:
-            # The map cannot be written now: remember that the whole map must be set.
             self.write_errors += 1
             self._pending_all = True
 
-    def _record_pages(self, pages: np.ndarray, overflow: bool) -> None:
-        try:
-            if self._pending_all or overflow:
-                self._pending_all = True
-                self._fill_all()
-                self._pending_all = False
-                return
+    def _record(self, first_page: int, last_page: int, overflow: bool) -> None:
+        self._write_map(overflow, lambda: self._mark_range(first_page, last_page))
+
+    def _mark_range(self, first_page: int, last_page: int) -> None:
+        if first_page == last_page:  # the common case: one byte of the map
             if self.mode.is_bitmap:
-                first = int(pages.min()) & ~7
-                span = np.zeros(int(pages.max()) - first + 1, dtype=bool)
-                span[pages - first] = True
-                self._or_map(first >> 3, pack_bitmap(span))
+                off, value = first_page >> 3, 1 << (first_page & 7)
             else:
-                first = int(pages.min())
-                span = int(pages.max()) - first + 1
-                if len(pages) * 16 < span:  # sparse: a byte each, not the whole span
-                    starts = np.asarray(self._starts, dtype=np.int64)
-                    k = np.searchsorted(starts, pages, side="right") - 1
-                    bases = np.asarray([a for a, _ in self.segments], dtype=np.int64)
-                    self.pf_port.atomic_or_at(bases[k] + pages - starts[k], 1)
-                else:
-                    span8 = np.zeros(span, dtype=np.uint8)
-                    span8[pages - first] = 1
-                    self._or_map(first, span8)
-        except DmaDisabledError:
-            self.write_errors += 1
-            self._pending_all = True
+                off, value = first_page, 1
+            k = bisect.bisect_right(self._starts, off) - 1
+            self.pf_port.atomic_or_byte(self.segments[k][0] + off - self._starts[k], value)
+            return
+        if self.mode.is_bitmap:
+            b0, data = bitmap_range(first_page, last_page)
+        else:
+            b0, data = first_page, np.ones(last_page - first_page + 1, dtype=np.uint8)
+        self._or_map(b0, data)
+
+    def _record_pages(self, pages: np.ndarray, overflow: bool) -> None:
+        self._write_map(overflow, lambda: self._mark_pages(pages))
+
+    def _mark_pages(self, pages: np.ndarray) -> None:
+        if self.mode.is_bitmap:
+            first = int(pages.min()) & ~7
+            span = np.zeros(int(pages.max()) - first + 1, dtype=bool)
+            span[pages - first] = True
+            self._or_map(first >> 3, pack_bitmap(span))
+            return
+        first = int(pages.min())
+        width = int(pages.max()) - first + 1
+        if len(pages) * 16 < width:  # sparse: a byte each, not the whole span
+            starts = np.asarray(self._starts, dtype=np.int64)
+            k = np.searchsorted(starts, pages, side="right") - 1
+            bases = np.asarray([a for a, _ in self.segments], dtype=np.int64)
+            self.pf_port.atomic_or_at(bases[k] + pages - starts[k], 1)
+        else:
+            span8 = np.zeros(width, dtype=np.uint8)
+            span8[pages - first] = 1
+            self._or_map(first, span8)
 
 
 class PullTracker(DirtyTracker):
@@ -309,22 +310,22 @@ class PullTracker(DirtyTracker):
         if overflow:
             self._overflow = True
             return
-        if last_page >= len(self._map):
-            grown = np.zeros(min(self.capacity_pages, max(last_page + 1, 2 * len(self._map))), dtype=np.uint8)
-            grown[: len(self._map)] = self._map
-            self._map = grown
+        self._grow(last_page)
         self._map[first_page : last_page + 1] = 1
 
     def _record_pages(self, pages: np.ndarray, overflow: bool) -> None:
         if overflow:
             self._overflow = True
             return
-        top = int(pages.max())
+        self._grow(int(pages.max()))
+        self._map[pages] = 1
+
+    def _grow(self, top: int) -> None:
+        """Make the map hold page ``top`` (< capacity): at least double it, at most the capacity."""
         if top >= len(self._map):
             grown = np.zeros(min(self.capacity_pages, max(top + 1, 2 * len(self._map))), dtype=np.uint8)
             grown[: len(self._map)] = self._map
             self._map = grown
-        self._map[pages] = 1
 
     def close(self) -> None:
         """Tracking stops (nothing to do: the map is the device's own)."""
