@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
 import threading
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio_lm.errors import DirtyReportError, MapTableError, TrackingError
-from virtio_lm.memory import Memory
+from virtio_lm.memory import Memory, MemoryPort
 from virtio_lm.memory.dirty import RING_DRAIN_AT, RING_MAX_RUN, take_ring
 from virtio_lm.memory.region import DeviceWriter
 from virtio_lm.pf.tracking import (
@@ -25,7 +26,9 @@ from virtio_lm.pf.tracking import (
     max_log_pages,
     report_to_pages,
 )
+from virtio_lm.vhost.memmap import GuestMemoryMap
 from virtio_lm.wire.ctrl import TrackMode
+from virtio_lm.wire.vhost_user import MemRegion
 
 PUSH_MODES = [TrackMode.PUSH_BITMAP, TrackMode.PUSH_BYTEMAP]
 PULL_MODES = [TrackMode.PULL_BITMAP, TrackMode.PULL_BYTEMAP]
@@ -627,3 +630,32 @@ def test_report_roundtrip(pages, extra):
     bm = np.packbits(arr, bitorder="little").tobytes()
     assert (report_to_pages(bm, n, bitmap=True) == want).all()
     assert (report_to_pages(arr.astype(np.uint8).tobytes(), n, bitmap=False) == want).all()
+
+
+@pytest.mark.parametrize("mode", PUSH_MODES)
+def test_a_push_map_another_process_can_read_gets_no_ring(mode):
+    """A memfd (or a vfio-user client's DMA region) is read by another process, past any read
+    barrier: the push tracker writes such a map at each mark, and the map is exact at once."""
+    with Memory(HOST_SIZE, name="pf-host", backing="memfd") as host:
+        t = PushTracker(mode, host.device_port("pf"), [(5, 40)], buffered=True)
+        assert t.ring is None
+        w = DeviceWriter("vf")
+        w.tracker = t
+        w.written(3, 3, 1)
+        raw = bytes(host.array[5:45])  # read as another process would: no drain involved
+        assert np.flatnonzero(report_to_pages(raw, t.capacity_pages, bitmap=mode.is_bitmap)).tolist() == [3]
+        with pytest.raises(ValueError, match="another process"):
+            host.add_read_barrier(t.drain)
+
+
+def test_a_push_map_in_a_guest_memory_map_gets_no_ring():
+    with Memory(1 << 20, name="client", backing="memfd") as client:
+        gm = GuestMemoryMap("pf.guest")
+        gm.set_table([MemRegion(0, 1 << 20, 0x7000_0000, 0)], [os.dup(client.fd)])
+        try:
+            t = PushTracker(TrackMode.PUSH_BITMAP, MemoryPort(gm, DeviceWriter("pf")), [(64, 8)], buffered=True)
+            assert t.ring is None
+            t.mark(9, 9)
+            assert client.read(64 + 1, 1) == b"\x02"
+        finally:
+            gm.close()

@@ -163,6 +163,8 @@ class Memory:
         self.name = name
         self.size = size
         self.num_pages = size >> PAGE_SHIFT
+        #: only this process can map it (anonymous backing): every read goes through this object
+        self.private = backing == "anon"
         self.fd: int | None = None
         self._own_fd = False
         if backing == "anon":
@@ -208,7 +210,11 @@ class Memory:
     # ------------------------------------------------------------------ read barriers
     def add_read_barrier(self, drain: Callable[[], None]) -> None:
         """Call ``drain`` before every read of this memory (a push tracker's ring, whose
-        marks belong in a map here: whoever reads the map sees every mark made before)."""
+        marks belong in a map here: whoever reads the map sees every mark made before).
+        Only for a :attr:`private` memory: another process's reads of a shared one pass no
+        barrier (ValueError)."""
+        if not self.private:
+            raise ValueError(f"{self.name}: another process may map this memory; no read barrier reaches it")
         self._barriers = (*self._barriers, drain)
 
     def remove_read_barrier(self, drain: Callable[[], None]) -> None:

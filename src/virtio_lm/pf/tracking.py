@@ -40,7 +40,9 @@ calling :meth:`DirtyTracker.mark`; :meth:`DirtyTracker.drain` applies the ring t
 map in one numpy pass.  It drains before every read of the map: a pull
 snapshot drains first; a push tracker is a read barrier of the PF's memory
 (every read of that memory, the driver's ``atomic_fetch_and_clear`` among
-them, drains it first).  The PF also drains it when the VF leaves RUNNING and
+them, drains it first) -- so a push tracker has a ring only when that memory
+is private to this process (``Memory.private``); a map another process reads
+(a memfd, a vfio-user client's DMA region) is written at each mark.  The PF also drains it when the VF leaves RUNNING and
 when tracking stops, so the map holds every mark before a migration's last
 collection, whoever reads it.  ``marks`` and ``overflow_events`` drain before
 they answer.
@@ -60,7 +62,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from virtio_lm.errors import DirtyReportError, DmaDisabledError, MapTableError
-from virtio_lm.memory import MemoryPort, pack_bitmap, unpack_bitmap
+from virtio_lm.memory import Memory, MemoryPort, pack_bitmap, unpack_bitmap
 from virtio_lm.memory.dirty import take_ring
 from virtio_lm.wire.ctrl import TrackMode
 
@@ -204,9 +206,13 @@ class PushTracker(DirtyTracker):
         self.map_bytes = total
         self.write_errors = 0
         self._pending_all = False
+        # A ring needs every reader of the map to pass a read barrier: only a private Memory
+        # has them (a memfd, or a vfio-user client's DMA region, is read by another process).
+        memory = pf_port.memory
+        buffered = buffered and isinstance(memory, Memory) and memory.private
         super().__init__(mode, total * 8 if mode.is_bitmap else total, buffered=buffered)
         if buffered:
-            pf_port.memory.add_read_barrier(self.drain)
+            memory.add_read_barrier(self.drain)
 
     def close(self) -> None:
         """Tracking stops: the ring goes into the map, and reads of the PF's memory stop draining it."""
