@@ -296,8 +296,8 @@ class GuestMemoryMap:
             pieces = self._pieces(addr, length)
             if len(pieces) == 1:
                 m, off, n = pieces[0]
-                return m.view[off : off + n].tobytes()
-            return b"".join(m.view[off : off + n].tobytes() for m, off, n in pieces)
+                return m.mm[off : off + n]  # mmap slices are bytes: one copy, no numpy on the way
+            return b"".join(m.mm[off : off + n] for m, off, n in pieces)
 
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
         out = memoryview(buf).cast("B")
@@ -313,11 +313,12 @@ class GuestMemoryMap:
             writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
 
     def write(self, addr: int, data: Buffer, writer: Writer) -> None:
-        src = np.frombuffer(data, dtype=np.uint8) if len(data) else np.empty(0, dtype=np.uint8)
+        src = memoryview(data).cast("B")
         with self.lock:
             at = 0
             for m, off, n in self._pieces(addr, len(src)):
-                m.view[off : off + n] = src[at : at + n]
+                with memoryview(m.mm) as dst:  # a memoryview copy: a few times faster than numpy's
+                    dst[off : off + n] = src[at : at + n]
                 at += n
         self._mark(writer, addr, len(src))
 
