@@ -16,6 +16,7 @@ from virtio_lm.wire.ring import (
     VirtqUsedElem,
     check_queue_size,
     need_event,
+    read_desc,
 )
 
 SIZES = [1 << s for s in range(16)]  # 1..32768
@@ -205,3 +206,16 @@ def test_desc_out_of_range_refused_on_encode(field: str, value: int) -> None:
     with pytest.raises(FieldValueError) as ei:
         VirtqDesc(**kw).encode()
     assert ei.value.field == field
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=16, max_size=64), st.integers(0, 48))
+def test_read_desc_is_the_layout_of_virtq_desc(raw, offset):
+    """The virtqueue's unchecked reader agrees with the checked VirtqDesc at any offset (and a
+    buffer too short raises; the walk never hands it one)."""
+    if offset + 16 > len(raw):
+        with pytest.raises(Exception):  # noqa: B017 - struct's own error; callers never get here
+            read_desc(raw, offset)
+        return
+    d = VirtqDesc.unpack_from(raw, offset)
+    assert read_desc(raw, offset) == (d.addr, d.len, int(d.flags), d.next)

@@ -37,7 +37,7 @@ from virtio_lm.errors import (
     VirtqueueError,
 )
 from virtio_lm.memory.region import MemoryPort
-from virtio_lm.wire.codec import read_u16, read_u32, read_u64, u16, u32
+from virtio_lm.wire.codec import read_u16, u16, u32
 from virtio_lm.wire.ring import (
     AVAIL_ALIGN,
     DESC_ALIGN,
@@ -53,6 +53,7 @@ from virtio_lm.wire.ring import (
     check_queue_size,
     desc_table_size,
     need_event,
+    read_desc,
     used_elem_offset,
     used_event_offset,
     used_ring_size,
@@ -332,9 +333,7 @@ class Virtqueue:
             else:
                 raw = table
                 off = DESC_SIZE * idx
-            addr = read_u64(raw, off)
-            length = read_u32(raw, off + 8)
-            flags = read_u16(raw, off + 12)
+            addr, length, flags, nxt = read_desc(raw, off)
             if flags & _INDIRECT:
                 if table is not None:
                     raise IndirectDescriptorError(name, f"indirect descriptor {idx} inside an indirect table")
@@ -383,7 +382,7 @@ class Virtqueue:
                 raise ChainLengthError(name, f"chain from head {head} is longer than 2**32 - 1 bytes")
             if not flags & _NEXT:
                 break
-            idx = read_u16(raw, off + 14)
+            idx = nxt
         return DescriptorChain(
             head=head,
             readable=tuple(readable),
