@@ -752,6 +752,26 @@ def test_atomic_or_at_scatters_into_both_kinds_of_memory(guest) -> None:
         gm.close()
 
 
+def test_writev_writes_every_piece_or_none_in_both_kinds_of_memory(guest) -> None:
+    """A chain's scatter in one call: each piece lands and marks its pages; one piece outside the
+    memory refuses the whole call before any byte is written."""
+    gm = GuestMemoryMap("t")
+    gm.set_table([MemRegion(0, MIB, UADDR, 0)], [os.dup(guest.fd)])
+    try:
+        for mem in (gm, guest):
+            told: list[tuple[int, int]] = []
+            w = type("W", (), {"written": lambda self, a, b, n: told.append((a, b))})()
+            mem.writev([(10, b"ab"), (2 * 4096 - 1, b"cd"), (50, b"")], w)
+            assert guest.read(10, 2) == b"ab" and guest.read(2 * 4096 - 1, 2) == b"cd"
+            assert told[:2] == [(0, 0), (1, 2)]
+            with pytest.raises(MemoryAccessError):
+                mem.writev([(100, b"zz"), (MIB if mem is gm else guest.size, b"!")], w)
+            assert guest.read(100, 2) == b"\0\0"
+            guest.cpu.fill(0, 4 * 4096, 0)
+    finally:
+        gm.close()
+
+
 def test_inline_requests_complete_during_the_kick_with_one_notification(image, guest) -> None:
     """inline_max: small requests run on the notification thread (no I/O pool at all) and a
     batch of completions is announced to the driver once."""

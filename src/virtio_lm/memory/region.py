@@ -25,7 +25,7 @@ import mmap
 import os
 import threading
 from array import array
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -254,6 +254,19 @@ class Memory:
         self._mm[addr : addr + n] = data
         writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
 
+    def writev(self, pieces: Sequence[tuple[int, Buffer]], writer: Writer) -> None:
+        """Several writes in one call (a chain's scatter): every piece is checked before any byte
+        is written, then each is written and its pages marked as :meth:`write` does."""
+        for addr, data in pieces:
+            self.check(addr, len(data))
+        mm = self._mm
+        written = writer.written
+        for addr, data in pieces:
+            n = len(data)
+            if n:
+                mm[addr : addr + n] = data
+                written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
+
     def fill(self, addr: int, length: int, value: int, writer: Writer) -> None:
         self.check(addr, length)
         if length == 0:
@@ -434,6 +447,11 @@ class MemoryPort:
     def write(self, addr: int, data: Buffer) -> None:
         self._gate("write", addr, len(data))
         self.memory.write(addr, data, self.writer)
+
+    def writev(self, pieces: Sequence[tuple[int, Buffer]]) -> None:
+        if pieces:
+            self._gate("write", pieces[0][0], sum(len(d) for _, d in pieces))
+        self.memory.writev(pieces, self.writer)
 
     def fill(self, addr: int, length: int, value: int = 0) -> None:
         self._gate("write", addr, length)

@@ -37,7 +37,7 @@ import mmap
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -321,6 +321,27 @@ class GuestMemoryMap:
                     dst[off : off + n] = src[at : at + n]
                 at += n
         self._mark(writer, addr, len(src))
+
+    def writev(self, pieces: Sequence[tuple[int, Buffer]], writer: Writer) -> None:
+        """Several writes under one hold of the lock (a chain's scatter): every piece is mapped
+        before any byte is written (as :meth:`Memory.writev`)."""
+        with self.lock:
+            plans = [(self._pieces(addr, len(data)), memoryview(data).cast("B")) for addr, data in pieces]
+            views: dict[int, memoryview] = {}
+            try:
+                for parts, src in plans:
+                    at = 0
+                    for m, off, n in parts:
+                        dst = views.get(id(m))
+                        if dst is None:
+                            dst = views[id(m)] = memoryview(m.mm)
+                        dst[off : off + n] = src[at : at + n]
+                        at += n
+            finally:
+                for v in views.values():
+                    v.release()
+        for addr, data in pieces:
+            self._mark(writer, addr, len(data))
 
     def fill(self, addr: int, length: int, value: int, writer: Writer) -> None:
         with self.lock:

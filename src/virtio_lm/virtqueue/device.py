@@ -140,8 +140,7 @@ class DescriptorChain:
                 f"write of [{offset}, +{length}) beyond the writable part ({self.writable_len} bytes)",
             )
         view = memoryview(data).cast("B")
-        for addr, at, n in _scatter_plan(self.writable, offset, length):
-            port.write(addr, view[at : at + n])
+        port.writev([(addr, view[at : at + n]) for addr, at, n in _scatter_plan(self.writable, offset, length)])
         return length
 
 
