@@ -772,6 +772,21 @@ def test_writev_writes_every_piece_or_none_in_both_kinds_of_memory(guest) -> Non
         gm.close()
 
 
+def test_readv_gathers_pieces_in_order_in_both_kinds_of_memory(guest) -> None:
+    gm = GuestMemoryMap("t")
+    gm.set_table([MemRegion(0, MIB, UADDR, 0)], [os.dup(guest.fd)])
+    try:
+        guest.cpu.write(4096 - 2, b"wxyz")
+        guest.cpu.write(20, b"ab")
+        for mem in (gm, guest):
+            assert mem.readv([(4096 - 2, 4), (20, 2), (7, 0)]) == b"wxyzab"
+            assert mem.readv([]) == b""
+            with pytest.raises(MemoryAccessError):
+                mem.readv([(20, 2), (MIB if mem is gm else guest.size, 1)])
+    finally:
+        gm.close()
+
+
 def test_inline_requests_complete_during_the_kick_with_one_notification(image, guest) -> None:
     """inline_max: small requests run on the notification thread (no I/O pool at all) and a
     batch of completions is announced to the driver once."""

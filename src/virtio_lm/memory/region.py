@@ -231,6 +231,16 @@ class Memory:
             self._drain()
         return self._mm[addr : addr + length]
 
+    def readv(self, pieces: Sequence[tuple[int, int]]) -> bytes:
+        """The bytes of several ``(addr, length)`` pieces, concatenated (a chain's gather); every
+        piece is checked before any is read."""
+        for addr, length in pieces:
+            self.check(addr, length)
+        if self._barriers:
+            self._drain()
+        mm = self._mm
+        return b"".join([mm[addr : addr + length] for addr, length in pieces])
+
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
         n = len(buf)
         self.check(addr, n)
@@ -439,6 +449,11 @@ class MemoryPort:
     def read(self, addr: int, length: int) -> bytes:
         self._gate("read", addr, length)
         return self.memory.read(addr, length)
+
+    def readv(self, pieces: Sequence[tuple[int, int]]) -> bytes:
+        if pieces:
+            self._gate("read", pieces[0][0], sum(n for _, n in pieces))
+        return self.memory.readv(pieces)
 
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
         self._gate("read", addr, len(buf))

@@ -299,6 +299,13 @@ class GuestMemoryMap:
                 return m.mm[off : off + n]  # mmap slices are bytes: one copy, no numpy on the way
             return b"".join(m.mm[off : off + n] for m, off, n in pieces)
 
+    def readv(self, pieces: Sequence[tuple[int, int]]) -> bytes:
+        """Several ``(addr, length)`` pieces, concatenated, under one hold of the lock; every
+        piece is mapped before any is read (as :meth:`Memory.readv`)."""
+        with self.lock:
+            plans = [self._pieces(addr, length) for addr, length in pieces]
+            return b"".join([m.mm[off : off + n] for parts in plans for m, off, n in parts])
+
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
         out = memoryview(buf).cast("B")
         with self.lock:

@@ -126,10 +126,7 @@ class DescriptorChain:
                 self.queue,
                 f"read of [{offset}, +{length}) beyond the readable part ({self.readable_len} bytes)",
             )
-        out = bytearray(length)
-        for addr, at, n in _scatter_plan(self.readable, offset, length):
-            out[at : at + n] = port.read(addr, n)
-        return bytes(out)
+        return port.readv([(addr, n) for addr, _, n in _scatter_plan(self.readable, offset, length)])
 
     def write(self, port: MemoryPort, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter ``data`` into the writable part from ``offset``; returns bytes written."""
