@@ -224,11 +224,15 @@ class Memory:
         for drain in self._barriers:
             drain()
 
-    # ------------------------------------------------------------------ reads
-    def read(self, addr: int, length: int) -> bytes:
+    def _check_read(self, addr: int, length: int) -> None:
+        """:meth:`check`, then pass the read barriers (outside any lock: a drain takes them)."""
         self.check(addr, length)
         if self._barriers:
             self._drain()
+
+    # ------------------------------------------------------------------ reads
+    def read(self, addr: int, length: int) -> bytes:
+        self._check_read(addr, length)
         return self._mm[addr : addr + length]
 
     def readv(self, pieces: Sequence[tuple[int, int]]) -> bytes:
@@ -243,9 +247,7 @@ class Memory:
 
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
         n = len(buf)
-        self.check(addr, n)
-        if self._barriers:
-            self._drain()
+        self._check_read(addr, n)
         memoryview(buf).cast("B")[:] = memoryview(self._mm)[addr : addr + n]
 
     @property
@@ -287,9 +289,7 @@ class Memory:
     @contextlib.contextmanager
     def modify(self, addr: int, length: int, writer: Writer) -> Iterator[np.ndarray]:
         """A writable numpy view of ``[addr, addr+length)``; pages marked on exit."""
-        self.check(addr, length)
-        if self._barriers:
-            self._drain()
+        self._check_read(addr, length)
         view = self._rw[addr : addr + length]
         try:
             yield view
@@ -338,9 +338,7 @@ class Memory:
 
     def atomic_fetch_and_clear(self, addr: int, length: int, writer: Writer) -> np.ndarray:
         """Return a copy of ``[addr, addr+length)`` and zero it, atomically."""
-        self.check(addr, length)
-        if self._barriers:
-            self._drain()  # outside the lock: a drain takes it to write the marks
+        self._check_read(addr, length)  # drains outside the lock: a drain takes it to write the marks
         with self._atomic:
             out = self._rw[addr : addr + length].copy()
             self._rw[addr : addr + length] = 0
@@ -353,9 +351,7 @@ class Memory:
         """Boolean array: which of pages ``first_page..first_page+count-1`` are all zero."""
         if count is None:
             count = self.num_pages - first_page
-        self.check(first_page << PAGE_SHIFT, count << PAGE_SHIFT)
-        if self._barriers:
-            self._drain()
+        self._check_read(first_page << PAGE_SHIFT, count << PAGE_SHIFT)
         words = self._ro[first_page << PAGE_SHIFT : (first_page + count) << PAGE_SHIFT].view(np.uint64)
         return ~words.reshape(count, PAGE_SIZE // 8).any(axis=1)
 
@@ -383,9 +379,7 @@ class Memory:
 
     def page(self, page: int) -> np.ndarray:
         """Read-only view of one page."""
-        self.check(page << PAGE_SHIFT, PAGE_SIZE)
-        if self._barriers:
-            self._drain()
+        self._check_read(page << PAGE_SHIFT, PAGE_SIZE)
         return self._ro[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT]
 
     # ------------------------------------------------------------------ ports

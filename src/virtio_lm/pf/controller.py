@@ -183,13 +183,14 @@ class VfMigrationController:
                 self._drop_tracking(ctx, flush=False)
 
     def _drop_tracking(self, ctx: VfContext, *, flush: bool = True) -> None:
-        if ctx.tracker is not None and ctx.fn.port.writer.tracker is ctx.tracker:  # type: ignore[attr-defined]
-            ctx.fn.port.writer.tracker = None  # type: ignore[attr-defined]
-        if ctx.tracker is not None:
+        tr = ctx.tracker
+        if tr is not None:
+            if ctx.fn.port.writer.tracker is tr:  # type: ignore[attr-defined]
+                ctx.fn.port.writer.tracker = None  # type: ignore[attr-defined]
             if flush:
-                ctx.tracker.close()  # the ring's marks go into the map before STOP completes
+                tr.close()  # the ring's marks go into the map before STOP completes
             else:
-                ctx.tracker.discard_ring()
+                tr.discard_ring()
         ctx.tracker = None
         ctx.mode = None
         ctx.report = None

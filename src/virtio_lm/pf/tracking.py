@@ -35,7 +35,7 @@ gets through.
 
 **Dirty ring** (``buffered=True``; the PF's trackers, not vhost-user's log): the
 tracker is a :class:`~virtio_lm.memory.dirty.RingSink`.  A VF's DMA write of
-up to 64 pages appends its pages to :attr:`DirtyTracker.ring` instead of
+up to ``RING_MAX_RUN`` pages appends its pages to :attr:`DirtyTracker.ring` instead of
 calling :meth:`DirtyTracker.mark`; :meth:`DirtyTracker.drain` applies the ring to the
 map in one numpy pass.  It drains before every read of the map: a pull
 snapshot drains first; a push tracker is a read barrier of the PF's memory
@@ -109,7 +109,7 @@ class DirtyTracker:
         self._marks = 0
         self._overflow_events = 0
         self._lock = threading.Lock()
-        #: one-page marks not yet in the map (None: every mark goes through :meth:`mark`)
+        #: marks not yet in the map, as RingSink entries (None: every mark goes through :meth:`mark`)
         self.ring: array | None = array("q") if buffered else None
 
     def mark(self, first_page: int, last_page: int) -> None:
@@ -154,6 +154,9 @@ class DirtyTracker:
         """Marks of a page at or past ``capacity_pages``."""
         self.drain()
         return self._overflow_events
+
+    def close(self) -> None:
+        """Tracking stops (a push tracker puts its ring into the map; a pull map is the device's own)."""
 
     def _record(self, first_page: int, last_page: int, overflow: bool) -> None:  # called under _lock
         raise NotImplementedError
@@ -206,6 +209,9 @@ class PushTracker(DirtyTracker):
         self.map_bytes = total
         self.write_errors = 0
         self._pending_all = False
+        # segment starts in the map and in PF memory, as arrays: a drain's vectorised lookup
+        self._starts_np = np.asarray(self._starts, dtype=np.int64)
+        self._bases_np = np.asarray([addr for addr, _ in segs], dtype=np.int64)
         # A ring needs every reader of the map to pass a read barrier: only a private Memory
         # has them (a memfd, or a vfio-user client's DMA region, is read by another process).
         memory = pf_port.memory
@@ -286,10 +292,8 @@ class PushTracker(DirtyTracker):
         first = int(pages.min())
         width = int(pages.max()) - first + 1
         if len(pages) * 16 < width:  # sparse: a byte each, not the whole span
-            starts = np.asarray(self._starts, dtype=np.int64)
-            k = np.searchsorted(starts, pages, side="right") - 1
-            bases = np.asarray([a for a, _ in self.segments], dtype=np.int64)
-            self.pf_port.atomic_or_at(bases[k] + pages - starts[k], 1)
+            k = np.searchsorted(self._starts_np, pages, side="right") - 1
+            self.pf_port.atomic_or_at(self._bases_np[k] + pages - self._starts_np[k], 1)
         else:
             span8 = np.zeros(width, dtype=np.uint8)
             span8[pages - first] = 1
@@ -332,9 +336,6 @@ class PullTracker(DirtyTracker):
             grown = np.zeros(min(self.capacity_pages, max(top + 1, 2 * len(self._map))), dtype=np.uint8)
             grown[: len(self._map)] = self._map
             self._map = grown
-
-    def close(self) -> None:
-        """Tracking stops (nothing to do: the map is the device's own)."""
 
     @property
     def map_bytes(self) -> int:

@@ -66,7 +66,7 @@ class VirtqDesc:
     next: int = 0
 
 
-_DESC = struct.Struct("<QIHH")
+_DESC = struct.Struct(VirtqDesc.FORMAT)  # type: ignore[attr-defined]
 
 
 def read_desc(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int, int, int]:
