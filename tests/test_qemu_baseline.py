@@ -14,13 +14,21 @@ import select
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 from qemu.guest import SCALE
 
-from virtio_lm.qemu_baseline import QemuBaseline, QemuBaselineError, QemuUnavailable, build_dirtier
+from virtio_lm.qemu_baseline import (
+    QemuBaseline,
+    QemuBaselineError,
+    QemuGuestDiverged,
+    QemuUnavailable,
+    build_dirtier,
+    check_same_process,
+)
 
 #: host-side bound of one whole baseline run (boot, fill, migration, the guest's own check): it
 #: passes in ~10 s quiet; a CI run under stress-ng --cpu 2 with the suite beside it took over 50
@@ -99,11 +107,55 @@ def baseline(tmp_path: Path):
         qb.__exit__(None, None, None)
 
 
+class _Shell:
+    """A guest shell that answers ``cat /proc/PID/comm`` with a canned reply."""
+
+    def __init__(self, status: int, out: str) -> None:
+        self.reply = (status, out)
+        self.commands: list[str] = []
+
+    def sh(self, command: str, deadline: float) -> tuple[int, str]:
+        self.commands.append(command)
+        return self.reply
+
+
+@pytest.mark.parametrize("out", ["dirtier", "[  41.5] random: crng reseeded\r\ndirtier\r"])
+def test_same_process_check_accepts_the_dirtier(out: str) -> None:
+    shell = _Shell(0, out)
+    check_same_process(shell, 86, time.monotonic() + 1, side="destination", error=QemuGuestDiverged)  # type: ignore[arg-type]
+    assert shell.commands == ["cat /proc/86/comm"]
+
+
+@pytest.mark.parametrize(("status", "out", "seen"), [
+    (0, "kworker/0:2-events", "process 'kworker/0:2-events'"),  # what the sixth stress trial found
+    (1, "cat: can't open '/proc/86/comm': No such file or directory", "no process"),
+    (0, "dirtier2", "process 'dirtier2'"),
+])  # fmt: skip
+def test_same_process_check_refuses_another_process(status: int, out: str, seen: str) -> None:
+    with pytest.raises(QemuGuestDiverged, match=rf"destination: PID 86 is {re.escape(seen)}"):
+        check_same_process(_Shell(status, out), 86, time.monotonic() + 1,  # type: ignore[arg-type]
+                           side="destination", error=QemuGuestDiverged)
+
+
+#: runs of the migration test: one whose destination guest diverged from the source (QEMU's own
+#: failure, QemuGuestDiverged) is reported and run again with a fresh pair of guests
+ATTEMPTS = 3
+
+
 @pytest.mark.qemu
 def test_qemu_migration_with_dirtier_completes_and_verifies(baseline: QemuBaseline, tmp_path: Path) -> None:
     qb = baseline
-    r = qb.run(memory_mib=128, fill_mib=16, sweep_mib=16, dirty_rate_mbps=32, downtime_limit_ms=300,
-               timeout_s=BUDGET)
+    diverged: list[str] = []
+    for _ in range(ATTEMPTS):
+        try:
+            r = qb.run(memory_mib=128, fill_mib=16, sweep_mib=16, dirty_rate_mbps=32, downtime_limit_ms=300,
+                       timeout_s=BUDGET)
+            break
+        except QemuGuestDiverged as exc:  # any other error fails the test at once
+            diverged.append(str(exc))
+            warnings.warn(f"QEMU 7.2 lost its guest's state in migration (run again): {exc}", stacklevel=1)
+    else:
+        pytest.fail(f"QEMU's migration diverged the guest in all {ATTEMPTS} runs:\n" + "\n\n".join(diverged))
     qb.close()
     assert not list(tmp_path.iterdir())  # the temp dir is cleaned
     assert r["status"] == "completed"
@@ -132,9 +184,10 @@ def test_qemu_failure_is_typed_with_the_console_tail(baseline: QemuBaseline, tmp
     text = str(info.value)
     assert "the dirtier failed: DIRTIER_BAD cannot map the fill region" in text, text
     assert "--- source console tail:" in text and "--- source stderr tail:" in text, text
-    # the guest's own console is in the error (the tail is its last 2500 characters: whatever the
-    # guest printed after the failure -- once, under stress-ng, a kernel panic's dump -- may have
-    # pushed the boot marker out, so the check is that the tail holds the guest's output at all)
+    # the guest's own console is in the error (its last 2500 characters), and the guest did not
+    # panic: once, under stress-ng, a kernel panic's dump had pushed the boot marker out of the
+    # tail -- the dirtier's subshell had ended, and with it busybox's ash as PID 1
     tail = text.split("--- source console tail:", 1)[1].split("--- source stderr tail:", 1)[0]
     assert tail.strip(), text
+    assert "Kernel panic" not in tail, text
     assert not list(tmp_path.iterdir())

@@ -58,7 +58,8 @@ from virtio_lm.qemu_guest import (
     static_busybox,
 )
 
-__all__ = ["QemuBaseline", "QemuBaselineError", "QemuUnavailable", "build_dirtier", "guest_assets"]
+__all__ = ["QemuBaseline", "QemuBaselineError", "QemuGuestDiverged", "QemuUnavailable", "build_dirtier",
+           "check_same_process", "guest_assets"]
 LINE = r"[^\r\n]*"  # the rest of a console line (its end is matched too: complete lines only)
 
 INIT_SCRIPT = b"""#!/bin/busybox sh
@@ -76,6 +77,22 @@ exec sh
 
 class QemuBaselineError(Exception):
     """A baseline run failed (boot, guest program, QMP, migration); the message has the consoles' tails."""
+
+
+class QemuGuestDiverged(QemuBaselineError):
+    """QEMU's migration completed but the destination guest is not the source's: the process the
+    source ran as the dirtier is, on the destination, another process or none (QEMU 7.2 under TCG
+    on a loaded host; see docs/decisions.md, "QEMU 7.2 loses its guest's state").  A failure of
+    the peer being measured, told apart from a failure of this harness."""
+
+
+def check_same_process(q: QemuProcess, pid: int, deadline: float, *, side: str, error: type[Exception]) -> None:
+    """Raise ``error`` unless the guest's PID ``pid`` is the dirtier (its ``/proc/PID/comm``)."""
+    status, out = q.sh(f"cat /proc/{pid}/comm", deadline)
+    # the console may interleave kernel messages with the command's output: a line of its own
+    if status != 0 or "dirtier" not in (line.strip() for line in out.splitlines()):
+        seen = f"process {out.strip()!r}" if status == 0 else f"no process ({out.strip()!r}, status {status})"
+        raise error(f"{side}: PID {pid} is {seen}, not the dirtier the source started")
 
 
 # ---------------------------------------------------------------------------- assets
@@ -255,7 +272,10 @@ class QemuBaseline:
         src.wait_for(r"^BASELINE_READY", deadline)
         src.sh("true", deadline)  # the shell's banner goes to this first command
         args = f"{int(fill_mib)} {int(sweep_mib)} {rate:g}"
-        src.sh(f'(/bin/dirtier {args} & echo "DIRTIER_PID $!"; wait $!; echo "DIRTIER_EXIT $?") &', deadline)
+        # The subshell then sleeps on: busybox's ash as PID 1 exits when a background job ends while
+        # it reads the console, and the guest kernel panics ("Attempted to kill init").
+        src.sh(f'(/bin/dirtier {args} & echo "DIRTIER_PID $!"; wait $!; echo "DIRTIER_EXIT $?"; sleep 100000) &',
+               deadline)
         pid = int(src.wait_for(r"^DIRTIER_PID (\d+)", deadline).group(1))
         ready = src.wait_for(rf"^(DIRTIER_(?:READY|BAD|EXIT){LINE})\r?\n", deadline)
         steady = ready
@@ -267,6 +287,7 @@ class QemuBaseline:
             raise QemuBaselineError(f"source: the dirtier failed: {steady.group(1)}{killed}; the guest had "
                                     f"{avail.group(1) if avail else '?'} available after boot")
         self.last_guest = {"ready": ready.group(1), "steady": steady.group(1)}
+        check_same_process(src, pid, deadline, side="source", error=QemuBaselineError)
 
         # migrate
         src.qmp("migrate-set-parameters", deadline, **{"downtime-limit": int(downtime_limit_ms),
@@ -292,7 +313,13 @@ class QemuBaseline:
         stop = src.wait_event("STOP", deadline)
         resume = dst.wait_event("RESUME", deadline)
 
-        # the destination's guest stops the dirtier, which verifies its memory
+        # the destination's guest stops the dirtier, which verifies its memory -- if the guest that
+        # resumed there is the source's at all: the same process under the dirtier's PID
+        try:
+            check_same_process(dst, pid, deadline, side="destination", error=QemuGuestDiverged)
+        except QemuGuestDiverged as exc:
+            raise QemuGuestDiverged(f"QEMU's migration lost guest state: {exc}\n--- destination: that PID\n"
+                                    f"{self._diagnose(dst, pid)}") from exc
         start = len(dst.text())
         status, out = dst.sh(f"kill -USR1 {pid}", deadline)
         if status != 0:
@@ -307,6 +334,11 @@ class QemuBaseline:
         if verdict.startswith("DIRTIER_OK") and exit_status != 0:
             verdict = f"{verdict} but exit status {exit_status}"
         self.last_guest["verdict"] = verdict
+        # and the guest lives on after its program ended (the shell still answers, no panic)
+        try:
+            dst.sh("true", deadline)  # a panic reboots, and -no-reboot ends QEMU at once
+        except QemuBaselineError as exc:
+            raise QemuBaselineError(f"destination: the guest died after the dirtier's verdict ({verdict}): {exc}") from exc
 
         ram = info.get("ram", {})
         total = int(info.get("total-time", 0))
