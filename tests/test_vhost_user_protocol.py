@@ -810,3 +810,30 @@ def test_inline_requests_complete_during_the_kick_with_one_notification(image, g
     finally:
         be.disconnect()
         be.device.close()
+
+
+def test_a_region_at_an_unaligned_fd_offset_is_addressed_from_that_offset(guest) -> None:
+    """mmap_offset 100 (not a page boundary): the map starts at the page below, and every access
+    -- the mmap-slicing ones and the numpy-view ones alike -- lands at fd offset 100 + gpa."""
+    off = 100
+    guest.cpu.write(0, bytes(range(256)) * 64)
+    gm = GuestMemoryMap("t")
+    gm.set_table([MemRegion(0, MIB - 4096, UADDR, off)], [os.dup(guest.fd)])
+    w = type("W", (), {"written": lambda self, a, b, n: None})()
+    try:
+        assert gm.read(0, 8) == guest.read(off, 8)
+        assert gm.readv([(0, 4), (10, 4)]) == guest.read(off, 4) + guest.read(off + 10, 4)
+        buf = bytearray(8)
+        gm.readinto(0, buf)
+        assert bytes(buf) == guest.read(off, 8)
+        gm.write(0, b"\xaa\xbb", w)
+        assert guest.read(off, 2) == b"\xaa\xbb"
+        gm.writev([(4, b"\xcc"), (4096 + 3, b"\xdd")], w)
+        assert guest.read(off + 4, 1) == b"\xcc" and guest.read(off + 4096 + 3, 1) == b"\xdd"
+        gm.fill(8, 2, 0xEE, w)
+        assert guest.read(off + 8, 2) == b"\xee\xee"
+        gm.atomic_or_byte(12, 0x01, w)
+        assert guest.read(off + 12, 1) == bytes([(off + 12) % 256 | 1])
+        assert guest.read(0, 2) == b"\x00\x01"  # the bytes below the offset are not the region's
+    finally:
+        gm.close()

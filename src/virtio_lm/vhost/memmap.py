@@ -74,7 +74,9 @@ def _same_file(a: int, b: int) -> bool:
 
 @dataclass(eq=False)
 class MappedRegion:
-    """One mapped region.  ``view`` is the region's bytes as a writable numpy array."""
+    """One mapped region.  ``view`` is the region's bytes as a writable numpy array; ``mm`` maps
+    from the allocation-granularity boundary below ``mmap_offset``, so the region's first byte is
+    ``mm[delta]``."""
 
     gpa: int
     size: int
@@ -83,6 +85,7 @@ class MappedRegion:
     fd: int
     mm: mmap.mmap
     view: np.ndarray
+    delta: int = 0
     refs: int = 1  # ADD_MEM_REG of this very region again (one per vhost device sharing the connection)
 
     @property
@@ -162,7 +165,7 @@ class GuestMemoryMap:
     def _map(self, r: MemRegion, fd: int) -> MappedRegion:
         mm, delta = _map_fd(fd, r.mmap_offset, r.memory_size, f"region gpa {r.guest_phys_addr:#x}", VhostMemoryError)
         arr = np.frombuffer(mm, dtype=np.uint8, count=r.memory_size, offset=delta)
-        return MappedRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd, mm, arr)
+        return MappedRegion(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd, mm, arr, delta)
 
     def set_table(self, regions: list[MemRegion], fds: list[int]) -> None:
         """Replace every region (SET_MEM_TABLE).  The fds are owned from here on
@@ -296,15 +299,16 @@ class GuestMemoryMap:
             pieces = self._pieces(addr, length)
             if len(pieces) == 1:
                 m, off, n = pieces[0]
+                off += m.delta
                 return m.mm[off : off + n]  # mmap slices are bytes: one copy, no numpy on the way
-            return b"".join(m.mm[off : off + n] for m, off, n in pieces)
+            return b"".join(m.mm[m.delta + off : m.delta + off + n] for m, off, n in pieces)
 
     def readv(self, pieces: Sequence[tuple[int, int]]) -> bytes:
         """Several ``(addr, length)`` pieces, concatenated, under one hold of the lock; every
         piece is mapped before any is read (as :meth:`Memory.readv`)."""
         with self.lock:
             plans = [self._pieces(addr, length) for addr, length in pieces]
-            return b"".join([m.mm[off : off + n] for parts in plans for m, off, n in parts])
+            return b"".join([m.mm[m.delta + off : m.delta + off + n] for parts in plans for m, off, n in parts])
 
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
         out = memoryview(buf).cast("B")
@@ -325,7 +329,7 @@ class GuestMemoryMap:
             at = 0
             for m, off, n in self._pieces(addr, len(src)):
                 with memoryview(m.mm) as dst:  # a memoryview copy: a few times faster than numpy's
-                    dst[off : off + n] = src[at : at + n]
+                    dst[m.delta + off : m.delta + off + n] = src[at : at + n]
                 at += n
         self._mark(writer, addr, len(src))
 
@@ -342,7 +346,7 @@ class GuestMemoryMap:
                         dst = views.get(id(m))
                         if dst is None:
                             dst = views[id(m)] = memoryview(m.mm)
-                        dst[off : off + n] = src[at : at + n]
+                        dst[m.delta + off : m.delta + off + n] = src[at : at + n]
                         at += n
             finally:
                 for v in views.values():
