@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pytest
 
-from virtio_lm.devices.base import QueueDevice, ReqState
+from virtio_lm.devices.base import DirectWork, QueueDevice, ReqState
 from virtio_lm.devices.blk import BlkDevice
 from virtio_lm.drivers.blk_driver import BlkCompletion, BlkDriver
 from virtio_lm.drivers.pf_driver import PfDriver
@@ -94,18 +94,20 @@ class MeteredBlkDevice(BlkDevice):
         if not callable(work):
             return work
 
-        def metered():
+        def metered(run, *args):
             with self._m:
                 self.started += 1
             try:
                 if not self.permits.acquire(timeout=WAIT):
                     raise TimeoutError("no permit")
-                return work()
+                return run(*args)
             finally:
                 with self._m:
                     self.finished += 1
 
-        return metered
+        if isinstance(work, DirectWork):  # both forms metered: the base picks one
+            return DirectWork(lambda port: metered(work.direct, port), lambda: metered(work.buffered))
+        return lambda: metered(work)
 
 
 class ForgetfulBlkDevice(MeteredBlkDevice):

@@ -387,10 +387,12 @@ def report(quick: bool, out_dir: str, sections: tuple[str, ...]) -> None:
               help="Negative control for tests: offer LOG_ALL but never write the dirty log.")
 @click.option("--inline-max", default=16 << 10, show_default=True, type=click.IntRange(0),
               help="Requests moving at most this many bytes run on the notification thread (0: all on the I/O pool).")
+@click.option("--buffered-io", is_flag=True,
+              help="Read the image into a buffer and copy it to the guest, instead of straight into guest memory.")
 @click.option("--unsafe-hold-after", type=int, default=None, hidden=True,
               help="Fault injection for tests: after N requests, take every further one and never execute it.")
 def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, stats_path: str | None,
-                   inline_max: int, unsafe_no_dirty_log: bool, unsafe_hold_after: int | None) -> None:
+                   inline_max: int, buffered_io: bool, unsafe_no_dirty_log: bool, unsafe_hold_after: int | None) -> None:
     """Serve the virtio-blk device model to a vhost-user front-end (QEMU), with dirty logging."""
     from virtio_lm.devices.blk import BlkDevice
     from virtio_lm.vhost.server import VhostUserServer
@@ -398,6 +400,7 @@ def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, s
     device = BlkDevice(image, read_only=read_only, num_queues=queues, queue_max_size=1024)
     device.hold_after = unsafe_hold_after
     device.inline_max = inline_max
+    device.direct_dma = not buffered_io
     server = VhostUserServer(socket_path, device, log_writes=not unsafe_no_dirty_log)
     server.listen()
     done = _stop_on_signals(server.stop)
@@ -405,7 +408,7 @@ def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, s
     server.start()
     _wait_for(done)
     stats = {"taken": [q.taken for q in server.backend.fn.queues], "resubmitted": server.backend.resubmitted,
-             "held": device.held,
+             "held": device.held, "direct": device.direct_runs, "buffered": device.buffered_runs,
              "connections": server.connections, "refusals": server.refusals}
     server.close()
     device.close()

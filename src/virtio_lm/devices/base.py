@@ -28,12 +28,23 @@ off the queue-processing path, so many requests are in flight at once.
 
 Rules the base keeps:
 
-* Guest memory is touched only on the queue-processing path, under the
-  device lock, and only while the function's port has bus mastering on
-  (:attr:`QueueDevice.mastering` *is* ``fn.port.bus_master``): the readable
-  part is read in :meth:`QueueDevice.handle`, completions are written by the
-  base.  Back-end work (the callables) computes bytes and never DMAs, so a
-  request finishing while QUIESCED is simply held (state DONE).
+* Guest memory is touched only while the function's port has bus mastering
+  on (:attr:`QueueDevice.mastering` *is* ``fn.port.bus_master``): on the
+  queue-processing path, under the device lock (the readable part is read in
+  :meth:`QueueDevice.handle`, completions are written by the base), or by
+  back-end work holding a *DMA permit*.  Plain work (a callable) computes
+  bytes and never DMAs, so a request finishing while QUIESCED is simply held
+  (state DONE).  A :class:`DirectWork` moves its data between a file and
+  guest memory itself (zero-copy) -- but only with a permit, granted while
+  the device masters and the request is still its own; otherwise its
+  buffered form runs.  :meth:`QueueDevice.mig_quiesce` and
+  :meth:`QueueDevice.mig_freeze` stop granting permits and wait for those
+  held to end (the request completed on its used ring) before mastering
+  stops: a QUIESCED device has no DMA left running.  If mastering stops
+  some other way (the PF or the driver clears bus-master enable) while a
+  permit is held, a request whose data is already in guest memory cannot
+  be completed, and goes back to "not executed" (re-executed at resume: a
+  read into the same buffers, or the same write, again).
 * A held chain is counted once: it is either on the used ring or in the
   device's in-flight table, never both, never neither (while its queue is
   not broken) -- which is what :meth:`QueueDevice.mig_validate` checks
@@ -58,12 +69,14 @@ from typing import Callable, Protocol
 
 from virtio_lm.errors import (
     DeviceBusyError,
+    DmaDisabledError,
     DevicePartsError,
     StateImageError,
     VirtioLmError,
     VirtqueueError,
     WireError,
 )
+from virtio_lm.memory.region import MemoryPort
 from virtio_lm.pci.device import VirtioDevice
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.pci.parts import (
@@ -93,6 +106,27 @@ _log = logging.getLogger(__name__)
 MAX_HELD_DATA = 16 << 20  # one held completion may not claim more than this
 
 Work = Callable[[], bytes]
+
+#: how long QUIESCE / FREEZE wait for the DMA permits held before mastering stops anyway
+DMA_SETTLE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class DirectWork:
+    """Back-end work that may DMA itself (zero-copy file I/O, see the module docstring).
+
+    ``direct(port)`` runs while the device holds a DMA permit for the request: it moves the
+    data through ``port`` and returns ``(offset, rest)``, the bytes still to write at
+    ``offset`` of the chain's writable part (e.g. the status byte after the data it read
+    in).  ``buffered()`` is the same request as plain :data:`Work` (the completion's every
+    byte), run when no permit is to be had.  Called as a function, it is its buffered form.
+    """
+
+    direct: Callable[[MemoryPort], tuple[int, bytes]]
+    buffered: Work
+
+    def __call__(self) -> bytes:
+        return self.buffered()
 
 
 class Migratable(Protocol):
@@ -160,6 +194,7 @@ class Request:
     chain: DescriptorChain | None
     state: ReqState = ReqState.PENDING
     data: bytes = b""
+    data_at: int = 0  # where ``data`` goes in the writable part (after what a DirectWork moved)
     future: Future[None] | None = field(default=None, repr=False)
 
     @classmethod
@@ -223,6 +258,10 @@ class QueueDevice(VirtioDevice):
     #: for an image in the page cache they cost more than the I/O).  0: always the pool.
     #: The completions of one notification's batch then share one driver notification.
     inline_max: int = 0
+    #: run DirectWork direct (zero-copy DMA under a permit); off, its buffered form always runs:
+    #: QUIESCE then never waits for back-end I/O (on for vhost-user, whose ring stop waits for
+    #: every request anyway)
+    direct_dma: bool = False
     #: queues the base class processes on notify (None: all)
     request_queues: tuple[int, ...] | None = None
 
@@ -238,6 +277,10 @@ class QueueDevice(VirtioDevice):
         self.kicks_while_quiesced = 0
         self.deferred = 0  # work that raised NotExecuted
         self.completed = 0
+        self._permits = 0  # DMA permits held by DirectWork (see the module docstring)
+        self._no_permits = False  # QUIESCE / FREEZE is waiting for the permits held to end
+        self.direct_runs = 0  # DirectWork run with a permit
+        self.buffered_runs = 0  # DirectWork run buffered: no permit to be had
         #: fault injection for restart tests: after this many more requests with back-end work,
         #: every further one waits (taken, never executed) until close() -- requests guaranteed
         #: in flight when the test kills the process.  None: off.
@@ -246,10 +289,11 @@ class QueueDevice(VirtioDevice):
         self._release = threading.Event()
 
     # ================================================================== subclass hooks
-    def handle(self, fn: VirtioPciFunction, queue: int, chain: DescriptorChain) -> bytes | Work:
+    def handle(self, fn: VirtioPciFunction, queue: int, chain: DescriptorChain) -> bytes | Work | DirectWork:
         """Turn a chain into its completion: the bytes to write into the chain's
         writable part now, or a callable the back-end pool runs to produce
-        them (it must not touch guest memory).  Reads of the readable part
+        them (it must not touch guest memory), or a :class:`DirectWork`
+        (which does, with a permit: see the module docstring).  Reads of the readable part
         happen here (the device is mastering).  Raise :class:`VirtqueueError`
         for a chain the device cannot use at all (the queue then needs a reset).
         Called again for the same chain when a request that was not executed
@@ -384,7 +428,7 @@ class QueueDevice(VirtioDevice):
             self.fn.queues[req.queue].broken = True
             self.fn.set_needs_reset(exc)
             return
-        if callable(work):
+        if callable(work):  # Work or DirectWork
             if self.inline_max and self.hold_after is None and self.request_bytes(req) <= self.inline_max:
                 self._run_inline(req, work)
                 return
@@ -405,10 +449,16 @@ class QueueDevice(VirtioDevice):
 
     def _run_inline(self, req: Request, work: Work) -> None:
         """:meth:`_run` on the queue path (the device lock is held): the completion is written
-        now and the driver notified once at the end of the batch (:meth:`_process_queue`)."""
+        now and the driver notified once at the end of the batch (:meth:`_process_queue`).
+        A :class:`DirectWork` runs direct: the lock held and the device mastering are its permit."""
         req.state = ReqState.RUNNING
+        at = 0
         try:
-            data = work()
+            if isinstance(work, DirectWork) and self.direct_dma and self.mastering:
+                self.direct_runs += 1
+                at, data = work.direct(self.fn.port)
+            else:
+                data = work()
         except NotExecuted:
             req.state = ReqState.PENDING
             self.deferred += 1
@@ -419,10 +469,11 @@ class QueueDevice(VirtioDevice):
                 data = self.backend_failed(req.queue, req.chain, exc)
             except Exception:
                 data = b""
-        self._finish(req, data, notify=False)
+            at = 0
+        self._finish(req, data, notify=False, at=at)
         self._settled.notify_all()
 
-    def _held(self, work: Work) -> Work:
+    def _held(self, work: Work | DirectWork) -> Work:
         self.held += 1
         _log.info("%s: fault injection: holding request %d (never executed)", type(self).__name__, self.held)
 
@@ -432,10 +483,39 @@ class QueueDevice(VirtioDevice):
 
         return held
 
+    def _permit(self, req: Request) -> bool:
+        """A DMA permit for ``req``'s DirectWork: granted while the device masters, QUIESCE /
+        FREEZE is not waiting for permits to end, and the request is still the device's."""
+        with self._lock:
+            if (self.direct_dma and self.mastering and not self._no_permits
+                    and self._inflight.get((req.queue, req.head)) is req):  # fmt: skip
+                self._permits += 1
+                self.direct_runs += 1
+                return True
+            self.buffered_runs += 1
+            return False
+
     def _run(self, req: Request, work: Work) -> None:
+        permit = isinstance(work, DirectWork) and self._permit(req)
         try:
-            data = work()
-        except NotExecuted:  # the work gave up before it did anything: "not executed" again
+            self._run_work(req, work, permit)
+        finally:
+            if permit:
+                with self._lock:
+                    self._permits -= 1
+                    self._settled.notify_all()
+
+    def _run_work(self, req: Request, work: Work, permit: bool) -> None:
+        at = 0
+        try:
+            if permit:
+                assert isinstance(work, DirectWork)
+                at, data = work.direct(self.fn.port)
+            else:
+                data = work()
+        except (NotExecuted, DmaDisabledError):
+            # the work gave up before it did anything, or its DMA found mastering off (cleared
+            # under its permit by the PF or the driver): "not executed" again
             with self._lock:
                 req.future = None
                 if self._inflight.get((req.queue, req.head)) is req:
@@ -451,17 +531,27 @@ class QueueDevice(VirtioDevice):
                 data = self.backend_failed(req.queue, req.chain, exc)
             except Exception:  # a broken hook must not leave the request RUNNING forever
                 data = b""
+            at = 0
         with self._lock:
             req.future = None
             if self._inflight.get((req.queue, req.head)) is req:
-                self._finish(req, data)
+                self._finish(req, data, at=at)
             else:  # dropped by a reset meanwhile: the result goes nowhere
                 req.state = ReqState.DONE
             self._settled.notify_all()
 
-    def _finish(self, req: Request, data: bytes, *, notify: bool = True) -> None:
+    def _finish(self, req: Request, data: bytes, *, notify: bool = True, at: int = 0) -> None:
+        if at and not self.mastering:
+            # a DirectWork's data is in guest memory, but mastering stopped under its permit (not
+            # by QUIESCE / FREEZE, which wait for permits): its completion cannot be written now,
+            # nor held as bytes -- "not executed" again, re-executed at resume
+            req.state = ReqState.PENDING
+            req.data, req.data_at = b"", 0
+            self.deferred += 1
+            return
         req.state = ReqState.DONE
         req.data = bytes(data)
+        req.data_at = at
         if self.mastering:
             self._complete(req)
             if notify:
@@ -476,11 +566,11 @@ class QueueDevice(VirtioDevice):
         """Write the held data and return the chain on the used ring (mastering only)."""
         fn = self.fn
         vq = fn.queues[req.queue]
-        written = 0
+        written = req.data_at
         if req.data:
             assert req.chain is not None
             try:
-                written = req.chain.write(fn.port, req.data)
+                written += req.chain.write(fn.port, req.data, req.data_at)
             except VirtqueueError as exc:  # data longer than the chain's writable part
                 self._drop(req)
                 vq.broken = True
@@ -529,9 +619,22 @@ class QueueDevice(VirtioDevice):
             pool.shutdown(wait=True)
 
     # ================================================================== migration interface
+    def _end_permits(self) -> None:
+        """Grant no more DMA permits, wait (at most DMA_SETTLE_TIMEOUT) for those held to end --
+        each ends with its request completed on its used ring -- then stop mastering.  Called
+        with the lock held."""
+        self._no_permits = True
+        try:
+            if not self._settled.wait_for(lambda: self._permits == 0, DMA_SETTLE_TIMEOUT):
+                _log.warning("%s: %d DMA permits still held after %ss: mastering stops anyway (their requests "
+                             "are executed again at resume)", self.fn.name, self._permits, DMA_SETTLE_TIMEOUT)
+        finally:
+            self._no_permits = False
+        self.fn.port.bus_master = False
+
     def mig_quiesce(self) -> None:
         with self._lock:
-            self.fn.port.bus_master = False
+            self._end_permits()
 
     def mig_freeze(self, timeout: float = 10.0) -> None:
         """Quiesce, cancel work not started, wait ``timeout`` s for running work.
@@ -539,7 +642,7 @@ class QueueDevice(VirtioDevice):
         On :class:`DeviceBusyError` the device stays quiesced (not frozen);
         the cancelled requests are PENDING and run again at resume."""
         with self._lock:
-            self.fn.port.bus_master = False
+            self._end_permits()
             self._cancel_not_started()
             self._wait_no_running(list(self._inflight.values()), timeout)
             self.frozen = True

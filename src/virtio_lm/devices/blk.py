@@ -74,8 +74,9 @@ import threading
 from dataclasses import fields
 from typing import Sequence
 
-from virtio_lm.devices.base import MAX_HELD_DATA, QueueDevice, Work
+from virtio_lm.devices.base import MAX_HELD_DATA, DirectWork, QueueDevice, Work
 from virtio_lm.errors import StateImageError, WireError
+from virtio_lm.memory.region import MemoryPort
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.pci.snapshot import FunctionSnapshot
 from virtio_lm.virtqueue.device import DescriptorChain, Segment
@@ -353,7 +354,12 @@ class BlkDevice(QueueDevice):
             return self._ranges(fn, chain, t)
         return self._done(wlen, BlkStatus.UNSUPP)  # GET_LIFETIME, SECURE_ERASE
 
-    def _in(self, chain: DescriptorChain, sector: int) -> bytes | Work:
+    def _read_stats(self, n: int) -> None:
+        with self._stats:
+            self.reads += 1
+            self.bytes_read += n
+
+    def _in(self, chain: DescriptorChain, sector: int) -> bytes | DirectWork:
         wlen = chain.writable_len
         n = wlen - 1
         if not self._range_ok(sector, n) or not self._segments_ok(chain.writable, 0, n):
@@ -363,6 +369,13 @@ class BlkDevice(QueueDevice):
         offset = sector << SECTOR_SHIFT
         fd = self.fd
 
+        def direct(port: MemoryPort) -> tuple[int, bytes]:
+            got = chain.pread_into(port, fd, offset, n)  # the image's bytes straight into the buffers
+            if got < n:
+                raise OSError(errno.EIO, f"{self.path}: image ends before sector {sector} + {n} bytes")
+            self._read_stats(n)
+            return n, self._done(1, BlkStatus.OK)
+
         def work() -> bytes:
             data = os.pread(fd, n, offset)
             while len(data) < n:  # short read: keep going; EOF means the image shrank
@@ -370,12 +383,10 @@ class BlkDevice(QueueDevice):
                 if not more:
                     raise OSError(errno.EIO, f"{self.path}: image ends before sector {sector} + {n} bytes")
                 data += more
-            with self._stats:
-                self.reads += 1
-                self.bytes_read += n
+            self._read_stats(n)
             return self._done(wlen, BlkStatus.OK, data)
 
-        return work
+        return DirectWork(direct, work)
 
     def _write_all(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)

@@ -21,6 +21,7 @@ nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import threading
@@ -33,6 +34,63 @@ from virtio_lm.errors import DmaDisabledError, MemoryAccessError, PlatformTracki
 from virtio_lm.memory.dirty import PAGE_SHIFT, PAGE_SIZE, RING_DRAIN_AT, RING_MAX_RUN, DirtyLog, DirtySink, RingSink
 
 Buffer = bytes | bytearray | memoryview
+
+#: most buffers one preadv / pwritev takes (the kernel's UIO_MAXIOV)
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
+def preadv_all(fd: int, offset: int, bufs: list[memoryview]) -> int:
+    """Fill ``bufs`` in order from ``fd`` at ``offset`` (``IOV_MAX`` at a time, short reads
+    continued) until they are full or the file ends; the bytes read.  ``bufs`` is consumed."""
+    total = 0
+    i = 0
+    while i < len(bufs):
+        k = os.preadv(fd, bufs[i : i + IOV_MAX], offset + total)
+        if k == 0:
+            break
+        total += k
+        while k and i < len(bufs):
+            b = bufs[i]
+            if k >= len(b):
+                k -= len(b)
+                i += 1
+            else:
+                bufs[i] = b[k:]
+                k = 0
+    return total
+
+
+def pwritev_all(fd: int, offset: int, bufs: list[memoryview]) -> int:
+    """Write ``bufs`` in order to ``fd`` at ``offset`` (``IOV_MAX`` at a time, short writes
+    continued); the bytes written (all of them: a write that moves nothing is EIO)."""
+    total = 0
+    i = 0
+    while i < len(bufs):
+        k = os.pwritev(fd, bufs[i : i + IOV_MAX], offset + total)
+        if k <= 0:
+            raise OSError(errno.EIO, f"pwritev wrote {k} bytes at offset {offset + total}")
+        total += k
+        while k and i < len(bufs):
+            b = bufs[i]
+            if k >= len(b):
+                k -= len(b)
+                i += 1
+            else:
+                bufs[i] = b[k:]
+                k = 0
+    return total
+
+
+def mark_pieces(writer: Writer, pieces: Sequence[tuple[int, int]], nbytes: int) -> None:
+    """Tell ``writer`` of the first ``nbytes`` bytes of ``pieces`` (in order) as written."""
+    written = writer.written
+    for addr, n in pieces:
+        if nbytes <= 0:
+            return
+        n = min(n, nbytes)
+        if n:
+            written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
+            nbytes -= n
 
 
 class Writer:
@@ -279,6 +337,42 @@ class Memory:
                 mm[addr : addr + n] = data
                 written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
 
+    # ------------------------------------------------------------------ file I/O (DMA to and from a file)
+    def preadv(self, fd: int, offset: int, pieces: Sequence[tuple[int, int]], writer: Writer) -> int:
+        """Read ``fd`` from ``offset`` straight into the ``(addr, length)`` pieces, in order (a
+        chain's scatter, zero-copy); the bytes read, fewer than the pieces hold only where the
+        file ends.  Every piece is checked before any byte moves; the pages of the bytes that
+        arrived are marked as :meth:`write` marks them -- all the pieces' pages if the read
+        fails part-way (what it wrote is not known)."""
+        for addr, length in pieces:
+            self.check(addr, length)
+        got = 0
+        with memoryview(self._mm) as mv:
+            bufs = [mv[addr : addr + length] for addr, length in pieces if length]
+            try:
+                got = preadv_all(fd, offset, bufs)
+            except BaseException:
+                mark_pieces(writer, pieces, sum(n for _, n in pieces))
+                raise
+            finally:
+                for b in bufs:
+                    b.release()
+        mark_pieces(writer, pieces, got)
+        return got
+
+    def pwritev(self, fd: int, offset: int, pieces: Sequence[tuple[int, int]]) -> int:
+        """Write the ``(addr, length)`` pieces, in order, to ``fd`` from ``offset`` (a chain's
+        gather, zero-copy); every piece is checked and the read barriers passed first."""
+        for addr, length in pieces:
+            self._check_read(addr, length)
+        with memoryview(self._mm) as mv:
+            bufs = [mv[addr : addr + length] for addr, length in pieces if length]
+            try:
+                return pwritev_all(fd, offset, bufs)
+            finally:
+                for b in bufs:
+                    b.release()
+
     def fill(self, addr: int, length: int, value: int, writer: Writer) -> None:
         self.check(addr, length)
         if length == 0:
@@ -461,6 +555,18 @@ class MemoryPort:
         if pieces:
             self._gate("write", pieces[0][0], sum(len(d) for _, d in pieces))
         self.memory.writev(pieces, self.writer)
+
+    def preadv(self, fd: int, offset: int, pieces: Sequence[tuple[int, int]]) -> int:
+        """DMA from a file into ``pieces`` (:meth:`Memory.preadv`); a write of guest memory."""
+        if pieces:
+            self._gate("write", pieces[0][0], sum(n for _, n in pieces))
+        return self.memory.preadv(fd, offset, pieces, self.writer)
+
+    def pwritev(self, fd: int, offset: int, pieces: Sequence[tuple[int, int]]) -> int:
+        """DMA from ``pieces`` to a file (:meth:`Memory.pwritev`); a read of guest memory."""
+        if pieces:
+            self._gate("read", pieces[0][0], sum(n for _, n in pieces))
+        return self.memory.pwritev(fd, offset, pieces)
 
     def fill(self, addr: int, length: int, value: int = 0) -> None:
         self._gate("write", addr, length)

@@ -43,7 +43,7 @@ import numpy as np
 
 from virtio_lm.errors import MemoryAccessError, VhostLogError, VhostMemoryError
 from virtio_lm.memory.dirty import PAGE_SHIFT, PAGE_SIZE
-from virtio_lm.memory.region import Writer
+from virtio_lm.memory.region import Writer, mark_pieces, preadv_all, pwritev_all
 from virtio_lm.wire.vhost_user import MemRegion
 
 __all__ = ["GuestMemoryMap", "LogMap", "MappedRegion", "check_regions"]
@@ -307,7 +307,7 @@ class GuestMemoryMap:
         """Several ``(addr, length)`` pieces, concatenated, under one hold of the lock; every
         piece is mapped before any is read (as :meth:`Memory.readv`)."""
         with self.lock:
-            plans = [self._pieces(addr, length) for addr, length in pieces]
+            plans = [self._pieces(addr, length) for addr, length in pieces if length]
             return b"".join([m.mm[m.delta + off : m.delta + off + n] for parts in plans for m, off, n in parts])
 
     def readinto(self, addr: int, buf: bytearray | memoryview) -> None:
@@ -353,6 +353,61 @@ class GuestMemoryMap:
                     v.release()
         for addr, data in pieces:
             self._mark(writer, addr, len(data))
+
+    # ------------------------------------------------------------------ file I/O (DMA to and from a file)
+    def _views(self, pieces: Sequence[tuple[int, int]]) -> list[memoryview]:
+        """Memoryviews of the mapped bytes of ``pieces``, in order; every piece is mapped before
+        any view is made.  The views hold their maps: a region the front-end removes meanwhile is
+        unmapped only once they are released, so the I/O runs outside :attr:`lock`."""
+        with self.lock:
+            if pieces and len(self._regions) >= 1:
+                # most often every piece is inside one region: one bounds pass, no per-piece lookup
+                first = pieces[0][0]
+                k = bisect.bisect_right(self._starts, first) - 1
+                if k >= 0:
+                    m = self._regions[k]
+                    lo, hi, base = m.gpa, m.gpa_end, m.delta - m.gpa
+                    if all(lo <= a and a + n <= hi for a, n in pieces):
+                        with memoryview(m.mm) as mv:
+                            return [mv[base + a : base + a + n] for a, n in pieces if n]
+            plans = [self._pieces(addr, length) for addr, length in pieces if length]
+            whole: dict[int, memoryview] = {}
+            bufs: list[memoryview] = []
+            try:
+                for parts in plans:
+                    for m, off, n in parts:
+                        mv = whole.get(id(m))
+                        if mv is None:
+                            mv = whole[id(m)] = memoryview(m.mm)
+                        bufs.append(mv[m.delta + off : m.delta + off + n])
+            finally:
+                for mv in whole.values():
+                    mv.release()  # the slices keep their own hold on the map
+            return bufs
+
+    def preadv(self, fd: int, offset: int, pieces: Sequence[tuple[int, int]], writer: Writer) -> int:
+        """Read ``fd`` from ``offset`` straight into the pieces (as :meth:`Memory.preadv`)."""
+        bufs = self._views(pieces)
+        got = 0
+        try:
+            got = preadv_all(fd, offset, list(bufs))
+        except BaseException:
+            mark_pieces(writer, pieces, sum(n for _, n in pieces))
+            raise
+        finally:
+            for b in bufs:
+                b.release()
+        mark_pieces(writer, pieces, got)
+        return got
+
+    def pwritev(self, fd: int, offset: int, pieces: Sequence[tuple[int, int]]) -> int:
+        """Write the pieces to ``fd`` from ``offset`` (as :meth:`Memory.pwritev`)."""
+        bufs = self._views(pieces)
+        try:
+            return pwritev_all(fd, offset, list(bufs))
+        finally:
+            for b in bufs:
+                b.release()
 
     def fill(self, addr: int, length: int, value: int, writer: Writer) -> None:
         with self.lock:

@@ -20,7 +20,7 @@ each of its entries at most once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 from virtio_lm.errors import (
     AvailIndexError,
@@ -74,12 +74,30 @@ _WRITE = int(DescFlags.WRITE)
 _INDIRECT = int(DescFlags.INDIRECT)
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """One guest-memory buffer of a chain."""
+class Segment(NamedTuple):
+    """One guest-memory buffer of a chain: an ``(addr, len)`` pair (a tuple: cheap to make on
+    the hot path, and already the ``(addr, length)`` piece the memory's vector calls take)."""
 
     addr: int
     len: int
+
+
+def _pieces(segments: tuple[Segment, ...], offset: int, length: int) -> Sequence[tuple[int, int]]:
+    """The ``(addr, n)`` pieces of ``length`` bytes from ``offset`` of ``segments``.  The common
+    cases -- everything, or everything but the last few segments from 0 (a read's data before
+    its status byte) -- are a slice of ``segments`` itself."""
+    if offset == 0:
+        total = 0
+        for k, seg in enumerate(segments):
+            if total == length:
+                return segments[:k]
+            total += seg.len
+            if total > length:
+                break
+        else:
+            if total == length:
+                return segments
+    return [(addr, n) for addr, _, n in _scatter_plan(segments, offset, length)]
 
 
 def _scatter_plan(segments: tuple[Segment, ...], offset: int, length: int) -> Iterable[tuple[int, int, int]]:
@@ -126,7 +144,7 @@ class DescriptorChain:
                 self.queue,
                 f"read of [{offset}, +{length}) beyond the readable part ({self.readable_len} bytes)",
             )
-        return port.readv([(addr, n) for addr, _, n in _scatter_plan(self.readable, offset, length)])
+        return port.readv(_pieces(self.readable, offset, length))
 
     def write(self, port: MemoryPort, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter ``data`` into the writable part from ``offset``; returns bytes written."""
@@ -139,6 +157,27 @@ class DescriptorChain:
         view = memoryview(data).cast("B")
         port.writev([(addr, view[at : at + n]) for addr, at, n in _scatter_plan(self.writable, offset, length)])
         return length
+
+    def pread_into(self, port: MemoryPort, fd: int, file_offset: int, length: int, offset: int = 0) -> int:
+        """DMA from a file: read ``length`` bytes of ``fd`` from ``file_offset`` straight into the
+        writable part from ``offset`` (zero-copy, :meth:`MemoryPort.preadv`); the bytes read
+        (fewer only where the file ends)."""
+        if offset < 0 or length < 0 or offset + length > self.writable_len:
+            raise ChainSpaceError(
+                self.queue,
+                f"read into [{offset}, +{length}) beyond the writable part ({self.writable_len} bytes)",
+            )
+        return port.preadv(fd, file_offset, _pieces(self.writable, offset, length))
+
+    def pwrite_from(self, port: MemoryPort, fd: int, file_offset: int, offset: int, length: int) -> int:
+        """DMA to a file: write ``length`` bytes of the readable part from ``offset`` to ``fd`` at
+        ``file_offset`` (zero-copy, :meth:`MemoryPort.pwritev`); the bytes written."""
+        if offset < 0 or length < 0 or offset + length > self.readable_len:
+            raise ChainSpaceError(
+                self.queue,
+                f"write of [{offset}, +{length}) beyond the readable part ({self.readable_len} bytes)",
+            )
+        return port.pwritev(fd, file_offset, _pieces(self.readable, offset, length))
 
 
 def _noop_error(exc: VirtqueueError) -> None:
