@@ -357,6 +357,18 @@ class QueueDevice(VirtioDevice):
         return self.fn.port.bus_master
 
     @property
+    def dma_permits(self) -> int:
+        """DMA permits held now by DirectWork (see the module docstring)."""
+        with self._lock:
+            return self._permits
+
+    @property
+    def granting_permits(self) -> bool:
+        """False while QUIESCE / FREEZE waits for the permits held to end."""
+        with self._lock:
+            return not self._no_permits
+
+    @property
     def in_flight(self) -> int:
         """Chains taken from the avail rings and not yet returned."""
         with self._lock:
