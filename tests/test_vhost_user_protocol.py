@@ -95,8 +95,10 @@ def g2u(gpa: int) -> int:
     return UADDR + gpa if gpa < MIB else UADDR2 + gpa - MIB
 
 
-def make(image: Path, *, log_writes: bool = True) -> VhostUserBackend:
-    return VhostUserBackend(BlkDevice(image, queue_max_size=256), log_writes=log_writes)
+def make(image: Path, *, log_writes: bool = True, direct: bool = False) -> VhostUserBackend:
+    dev = BlkDevice(image, queue_max_size=256)
+    dev.direct_dma = direct  # reads (and writes) straight between the image and guest memory
+    return VhostUserBackend(dev, log_writes=log_writes)
 
 
 def setup_ring(be: VhostUserBackend, guest: Memory, *, log: bool = True) -> tuple[DriverQueue, Memory | None, int]:
@@ -131,9 +133,10 @@ def read_request(dq: DriverQueue, sector: int, data_gpa: int, status_gpa: int, n
 
 
 # ============================================================================ data path + dirty log
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
 @pytest.mark.parametrize("log_writes", [True, False], ids=["logging", "negative-control-no-log"])
-def test_read_request_through_two_regions_sets_log_bits(image, guest, log_writes) -> None:
-    be = make(image, log_writes=log_writes)
+def test_read_request_through_two_regions_sets_log_bits(image, guest, log_writes, direct) -> None:
+    be = make(image, log_writes=log_writes, direct=direct)
     try:
         dq, logmem, call = setup_ring(be, guest)
         data_gpa = MIB + 0x3000  # region 1: front-end address far from region 0
@@ -143,6 +146,7 @@ def test_read_request_through_two_regions_sets_log_bits(image, guest, log_writes
         assert dq.get_used() is not None
         assert guest.read(data_gpa, 4096) == image.read_bytes()[8 * 512 : 8 * 512 + 4096]
         assert guest.read(0x9000, 1)[0] == BlkStatus.OK
+        assert (be.device.direct_runs, be.device.buffered_runs) == ((1, 0) if direct else (0, 1))
         assert os.eventfd_read(call) >= 1  # the interrupt went to the call fd
         pages = unpack_bitmap(logmem.array.copy(), 4096 * 8)
         written = {data_gpa >> 12, 0x9000 >> 12, USED >> 12}
@@ -161,8 +165,9 @@ def test_read_request_through_two_regions_sets_log_bits(image, guest, log_writes
         be.device.close()
 
 
-def test_get_vring_base_finishes_in_flight_requests(image, guest) -> None:
-    be = make(image)
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+def test_get_vring_base_finishes_in_flight_requests(image, guest, direct) -> None:
+    be = make(image, direct=direct)
     try:
         dq, logmem, _ = setup_ring(be, guest)
         for i in range(5):
@@ -837,3 +842,25 @@ def test_a_region_at_an_unaligned_fd_offset_is_addressed_from_that_offset(guest)
         assert guest.read(0, 2) == b"\x00\x01"  # the bytes below the offset are not the region's
     finally:
         gm.close()
+
+
+def test_direct_write_across_two_regions_reaches_the_image(image, guest) -> None:
+    """An OUT of 3 pages whose buffers sit in both regions, pwritev'd straight from guest memory."""
+    be = make(image, direct=True)
+    try:
+        dq, logmem, _ = setup_ring(be, guest)
+        payload = bytes((7 * i) % 251 for i in range(3 * 4096))
+        guest.cpu.write(0x20000, payload[:4096])
+        guest.cpu.write(MIB + 0x4000, payload[4096:])
+        dq.port.write(0x8000, BlkOutHdr(BlkReqType.OUT, 0, 16).encode())
+        dq.add([Segment(0x8000, 16), Segment(0x20000, 4096), Segment(MIB + 0x4000, 2 * 4096)], [Segment(0x9000, 1)])
+        dq.publish()
+        be.kick(0)
+        assert be.device.wait_idle(5)
+        assert dq.get_used() is not None and guest.read(0x9000, 1)[0] == BlkStatus.OK
+        assert image.read_bytes()[16 * 512 : 16 * 512 + 3 * 4096] == payload
+        assert be.device.direct_runs == 1
+        logmem.close()
+    finally:
+        be.disconnect()
+        be.device.close()

@@ -4,7 +4,13 @@
 request chain is parsed (and its readable part read from guest memory) on
 the queue-processing path, and the back-end I/O -- ``os.pread`` /
 ``os.pwrite`` / ``os.fdatasync`` on the image's file descriptor -- runs on
-the base's thread pool, so many requests are in flight at once.  The same
+the base's thread pool, so many requests are in flight at once.  With
+:attr:`~virtio_lm.devices.base.QueueDevice.direct_dma` on (vhost-user-blk),
+reads and writes larger than ``inline_max`` move between the image and guest
+memory without a copy -- ``preadv`` into, ``pwritev`` from, the chain's buffers
+(:class:`~virtio_lm.devices.base.DirectWork`: under a DMA permit, through the
+port, so every byte read in is dirty-tracked); without a permit a read runs
+buffered and a write waits for resume ("not executed").  The same
 image path on the source and the destination of a migration stands for
 shared storage.
 
@@ -74,7 +80,7 @@ import threading
 from dataclasses import fields
 from typing import Sequence
 
-from virtio_lm.devices.base import MAX_HELD_DATA, DirectWork, QueueDevice, Work
+from virtio_lm.devices.base import MAX_HELD_DATA, DirectWork, NotExecuted, QueueDevice, Work
 from virtio_lm.errors import StateImageError, WireError
 from virtio_lm.memory.region import MemoryPort
 from virtio_lm.pci.function import VirtioPciFunction
@@ -404,7 +410,7 @@ class BlkDevice(QueueDevice):
         if not self._negotiated(BlkFeature.FLUSH):
             self.sync()  # no FLUSH negotiated: the device must be write-through
 
-    def _out(self, fn: VirtioPciFunction, chain: DescriptorChain, sector: int) -> bytes | Work:
+    def _out(self, fn: VirtioPciFunction, chain: DescriptorChain, sector: int) -> bytes | Work | DirectWork:
         wlen = chain.writable_len
         n = chain.readable_len - OUTHDR_SIZE
         if self.read_only:
@@ -413,8 +419,20 @@ class BlkDevice(QueueDevice):
             return self._done(wlen, BlkStatus.IOERR)
         if n == 0:
             return self._done(wlen, BlkStatus.OK)
-        data = chain.read_range(fn.port, OUTHDR_SIZE, n)  # DMA read now, while mastering
         offset = sector << SECTOR_SHIFT
+        if self.direct_dma and n > self.inline_max:  # straight from guest memory to the image
+            fd = self.fd
+
+            def direct(port: MemoryPort) -> tuple[int, bytes]:
+                chain.pwrite_from(port, fd, offset, OUTHDR_SIZE, n)
+                self._wrote(n)
+                return 0, self._done(wlen, BlkStatus.OK)
+
+            def not_now() -> bytes:  # no permit: the data cannot be read now -- run at resume
+                raise NotExecuted()
+
+            return DirectWork(direct, not_now)
+        data = chain.read_range(fn.port, OUTHDR_SIZE, n)  # DMA read now, while mastering
 
         def work() -> bytes:
             self._write_all(data, offset)
