@@ -1,6 +1,6 @@
 """Figures: our vhost-user-blk back-end vs qemu-storage-daemon, same image, same guest, one run.
 
-    python tests/qemu/figures.py [--samples N] [--queues Q] [--migration] [--json PATH]
+    python tests/qemu/figures.py [--samples N] [--queues Q] [--migration] [--buffered] [--json PATH]
 
 Both back-ends serve a copy of the same raw image to their own guest (same kernel, initramfs,
 QEMU command line); the two guests are up at the same time and the measurements alternate
@@ -9,7 +9,9 @@ both alike.  Per sample, in the guest: sequential write and read (1 MiB O_DIRECT
 4 KiB random write and read (tests/qemu/rio.c, O_DIRECT) at queue depth 1 and 16, over 64 MiB.
 Printed per metric: the median and the spread (min-max) of the samples for each back-end, and
 the ratio of the medians.  ``--migration``: also a live migration of a guest running the
-verifying loop per back-end (QEMU's total-time and downtime; one sample each).  Guest under TCG:
+verifying loop per back-end (QEMU's total-time and downtime; one sample each).  ``--buffered``:
+also ours with ``--buffered-io`` (the image copied through a buffer instead of read straight
+into guest memory) as a third guest in the same alternation.  Guest under TCG:
 absolute numbers are the emulator's; the ratio is the figure.
 """
 
@@ -60,11 +62,12 @@ def sample(vm: Vm, base: float) -> dict[str, float]:
     return r
 
 
-def throughput(kernel: Path, initrd: Path, images: dict[str, Path], work: Path, samples: int, queues: int) -> dict:
+def throughput(kernel: Path, initrd: Path, images: dict[str, Path], work: Path, samples: int, queues: int,
+               kinds: tuple[str, ...] = KINDS) -> dict:
     bes: dict[str, Backend] = {}
     vms: dict[str, Vm] = {}
     try:
-        for kind in KINDS:
+        for kind in kinds:
             bes[kind] = Backend(kind, str(work / f"{kind}-io.sock"), str(images[kind]), queues=queues)
             vms[kind] = Vm(work, f"{kind}-io", kernel, initrd, bes[kind].socket_path, queues=queues, smp=1)
         for vm in vms.values():
@@ -73,9 +76,9 @@ def throughput(kernel: Path, initrd: Path, images: dict[str, Path], work: Path, 
         if rc:
             raise RuntimeError("the guest has no rio (gcc missing?)")
         base = {k: min(timed(vm, "true") for _ in range(5)) for k, vm in vms.items()}  # console round trip
-        out: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+        out: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
         for i in range(samples):
-            for kind in KINDS:
+            for kind in kinds:
                 out[kind].append(sample(vms[kind], base[kind]))
                 print(f"sample {i + 1}/{samples} {kind}: " + ", ".join(f"{k}={v:.0f}" for k, v in out[kind][-1].items()),
                       flush=True)
@@ -131,23 +134,33 @@ def main() -> int:
     ap.add_argument("--queues", type=int, default=1, help="num-queues of both back-ends")
     ap.add_argument("--migration", action="store_true", help="also one live migration per back-end")
     ap.add_argument("--json", help="also write every sample here")
+    ap.add_argument("--buffered", action="store_true",
+                    help="also ours with --buffered-io (the image copied through a buffer) in the same alternation")
     args = ap.parse_args()
+    kinds = (*KINDS, "ours-buffered") if args.buffered else KINDS
     kernel, initrd = guest_assets()
     work = Path(tempfile.mkdtemp(prefix="vlm-fig-"))
     images = {}
-    for kind in KINDS:
+    for kind in kinds:
         images[kind] = work / f"{kind}.img"
         with open(images[kind], "wb") as f:
             f.truncate(128 << 20)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     res: dict = {"started": started, "samples": args.samples, "queues": args.queues,
-                 "io": throughput(kernel, initrd, images, work, args.samples, args.queues)}
+                 "io": throughput(kernel, initrd, images, work, args.samples, args.queues, kinds)}
     print(f"\n{args.samples} samples each, alternating; median [min-max]; started {started}")
     print(f"{'metric':26} {'ours':>24} {'qemu-storage-daemon':>24} {'ours/qsd':>9}")
     for k in res["io"]["ours"][0]:
         o = summary([s[k] for s in res["io"]["ours"]])
         q = summary([s[k] for s in res["io"]["qsd"]])
         print(f"{k:26} {o[0]:9.1f} [{o[1]:6.0f}-{o[2]:6.0f}] {q[0]:9.1f} [{q[1]:6.0f}-{q[2]:6.0f}] {o[0] / q[0]:9.2f}")
+    if args.buffered:
+        print(f"\n{'metric':26} {'ours --buffered-io':>24} {'ours/buffered':>14} {'buffered/qsd':>13}")
+        for k in res["io"]["ours"][0]:
+            o = statistics.median(s[k] for s in res["io"]["ours"])
+            b = summary([s[k] for s in res["io"]["ours-buffered"]])
+            q = statistics.median(s[k] for s in res["io"]["qsd"])
+            print(f"{k:26} {b[0]:9.1f} [{b[1]:6.0f}-{b[2]:6.0f}] {o / b[0]:14.2f} {b[0] / q:13.2f}")
     if args.migration:
         for kind in KINDS:
             res[f"migration_{kind}"] = migration(kind, kernel, initrd, images[kind], work)

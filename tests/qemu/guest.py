@@ -156,9 +156,11 @@ class Backend(_BackendProcess):
         self.socket_path = socket_path
         self.log_path = log_path or socket_path + ".log"
         self.stats_path = socket_path + ".stats.json"
-        if kind == "ours":
+        if kind in ("ours", "ours-buffered"):
             cmd = [sys.executable, "-m", "virtio_lm.cli", "-v", "vhost-user-blk", "--socket", socket_path, "--image", image,
                    "--queues", str(queues), "--stats", self.stats_path]
+            if kind == "ours-buffered":  # the image read into a buffer, then copied to the guest
+                cmd.append("--buffered-io")
             if no_dirty_log:
                 cmd.append("--unsafe-no-dirty-log")
             if hold_after is not None:
@@ -176,7 +178,7 @@ class Backend(_BackendProcess):
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout * SCALE
         # ours says when it listens (a socket file left by a killed predecessor is no sign)
-        while not os.path.exists(socket_path) or (kind == "ours" and "serving" not in self.output()):
+        while not os.path.exists(socket_path) or (kind != "qsd" and "serving" not in self.output()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"back-end {kind} did not start: {Path(self.log_path).read_text()[-2000:]}")
             time.sleep(0.05)
