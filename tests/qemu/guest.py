@@ -196,7 +196,8 @@ class Vm:
     with memfd RAM and a vhost-user-blk device, waits given as timeouts in seconds.
 
     ``net_socket``: a virtio-net device on a vhost-user-net back-end; ``user_net``: the same
-    device on QEMU's own ``-netdev user`` instead (at most one of the two)."""
+    device on QEMU's own ``-netdev user`` instead; ``tap``: on the host's TAP interface of that
+    name (``-netdev tap``, QEMU's own user-space back-end, no vhost-net) -- at most one of the three."""
 
     def __init__(
         self,
@@ -215,6 +216,7 @@ class Vm:
         blk_reconnect: int | None = None,
         smp: int = 1,
         user_net: bool = False,
+        tap: str | None = None,
     ) -> None:
         self.name = name
         # RAM 8 KiB short of memory_mib: not a multiple of 64 pages.  QEMU 7.2 under TCG loses
@@ -250,6 +252,11 @@ class Vm:
             if net_socket is not None:
                 raise ValueError("one NIC: net_socket or user_net, not both")
             args += ["-netdev", "user,id=net0",
+                     "-device", f"virtio-net-pci,netdev=net0,mac={mac},vectors=0"]  # fmt: skip
+        if tap is not None:
+            if net_socket is not None or user_net:
+                raise ValueError("one NIC: net_socket, user_net or tap")
+            args += ["-netdev", f"tap,id=net0,ifname={tap},script=no,downscript=no,vhost=off",
                      "-device", f"virtio-net-pci,netdev=net0,mac={mac},vectors=0"]  # fmt: skip
         if incoming_port is not None:
             args += ["-incoming", f"tcp:127.0.0.1:{incoming_port}"]

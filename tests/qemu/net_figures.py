@@ -1,6 +1,7 @@
-"""Figures: guest UDP throughput through our vhost-user-net back-end vs QEMU's own -netdev user.
+"""Figures: guest UDP throughput through our vhost-user-net back-end vs QEMU's own -netdev user
+and -netdev tap.
 
-    python tests/qemu/net_figures.py [--samples N] [--sizes 64,1400] [--window S] [--json PATH]
+    python tests/qemu/net_figures.py [--samples N] [--sizes 64,1400] [--window S] [--no-tap] [--json PATH]
 
 Two guests of the same kernel, initramfs and QEMU command line, the same virtio-net-pci device
 (one queue pair, INTx as in the vhost-user-net tests), up at the same time:
@@ -11,14 +12,18 @@ Two guests of the same kernel, initramfs and QEMU command line, the same virtio-
   10.0.0.1 as a permanent neighbour entry, as in tests/test_vhost_user_net_qemu.py);
 * ``user``: ``-netdev user`` (slirp); the guest (10.0.2.15) sends to 10.0.2.2:PORT, which QEMU
   delivers to a UDP socket bound here on 127.0.0.1:PORT.
+* ``tap``: ``-netdev tap`` (QEMU's user-space TAP back-end, vhost=off) on a TAP interface made
+  here (``ip tuntap``: root and /dev/net/tun; without them, or with ``--no-tap``, the set-up is
+  left out and the table says why); the host side is 10.0.3.1/24, the guest 10.0.3.2, and the
+  receiver a UDP socket bound to 10.0.3.1:PORT.
 
 Per sample and payload size, in the guest ``ublast`` (tests/qemu/ublast.c) sends datagrams as
 fast as it can; once they arrive, the host counts what its receiver gets over a window timed
 here (``--window`` seconds): datagrams a second (``pps``) and payload bytes a second (``MBps``,
 10^6).  ``guest_sent_pps``: what ublast handed to the guest's socket a second (guest clock; a
 datagram the guest's queue dropped counts as sent); ``switch_fps`` (ours only): the frames the
-switch forwarded a second over the same window.  Samples alternate between the two guests
-(sample 1 ours, sample 1 user, sample 2 ours, ...), so load on the machine falls on both alike.
+switch forwarded a second over the same window.  Samples alternate between the guests (sample
+1 ours, sample 1 user, sample 1 tap, sample 2 ours, ...), so load on the machine falls on all alike.
 Printed per metric: the median and the spread (min-max) of the samples for each set-up and the
 ratio of the medians.  Guest under TCG: absolute numbers are the emulator's; the ratio is the
 figure.
@@ -29,9 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,7 +55,8 @@ from virtio_lm.net.udppeer import UdpPeer  # noqa: E402
 from virtio_lm.wire.inet import UDPSEQ_MAGIC, ipv4_addr  # noqa: E402
 from virtio_lm.wire.net import format_mac, parse_mac  # noqa: E402
 
-KINDS = ("ours", "user")
+KINDS = ("ours", "user", "tap")
+TAP_HOST_IP, TAP_GUEST_IP = "10.0.3.1", "10.0.3.2"
 GUEST_MAC, PEER_MAC = parse_mac("52:54:00:12:34:56"), parse_mac("52:54:00:00:00:fe")
 GUEST_IP, PEER_IP = "10.0.0.2", "10.0.0.1"
 SLIRP_GUEST_IP, SLIRP_HOST_IP = "10.0.2.15", "10.0.2.2"
@@ -59,12 +67,12 @@ QUIET = 0.3  # s without an arrival: the previous run has drained
 
 
 class HostSink:
-    """A UDP socket on 127.0.0.1 counting the ublast datagrams it receives, on its own thread."""
+    """A UDP socket on ``ip`` counting the ublast datagrams it receives, on its own thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, ip: str = "127.0.0.1") -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         big_buffers(self.sock)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((ip, 0))
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
         self.count = 0
@@ -102,6 +110,7 @@ class Setup:
         self.be: NetBackendProc | None = None
         self.sink: HostSink | None = None
         self.vm: Vm | None = None
+        self.tap: str | None = None
         try:
             self._start(kind, kernel, initrd, work)
         except BaseException:
@@ -130,6 +139,15 @@ class Setup:
             self.extra = None
             self.target = (SLIRP_HOST_IP, sink.port)
             self.config = f"ip addr add {SLIRP_GUEST_IP}/24 dev eth0 && ip link set eth0 up"
+        elif kind == "tap":
+            self.tap = make_tap()
+            self.sink = HostSink(TAP_HOST_IP)
+            self.vm = Vm(work, "tap-net", kernel, initrd, None, tap=self.tap, mac=format_mac(GUEST_MAC))
+            sink = self.sink
+            self.counter = lambda: sink.count
+            self.extra = None
+            self.target = (TAP_HOST_IP, sink.port)
+            self.config = f"ip addr add {TAP_GUEST_IP}/24 dev eth0 && ip link set eth0 up"
         else:
             raise ValueError(kind)
 
@@ -202,7 +220,33 @@ class Setup:
             self.sw.stop()
         if self.sink is not None:
             self.sink.close()
+        if self.tap is not None:
+            subprocess.run(["ip", "link", "del", self.tap], capture_output=True)
         return extra
+
+
+def tap_unavailable() -> str | None:
+    """Why a TAP interface cannot be made here (None: it can)."""
+    if os.geteuid() != 0:
+        return "not root"
+    if not os.path.exists("/dev/net/tun"):
+        return "no /dev/net/tun"
+    if shutil.which("ip") is None:
+        return "no ip (iproute2)"
+    return None
+
+
+def make_tap() -> str:
+    """A TAP interface up with 10.0.3.1/24 (removed by :meth:`Setup.stop`)."""
+    name = f"vlmtap{os.getpid() % 10000}"
+    for cmd in (["ip", "tuntap", "add", "dev", name, "mode", "tap"],
+                ["ip", "addr", "add", f"{TAP_HOST_IP}/24", "dev", name],
+                ["ip", "link", "set", name, "up"]):  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            subprocess.run(["ip", "link", "del", name], capture_output=True)
+            raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+    return name
 
 
 def summary(values: list[float]) -> tuple[float, float, float]:
@@ -219,7 +263,10 @@ def main() -> int:
     ap.add_argument("--sizes", default="64,1400", help="UDP payload sizes in bytes, comma-separated (16..1472)")
     ap.add_argument("--window", type=float, default=3.0, help="host-timed counting window per sample, seconds")
     ap.add_argument("--json", help="also write every sample here")
+    ap.add_argument("--no-tap", action="store_true", help="leave the -netdev tap set-up out")
     args = ap.parse_args()
+    no_tap = "--no-tap" if args.no_tap else tap_unavailable()
+    kinds = tuple(k for k in KINDS if k != "tap" or not no_tap)
     sizes = [int(s) for s in args.sizes.split(",")]
     if any(not 16 <= s <= 1472 for s in sizes) or args.samples < 1 or args.window <= 0:
         ap.error("sizes 16..1472, samples >= 1, window > 0")
@@ -227,10 +274,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="vlm-netfig-"))
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     res: dict = {"started": started, "samples": args.samples, "sizes": sizes, "window_s": args.window,
-                 "net": {k: [] for k in KINDS}}
+                 "net": {k: [] for k in kinds}, "tap_left_out": no_tap}
     setups: dict[str, Setup] = {}
     try:
-        for kind in KINDS:
+        for kind in kinds:
             setups[kind] = Setup(kind, kernel, initrd, work)
         for s in setups.values():
             assert s.vm is not None
@@ -238,7 +285,7 @@ def main() -> int:
         for s in setups.values():
             s.up()
         for i in range(args.samples):
-            for kind in KINDS:
+            for kind in kinds:
                 r: dict[str, float] = {}
                 for size in sizes:
                     r.update(setups[kind].measure(size, args.window))
@@ -249,17 +296,22 @@ def main() -> int:
             res[f"stop_{kind}"] = s.stop()
     print(f"\n{args.samples} samples each, alternating, {args.window:g} s host-timed window;"
           f" median [min-max]; started {started}")
-    print(f"{'metric':22} {'ours (vhost-user-net)':>28} {'QEMU -netdev user':>28} {'ours/user':>9}")
+    others = [k for k in kinds if k != "ours"]
+    head = {"user": "QEMU -netdev user", "tap": "QEMU -netdev tap"}
+    print(f"{'metric':22} {'ours (vhost-user-net)':>28}" + "".join(f" {head[k]:>28} {'ours/' + k:>9}" for k in others))
     for k in res["net"]["ours"][0]:
         o = summary([s[k] for s in res["net"]["ours"]])
         line = f"{k:22} {num(o[0]):>10} [{num(o[1]):>7}-{num(o[2]):>7}]"
-        if k in res["net"]["user"][0]:
-            u = summary([s[k] for s in res["net"]["user"]])
-            ratio = o[0] / u[0] if u[0] else float("nan")
-            line += f" {num(u[0]):>10} [{num(u[1]):>7}-{num(u[2]):>7}] {ratio:9.3f}"
-        else:  # ours only: no counterpart in the user set-up
-            line += f" {'-':>28} {'-':>9}"
+        for other in others:
+            if k in res["net"][other][0]:
+                u = summary([s[k] for s in res["net"][other]])
+                ratio = o[0] / u[0] if u[0] else float("nan")
+                line += f" {num(u[0]):>10} [{num(u[1]):>7}-{num(u[2]):>7}] {ratio:9.3f}"
+            else:  # ours only: no counterpart in QEMU's set-ups
+                line += f" {'-':>28} {'-':>9}"
         print(line)
+    if no_tap:
+        print(f"-netdev tap left out: {no_tap}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     shutil.rmtree(work, ignore_errors=True)
