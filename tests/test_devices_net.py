@@ -15,6 +15,7 @@ import pytest
 from virtio_lm.devices.net import MAC_TABLE_ENTRIES, NET_FEATURES, NetDevice
 from virtio_lm.drivers.net_driver import DEFAULT_WANTED, GENERIC_CTRL, NetDriver
 from virtio_lm.errors import (
+    BackendError,
     BackendUnavailableError,
     ControlCommandError,
     FeaturesNotAcceptedError,
@@ -426,6 +427,51 @@ def test_tx_rx_through_switch(net) -> None:  # type: ignore[no-untyped-def]
         wait_until(lambda: (got.extend(received_seqs(drv)), len(got) >= 40)[1], "rx")
         assert got == list(range(40))
         assert sw.lookup(drv.mac) == v.dev.backend.local_addr  # type: ignore[union-attr]
+    finally:
+        v.close()
+
+
+@pytest.mark.parametrize("inline_max", [0, 2048], ids=["pool", "inline"])
+def test_tx_inline_when_small_and_the_backend_ready(net, inline_max) -> None:  # type: ignore[no-untyped-def]
+    """inline_max: a frame no larger goes out during the kick, on the notification thread; the
+    rest (larger, or the back-end paused) through the pool, in order all the same."""
+    sw, peer = net
+    port = UdpSwitchPort(sw.address, name="vm")
+    v = make_vm(port)
+    v.dev.inline_max = inline_max
+    try:
+        drv = v.bring_up(queue_size=64)
+        drv.send_many([seq_frame(PEER_MAC, drv.mac, 7, i, size=60) for i in range(10)])
+        drv.send(seq_frame(PEER_MAC, drv.mac, 7, 10, size=inline_max + 100 if inline_max else 1000))
+        assert peer.wait_count(drv.mac, 11, WAIT)
+        assert peer.seqs_from(drv.mac) == list(range(11))
+        assert v.dev.stats["tx_inline"] == (10 if inline_max else 0) and v.dev.stats["tx_frames"] == 11
+        port.pause_tx()  # not ready: the pool's work waits for credit, nothing goes inline
+        drv.send(seq_frame(PEER_MAC, drv.mac, 7, 11, size=60))
+        wait_until(lambda: v.dev.in_flight == 1, "the paused frame taken")
+        assert v.dev.stats["tx_inline"] == (10 if inline_max else 0) and v.dev.stats["tx_frames"] == 11
+        port.resume_tx()
+        assert peer.wait_count(drv.mac, 12, WAIT)
+        wait_until(lambda: (drv.reap_tx(), drv.tx_in_flight() == 0)[1], "tx completions")
+    finally:
+        v.close()
+
+
+def test_tx_inline_send_error_is_counted_and_the_chain_completes(net, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    sw, peer = net
+    port = UdpSwitchPort(sw.address, name="vm")
+    v = make_vm(port)
+    v.dev.inline_max = 2048
+
+    def broken(frame: bytes) -> None:
+        raise BackendError("vm: send to switch failed: [Errno 105] No buffer space available")
+
+    try:
+        drv = v.bring_up(queue_size=64)
+        monkeypatch.setattr(port, "send", broken)
+        drv.send(seq_frame(PEER_MAC, drv.mac, 7, 0, size=60))
+        wait_until(lambda: (drv.reap_tx(), drv.tx_in_flight() == 0)[1], "the chain completed")
+        assert v.dev.stats["tx_errors"] == 1 and v.dev.stats["tx_frames"] == 0 and v.dev.in_flight == 0
     finally:
         v.close()
 

@@ -52,6 +52,9 @@ class Port:
     def wait_tx_ready(self, abort: threading.Event) -> bool:
         return not abort.is_set()
 
+    def try_tx_ready(self, abort: threading.Event) -> bool:
+        return not abort.is_set()
+
     def send(self, frame: bytes) -> None:
         self.sent.append(frame)
 

@@ -441,14 +441,17 @@ def _wait_for(done: threading.Event) -> None:
 @click.option("--switch", "switch_", default=None, help="The embedded switch, HOST:PORT.")
 @click.option("--tap", default=None, help="A Linux TAP interface to create (needs CAP_NET_ADMIN).")
 @click.option("--queues", default=1, show_default=True, type=click.IntRange(1, 64), help="Queue pairs.")
+@click.option("--inline-max", default=2048, show_default=True, type=click.IntRange(0),
+              help="Frames of at most this many bytes are sent on the notification thread when the back-end is "
+                   "ready (0: all through the I/O pool).")
 @click.option("--guest-announce", is_flag=True,
               help="Offer VIRTIO_NET_F_GUEST_ANNOUNCE (the guest announces itself; QEMU then sends no SEND_RARP).")
 @click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False),
               help="Write the device's counters (JSON) here at exit.")
 @click.option("--unsafe-no-dirty-log", is_flag=True, hidden=True,
               help="Negative control for tests: offer LOG_ALL but never write the dirty log.")
-def vhost_user_net(socket_path: str, switch_: str | None, tap: str | None, queues: int, guest_announce: bool,
-                   stats_path: str | None, unsafe_no_dirty_log: bool) -> None:
+def vhost_user_net(socket_path: str, switch_: str | None, tap: str | None, queues: int, inline_max: int,
+                   guest_announce: bool, stats_path: str | None, unsafe_no_dirty_log: bool) -> None:
     """Serve the virtio-net device model to a vhost-user front-end (QEMU), with dirty logging."""
     from virtio_lm.devices.net import NetDevice
     from virtio_lm.net.backends import NetBackend, TapBackend, UdpSwitchPort
@@ -468,6 +471,7 @@ def vhost_user_net(socket_path: str, switch_: str | None, tap: str | None, queue
         where = f"tap {port.ifname}"
     without = 0 if guest_announce else bit(NetFeature.GUEST_ANNOUNCE)
     device = NetDevice(port, max_pairs=queues, queue_max_size=1024, without=without)
+    device.inline_max = inline_max
     backend = VhostUserNetBackend(device, log_writes=not unsafe_no_dirty_log)
     server = VhostUserServer(socket_path, device, backend=backend)
     server.listen()

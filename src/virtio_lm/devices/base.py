@@ -441,7 +441,7 @@ class QueueDevice(VirtioDevice):
             self.fn.set_needs_reset(exc)
             return
         if callable(work):  # Work or DirectWork
-            if self.inline_max and self.hold_after is None and self.request_bytes(req) <= self.inline_max:
+            if self.inline_max and self.hold_after is None and self.runs_inline(req):
                 self._run_inline(req, work)
                 return
             if self.hold_after is not None:
@@ -453,6 +453,11 @@ class QueueDevice(VirtioDevice):
             req.future = self._executor().submit(self._run, req, work)
         else:
             self._finish(req, work)
+
+    def runs_inline(self, req: Request) -> bool:
+        """Whether ``req``'s back-end work runs on the queue path (with :attr:`inline_max` set):
+        it moves at most ``inline_max`` bytes.  A device whose work can block says no."""
+        return self.request_bytes(req) <= self.inline_max
 
     def request_bytes(self, req: Request) -> int:
         """How many bytes a request moves (what :attr:`inline_max` is compared with)."""

@@ -72,6 +72,15 @@ class NetBackend:
     def tx_paused(self) -> bool:
         return self._credits == 0
 
+    def try_tx_ready(self, abort: threading.Event) -> bool:
+        """:meth:`wait_tx_ready` without the wait: take a credit if one is there now."""
+        with self._tx_cond:
+            if self._credits == 0 or abort.is_set() or self._closed.is_set():
+                return False
+            if self._credits is not None:
+                self._credits -= 1
+            return True
+
     def wait_tx_ready(self, abort: threading.Event) -> bool:
         """Wait until one frame may go (taking a credit); False if ``abort`` is set first (or closed)."""
         with self._tx_cond:
