@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from virtio_lm.demo import WINDOW_SLACK, check_network
+from virtio_lm.demo import RELEARN_MAX, WINDOW_SLACK, check_network
 from virtio_lm.errors import GuestStateError
 from virtio_lm.vm import guest_state as gs
 from virtio_lm.vm.workloads import NetWorkload, NetWorkloadState
@@ -114,3 +114,32 @@ def test_negative_control_a_duplicate_is_caught():
 def test_a_hostile_giant_run_is_judged_without_expanding_it():
     r = check([[0, 1 << 60], [5, 1 << 59]])  # (expanded, this would never finish)
     assert r["peer-to-vm"]["duplicates"] == 1 << 59 and not r["passed"]
+
+
+def test_loss_until_the_network_learns_the_new_port_passes_and_is_reported():
+    """No VM frame reaches the peer from RESUME (2.05 s) until 3.25 s: the switch still sends the
+    peer's frames to the source's port until then.  Loss up to that moment (+ slack) is the
+    switch-over's; the relearn is reported."""
+    report = peer_report(1000)
+    report["received-times"] = [t if not T0 + 2.05 <= t < T0 + 3.25 else T0 + 3.25 for t in report["received-times"]]
+    r = check_network(report, {"received": [[0, 190], [360, 640]], "tx-sent": 1000}, (T0 + 2.0, T0 + 2.05),
+                      until=T0 + 10)
+    assert r["passed"], r
+    assert r["relearn-s"] == pytest.approx(1.2) and r["peer-to-vm"]["lost"] == 170
+
+
+def test_negative_control_loss_after_the_relearn_is_caught():
+    report = peer_report(1000)
+    report["received-times"] = [t if not T0 + 2.05 <= t < T0 + 3.25 else T0 + 3.25 for t in report["received-times"]]
+    r = check_network(report, {"received": [[0, 190], [360, 440], [810, 190]], "tx-sent": 1000},
+                      (T0 + 2.0, T0 + 2.05), until=T0 + 10)
+    assert not r["passed"] and "after it closed" in r["problems"][0], r
+
+
+def test_negative_control_a_relearn_later_than_its_bound_does_not_widen_the_window():
+    report = peer_report(1000)
+    late = T0 + 2.05 + RELEARN_MAX + 0.5
+    report["received-times"] = [t if not T0 + 2.05 <= t < late else late for t in report["received-times"]]
+    r = check_network(report, {"received": [[0, 190], [360, 640]], "tx-sent": 1000}, (T0 + 2.0, T0 + 2.05),
+                      until=T0 + 10)
+    assert not r["passed"] and r["relearn-s"] is None, r

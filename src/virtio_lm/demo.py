@@ -37,6 +37,8 @@ PEER_MAC = "52:54:00:00:00:fe"
 IMAGE_MIB = 16
 BLOCKS = 256
 WINDOW_SLACK = 0.5  # seconds of loss tolerated around the switch-over window (announce, queues)
+#: the longest the network may take, after the destination's RESUME, to learn the VM's new port
+RELEARN_MAX = 5.0
 
 
 @dataclass
@@ -133,8 +135,16 @@ def check_network(
     wall-clock time (source STOP .. destination RESUME); ``until`` when the
     VM was stopped for verification (frames sent after it are not judged).
     Frames from the peer before the first one the VM received (the VM was
-    still booting) are not judged either."""
-    lo, hi = window[0] - WINDOW_SLACK, window[1] + WINDOW_SLACK
+    still booting) are not judged either.
+
+    The window, as the network sees it, closes when the switch has learned the VM's new
+    port: until a frame from the VM (its announce, or any frame) has come in through the
+    destination's port, frames for the VM still go to the source's.  That moment is taken as
+    the peer's first arrival of a VM frame at or after RESUME, if it comes within
+    ``RELEARN_MAX`` s (reported as ``relearn-s``); the window then ends there, not at RESUME."""
+    arrivals = [t for t in peer["received-times"] if window[1] <= t <= window[1] + RELEARN_MAX]
+    relearn = min(arrivals) if arrivals else None
+    lo, hi = window[0] - WINDOW_SLACK, max(window[1], relearn or 0.0) + WINDOW_SLACK
     problems: list[str] = []
     # peer -> VM: what the VM received, as [first, count] runs in arrival order
     runs = [(int(f), int(n)) for f, n in vm_net["received"]]
@@ -186,6 +196,7 @@ def check_network(
         "peer-to-vm": {"sent-judged": len(sent), "received": total, "lost": len(lost_in), "duplicates": dup_in},
         "vm-to-peer": {"sent": vm_net.get("tx-sent"), "received": len(rx), "lost": len(lost_out), "duplicates": dup_out},
         "window-s": [round(window[0], 3), round(window[1], 3)],
+        "relearn-s": None if relearn is None else round(relearn - window[1], 3),
     }
 
 
@@ -318,6 +329,8 @@ def _print_report(console: Any, report: dict[str, Any]) -> None:
     if net:
         v.add_row(
             "network", "ok" if net["passed"] else "FAILED",
-            f"peer->vm {net['peer-to-vm']}; vm->peer {net['vm-to-peer']}" + ("; " + "; ".join(net["problems"]) if net["problems"] else ""),
+            f"peer->vm {net['peer-to-vm']}; vm->peer {net['vm-to-peer']}"
+            + (f"; network relearned {net['relearn-s'] * 1000:.0f} ms after resume" if net.get("relearn-s") is not None else "")
+            + ("; " + "; ".join(net["problems"]) if net["problems"] else ""),
         )
     console.print(v)
