@@ -82,7 +82,11 @@ def pwritev_all(fd: int, offset: int, bufs: list[memoryview]) -> int:
 
 
 def mark_pieces(writer: Writer, pieces: Sequence[tuple[int, int]], nbytes: int) -> None:
-    """Tell ``writer`` of the first ``nbytes`` bytes of ``pieces`` (in order) as written."""
+    """Tell ``writer`` of the first ``nbytes`` bytes of ``pieces`` (in order) as written: one
+    call for them all when the writer has no sink to tell of pages (:meth:`Writer.written_bytes`)."""
+    if nbytes > 0 and isinstance(writer, Writer) and not writer.sinks():
+        writer.written_bytes(nbytes)
+        return
     written = writer.written
     for addr, n in pieces:
         if nbytes <= 0:
@@ -107,6 +111,10 @@ class Writer:
         self.bytes_written += nbytes
         for sink in self.sinks():
             sink.mark(first_page, last_page)
+
+    def written_bytes(self, nbytes: int) -> None:
+        """``nbytes`` written where no sink is to be told (:meth:`sinks` is empty)."""
+        self.bytes_written += nbytes
 
 
 class CpuWriter(Writer):
