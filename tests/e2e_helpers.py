@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from virtio_lm.demo import check_network, cli_command
+from virtio_lm.net.switch import read_moves
 from virtio_lm.orchestrate import FINAL, ChildProcess, Monitor, run_migration
 from virtio_lm.wire.stream import Direction, Ready, StreamDecoder
 
@@ -66,6 +67,8 @@ Proc = ChildProcess
 class Peer:
     proc: Proc
     report_path: Path
+    vm_mac: str = VM_MAC
+    moves_path: Path | None = None  # its switch's MAC moves (virtio_lm.net.switch.read_moves)
 
     def finish(self) -> dict[str, Any]:
         """Stop the peer (it writes its report on SIGTERM) and read the report."""
@@ -93,6 +96,7 @@ class Cluster:
         self.procs: list[Proc] = []
         self.hosts: list[HostProc] = []
         self.proxies: list[Proxy] = []
+        self.switch_moves: dict[str, Path] = {}  # switch address -> its MAC-move log
         self._n = 0
 
     def _name(self, base: str) -> str:
@@ -106,9 +110,14 @@ class Cluster:
         return path
 
     def switch(self, listen: str = "127.0.0.1:0", *, netns: str | None = None) -> str:
-        p = Proc(self._name("switch"), cli_command("switch", "--listen", listen, "--lifetime", "600"), self.work, netns=netns)
+        name = self._name("switch")
+        moves = self.work / f"{name}-moves.txt"
+        p = Proc(name, cli_command("switch", "--listen", listen, "--lifetime", "600", "--moves", str(moves)), self.work,
+                 netns=netns)
         self.procs.append(p)
-        return p.first_line().split()[-1]
+        address = p.first_line().split()[-1]
+        self.switch_moves[address] = moves
+        return address
 
     def peer(
         self, switch: str, *, vm_mac: str = VM_MAC, mac: str = PEER_MAC, rate: float = 200.0, netns: str | None = None
@@ -123,7 +132,7 @@ class Cluster:
         )
         self.procs.append(p)
         p.first_line()
-        return Peer(p, report)
+        return Peer(p, report, vm_mac, self.switch_moves.get(switch))
 
     def host(
         self, vms: list[str], *, switch: str | None = None, incoming: bool = False, name: str | None = None,
@@ -240,7 +249,8 @@ def finish_and_verify(
         window = (stop_t["seconds"] + stop_t["microseconds"] / 1e6, resume_t["seconds"] + resume_t["microseconds"] / 1e6)
         net = guest["checks"].get("net", {})
         vm_net = dict(net.get("stats", {}), received=net.get("received", []))
-        out["network"] = check_network(report, vm_net, window, until=t_stop)
+        moved_at = read_moves(peer.moves_path, peer.vm_mac) if peer.moves_path else []
+        out["network"] = check_network(report, vm_net, window, until=t_stop, moved_at=moved_at)
         out["peer"] = report
     return out
 

@@ -12,7 +12,7 @@ import pytest
 
 from virtio_lm.net.backends import UdpSwitchPort
 from virtio_lm.net.peer import NetPeer, parse_seq, seq_frame
-from virtio_lm.net.switch import KIND_BYE, KIND_FRAME, KIND_HELLO, L2Switch, frame_message
+from virtio_lm.net.switch import KIND_BYE, KIND_FRAME, KIND_HELLO, L2Switch, frame_message, read_moves
 from virtio_lm.wire.net import BROADCAST_MAC, announce_frame
 
 A = bytes.fromhex("020000000001")
@@ -85,6 +85,33 @@ def test_broadcast_flooded_to_all_others(sw, ports) -> None:  # type: ignore[no-
     wait_until(lambda: len(pb.frames) == 1 and len(pc.frames) == 1, "broadcast")
     assert pa.frames == []
     assert pb.frames[0][:6] == BROADCAST_MAC
+
+
+def test_moves_are_logged_with_the_time_and_read_back_per_mac(tmp_path) -> None:
+    """``moves_path``: a MAC learned at a new port is a line TIME MAC HOST:PORT, flushed at once;
+    the first learning is no move; read_moves gives one MAC's times (a missing file: none)."""
+    log = tmp_path / "moves.txt"
+    with L2Switch(idle_timeout=60, moves_path=str(log)) as s:
+        a = UdpSwitchPort(s.address, name="a")
+        c = UdpSwitchPort(s.address, name="c")
+        try:
+            mac = bytes.fromhex("020000000001")
+            a.send(announce_frame(mac))
+            wait_until(lambda: s.lookup(mac) == a.local_addr, "learned at a")
+            assert read_moves(log, "02:00:00:00:00:01") == []
+            t0 = time.time()
+            c.send(announce_frame(mac))
+            wait_until(lambda: s.lookup(mac) == c.local_addr, "moved to c")
+            times = read_moves(log, "02:00:00:00:00:01")  # flushed: readable while the switch runs
+            assert len(times) == 1 and t0 - 1 <= times[0] <= time.time()
+            assert log.read_text().split()[1:] == ["02:00:00:00:00:01", f"{c.local_addr[0]}:{c.local_addr[1]}"]
+            assert read_moves(log, "02:00:00:00:00:02") == []
+        finally:
+            a.close()
+            c.close()
+    assert read_moves(tmp_path / "none.txt", "02:00:00:00:00:01") == []
+    log.write_text("garbage\nnot-a-time 02:00:00:00:00:01 x:1\n" + log.read_text())
+    assert len(read_moves(log, "02:00:00:00:00:01")) == 1
 
 
 def test_mac_move_is_learned(sw, ports) -> None:  # type: ignore[no-untyped-def]

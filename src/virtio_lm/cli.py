@@ -157,14 +157,16 @@ def host(name: str, qmp: str, vms: tuple[str, ...], switch: str | None, incoming
 @click.option("--listen", "listen_", default="127.0.0.1:0", show_default=True, help="HOST:PORT to listen on.")
 @click.option("--lifetime", default=3600.0, show_default=True, help="Stop after this many seconds.")
 @click.option("--idle-timeout", default=60.0, show_default=True, help="Stop after this long without traffic.")
-def switch(listen_: str, lifetime: float, idle_timeout: float) -> None:
+@click.option("--moves", "moves_path", default=None, type=click.Path(dir_okay=False),
+              help="Append every MAC move (a MAC learned at a new port: a migrated VM found) here, one "
+                   "'TIME MAC HOST:PORT' line each, as it happens.")
+def switch(listen_: str, lifetime: float, idle_timeout: float, moves_path: str | None) -> None:
     """Run the embedded learning L2 switch (frames as UDP datagrams on loopback)."""
     from virtio_lm.net.switch import main as switch_main
 
     host_, port = switch_address(listen_)
-    sys.exit(
-        switch_main(["--host", host_, "--port", str(port), "--lifetime", str(lifetime), "--idle-timeout", str(idle_timeout)])
-    )
+    argv = ["--host", host_, "--port", str(port), "--lifetime", str(lifetime), "--idle-timeout", str(idle_timeout)]
+    sys.exit(switch_main(argv + (["--moves", moves_path] if moves_path else [])))
 
 
 @main.command()

@@ -28,8 +28,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from virtio_lm.net.switch import read_moves
 from virtio_lm.orchestrate import ChildProcess, Monitor, run_migration
 
 VM_MAC = "52:54:00:12:34:56"
@@ -86,6 +87,7 @@ class Network:
     switch: str  # HOST:PORT
     peer: ChildProcess
     peer_report: Path
+    moves: Path  # the switch's MAC moves (virtio_lm.net.switch.read_moves)
 
 
 def start_network(work: Path, procs: list[ChildProcess]) -> Network:
@@ -93,7 +95,8 @@ def start_network(work: Path, procs: list[ChildProcess]) -> Network:
     image = work / "disk.img"
     with open(image, "wb") as f:  # sparse: a fully allocated one measured no better here (issue 9 note)
         f.truncate(IMAGE_MIB << 20)
-    sw = ChildProcess("switch", cli_command("switch", "--listen", "127.0.0.1:0", "--lifetime", "900"), work)
+    moves = work / "switch-moves.txt"
+    sw = ChildProcess("switch", cli_command("switch", "--listen", "127.0.0.1:0", "--lifetime", "900", "--moves", str(moves)), work)
     procs.append(sw)
     switch_addr = sw.first_line().split()[-1]
     peer_report = work / "peer.json"
@@ -104,7 +107,7 @@ def start_network(work: Path, procs: list[ChildProcess]) -> Network:
     )
     procs.append(pr)
     pr.first_line()
-    return Network(image, switch_addr, pr, peer_report)
+    return Network(image, switch_addr, pr, peer_report, moves)
 
 
 def _union(runs: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -126,7 +129,8 @@ def _covered(starts: list[int], ends: list[int], seq: int) -> bool:
 
 
 def check_network(
-    peer: dict[str, Any], vm_net: dict[str, Any], window: tuple[float, float], *, until: float
+    peer: dict[str, Any], vm_net: dict[str, Any], window: tuple[float, float], *, until: float,
+    moved_at: Sequence[float] = (),
 ) -> dict[str, Any]:
     """Loss only inside the switch-over window, and no duplicates, in both directions.
 
@@ -139,11 +143,12 @@ def check_network(
 
     The window, as the network sees it, closes when the switch has learned the VM's new
     port: until a frame from the VM (its announce, or any frame) has come in through the
-    destination's port, frames for the VM still go to the source's.  That moment is taken as
-    the peer's first arrival of a VM frame at or after RESUME, if it comes within
-    ``RELEARN_MAX`` s (reported as ``relearn-s``); the window then ends there, not at RESUME."""
-    arrivals = [t for t in peer["received-times"] if window[1] <= t <= window[1] + RELEARN_MAX]
-    relearn = min(arrivals) if arrivals else None
+    destination's port, frames for the VM still go to the source's.  ``moved_at``: when the
+    switch learned the VM's MAC at a new port (:func:`virtio_lm.net.switch.read_moves`); the
+    last such move from STOP to ``RESUME + RELEARN_MAX`` closes the window if it is after
+    RESUME (reported as ``relearn-s``, from RESUME).  Without one the window ends at RESUME."""
+    moves = [t for t in moved_at if window[0] <= t <= window[1] + RELEARN_MAX]
+    relearn = max(moves) if moves else None
     lo, hi = window[0] - WINDOW_SLACK, max(window[1], relearn or 0.0) + WINDOW_SLACK
     problems: list[str] = []
     # peer -> VM: what the VM received, as [first, count] runs in arrival order
@@ -213,7 +218,7 @@ def run_demo(opts: DemoOptions) -> int:
     ok = False
     try:
         net = start_network(work, procs)
-        image, switch_addr, pr, peer_report = net.image, net.switch, net.peer, net.peer_report
+        image, switch_addr, pr, peer_report, moves = net.image, net.switch, net.peer, net.peer_report, net.moves
         vm = vm_spec_text(opts.memory_mib, image, opts.dirty_rate_mbps, opts.seed, fill_mib=opts.fill_mib,
                           sweep_mib=opts.sweep_mib)
         src = ChildProcess("source", cli_command("host", "--name", "source", "--qmp", f"unix:{work}/source.qmp", "--vm", vm, "--switch", switch_addr, "--profile", opts.profile), work)
@@ -271,7 +276,7 @@ def run_demo(opts: DemoOptions) -> int:
                     stop_t["seconds"] + stop_t["microseconds"] / 1e6 if stop_t else time.time(),
                     resume_t["seconds"] + resume_t["microseconds"] / 1e6 if resume_t else time.time(),
                 )
-                net = check_network(peer, vm_net, window, until=t_stop)
+                net = check_network(peer, vm_net, window, until=t_stop, moved_at=read_moves(moves, VM_MAC))
                 verification["network"] = net
                 verification["passed"] = bool(guest.get("passed")) and net["passed"]
             report["verification"] = verification

@@ -31,9 +31,10 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Sequence
 
-from virtio_lm.wire.net import ETH_HLEN, is_multicast
+from virtio_lm.wire.net import ETH_HLEN, format_mac, is_multicast
 
 KIND_FRAME = 0
 KIND_HELLO = 1
@@ -73,6 +74,7 @@ class L2Switch:
         max_macs: int = 4096,
         idle_timeout: float = 30.0,
         lifetime: float = 3600.0,
+        moves_path: str | None = None,
     ) -> None:
         self.max_ports = max_ports
         self.max_macs = max_macs
@@ -90,6 +92,9 @@ class L2Switch:
         self._thread: threading.Thread | None = None
         self.stats: collections.Counter[str] = collections.Counter()
         self.stopped_because: str | None = None
+        #: every move (a MAC learned at a new port) as a line ``TIME MAC HOST:PORT`` (wall clock),
+        #: appended and flushed as it happens: when the network learned where a migrated VM is
+        self._moves = open(moves_path, "a", encoding="ascii") if moves_path else None  # noqa: SIM115
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "L2Switch":
@@ -102,6 +107,8 @@ class L2Switch:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self.sock.close()
+        if self._moves is not None:
+            self._moves.close()
 
     def __enter__(self) -> "L2Switch":
         return self.start()
@@ -178,6 +185,9 @@ class L2Switch:
                 old = self._macs.get(smac)
                 if old is not None and old != src:
                     self.stats["moves"] += 1
+                    if self._moves is not None:
+                        self._moves.write(f"{time.time():.6f} {format_mac(smac)} {src[0]}:{src[1]}\n")
+                        self._moves.flush()
                 self._macs[smac] = src
                 self._macs.move_to_end(smac)
                 while len(self._macs) > self.max_macs:
@@ -218,20 +228,39 @@ class L2Switch:
         return self.lookup(mac) == where
 
 
+def read_moves(path: str | Path, mac: str) -> list[float]:
+    """When the switch (``--moves PATH``) learned ``mac`` (``aa:bb:...``) at a new port: wall-clock
+    times, in order; a missing file is no move.  Lines that do not parse are skipped."""
+    try:
+        text = Path(path).read_text(encoding="ascii", errors="replace")
+    except FileNotFoundError:
+        return []
+    out: list[float] = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1].lower() == mac.lower():
+            try:
+                out.append(float(parts[0]))
+            except ValueError:
+                continue
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m virtio_lm.net.switch", description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--idle-timeout", type=float, default=30.0)
     ap.add_argument("--lifetime", type=float, default=3600.0)
+    ap.add_argument("--moves", help="append every MAC move here as it happens (TIME MAC HOST:PORT)")
     args = ap.parse_args(argv)
-    sw = L2Switch(args.host, args.port, idle_timeout=args.idle_timeout, lifetime=args.lifetime)
+    sw = L2Switch(args.host, args.port, idle_timeout=args.idle_timeout, lifetime=args.lifetime, moves_path=args.moves)
     print(f"listening on {sw.address[0]}:{sw.address[1]}", flush=True)
     try:
         sw.serve()
     except KeyboardInterrupt:
         sw.stopped_because = "interrupted"
-    sw.sock.close()
+    sw.stop()
     print(f"stopped ({sw.stopped_because}); {dict(sw.stats)}", flush=True)
     return 0
 
