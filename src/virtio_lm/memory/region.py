@@ -39,6 +39,20 @@ Buffer = bytes | bytearray | memoryview
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
+def _advance(bufs: list[memoryview], i: int, k: int) -> int:
+    """Past ``k`` bytes moved from buffer ``i`` on: the first buffer not yet full, itself cut
+    to its unmoved part."""
+    while k and i < len(bufs):
+        b = bufs[i]
+        if k >= len(b):
+            k -= len(b)
+            i += 1
+        else:
+            bufs[i] = b[k:]
+            k = 0
+    return i
+
+
 def preadv_all(fd: int, offset: int, bufs: list[memoryview]) -> int:
     """Fill ``bufs`` in order from ``fd`` at ``offset`` (``IOV_MAX`` at a time, short reads
     continued) until they are full or the file ends; the bytes read.  ``bufs`` is consumed."""
@@ -49,14 +63,7 @@ def preadv_all(fd: int, offset: int, bufs: list[memoryview]) -> int:
         if k == 0:
             break
         total += k
-        while k and i < len(bufs):
-            b = bufs[i]
-            if k >= len(b):
-                k -= len(b)
-                i += 1
-            else:
-                bufs[i] = b[k:]
-                k = 0
+        i = _advance(bufs, i, k)
     return total
 
 
@@ -70,15 +77,34 @@ def pwritev_all(fd: int, offset: int, bufs: list[memoryview]) -> int:
         if k <= 0:
             raise OSError(errno.EIO, f"pwritev wrote {k} bytes at offset {offset + total}")
         total += k
-        while k and i < len(bufs):
-            b = bufs[i]
-            if k >= len(b):
-                k -= len(b)
-                i += 1
-            else:
-                bufs[i] = b[k:]
-                k = 0
+        i = _advance(bufs, i, k)
     return total
+
+
+def read_file_into(fd: int, offset: int, bufs: list[memoryview], pieces: Sequence[tuple[int, int]],
+                   writer: Writer) -> int:
+    """:func:`preadv_all` into ``bufs`` (the mapped bytes of ``pieces``, which it releases), then
+    the pages of what arrived marked for ``writer`` -- every piece's if the read fails part-way
+    (what it wrote is not known).  The memories' ``preadv`` share it."""
+    try:
+        got = preadv_all(fd, offset, list(bufs))
+    except BaseException:
+        mark_pieces(writer, pieces, sum(n for _, n in pieces))
+        raise
+    finally:
+        for b in bufs:
+            b.release()
+    mark_pieces(writer, pieces, got)
+    return got
+
+
+def write_file_from(fd: int, offset: int, bufs: list[memoryview]) -> int:
+    """:func:`pwritev_all` from ``bufs``, which it releases."""
+    try:
+        return pwritev_all(fd, offset, list(bufs))
+    finally:
+        for b in bufs:
+            b.release()
 
 
 def mark_pieces(writer: Writer, pieces: Sequence[tuple[int, int]], nbytes: int) -> None:
@@ -354,19 +380,9 @@ class Memory:
         fails part-way (what it wrote is not known)."""
         for addr, length in pieces:
             self.check(addr, length)
-        got = 0
         with memoryview(self._mm) as mv:
             bufs = [mv[addr : addr + length] for addr, length in pieces if length]
-            try:
-                got = preadv_all(fd, offset, bufs)
-            except BaseException:
-                mark_pieces(writer, pieces, sum(n for _, n in pieces))
-                raise
-            finally:
-                for b in bufs:
-                    b.release()
-        mark_pieces(writer, pieces, got)
-        return got
+        return read_file_into(fd, offset, bufs, pieces, writer)
 
     def pwritev(self, fd: int, offset: int, pieces: Sequence[tuple[int, int]]) -> int:
         """Write the ``(addr, length)`` pieces, in order, to ``fd`` from ``offset`` (a chain's
@@ -375,11 +391,7 @@ class Memory:
             self._check_read(addr, length)
         with memoryview(self._mm) as mv:
             bufs = [mv[addr : addr + length] for addr, length in pieces if length]
-            try:
-                return pwritev_all(fd, offset, bufs)
-            finally:
-                for b in bufs:
-                    b.release()
+        return write_file_from(fd, offset, bufs)
 
     def fill(self, addr: int, length: int, value: int, writer: Writer) -> None:
         self.check(addr, length)

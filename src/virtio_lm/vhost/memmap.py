@@ -43,7 +43,7 @@ import numpy as np
 
 from virtio_lm.errors import MemoryAccessError, VhostLogError, VhostMemoryError
 from virtio_lm.memory.dirty import PAGE_SHIFT, PAGE_SIZE
-from virtio_lm.memory.region import Writer, mark_pieces, preadv_all, pwritev_all
+from virtio_lm.memory.region import Writer, read_file_into, write_file_from
 from virtio_lm.wire.vhost_user import MemRegion
 
 __all__ = ["GuestMemoryMap", "LogMap", "MappedRegion", "check_regions"]
@@ -387,27 +387,11 @@ class GuestMemoryMap:
 
     def preadv(self, fd: int, offset: int, pieces: Sequence[tuple[int, int]], writer: Writer) -> int:
         """Read ``fd`` from ``offset`` straight into the pieces (as :meth:`Memory.preadv`)."""
-        bufs = self._views(pieces)
-        got = 0
-        try:
-            got = preadv_all(fd, offset, list(bufs))
-        except BaseException:
-            mark_pieces(writer, pieces, sum(n for _, n in pieces))
-            raise
-        finally:
-            for b in bufs:
-                b.release()
-        mark_pieces(writer, pieces, got)
-        return got
+        return read_file_into(fd, offset, self._views(pieces), pieces, writer)
 
     def pwritev(self, fd: int, offset: int, pieces: Sequence[tuple[int, int]]) -> int:
         """Write the pieces to ``fd`` from ``offset`` (as :meth:`Memory.pwritev`)."""
-        bufs = self._views(pieces)
-        try:
-            return pwritev_all(fd, offset, list(bufs))
-        finally:
-            for b in bufs:
-                b.release()
+        return write_file_from(fd, offset, self._views(pieces))
 
     def fill(self, addr: int, length: int, value: int, writer: Writer) -> None:
         with self.lock:
