@@ -88,3 +88,26 @@ def test_negative_control_a_buffer_the_device_did_not_write_is_caught(tmp_path):
         assert "does not hold the device's pattern" in " ".join(check["checks"]["dmatest"]["problems"])
     finally:
         host.close()
+
+
+def test_a_paused_flat_out_blk_workload_parks_with_io_in_flight(tmp_path):
+    """Flat out (blk-rate 0), the workload never parks with nothing submitted: a step that reaps
+    every completion with a pause pending submits one request before it returns (a stress trial
+    once paused it right after it had reaped all 16 of its requests; the e2e test counts on I/O
+    in flight at the switch-over)."""
+    spec = _spec(tmp_path, net_mac=None, dmatest=0, blk_rate=0.0)
+    host = Host(HostConfig(name="h", qmp=f"unix:{tmp_path}/h.qmp", vms=[spec], calibrate=False))
+    try:
+        vm = host.slots["vm0"].vm
+        work = vm.parts["blk"].workload
+        _wait(lambda: work.stats["writes"] + work.stats["reads"] > 50, "the blk workload runs")
+        work.qd = 2  # fewer than a reap batch: one reap takes every completion, whatever the pause
+        n = work.stats["writes"] + work.stats["reads"]
+        _wait(lambda: work.stats["writes"] + work.stats["reads"] > n + 20, "steps at the new depth")
+        vm.pause()
+        _wait(lambda: vm.vfs["blk"].device.in_flight == 0, "the device to finish what it was given")
+        work.request_pause()  # (already parked: the step below is the one a pause would meet)
+        work.step()  # reaps every completion; the pause is pending
+        assert vm.requests_in_flight()["blk"] >= 1
+    finally:
+        host.close()

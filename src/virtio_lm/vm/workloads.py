@@ -176,7 +176,10 @@ class BlkWorkload(GuestThread):
     def step(self) -> bool:
         """Reap and check completions, then submit up to the queue depth -- in small batches,
         looking for a pause between them: a vCPU stops at an instruction boundary, not after
-        a whole queue's worth of checks (a pause waits for the step it meets)."""
+        a whole queue's worth of checks (a pause waits for the step it meets).  A pause never
+        finds the queue empty, though: with nothing in flight one request is submitted first, so
+        the workload parks with I/O in flight (a stress trial once paused it right after it had
+        reaped all 16 of its requests)."""
         did = False
         while True:
             n = self._reap(REAP_BATCH)
@@ -184,7 +187,8 @@ class BlkWorkload(GuestThread):
             if n < REAP_BATCH or self._pausing.is_set():
                 break
         now = time.monotonic()
-        while len(self.inflight) < self.qd and len(self.busy) < self.nblocks and not self._pausing.is_set():
+        while (len(self.inflight) < self.qd and len(self.busy) < self.nblocks
+               and (not self._pausing.is_set() or not self.inflight)):  # fmt: skip
             if self.rate > 0:
                 if now < self._next_at:
                     break
