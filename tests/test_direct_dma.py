@@ -74,6 +74,21 @@ def _rig(**kw):
     return make_rig(dev), dev
 
 
+def _submit(rig, seed: int, length: int):
+    """A FILL of ``length`` bytes, published and kicked."""
+    req = rig.fill(seed, length)
+    rig.dq.publish()
+    rig.kick()
+    return req
+
+
+def _submit_holding_a_permit(rig, dev, seed: int, length: int):
+    """:func:`_submit`, then wait until its (gated) direct work holds the DMA permit."""
+    req = _submit(rig, seed, length)
+    wait_until(lambda: dev.dma_permits == 1, f"the permit of request {seed}")
+    return req
+
+
 def _quiesce_in_thread(dev) -> threading.Thread:
     t = threading.Thread(target=dev.mig_quiesce, daemon=True)
     t.start()
@@ -83,9 +98,7 @@ def _quiesce_in_thread(dev) -> threading.Thread:
 def test_direct_work_dmas_under_a_permit_and_the_base_writes_the_rest() -> None:
     rig, dev = _rig(gated=False)
     try:
-        req = rig.fill(1, 5000)
-        rig.dq.publish()
-        rig.kick()
+        req = _submit(rig, 1, 5000)
         rig.wait_idle()
         ((got, used),) = rig.reap()
         check_result(rig.mem, got, used)
@@ -100,9 +113,7 @@ def test_off_the_buffered_form_always_runs() -> None:
     rig, dev = _rig(gated=False)
     dev.direct_dma = False
     try:
-        rig.fill(2, 300)
-        rig.dq.publish()
-        rig.kick()
+        _submit(rig, 2, 300)
         rig.wait_idle()
         ((got, used),) = rig.reap()
         check_result(rig.mem, got, used)
@@ -116,9 +127,7 @@ def test_quiesce_waits_for_the_permit_held_and_nothing_is_left_held() -> None:
     ring before mastering stops: the DMA ran with mastering on and QUIESCED holds nothing."""
     rig, dev = _rig()
     try:
-        req = rig.fill(3, 4096)
-        rig.dq.publish()
-        rig.kick()
+        req = _submit(rig, 3, 4096)
         wait_until(lambda: 3 in dev.started and dev.dma_permits == 1, "the direct work to start")
         t = _quiesce_in_thread(dev)
         wait_until(lambda: not dev.granting_permits, "QUIESCE to wait for the permit")
@@ -138,15 +147,10 @@ def test_quiesce_waits_for_the_permit_held_and_nothing_is_left_held() -> None:
 def test_work_started_while_quiesce_waits_runs_buffered_and_is_held() -> None:
     rig, dev = _rig()
     try:
-        rig.fill(4, 4096)
-        rig.dq.publish()
-        rig.kick()
-        wait_until(lambda: dev.dma_permits == 1, "the first permit")
+        _submit_holding_a_permit(rig, dev, 4, 4096)
         t = _quiesce_in_thread(dev)
         wait_until(lambda: not dev.granting_permits, "QUIESCE to wait")
-        req2 = rig.fill(5, 4096)
-        rig.dq.publish()
-        rig.kick()  # taken now (still mastering), but no permit: its buffered form
+        req2 = _submit(rig, 5, 4096)  # taken now (still mastering), but no permit: its buffered form
         wait_until(lambda: dev.buffered_runs == 1, "the second request's work to start")
         dev.open(4)
         t.join(WAIT)
@@ -168,10 +172,7 @@ def test_mastering_cleared_under_a_permit_before_the_dma_sends_the_request_back(
     request is "not executed" again and runs at resume."""
     rig, dev = _rig()
     try:
-        rig.fill(6, 2000)
-        rig.dq.publish()
-        rig.kick()
-        wait_until(lambda: dev.dma_permits == 1, "the permit")
+        _submit_holding_a_permit(rig, dev, 6, 2000)
         rig.fn.port.bus_master = False
         dev.open(6)
         wait_until(lambda: dev.deferred == 1 and dev.dma_permits == 0, "the request to go back")
@@ -190,9 +191,7 @@ def test_mastering_cleared_after_the_dma_sends_the_request_back() -> None:
     rig, dev = _rig()
     dev.after_dma[7] = threading.Event()
     try:
-        req = rig.fill(7, 3000)
-        rig.dq.publish()
-        rig.kick()
+        req = _submit(rig, 7, 3000)
         dev.open(7)
         wait_until(lambda: dev.seen_mastering == [True], "the DMA")
         assert rig.mem.read(req.buf_addr, 3000) == fill_pattern(7, 3000)
@@ -214,10 +213,7 @@ def test_quiesce_stops_mastering_when_a_permit_outlives_the_settle_timeout(monke
     monkeypatch.setattr(base, "DMA_SETTLE_TIMEOUT", 0.05)
     rig, dev = _rig()
     try:
-        rig.fill(8, 1000)
-        rig.dq.publish()
-        rig.kick()
-        wait_until(lambda: dev.dma_permits == 1, "the permit")
+        _submit_holding_a_permit(rig, dev, 8, 1000)
         with caplog.at_level(logging.WARNING, logger="virtio_lm.devices.base"):
             dev.mig_quiesce()
         assert not rig.fn.port.bus_master and "1 DMA permits still held" in caplog.text
@@ -234,10 +230,7 @@ def test_quiesce_stops_mastering_when_a_permit_outlives_the_settle_timeout(monke
 def test_freeze_waits_for_the_permits_too() -> None:
     rig, dev = _rig()
     try:
-        rig.fill(9, 4096)
-        rig.dq.publish()
-        rig.kick()
-        wait_until(lambda: dev.dma_permits == 1, "the permit")
+        _submit_holding_a_permit(rig, dev, 9, 4096)
         t = threading.Thread(target=dev.mig_freeze, args=(WAIT,), daemon=True)
         t.start()
         wait_until(lambda: not dev.granting_permits, "FREEZE to wait")
