@@ -42,7 +42,7 @@ MODULES = [
     "failover", "net_failover", "virtio_net",
 ]  # fmt: skip
 #: static guest tools built from tests/qemu/NAME.c (optional: tests needing one skip without it)
-TOOLS = ["rio", "udpx", "chan", "wver", "ublast"]
+TOOLS = ["rio", "udpx", "chan", "wver", "ublast", "usink"]
 
 #: how much slower than a quiet 2-core machine this one may be: every host-side deadline of the
 #: real-QEMU tests is multiplied by it (VLM_QEMU_SLOW, default 1)
@@ -196,7 +196,8 @@ class Vm:
     with memfd RAM and a vhost-user-blk device, waits given as timeouts in seconds.
 
     ``net_socket``: a virtio-net device on a vhost-user-net back-end; ``user_net``: the same
-    device on QEMU's own ``-netdev user`` instead; ``tap``: on the host's TAP interface of that
+    device on QEMU's own ``-netdev user`` instead (``user_udp_fwd=(HP, GP)``: datagrams sent to the
+    host's 127.0.0.1:HP reach the guest's UDP port GP); ``tap``: on the host's TAP interface of that
     name (``-netdev tap``, QEMU's own user-space back-end, no vhost-net) -- at most one of the three."""
 
     def __init__(
@@ -216,6 +217,7 @@ class Vm:
         blk_reconnect: int | None = None,
         smp: int = 1,
         user_net: bool = False,
+        user_udp_fwd: tuple[int, int] | None = None,
         tap: str | None = None,
     ) -> None:
         self.name = name
@@ -251,7 +253,10 @@ class Vm:
             # convention, and datagrams it sends to 10.0.2.2:PORT arrive at the host's 127.0.0.1:PORT
             if net_socket is not None:
                 raise ValueError("one NIC: net_socket or user_net, not both")
-            args += ["-netdev", "user,id=net0",
+            fwd = ""
+            if user_udp_fwd is not None:  # host 127.0.0.1:HP -> guest :GP (the receive direction)
+                fwd = f",hostfwd=udp:127.0.0.1:{user_udp_fwd[0]}-:{user_udp_fwd[1]}"
+            args += ["-netdev", f"user,id=net0{fwd}",
                      "-device", f"virtio-net-pci,netdev=net0,mac={mac},vectors=0"]  # fmt: skip
         if tap is not None:
             if net_socket is not None or user_net:

@@ -1,7 +1,8 @@
 """Figures: guest UDP throughput through our vhost-user-net back-end vs QEMU's own -netdev user
 and -netdev tap.
 
-    python tests/qemu/net_figures.py [--samples N] [--sizes 64,1400] [--window S] [--no-tap] [--json PATH]
+    python tests/qemu/net_figures.py [--samples N] [--sizes 64,1400] [--window S] [--directions tx,rx]
+                                     [--rx-rate PPS] [--no-tap] [--json PATH]
 
 Two guests of the same kernel, initramfs and QEMU command line, the same virtio-net-pci device
 (one queue pair, INTx as in the vhost-user-net tests), up at the same time:
@@ -17,24 +18,36 @@ Two guests of the same kernel, initramfs and QEMU command line, the same virtio-
   left out and the table says why); the host side is 10.0.3.1/24, the guest 10.0.3.2, and the
   receiver a UDP socket bound to 10.0.3.1:PORT.
 
-Per sample and payload size, in the guest ``ublast`` (tests/qemu/ublast.c) sends datagrams as
-fast as it can; once they arrive, the host counts what its receiver gets over a window timed
-here (``--window`` seconds): datagrams a second (``pps``) and payload bytes a second (``MBps``,
-10^6).  ``guest_sent_pps``: what ublast handed to the guest's socket a second (guest clock; a
-datagram the guest's queue dropped counts as sent); ``switch_fps`` (ours only): the frames the
-switch forwarded a second over the same window.  Samples alternate between the guests (sample
-1 ours, sample 1 user, sample 1 tap, sample 2 ours, ...), so load on the machine falls on all alike.
-Printed per metric: the median and the spread (min-max) of the samples for each set-up and the
-ratio of the medians.  Guest under TCG: absolute numbers are the emulator's; the ratio is the
-figure.
+The transmit direction (guest -> host).  Per sample and payload size, in the guest ``ublast``
+(tests/qemu/ublast.c) sends datagrams as fast as it can; once they arrive, the host counts what
+its receiver gets over a window timed here (``--window`` seconds): datagrams a second (``pps``)
+and payload bytes a second (``MBps``, 10^6).  ``guest_sent_pps``: what ublast handed to the
+guest's socket a second (guest clock; a datagram the guest's queue dropped counts as sent);
+``switch_fps`` (ours only): the frames the switch forwarded a second over the same window.
+
+The receive direction (host -> guest).  The guest's ``usink`` (tests/qemu/usink.c) counts the
+datagrams reaching its UDP port RX_PORT while tests/qemu/hostblast.py, a process of its own
+(it shares no interpreter with the switch), offers ``--rx-rate`` datagrams a second for
+``--window`` seconds (host clock): for ``ours`` as Ethernet frames from a port of its own on the
+switch, for ``user`` through a host forward (``hostfwd=udp:127.0.0.1:HP-:RX_PORT``), for ``tap``
+to the guest's address on the TAP interface.  ``rx_pps``: datagrams the guest counted over the
+sender's time; ``rx_offered_pps``: what the sender sent a second; ``rx_delivered``: the fraction
+of those the guest counted.  usink is stopped once the sender is done and counts what is
+queued on its socket then; what is still on its way (in a ring, a back-end) is not counted,
+alike for every set-up.
+
+Samples alternate between the guests (sample 1 ours, sample 1 user, sample 1 tap, sample 2
+ours, ...), so load on the machine falls on all alike.  Printed per metric: the median and the
+spread (min-max) of the samples for each set-up and the ratio of the medians.  Guest under TCG:
+absolute numbers are the emulator's; the ratio is the figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -61,6 +74,9 @@ GUEST_MAC, PEER_MAC = parse_mac("52:54:00:12:34:56"), parse_mac("52:54:00:00:00:
 GUEST_IP, PEER_IP = "10.0.0.2", "10.0.0.1"
 SLIRP_GUEST_IP, SLIRP_HOST_IP = "10.0.2.15", "10.0.2.2"
 PEER_PORT = 5001
+RX_PORT = 5002  # the guest's usink
+BLAST_MAC, BLAST_IP = parse_mac("52:54:00:00:00:fd"), "10.0.0.3"  # the receive direction's sender on the switch
+HOSTBLAST = Path(__file__).resolve().parent / "hostblast.py"
 FIRST_TIMEOUT = 60.0  # s for the first datagram of a run to reach the host
 WARM = 0.5  # s between the first arrival and the window's start
 QUIET = 0.3  # s without an arrival: the previous run has drained
@@ -129,11 +145,17 @@ class Setup:
             # peer (this process, Python) keeps up with what reaches it
             self.extra: Callable[[], int] | None = lambda: sw.stats["frames"]
             self.target = (PEER_IP, PEER_PORT)
+            host, port = sw.address
+            self.rx_sender = ["switch", f"{host}:{port}", format_mac(GUEST_MAC), format_mac(BLAST_MAC),
+                              BLAST_IP, GUEST_IP, str(RX_PORT)]  # fmt: skip
             self.config = (f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up"
                            f" && arp -s {PEER_IP} {format_mac(PEER_MAC)}")
         elif kind == "user":
             self.sink = HostSink()
-            self.vm = Vm(work, "user-net", kernel, initrd, None, user_net=True, mac=format_mac(GUEST_MAC))
+            fwd = free_port()
+            self.vm = Vm(work, "user-net", kernel, initrd, None, user_net=True, user_udp_fwd=(fwd, RX_PORT),
+                         mac=format_mac(GUEST_MAC))
+            self.rx_sender = ["udp", "127.0.0.1", str(fwd)]
             sink = self.sink
             self.counter = lambda: sink.count
             self.extra = None
@@ -147,6 +169,7 @@ class Setup:
             self.counter = lambda: sink.count
             self.extra = None
             self.target = (TAP_HOST_IP, sink.port)
+            self.rx_sender = ["udp", TAP_GUEST_IP, str(RX_PORT)]
             self.config = f"ip addr add {TAP_GUEST_IP}/24 dev eth0 && ip link set eth0 up"
         else:
             raise ValueError(kind)
@@ -156,9 +179,9 @@ class Setup:
         rc, out = self.vm.sh(self.config)
         if rc:
             raise RuntimeError(f"{self.kind}: {self.config}: {rc} {out}")
-        rc, _ = self.vm.sh("[ -x /bin/ublast ]")
+        rc, _ = self.vm.sh("[ -x /bin/ublast ] && [ -x /bin/usink ]")
         if rc:
-            raise RuntimeError("the guest has no ublast (gcc missing?)")
+            raise RuntimeError("the guest has no ublast or usink (gcc missing?)")
 
     def quiesce(self) -> None:
         """Wait (bounded) until nothing has arrived for QUIET seconds."""
@@ -170,7 +193,7 @@ class Setup:
             if n != last:
                 last, since = n, time.monotonic()
 
-    def measure(self, size: int, window: float) -> dict[str, float]:
+    def measure_tx(self, size: int, window: float) -> dict[str, float]:
         vm = self.vm
         assert vm is not None
         self.quiesce()
@@ -204,6 +227,31 @@ class Setup:
         if self.extra:
             r[f"switch_fps_{size}"] = (e1 - e0) / (t1 - t0)
         return r
+
+    def measure_rx(self, size: int, window: float, rate: float) -> dict[str, float]:
+        """The receive direction: hostblast offers ``rate`` datagrams a second for ``window``
+        seconds, the guest's usink counts them."""
+        vm = self.vm
+        assert vm is not None
+        rc, out = vm.sh(f"rm -f /tmp/s.out /tmp/s.out.ready; usink {RX_PORT} /tmp/s.out & echo $! > /tmp/s.pid;"
+                        " while [ ! -e /tmp/s.out.ready ]; do sleep 0.05; done")
+        if rc:
+            raise RuntimeError(f"{self.kind}: usink did not start: {out}")
+        try:
+            cmd = [sys.executable, str(HOSTBLAST), *self.rx_sender, str(size), str(rate), str(window)]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=window + 60)
+        finally:
+            rc, out = vm.sh("kill $(cat /tmp/s.pid); while ! grep -q 'USINK end' /tmp/s.out 2>/dev/null; do sleep 0.1; done;"
+                            " cat /tmp/s.out", 120)
+        b = re.search(r"HOSTBLAST sent (\d+) errors (\d+) s ([0-9.]+)", r.stdout)
+        if r.returncode or not b:
+            raise RuntimeError(f"{self.kind}: hostblast: {r.returncode} {r.stdout} {r.stderr}")
+        m = re.search(r"USINK rx (\d+) other (\d+) bytes (\d+)", out)
+        if rc or not m:
+            raise RuntimeError(f"{self.kind}: usink: {rc} {out}")
+        sent, dt, got = int(b.group(1)), float(b.group(3)), int(m.group(1))
+        return {f"rx_pps_{size}": got / dt, f"rx_MBps_{size}": got * size / dt / 1e6,
+                f"rx_offered_pps_{size}": sent / dt, f"rx_delivered_{size}": got / sent if sent else 0.0}
 
     def stop(self) -> dict:
         """Stop everything; the back-end's and switch's counters (ours)."""
@@ -264,16 +312,22 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=3.0, help="host-timed counting window per sample, seconds")
     ap.add_argument("--json", help="also write every sample here")
     ap.add_argument("--no-tap", action="store_true", help="leave the -netdev tap set-up out")
+    ap.add_argument("--directions", default="tx,rx", help="tx (guest -> host), rx (host -> guest), or both")
+    ap.add_argument("--rx-rate", type=float, default=100_000, help="datagrams a second the host offers the guest (rx)")
     args = ap.parse_args()
     no_tap = "--no-tap" if args.no_tap else tap_unavailable()
     kinds = tuple(k for k in KINDS if k != "tap" or not no_tap)
     sizes = [int(s) for s in args.sizes.split(",")]
-    if any(not 16 <= s <= 1472 for s in sizes) or args.samples < 1 or args.window <= 0:
-        ap.error("sizes 16..1472, samples >= 1, window > 0")
+    directions = args.directions.split(",")
+    if any(not 16 <= s <= 1472 for s in sizes) or args.samples < 1 or args.window <= 0 or args.rx_rate <= 0:
+        ap.error("sizes 16..1472, samples >= 1, window > 0, rx-rate > 0")
+    if not directions or any(d not in ("tx", "rx") for d in directions):
+        ap.error("directions: tx, rx or tx,rx")
     kernel, initrd = guest_assets()
     work = Path(tempfile.mkdtemp(prefix="vlm-netfig-"))
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     res: dict = {"started": started, "samples": args.samples, "sizes": sizes, "window_s": args.window,
+                 "directions": directions, "rx_rate": args.rx_rate,
                  "net": {k: [] for k in kinds}, "tap_left_out": no_tap}
     setups: dict[str, Setup] = {}
     try:
@@ -288,7 +342,10 @@ def main() -> int:
             for kind in kinds:
                 r: dict[str, float] = {}
                 for size in sizes:
-                    r.update(setups[kind].measure(size, args.window))
+                    if "tx" in directions:
+                        r.update(setups[kind].measure_tx(size, args.window))
+                    if "rx" in directions:
+                        r.update(setups[kind].measure_rx(size, args.window, args.rx_rate))
                 res["net"][kind].append(r)
                 print(f"sample {i + 1}/{args.samples} {kind}: " + ", ".join(f"{k}={num(v)}" for k, v in r.items()), flush=True)
     finally:
