@@ -176,14 +176,21 @@ class QemuProcess:
             return self.console.decode(errors="replace")
 
     def wait_for(self, pattern: str, deadline: float, start: int = 0) -> re.Match[str]:
-        """The first match of ``pattern`` (multi-line) in the console from ``start``."""
+        """The first match of ``pattern`` (multi-line) in the console's complete lines from ``start``.
+
+        Only text up to the console's last newline is searched (all of it once QEMU has exited):
+        the serial console arrives a few bytes at a time, and ``^DIRTIER_PID ([0-9]+)`` run over
+        "DIRTIER_PID 8" of a line that will read "DIRTIER_PID 86" matches the wrong number."""
         rx = re.compile(pattern, re.M)
         with self._cv:
             while True:
-                m = rx.search(self.console.decode(errors="replace"), start)
+                text = self.console.decode(errors="replace")
+                exited = self.proc.poll() is not None
+                end = len(text) if exited else text.rfind("\n") + 1
+                m = rx.search(text, start, end) if end > start else None
                 if m:
                     return m
-                if self.proc.poll() is not None:
+                if exited:
                     raise self.error(f"{self.name}: QEMU exited ({self.proc.returncode}) waiting for {pattern!r}\n"
                                      f"{self.tail()}")
                 left = deadline - time.monotonic()

@@ -342,7 +342,7 @@ class NetBackendProc(_BackendProcess):
         import re
 
         while True:
-            m = re.search(r"switch port ([\d.]+):(\d+)", self.output())
+            m = re.search(r"switch port ([\d.]+):(\d+),", self.output())
             if m and os.path.exists(socket_path):
                 self.switch_port = (m.group(1), int(m.group(2)))
                 break
