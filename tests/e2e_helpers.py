@@ -30,6 +30,7 @@ VM1_MAC = "52:54:00:12:34:57"
 PEER1_MAC = "52:54:00:00:00:fd"
 IMAGE_MIB = 16
 BLOCKS = 256
+DRAIN_S = 30.0  # host-side bound on the wait for the peer's last frame to reach the VM
 
 
 def vm_arg(
@@ -227,20 +228,35 @@ def finish_and_verify(
     first_stop: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """After a completed migration: let the VM run ``after`` seconds on the
-    destination, stop it, stop the peer, run the guest's verification there and
+    destination, stop the peer, let its last frame reach the VM (at most DRAIN_S; a
+    frame still on its way is not a loss), stop the VM, run the guest's verification there and
     the network check (loss only inside the switch-over window, no duplicates).
     ``first_stop``: judge the network from this (earlier) STOP timestamp on
     instead of the last migration's STOP.  Returns ``{"guest", "network", "peer"}``
     (the last: the peer's own report)."""
     vmarg = {"vm": vm} if vm else {}
     time.sleep(after)
+    report: dict[str, Any] | None = None
+    if peer is not None:
+        # the peer stops sending first; its last frames may still be on their way (the switch,
+        # the destination's port, the RX ring) on a busy host, so the VM runs on until it has
+        # the last one (in order: all before it have come or are lost) or DRAIN_S pass
+        report = peer.finish()
+        last = max((seq for seq, _ in report["sent"]), default=-1)
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline:
+            vms = dst.cmd("query-vms")
+            v = next(x for x in vms if vm is None or x["name"] == vm)
+            if v.get("net", {}).get("rx-highest", -1) >= last:
+                break
+            time.sleep(0.05)
     dst.cmd("stop", **vmarg)
     t_stop = time.time()
     time.sleep(0.3)
     guest = dst.cmd("x-vm-verify", **vmarg)
     out: dict[str, Any] = {"guest": guest}
     if peer is not None:
-        report = peer.finish()
+        assert report is not None
         src.pull_events()
         dst.pull_events()
         stop_t = first_stop or next((e["timestamp"] for e in src.events if e["event"] == "STOP"), None)
