@@ -139,7 +139,7 @@ def test_linux_drives_blk_and_net_vfs_over_vfio_user(guest):
         assert [d for _, _, d in got] == [f"vlm-udp {i}".encode() for i in range(20)]
         assert {s for s, _, _ in got} == {bytes([10, 0, 0, 2])} and peer.arp_replies >= 1
         # negative control: a port the peer does not echo -> the guest counts no echo
-        status, out = vm.sh("udp 10.0.0.1 9 2", timeout=30)
+        status, out = vm.sh("udp 10.0.0.1 9 2 1", timeout=30)  # 1 s each: no echo can come
         assert out.strip().endswith("UDP 2 0"), out
     except Exception:
         print(guest.diag())
