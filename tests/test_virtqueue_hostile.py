@@ -28,6 +28,15 @@ from virtio_lm.virtqueue import MAX_INDIRECT_ENTRIES, Allocator, DriverQueue, Se
 from virtio_lm.wire.ring import DescFlags, VirtqDesc, VirtqUsedElem
 
 MEM = 1 << 20
+
+
+@pytest.fixture(autouse=True, params=["walk", "one-pass"])
+def walk_kind(request, monkeypatch):
+    """Every case twice: indirect tables walked entry by entry, and with the one-pass walk tried
+    first on every table (``fast_walk_min`` 1): both must refuse the same input the same way."""
+    monkeypatch.setattr(Virtqueue, "fast_walk_min", None if request.param == "walk" else 1)
+    return request.param
+
 N = DescFlags.NEXT
 W = DescFlags.WRITE
 I = DescFlags.INDIRECT

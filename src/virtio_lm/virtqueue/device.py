@@ -20,6 +20,8 @@ each of its entries at most once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
+from operator import add
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 from virtio_lm.errors import (
@@ -54,6 +56,7 @@ from virtio_lm.wire.ring import (
     desc_table_size,
     need_event,
     read_desc,
+    read_desc_table,
     used_elem_offset,
     used_event_offset,
     used_ring_size,
@@ -69,9 +72,19 @@ U64_LIMIT = 1 << 64
 #: which keeps every walk finite and small.
 MAX_INDIRECT_ENTRIES = MAX_QUEUE_SIZE
 
+#: Indirect tables of at least this many entries are first checked in one pass over the whole
+#: table (:func:`_linear_table`, C-level operations on its unpacked fields), which takes the
+#: chain drivers build -- entries 0, 1, ..., n-1 in order, readable before writable; any other
+#: table, and shorter ones, take the entry-by-entry walk, which names the fault.
+FAST_WALK_MIN = 8
+
 _NEXT = int(DescFlags.NEXT)
 _WRITE = int(DescFlags.WRITE)
 _INDIRECT = int(DescFlags.INDIRECT)
+_SEQ = tuple(range(1, MAX_INDIRECT_ENTRIES))  # entry i's next in a table in order: i + 1
+_R = _NEXT  # an entry before the last, readable
+_RW = _NEXT | _WRITE  # an entry before the last, writable
+_new_segment = tuple.__new__  # Segment from an (addr, len) pair at C speed, through map()
 
 
 class Segment(NamedTuple):
@@ -180,6 +193,44 @@ class DescriptorChain:
         return port.pwritev(fd, file_offset, _pieces(self.readable, offset, length))
 
 
+def _segments(addrs: tuple[int, ...], lens: tuple[int, ...]) -> tuple[Segment, ...]:
+    return tuple(map(_new_segment, repeat(Segment), zip(addrs, lens)))
+
+
+def _linear_table(table: bytes, mem_size: int) -> tuple[tuple[Segment, ...], tuple[Segment, ...], int, int] | None:
+    """The chain an indirect table holds, in one pass over it, if it is the chain drivers build
+    and every check of :meth:`Virtqueue._walk` passes: entry ``i``'s next is ``i + 1`` and every
+    entry but the last has NEXT; no other flag than NEXT and WRITE; readable entries before
+    writable ones; every buffer inside memory; at most ``2**32 - 1`` bytes.  Returns ``(readable,
+    writable, readable_len, writable_len)``, or ``None`` for any other table, valid or not: the
+    entry-by-entry walk then decides, so both walks accept and refuse exactly the same tables."""
+    t = read_desc_table(table)
+    flags = t[2::4]
+    n = len(flags)
+    last = flags[-1]
+    if last != 0 and last != _WRITE:
+        return None
+    if t[3::4][:-1] != _SEQ[: n - 1]:
+        return None
+    body = flags[:-1]
+    nr = body.count(_R)
+    if body != (_R,) * nr + (_RW,) * (n - 1 - nr):
+        return None
+    if last == 0:
+        if nr < n - 1:
+            return None  # a readable last entry after writable ones
+        nr = n
+    addrs = t[0::4]
+    lens = t[1::4]
+    if max(map(add, addrs, lens)) > mem_size:  # Python ints: no u64 wrap to hide an overflow
+        return None
+    total = sum(lens)
+    if total > U32_MAX:
+        return None
+    rlen = sum(lens[:nr])
+    return _segments(addrs[:nr], lens[:nr]), _segments(addrs[nr:], lens[nr:]), rlen, total - rlen
+
+
 def _noop_error(exc: VirtqueueError) -> None:
     return None
 
@@ -190,6 +241,9 @@ def _noop() -> None:
 
 class Virtqueue:
     """Device side of one split virtqueue.  Functions take the memory port as a parameter."""
+
+    #: indirect tables of at least this many entries try the one-pass walk first (None: never)
+    fast_walk_min: int | None = FAST_WALK_MIN
 
     def __init__(self, index: int, max_size: int, *, name: str = "") -> None:
         check_queue_size(max_size)
@@ -221,6 +275,8 @@ class Virtqueue:
         self.notifications = True
         self.broken = False
         self.error: VirtqueueError | None = None
+        #: chains taken by the one-pass walk of their indirect table
+        self.fast_walks = 0
         #: the ring indices are to be taken from the used ring in memory when the
         #: device next runs (configured from virtio 1.4 device parts, which carry none)
         self.resync_pending = False
@@ -392,6 +448,14 @@ class Virtqueue:
                     )
                 table = port.read(addr, length)
                 table_len = length // DESC_SIZE
+                fast_min = self.fast_walk_min
+                if fast_min is not None and table_len >= fast_min and not readable and not writable:
+                    linear = _linear_table(table, mem_size)
+                    if linear is not None:
+                        self.fast_walks += 1
+                        r, w, rl, wl = linear
+                        return DescriptorChain(head=head, readable=r, writable=w, avail_idx=avail_idx,
+                                               readable_len=rl, writable_len=wl, queue=name, indirect=True)
                 seen = set()
                 idx = 0
                 where = "indirect table"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 
 from virtio_lm.errors import FieldValueError
 from virtio_lm.wire.codec import flags_field, layout
@@ -73,6 +74,18 @@ def read_desc(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int
     """The fields of the ``struct virtq_desc`` at ``offset`` as ``(addr, len, flags, next)``, unchecked:
     the virtqueue's hot path (one C call, no object); :class:`VirtqDesc` is the checked form."""
     return _DESC.unpack_from(buf, offset)
+
+
+@lru_cache(maxsize=256)
+def _desc_table_struct(entries: int) -> struct.Struct:
+    return struct.Struct("<" + VirtqDesc.FORMAT.lstrip("<") * entries)  # type: ignore[attr-defined]
+
+
+def read_desc_table(buf: bytes | bytearray | memoryview) -> tuple[int, ...]:
+    """Every ``struct virtq_desc`` of a table (``len(buf)`` a non-zero multiple of 16) in one C
+    call, unchecked, flat: ``(addr0, len0, flags0, next0, addr1, ...)`` -- so ``t[0::4]`` are the
+    addresses, ``t[1::4]`` the lengths, ``t[2::4]`` the flags, ``t[3::4]`` the next indices."""
+    return _desc_table_struct(len(buf) // DESC_SIZE).unpack(buf)
 
 
 @layout("<II")
