@@ -1,6 +1,7 @@
 """Figures: our vhost-user-blk back-end vs qemu-storage-daemon, same image, same guest, one run.
 
-    python tests/qemu/figures.py [--samples N] [--queues Q] [--migration] [--buffered] [--json PATH]
+    python tests/qemu/figures.py [--samples N] [--queues Q] [--migration] [--buffered]
+                                 [--baseline-src DIR] [--json PATH]
 
 Both back-ends serve a copy of the same raw image to their own guest (same kernel, initramfs,
 QEMU command line); the two guests are up at the same time and the measurements alternate
@@ -11,7 +12,10 @@ Printed per metric: the median and the spread (min-max) of the samples for each 
 the ratio of the medians.  ``--migration``: also a live migration of a guest running the
 verifying loop per back-end (QEMU's total-time and downtime; one sample each).  ``--buffered``:
 also ours with ``--buffered-io`` (the image copied through a buffer instead of read straight
-into guest memory) as a third guest in the same alternation.  Guest under TCG:
+into guest memory) as a third guest in the same alternation.  ``--baseline-src DIR``: also ours
+run from another source tree (e.g. ``git worktree add /tmp/base main``, then ``/tmp/base/src``)
+as one more guest in the alternation: a change to the data path against the code before it,
+in the same run.  Guest under TCG:
 absolute numbers are the emulator's; the ratio is the figure.
 """
 
@@ -63,12 +67,16 @@ def sample(vm: Vm, base: float) -> dict[str, float]:
 
 
 def throughput(kernel: Path, initrd: Path, images: dict[str, Path], work: Path, samples: int, queues: int,
-               kinds: tuple[str, ...] = KINDS) -> dict:
+               kinds: tuple[str, ...] = KINDS, baseline_src: str | None = None) -> dict:
     bes: dict[str, Backend] = {}
     vms: dict[str, Vm] = {}
     try:
         for kind in kinds:
-            bes[kind] = Backend(kind, str(work / f"{kind}-io.sock"), str(images[kind]), queues=queues)
+            if kind == "ours-baseline":
+                bes[kind] = Backend("ours", str(work / f"{kind}-io.sock"), str(images[kind]), queues=queues,
+                                    src=baseline_src)
+            else:
+                bes[kind] = Backend(kind, str(work / f"{kind}-io.sock"), str(images[kind]), queues=queues)
             vms[kind] = Vm(work, f"{kind}-io", kernel, initrd, bes[kind].socket_path, queues=queues, smp=1)
         for vm in vms.values():
             vm.boot(180)
@@ -136,8 +144,14 @@ def main() -> int:
     ap.add_argument("--json", help="also write every sample here")
     ap.add_argument("--buffered", action="store_true",
                     help="also ours with --buffered-io (the image copied through a buffer) in the same alternation")
+    ap.add_argument("--baseline-src", metavar="DIR",
+                    help="also ours run from this source tree (another checkout's src) in the same alternation")
     args = ap.parse_args()
     kinds = (*KINDS, "ours-buffered") if args.buffered else KINDS
+    if args.baseline_src:
+        if not (Path(args.baseline_src) / "virtio_lm" / "cli.py").is_file():
+            ap.error(f"--baseline-src {args.baseline_src}: no virtio_lm package there")
+        kinds = (*kinds, "ours-baseline")
     kernel, initrd = guest_assets()
     work = Path(tempfile.mkdtemp(prefix="vlm-fig-"))
     images = {}
@@ -147,7 +161,9 @@ def main() -> int:
             f.truncate(128 << 20)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     res: dict = {"started": started, "samples": args.samples, "queues": args.queues,
-                 "io": throughput(kernel, initrd, images, work, args.samples, args.queues, kinds)}
+                 "io": throughput(kernel, initrd, images, work, args.samples, args.queues, kinds, args.baseline_src)}
+    if args.baseline_src:
+        res["baseline_src"] = str(Path(args.baseline_src).resolve())
     print(f"\n{args.samples} samples each, alternating; median [min-max]; started {started}")
     print(f"{'metric':26} {'ours':>24} {'qemu-storage-daemon':>24} {'ours/qsd':>9}")
     for k in res["io"]["ours"][0]:
@@ -159,6 +175,13 @@ def main() -> int:
         for k in res["io"]["ours"][0]:
             o = statistics.median(s[k] for s in res["io"]["ours"])
             b = summary([s[k] for s in res["io"]["ours-buffered"]])
+            q = statistics.median(s[k] for s in res["io"]["qsd"])
+            print(f"{k:26} {b[0]:9.1f} [{b[1]:6.0f}-{b[2]:6.0f}] {o / b[0]:14.2f} {b[0] / q:13.2f}")
+    if args.baseline_src:
+        print(f"\n{'metric':26} {'ours from ' + Path(args.baseline_src).name:>24} {'ours/baseline':>14} {'baseline/qsd':>13}")
+        for k in res["io"]["ours"][0]:
+            o = statistics.median(s[k] for s in res["io"]["ours"])
+            b = summary([s[k] for s in res["io"]["ours-baseline"]])
             q = statistics.median(s[k] for s in res["io"]["qsd"])
             print(f"{k:26} {b[0]:9.1f} [{b[1]:6.0f}-{b[2]:6.0f}] {o / b[0]:14.2f} {b[0] / q:13.2f}")
     if args.migration:

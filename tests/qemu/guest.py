@@ -151,7 +151,9 @@ class Backend(_BackendProcess):
     """A vhost-user-blk back-end process on ``socket_path`` serving ``image``."""
 
     def __init__(self, kind: str, socket_path: str, image: str, *, no_dirty_log: bool = False, log_path: str | None = None,
-                 queues: int = 1, hold_after: int | None = None, timeout: float = 30.0) -> None:
+                 queues: int = 1, hold_after: int | None = None, timeout: float = 30.0, src: str | None = None) -> None:
+        """``src``: run ours from that source tree (another checkout's ``src``, for a baseline
+        of the code in the same run) instead of the installed package."""
         self.kind = kind
         self.socket_path = socket_path
         self.log_path = log_path or socket_path + ".log"
@@ -174,8 +176,13 @@ class Backend(_BackendProcess):
             ]
         else:
             raise ValueError(kind)
+        env = None
+        if src is not None:
+            if kind == "qsd":
+                raise ValueError("src is for our back-end")
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (src, os.environ.get("PYTHONPATH"))))}
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout * SCALE
         # ours says when it listens (a socket file left by a killed predecessor is no sign)
         while not os.path.exists(socket_path) or (kind != "qsd" and "serving" not in self.output()):
