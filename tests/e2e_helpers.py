@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from virtio_lm.demo import check_network, cli_command
+from virtio_lm.demo import DRAIN_S, check_network, cli_command, wait_for_last_frame
 from virtio_lm.net.switch import read_moves
 from virtio_lm.orchestrate import FINAL, ChildProcess, Monitor, run_migration
 from virtio_lm.wire.stream import Direction, Ready, StreamDecoder
@@ -30,7 +30,6 @@ VM1_MAC = "52:54:00:12:34:57"
 PEER1_MAC = "52:54:00:00:00:fd"
 IMAGE_MIB = 16
 BLOCKS = 256
-DRAIN_S = 30.0  # host-side bound on the wait for the peer's last frame to reach the VM
 
 
 def vm_arg(
@@ -242,14 +241,7 @@ def finish_and_verify(
         # the destination's port, the RX ring) on a busy host, so the VM runs on until it has
         # the last one (in order: all before it have come or are lost) or DRAIN_S pass
         report = peer.finish()
-        last = max((seq for seq, _ in report["sent"]), default=-1)
-        deadline = time.monotonic() + DRAIN_S
-        while time.monotonic() < deadline:
-            vms = dst.cmd("query-vms")
-            v = next(x for x in vms if vm is None or x["name"] == vm)
-            if v.get("net", {}).get("rx-highest", -1) >= last:
-                break
-            time.sleep(0.05)
+        wait_for_last_frame(dst, max((seq for seq, _ in report["sent"]), default=-1), DRAIN_S, vm=vm)
     dst.cmd("stop", **vmarg)
     t_stop = time.time()
     time.sleep(0.3)

@@ -205,6 +205,29 @@ def check_network(
     }
 
 
+#: host-side bound on the wait for the peer's last frame to reach the VM (``wait_for_last_frame``)
+DRAIN_S = 30.0
+
+
+def wait_for_last_frame(monitor: Monitor, last_seq: int, timeout: float = DRAIN_S, *, vm: str | None = None,
+                        poll: float = 0.05) -> bool:
+    """Let the VM run until it has received the peer's frame ``last_seq`` (its ``query-vms``
+    net ``rx-highest``), at most ``timeout`` seconds; whether it did.  Call it once the peer has
+    stopped: its last frames may still be on their way (the switch, the port, the RX ring) on a
+    busy host, and the path is FIFO, so once the last is in every earlier frame has come or is
+    lost -- the network check then judges every frame sent, with no grace period to guess.  A
+    stalled RX path is not hidden: the frame never comes and the check reports the loss."""
+    deadline = time.monotonic() + timeout
+    while True:
+        vms = monitor.cmd("query-vms")
+        v = next((x for x in vms if vm is None or x.get("name") == vm), None)
+        if v is not None and v.get("net", {}).get("rx-highest", -1) >= last_seq:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+
+
 def run_demo(opts: DemoOptions) -> int:
     from rich.console import Console
 
@@ -259,17 +282,18 @@ def run_demo(opts: DemoOptions) -> int:
             verification: dict[str, Any] = {"passed": False}
             if status == "completed":
                 time.sleep(opts.after)
-                d.cmd("stop")  # traffic ends here: what was sent before it must have arrived
+                pr.stop()  # the peer stops sending first, then the VM runs until its last frame is in
+                peer = json.loads(peer_report.read_text())
+                wait_for_last_frame(d, max((seq for seq, _ in peer.get("sent", [])), default=-1))
+                d.cmd("stop")  # what the peer sent has arrived or is lost
                 t_stop = time.time()
                 time.sleep(0.3)
-                pr.stop()
                 guest = d.cmd("x-vm-verify")
                 after_vm = d.cmd("query-vms")[0]
                 verification = {"guest": guest, "source-before": before, "destination-after": after_vm}
                 d.pull_events()
                 stop_t = next((e["timestamp"] for e in s.events if e["event"] == "STOP"), None)
                 resume_t = next((e["timestamp"] for e in d.events if e["event"] == "RESUME"), None)
-                peer = json.loads(peer_report.read_text())
                 net_check = guest.get("checks", {}).get("net", {})
                 vm_net = dict(net_check.get("stats", {}), received=net_check.get("received", []))
                 window = (
