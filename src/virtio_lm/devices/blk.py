@@ -77,7 +77,10 @@ import ctypes.util
 import errno
 import os
 import threading
+from bisect import bisect_left, bisect_right
 from dataclasses import fields
+from itertools import accumulate
+from operator import itemgetter
 from typing import Sequence
 
 from virtio_lm.devices.base import MAX_HELD_DATA, DirectWork, NotExecuted, QueueDevice, Work
@@ -167,19 +170,31 @@ def _completion(wlen: int, status: BlkStatus, data: bytes = b"") -> bytes:
     return bytes(out)
 
 
+_len_of = itemgetter(1)  # a Segment's len
+
+
 def _data_pieces(segs: Sequence[Segment], start: int, length: int) -> list[int]:
-    """Lengths of the parts of ``segs`` (in order) that overlap bytes ``[start, start+length)``."""
-    out: list[int] = []
-    pos = 0
+    """Lengths of the parts of ``segs`` (in order) that overlap bytes ``[start, start+length)``,
+    empty parts left out.  Found on the running totals: the first and last segments touched by
+    bisection, the ones between them whole (C-level; a request has up to ``seg_max`` segments)."""
+    if length <= 0:
+        return []
+    lens = list(map(_len_of, segs))
+    ends = list(accumulate(lens))
     end = start + length
-    for s in segs:
-        lo = max(pos, start)
-        hi = min(pos + s.len, end)
-        if hi > lo:
-            out.append(hi - lo)
-        pos += s.len
-        if pos >= end:
-            break
+    i0 = bisect_right(ends, start)  # the first segment ending after start
+    if i0 == len(ends):
+        return []
+    i1 = min(bisect_left(ends, end), len(ends) - 1)  # the segment holding byte end - 1, or the last
+    first_lo = max(ends[i0] - lens[i0], start)
+    if i0 == i1:
+        n = min(ends[i0], end) - first_lo
+        return [n] if n > 0 else []
+    out = [ends[i0] - first_lo]
+    out += filter(None, lens[i0 + 1 : i1])
+    n = min(ends[i1], end) - ends[i1 - 1]
+    if n > 0:
+        out.append(n)
     return out
 
 
