@@ -105,6 +105,8 @@ def _pieces(segments: tuple[Segment, ...], offset: int, length: int) -> Sequence
     if offset == 0:
         if length == 0:
             return segments[:0]
+        if segments and segments[0][1] == length:  # a request's header, alone in its buffer
+            return segments[:1]
         ends = list(accumulate(map(_len_of, segments)))
         k = bisect_left(ends, length)
         if k < len(ends) and ends[k] == length:
