@@ -14,6 +14,6 @@ while [ ! -e /tmp/stop ]; do
     got=$(dd if=/dev/vda bs=64k skip=$((512 + n * 4)) count=4 iflag=direct 2>/dev/null | sha256sum | cut -c1-64)
     [ "$got" = "$(cat /tmp/s$n)" ] || echo "VLM_LOOP_FAIL round $i slot $n"
     i=$((i + 1))
-    echo $i > /tmp/iter
+    echo $i > /tmp/iter.new && mv /tmp/iter.new /tmp/iter  # a reader never sees it half-written
 done
 echo "VLM_LOOP_STOPPED $i"
