@@ -136,6 +136,17 @@ def summary(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def against(io: dict, kind: str, title: str, short: str) -> None:
+    """Print another variant of ours (``kind``) per metric: its median and spread, ours / it,
+    and it / qsd."""
+    print(f"\n{'metric':26} {title:>24} {'ours/' + short:>14} {short + '/qsd':>13}")
+    for k in io["ours"][0]:
+        o = statistics.median(s[k] for s in io["ours"])
+        b = summary([s[k] for s in io[kind]])
+        q = statistics.median(s[k] for s in io["qsd"])
+        print(f"{k:26} {b[0]:9.1f} [{b[1]:6.0f}-{b[2]:6.0f}] {o / b[0]:14.2f} {b[0] / q:13.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=3, help="samples per metric and back-end (>= 3 for a spread)")
@@ -171,19 +182,9 @@ def main() -> int:
         q = summary([s[k] for s in res["io"]["qsd"]])
         print(f"{k:26} {o[0]:9.1f} [{o[1]:6.0f}-{o[2]:6.0f}] {q[0]:9.1f} [{q[1]:6.0f}-{q[2]:6.0f}] {o[0] / q[0]:9.2f}")
     if args.buffered:
-        print(f"\n{'metric':26} {'ours --buffered-io':>24} {'ours/buffered':>14} {'buffered/qsd':>13}")
-        for k in res["io"]["ours"][0]:
-            o = statistics.median(s[k] for s in res["io"]["ours"])
-            b = summary([s[k] for s in res["io"]["ours-buffered"]])
-            q = statistics.median(s[k] for s in res["io"]["qsd"])
-            print(f"{k:26} {b[0]:9.1f} [{b[1]:6.0f}-{b[2]:6.0f}] {o / b[0]:14.2f} {b[0] / q:13.2f}")
+        against(res["io"], "ours-buffered", "ours --buffered-io", "buffered")
     if args.baseline_src:
-        print(f"\n{'metric':26} {'ours from ' + Path(args.baseline_src).name:>24} {'ours/baseline':>14} {'baseline/qsd':>13}")
-        for k in res["io"]["ours"][0]:
-            o = statistics.median(s[k] for s in res["io"]["ours"])
-            b = summary([s[k] for s in res["io"]["ours-baseline"]])
-            q = statistics.median(s[k] for s in res["io"]["qsd"])
-            print(f"{k:26} {b[0]:9.1f} [{b[1]:6.0f}-{b[2]:6.0f}] {o / b[0]:14.2f} {b[0] / q:13.2f}")
+        against(res["io"], "ours-baseline", "ours from " + Path(args.baseline_src).name, "baseline")
     if args.migration:
         for kind in KINDS:
             res[f"migration_{kind}"] = migration(kind, kernel, initrd, images[kind], work)
