@@ -72,11 +72,9 @@ def throughput(kernel: Path, initrd: Path, images: dict[str, Path], work: Path, 
     vms: dict[str, Vm] = {}
     try:
         for kind in kinds:
-            if kind == "ours-baseline":
-                bes[kind] = Backend("ours", str(work / f"{kind}-io.sock"), str(images[kind]), queues=queues,
-                                    src=baseline_src)
-            else:
-                bes[kind] = Backend(kind, str(work / f"{kind}-io.sock"), str(images[kind]), queues=queues)
+            baseline = kind == "ours-baseline"  # ours, run from the baseline's source tree
+            bes[kind] = Backend("ours" if baseline else kind, str(work / f"{kind}-io.sock"), str(images[kind]),
+                                queues=queues, src=baseline_src if baseline else None)
             vms[kind] = Vm(work, f"{kind}-io", kernel, initrd, bes[kind].socket_path, queues=queues, smp=1)
         for vm in vms.values():
             vm.boot(180)

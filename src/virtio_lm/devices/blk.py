@@ -77,10 +77,7 @@ import ctypes.util
 import errno
 import os
 import threading
-from bisect import bisect_left, bisect_right
 from dataclasses import fields
-from itertools import accumulate
-from operator import itemgetter
 from typing import Sequence
 
 from virtio_lm.devices.base import MAX_HELD_DATA, DirectWork, NotExecuted, QueueDevice, Work
@@ -88,7 +85,7 @@ from virtio_lm.errors import StateImageError, WireError
 from virtio_lm.memory.region import MemoryPort
 from virtio_lm.pci.function import VirtioPciFunction
 from virtio_lm.pci.snapshot import FunctionSnapshot
-from virtio_lm.virtqueue.device import DescriptorChain, Segment
+from virtio_lm.virtqueue.device import DescriptorChain, Segment, piece_lengths
 from virtio_lm.wire.blk import (
     BLK_REQUIREMENTS,
     OUTHDR_SIZE,
@@ -168,34 +165,6 @@ def _completion(wlen: int, status: BlkStatus, data: bytes = b"") -> bytes:
     out[: len(data)] = data
     out[-1] = int(status)
     return bytes(out)
-
-
-_len_of = itemgetter(1)  # a Segment's len
-
-
-def _data_pieces(segs: Sequence[Segment], start: int, length: int) -> list[int]:
-    """Lengths of the parts of ``segs`` (in order) that overlap bytes ``[start, start+length)``,
-    empty parts left out.  Found on the running totals: the first and last segments touched by
-    bisection, the ones between them whole (C-level; a request has up to ``seg_max`` segments)."""
-    if length <= 0:
-        return []
-    lens = list(map(_len_of, segs))
-    ends = list(accumulate(lens))
-    end = start + length
-    i0 = bisect_right(ends, start)  # the first segment ending after start
-    if i0 == len(ends):
-        return []
-    i1 = min(bisect_left(ends, end), len(ends) - 1)  # the segment holding byte end - 1, or the last
-    first_lo = max(ends[i0] - lens[i0], start)
-    if i0 == i1:
-        n = min(ends[i0], end) - first_lo
-        return [n] if n > 0 else []
-    out = [ends[i0] - first_lo]
-    out += filter(None, lens[i0 + 1 : i1])
-    n = min(ends[i1], end) - ends[i1 - 1]
-    if n > 0:
-        out.append(n)
-    return out
 
 
 class BlkDevice(QueueDevice):
@@ -341,7 +310,7 @@ class BlkDevice(QueueDevice):
     def _segments_ok(self, segs: Sequence[Segment], start: int, length: int) -> bool:
         if length > MAX_TRANSFER:
             return False
-        pieces = _data_pieces(segs, start, length)
+        pieces = piece_lengths(segs, start, length)
         if self._negotiated(BlkFeature.SEG_MAX) and len(pieces) > self.seg_max:
             return False
         if self._negotiated(BlkFeature.SIZE_MAX) and any(p > self.size_max for p in pieces):

@@ -20,7 +20,7 @@ each of its entries at most once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from itertools import accumulate, repeat
 from operator import add, itemgetter
 from typing import Callable, Iterable, NamedTuple, Sequence
@@ -129,6 +129,32 @@ def _scatter_plan(segments: tuple[Segment, ...], offset: int, length: int) -> It
                 yield seg.addr + start, done, n
                 done += n
         pos = seg_end
+
+
+def piece_lengths(segs: Sequence[Segment], start: int, length: int) -> list[int]:
+    """Lengths of the parts of ``segs`` (in order) that overlap bytes ``[start, start+length)``,
+    empty parts left out (the ``n`` of each piece :func:`_scatter_plan` yields; a device checks
+    SEG_MAX / SIZE_MAX on them).  Found on the running totals: the first and last segments touched by
+    bisection, the ones between them whole (C-level; a request has up to ``seg_max`` segments)."""
+    if length <= 0:
+        return []
+    lens = list(map(_len_of, segs))
+    ends = list(accumulate(lens))
+    end = start + length
+    i0 = bisect_right(ends, start)  # the first segment ending after start
+    if i0 == len(ends):
+        return []
+    i1 = min(bisect_left(ends, end), len(ends) - 1)  # the segment holding byte end - 1, or the last
+    first_lo = max(ends[i0] - lens[i0], start)
+    if i0 == i1:
+        n = min(ends[i0], end) - first_lo
+        return [n] if n > 0 else []
+    out = [ends[i0] - first_lo]
+    out += filter(None, lens[i0 + 1 : i1])
+    n = min(ends[i1], end) - ends[i1 - 1]
+    if n > 0:
+        out.append(n)
+    return out
 
 
 @dataclass(frozen=True)
