@@ -34,6 +34,8 @@
 
 * ``foundation``, ``pf``, ``devices`` -- the modules of :mod:`virtio_lm.benches`,
   run in this process (``--quick`` gives them shorter measurement times);
+* ``vhost-blk`` -- :mod:`virtio_lm.benches.vhost_blk`: our vhost-user-blk back-end process
+  against qemu-storage-daemon through one front-end, no guest (3 samples; ``--quick`` 1);
   ``all`` -- every group.
 
 No figure is asserted anywhere: a missed target is printed as ``MISSED``.
@@ -61,7 +63,7 @@ import numpy as np
 MIB = 1 << 20
 GIB = 1 << 30
 PAGE = 4096
-GROUPS = ("migration", "foundation", "pf", "devices")
+GROUPS = ("migration", "foundation", "pf", "devices", "vhost-blk")
 
 
 @dataclass
@@ -497,6 +499,13 @@ def run_devices(quick: bool) -> None:
     devices.main(["--seconds", "0.2"] if quick else [])
 
 
+def run_vhost_blk(quick: bool) -> None:
+    from virtio_lm.benches import vhost_blk
+
+    if vhost_blk.main(["--samples", "1" if quick else "3"]):
+        raise RuntimeError("the vhost-user-blk bench failed")
+
+
 # ---------------------------------------------------------------------- entry point
 def run_migration(quick: bool, *, profile: bool | None = None, out=None, device_profile: str = "seed") -> list[Figure]:
     """The migration figures (printed as they come); returns them."""
@@ -543,11 +552,12 @@ def run_benches(which: tuple[str, ...] | list[str] = ("migration",), *, quick: b
         "foundation": lambda: run_foundation(quick),
         "pf": lambda: run_pf(quick),
         "devices": lambda: run_devices(quick),
+        "vhost-blk": lambda: run_vhost_blk(quick),
     }
     failed = []
     for n in names:
         if n != "migration":
-            print(f"\n== {n} (bench/bench_{n}.py)", flush=True)
+            print(f"\n== {n} (virtio_lm/benches/{n.replace('-', '_')}.py)", flush=True)
         try:
             runners[n]()
         except Exception:

@@ -284,7 +284,8 @@ def analyze_stream(path: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("which", nargs=-1, type=click.Choice(["migration", "downtime", "faults", "profiles", "foundation", "pf", "devices", "all"]))
+@click.argument("which", nargs=-1, type=click.Choice(["migration", "downtime", "faults", "profiles", "foundation", "pf", "devices",
+                                                          "vhost-blk", "all"]))
 @click.option("--quick", is_flag=True, help="Smaller sizes (a smoke run).")
 @click.option("--runs", default=None, type=click.IntRange(1, 1000),
               help="downtime: runs per cell (default 10, quick 2); profiles: runs per profile (default 5, quick 2).")

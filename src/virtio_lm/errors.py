@@ -51,6 +51,8 @@ layer may use it (``wire`` and ``memory`` included).
      |    +-- MigrationArcError         a VFIO-style migration state change the host refuses or
      |                                  could not complete (drivers/vfio.py)
      |    +-- BlkIOError                a virtio-blk request completed with status IOERR / UNSUPP
+     |    +-- BlkDataError              blocks read back through a virtio-blk device, or found in its
+     |                                  image, differ from what was written (a bench's data check)
      +-- StateTransitionError           SET_STATE the VF state machine refuses (ack ERR)
      |    +-- StalePlanError            a planned transition applied after the state moved on
      +-- TrackingError                  dirty page tracking set-up or report refused
@@ -568,6 +570,11 @@ class BlkIOError(DriverError):
         kind = getattr(type, "name", type)
         extra = f": {detail}" if detail else ""
         super().__init__(f"virtio-blk {kind} at sector {sector} completed with status {st}{extra}")
+
+
+class BlkDataError(DriverError):
+    """Blocks read back through a virtio-blk device, or found in its image file, are not the
+    bytes written through it (:func:`virtio_lm.benches.vhost_blk.check_data`)."""
 
 
 # --------------------------------------------------------------------------- QMP monitor
