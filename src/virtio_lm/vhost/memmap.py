@@ -150,6 +150,8 @@ class GuestMemoryMap:
         self.lock = threading.RLock()
         self._regions: list[MappedRegion] = []  # sorted by gpa
         self._starts: list[int] = []
+        # per region, what an access inside it needs: (gpa end, its map, map offset of gpa 0)
+        self._spans: list[tuple[int, mmap.mmap, int]] = []
         self._atomic = threading.Lock()
 
     # ------------------------------------------------------------------ table
@@ -161,6 +163,7 @@ class GuestMemoryMap:
     def _reindex(self) -> None:
         self._regions.sort(key=lambda r: r.gpa)
         self._starts = [r.gpa for r in self._regions]
+        self._spans = [(r.gpa_end, r.mm, r.delta - r.gpa) for r in self._regions]
 
     def _map(self, r: MemRegion, fd: int) -> MappedRegion:
         mm, delta = _map_fd(fd, r.mmap_offset, r.memory_size, f"region gpa {r.guest_phys_addr:#x}", VhostMemoryError)
@@ -282,6 +285,15 @@ class GuestMemoryMap:
                 return out
             k += 1
 
+    def _one(self, addr: int, length: int) -> tuple[mmap.mmap, int] | None:
+        """``(map, offset in it)`` of ``[addr, addr+length)`` when ``length`` > 0 and the
+        range lies inside one region; else None (:meth:`_pieces` decides).  Under lock."""
+        k = bisect.bisect_right(self._starts, addr) - 1
+        if k < 0 or length <= 0:
+            return None
+        end, mm, base = self._spans[k]
+        return (mm, base + addr) if addr + length <= end else None
+
     def check(self, addr: int, length: int) -> None:
         with self.lock:
             self._pieces(addr, length)
@@ -296,6 +308,9 @@ class GuestMemoryMap:
     # ------------------------------------------------------------------ reads
     def read(self, addr: int, length: int) -> bytes:
         with self.lock:
+            hit = self._one(addr, length)  # the common case: inside one region (a ring entry, a header)
+            if hit is not None:
+                return hit[0][hit[1] : hit[1] + length]
             pieces = self._pieces(addr, length)
             if len(pieces) == 1:
                 m, off, n = pieces[0]
@@ -324,6 +339,15 @@ class GuestMemoryMap:
             writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
 
     def write(self, addr: int, data: Buffer, writer: Writer) -> None:
+        if type(data) is bytes:  # the common case: bytes inside one region
+            n = len(data)
+            with self.lock:
+                hit = self._one(addr, n)
+                if hit is not None:
+                    hit[0][hit[1] : hit[1] + n] = data
+            if hit is not None:
+                writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
+                return
         src = memoryview(data).cast("B")
         with self.lock:
             at = 0
