@@ -268,8 +268,10 @@ class QueueDevice(VirtioDevice):
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.RLock()
-        #: notified whenever a request finishes its back-end work or leaves the device
+        #: notified whenever a request finishes its back-end work or leaves the device, while
+        #: someone waits on it (:meth:`_wait_settled` counts them in ``_settle_waiters``)
         self._settled = threading.Condition(self._lock)
+        self._settle_waiters = 0
         self._inflight: dict[tuple[int, int], Request] = {}
         self._pool: ThreadPoolExecutor | None = None
         self.frozen = False  # mig_freeze succeeded; cleared by mig_unfreeze / mig_resume
@@ -386,10 +388,24 @@ class QueueDevice(VirtioDevice):
         with self._lock:
             return list(self._inflight.values())
 
+    def _wait_settled(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """``_settled.wait_for``, counted (the lock held), so that a request finishing while
+        nobody waits costs no notification."""
+        self._settle_waiters += 1
+        try:
+            return self._settled.wait_for(predicate, timeout)
+        finally:
+            self._settle_waiters -= 1
+
+    def _notify_settled(self) -> None:
+        """Wake whoever waits in :meth:`_wait_settled` (the lock held)."""
+        if self._settle_waiters:
+            self._settled.notify_all()
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no request is in flight; False if ``timeout`` ran out first."""
         with self._lock:
-            return self._settled.wait_for(lambda: not self._inflight, timeout)
+            return self._wait_settled(lambda: not self._inflight, timeout)
 
     def queue_notify(self, fn: VirtioPciFunction, queue: int) -> None:
         with self._lock:
@@ -422,10 +438,12 @@ class QueueDevice(VirtioDevice):
             return
         fn = self.fn
         vq = fn.queues[queue]
-        while self.mastering and not self.stopping and (chain := vq.pop(fn.port)) is not None:
-            self._start(Request.taken(queue, chain))
-        if self.mastering:
-            vq.notify_driver(fn.port)
+        port = fn.port  # its bus_master is what `mastering` reads
+        start = self._start
+        while port.bus_master and not self.stopping and (chain := vq.pop(port)) is not None:
+            start(Request.taken(queue, chain))
+        if port.bus_master:
+            vq.notify_driver(port)
 
     def _start(self, req: Request) -> None:
         key = (req.queue, req.head)
@@ -433,12 +451,13 @@ class QueueDevice(VirtioDevice):
         req.state = ReqState.PENDING
         req.data = b""
         assert req.chain is not None
+        fn = self.fn
         try:
-            work = self.handle(self.fn, req.queue, req.chain)
+            work = self.handle(fn, req.queue, req.chain)
         except VirtqueueError as exc:
             self._drop(req)
-            self.fn.queues[req.queue].broken = True
-            self.fn.set_needs_reset(exc)
+            fn.queues[req.queue].broken = True
+            fn.set_needs_reset(exc)
             return
         if callable(work):  # Work or DirectWork
             if self.inline_max and self.hold_after is None and self.runs_inline(req):
@@ -470,10 +489,11 @@ class QueueDevice(VirtioDevice):
         A :class:`DirectWork` runs direct: the lock held and the device mastering are its permit."""
         req.state = ReqState.RUNNING
         at = 0
+        port = self.fn.port
         try:
-            if isinstance(work, DirectWork) and self.direct_dma and self.mastering:
+            if isinstance(work, DirectWork) and self.direct_dma and port.bus_master:
                 self.direct_runs += 1
-                at, data = work.direct(self.fn.port)
+                at, data = work.direct(port)
             else:
                 data = work()
         except NotExecuted:
@@ -488,7 +508,7 @@ class QueueDevice(VirtioDevice):
                 data = b""
             at = 0
         self._finish(req, data, notify=False, at=at)
-        self._settled.notify_all()
+        self._notify_settled()
 
     def _held(self, work: Work | DirectWork) -> Work:
         self.held += 1
@@ -520,7 +540,7 @@ class QueueDevice(VirtioDevice):
             if permit:
                 with self._lock:
                     self._permits -= 1
-                    self._settled.notify_all()
+                    self._notify_settled()
 
     def _run_work(self, req: Request, work: Work, permit: bool) -> None:
         at = 0
@@ -540,7 +560,7 @@ class QueueDevice(VirtioDevice):
                     self.deferred += 1
                 else:  # dropped by a reset meanwhile
                     req.state = ReqState.DONE
-                self._settled.notify_all()
+                self._notify_settled()
             return
         except Exception as exc:  # the back-end's failure becomes the request's status
             assert req.chain is not None
@@ -555,10 +575,11 @@ class QueueDevice(VirtioDevice):
                 self._finish(req, data, at=at)
             else:  # dropped by a reset meanwhile: the result goes nowhere
                 req.state = ReqState.DONE
-            self._settled.notify_all()
+            self._notify_settled()
 
     def _finish(self, req: Request, data: bytes, *, notify: bool = True, at: int = 0) -> None:
-        if at and not self.mastering:
+        fn = self.fn
+        if at and not fn.port.bus_master:  # not mastering
             # a DirectWork's data is in guest memory, but mastering stopped under its permit (not
             # by QUIESCE / FREEZE, which wait for permits): its completion cannot be written now,
             # nor held as bytes -- "not executed" again, re-executed at resume
@@ -567,17 +588,17 @@ class QueueDevice(VirtioDevice):
             self.deferred += 1
             return
         req.state = ReqState.DONE
-        req.data = bytes(data)
+        req.data = data if type(data) is bytes else bytes(data)
         req.data_at = at
-        if self.mastering:
+        if fn.port.bus_master:  # mastering
             self._complete(req)
             if notify:
-                self.fn.queues[req.queue].notify_driver(self.fn.port)
+                fn.queues[req.queue].notify_driver(fn.port)
 
     def _drop(self, req: Request) -> None:
         if self._inflight.get((req.queue, req.head)) is req:
             del self._inflight[(req.queue, req.head)]
-        self._settled.notify_all()
+        self._notify_settled()
 
     def _complete(self, req: Request) -> None:
         """Write the held data and return the chain on the used ring (mastering only)."""
@@ -615,14 +636,14 @@ class QueueDevice(VirtioDevice):
             self._cancel_not_started()
             dropped = list(self._inflight.values())
             self._inflight.clear()  # running work finishing now finds itself dropped
-            self._settled.notify_all()
+            self._notify_settled()
             self._wait_no_running(dropped, None)
 
     def _wait_no_running(self, reqs: list[Request], timeout: float | None) -> None:
         def settled() -> bool:
             return not any(r.state is ReqState.RUNNING for r in reqs)
 
-        if not self._settled.wait_for(settled, timeout):
+        if not self._wait_settled(settled, timeout):
             running = sum(r.state is ReqState.RUNNING for r in reqs)
             raise DeviceBusyError(f"{self.fn.name}: {running} back-end requests still running after {timeout}s")
 
@@ -642,7 +663,7 @@ class QueueDevice(VirtioDevice):
         with the lock held."""
         self._no_permits = True
         try:
-            if not self._settled.wait_for(lambda: self._permits == 0, DMA_SETTLE_TIMEOUT):
+            if not self._wait_settled(lambda: self._permits == 0, DMA_SETTLE_TIMEOUT):
                 _log.warning("%s: %d DMA permits still held after %ss: mastering stops anyway (their requests "
                              "are executed again at resume)", self.fn.name, self._permits, DMA_SETTLE_TIMEOUT)
         finally:
@@ -713,7 +734,7 @@ class QueueDevice(VirtioDevice):
                     elif req.state is ReqState.DONE:
                         self._complete(req)
                         self.fn.queues[req.queue].notify_driver(self.fn.port)
-                if not self._settled.wait_for(lambda: not self._inflight, timeout):
+                if not self._wait_settled(lambda: not self._inflight, timeout):
                     raise DeviceBusyError(
                         f"{self.fn.name}: {len(self._inflight)} requests still in flight after {timeout}s"
                     )

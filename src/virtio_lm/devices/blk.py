@@ -157,6 +157,10 @@ def blk_features(*, read_only: bool) -> int:
     return f
 
 
+_SEG_MAX_BIT = bit(BlkFeature.SEG_MAX)
+_SIZE_MAX_BIT = bit(BlkFeature.SIZE_MAX)
+
+
 def _completion(wlen: int, status: BlkStatus, data: bytes = b"") -> bytes:
     """The whole writable part: data, zeros, then the status as the last byte."""
     if len(data) == wlen - 1:
@@ -311,9 +315,10 @@ class BlkDevice(QueueDevice):
         if length > MAX_TRANSFER:
             return False
         pieces = piece_lengths(segs, start, length)
-        if self._negotiated(BlkFeature.SEG_MAX) and len(pieces) > self.seg_max:
+        negotiated = self.fn.negotiated
+        if negotiated & _SEG_MAX_BIT and len(pieces) > self.seg_max:
             return False
-        if self._negotiated(BlkFeature.SIZE_MAX) and any(p > self.size_max for p in pieces):
+        if negotiated & _SIZE_MAX_BIT and max(pieces, default=0) > self.size_max:
             return False
         return True
 

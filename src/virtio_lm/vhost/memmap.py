@@ -322,6 +322,11 @@ class GuestMemoryMap:
         """Several ``(addr, length)`` pieces, concatenated, under one hold of the lock; every
         piece is mapped before any is read (as :meth:`Memory.readv`)."""
         with self.lock:
+            if len(pieces) == 1:  # one piece inside one region: one slice
+                addr, length = pieces[0]
+                hit = self._one(addr, length)
+                if hit is not None:
+                    return hit[0][hit[1] : hit[1] + length]
             plans = [self._pieces(addr, length) for addr, length in pieces if length]
             return b"".join([m.mm[m.delta + off : m.delta + off + n] for parts in plans for m, off, n in parts])
 
@@ -360,6 +365,17 @@ class GuestMemoryMap:
     def writev(self, pieces: Sequence[tuple[int, Buffer]], writer: Writer) -> None:
         """Several writes under one hold of the lock (a chain's scatter): every piece is mapped
         before any byte is written (as :meth:`Memory.writev`)."""
+        if len(pieces) == 1:  # one piece inside one region: one slice assignment
+            addr, data = pieces[0]
+            src = memoryview(data).cast("B")
+            n = len(src)
+            with self.lock:
+                hit = self._one(addr, n)
+                if hit is not None:
+                    hit[0][hit[1] : hit[1] + n] = src
+            if hit is not None:
+                writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
+                return
         with self.lock:
             plans = [(self._pieces(addr, len(data)), memoryview(data).cast("B")) for addr, data in pieces]
             views: dict[int, memoryview] = {}
