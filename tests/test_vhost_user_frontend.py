@@ -247,3 +247,46 @@ def test_variant_labels_must_be_new() -> None:
             vb.parse_variant(bad)
     assert vb.parse_variant("a=--inline-max 0").args == ("--inline-max", "0")
 
+
+
+# ---------------------------------------------------------------------------- call counts
+def test_counter_counts_python_and_c_calls() -> None:
+    import sys as _sys
+
+    from virtio_lm.benches.callcount import Counter
+
+    def f() -> int:
+        return len("abc")
+
+    c = Counter()
+    _sys.setprofile(c.hook)
+    try:
+        for _ in range(50):
+            f()
+    finally:
+        _sys.setprofile(None)
+    assert 50 <= c.py <= 55 and 50 <= c.c <= 60  # f, len (and setprofile itself)
+
+
+def test_bench_counts_calls_per_request_of_a_counted_backend(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(vb, "RAND_COUNT", {1: 20, 16: 40})
+    monkeypatch.setattr(vb, "SEQ_COUNT", 4)
+    assert vb.main(["--samples", "1", "--no-qsd", "--calls"]) == 0
+    out = capsys.readouterr().out
+    assert "back-end Python calls per request:" in out and "back-end C calls per request:" in out
+    rows = [ln.split() for ln in out.split("back-end Python calls per request:")[1].splitlines()[1:7]]
+    assert [r[0] for r in rows] == list(vb.METRICS)
+    for r in rows:  # a request is dozens of calls at least: the hook ran in the back-end's threads
+        assert 20 < float(r[1]) < 5000, r
+
+
+def test_a_counted_backend_that_dies_is_a_driver_error(tmp_path) -> None:
+    be = vb.BackendProcess(vb.BackendSpec("ours", "ours"), str(tmp_path / "s"), str(tmp_path / "no-such-image"),
+                           str(tmp_path / "log"), counted=str(tmp_path / "calls"))
+    try:
+        be.proc.wait(60)  # click refuses the missing image and the process exits
+        be.calls(timeout=30)  # its first count (written before the command ran) is still there
+        with pytest.raises(DriverError, match="gave no count"):
+            be.calls(timeout=30)
+    finally:
+        be.stop()

@@ -23,6 +23,10 @@ Before the samples every back-end passes a check of its data: blocks written thr
 read back through it and found in its image file (:func:`check_data` raises
 :class:`~virtio_lm.errors.BlkDataError` when either differs).  Every request's status must be OK.
 
+``--calls``: then each of our back-ends once more under :mod:`virtio_lm.benches.callcount`, every
+workload once: Python and C function calls per request, a measure of the interpreter's work that
+load on the machine does not move (ratios to ``baseline`` when there is one).
+
 ``--variant LABEL=ARGS``: one more back-end, ours with extra command-line ARGS (e.g.
 ``inline0=--inline-max 0``), in the same alternation.  ``--baseline-src DIR``: ours run from
 another source tree (a ``git worktree`` of an older commit), a change against the code before it.
@@ -36,6 +40,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +49,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from virtio_lm.benches import callcount
 from virtio_lm.drivers.vhost_user_frontend import VhostUserFrontend
 from virtio_lm.errors import BlkDataError, BlkIOError, DriverError
 from virtio_lm.memory import Memory
@@ -98,11 +104,18 @@ class BackendSpec:
 class BackendProcess:
     """A back-end process serving ``image`` on ``sock``; its output goes to ``log``."""
 
-    def __init__(self, spec: BackendSpec, sock: str, image: str, log: str) -> None:
+    def __init__(self, spec: BackendSpec, sock: str, image: str, log: str, *, counted: str | None = None) -> None:
+        """``counted``: run ours under :mod:`virtio_lm.benches.callcount`, its counts in that file."""
         self.spec = spec
+        self.counted = counted
+        self._seq = 0
         if spec.kind == "ours":
-            cmd = [sys.executable, "-m", "virtio_lm.cli", "vhost-user-blk", "--socket", sock, "--image", image,
-                   *spec.args]
+            if counted:  # this tree's counter, whichever tree the back-end runs from (spec.src)
+                head = ["-c", "import runpy, sys; runpy.run_path(sys.argv.pop(1), run_name='__main__')",
+                        callcount.__file__, counted]
+            else:
+                head = ["-m", "virtio_lm.cli"]
+            cmd = [sys.executable, *head, "vhost-user-blk", "--socket", sock, "--image", image, *spec.args]
         elif spec.kind == "qsd":
             cmd = ["qemu-storage-daemon",
                    "--blockdev", f"driver=file,node-name=file0,filename={image},cache.direct=off,locking=off",
@@ -119,6 +132,24 @@ class BackendProcess:
 
     def cpu(self) -> float:
         return _cpu_seconds(self.proc.pid)
+
+    def calls(self, timeout: float = 30.0) -> tuple[int, int]:
+        """(Python calls, C calls) the counted process made so far (SIGUSR1, then its file)."""
+        assert self.counted is not None
+        deadline = time.monotonic() + timeout
+        if self._seq:
+            self.proc.send_signal(signal.SIGUSR1)
+        while True:
+            try:
+                seq, py, c = (int(x) for x in Path(self.counted).read_text().split())
+            except (OSError, ValueError):
+                seq = 0
+            if seq > self._seq:
+                self._seq = seq
+                return py, c
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise DriverError(f"counted back-end gave no count (exit {self.proc.poll()}): {self.output()}")
+            time.sleep(0.01)
 
     def output(self) -> str:
         self._log.flush()
@@ -266,10 +297,8 @@ def check_data(bf: BlkFrontend, image: str, rng: random.Random) -> None:
 
 
 # ---------------------------------------------------------------------------- one sample
-def sample(bf: BlkFrontend, be: BackendProcess, rng: random.Random) -> dict[str, float]:
-    """Every workload once: {metric: rate, metric + '_cpu_us': back-end CPU us per request,
-    metric + '_fe_us': front-end CPU us per request}."""
-    out: dict[str, float] = {}
+def workloads(rng: random.Random) -> list[tuple[str, BlkReqType, list[int], int, int, bytes | None]]:
+    """(metric, request type, byte offsets, bytes per request, queue depth, payload) of each workload."""
     payload1m = rng.randbytes(MIB)
     payload4k = payload1m[:4096]
     nblocks = IMAGE_MIB * MIB // 4096
@@ -281,7 +310,14 @@ def sample(bf: BlkFrontend, be: BackendProcess, rng: random.Random) -> dict[str,
         offs = [rng.randrange(nblocks) * 4096 for _ in range(count)]
         work.append((f"rand4k_write_qd{qd}_iops", BlkReqType.OUT, offs, 4096, qd, payload4k))
         work.append((f"rand4k_read_qd{qd}_iops", BlkReqType.IN, offs, 4096, qd, None))
-    for name, op, offs, n, qd, data in work:
+    return work
+
+
+def sample(bf: BlkFrontend, be: BackendProcess, rng: random.Random) -> dict[str, float]:
+    """Every workload once: {metric: rate, metric + '_cpu_us': back-end CPU us per request,
+    metric + '_fe_us': front-end CPU us per request}."""
+    out: dict[str, float] = {}
+    for name, op, offs, n, qd, data in workloads(rng):
         c0, f0 = be.cpu(), time.thread_time()
         dt = bf.run(op, offs, n, qd, data)
         c1, f1 = be.cpu(), time.thread_time()
@@ -291,15 +327,32 @@ def sample(bf: BlkFrontend, be: BackendProcess, rng: random.Random) -> dict[str,
     return out
 
 
+def count_calls(bf: BlkFrontend, be: BackendProcess, rng: random.Random) -> dict[str, float]:
+    """Every workload once on a counted back-end: {metric + '_py_calls': Python calls per request,
+    metric + '_c_calls': C calls per request}."""
+    out: dict[str, float] = {}
+    for name, op, offs, n, qd, data in workloads(rng):
+        p0, c0 = be.calls()
+        bf.run(op, offs, n, qd, data)
+        p1, c1 = be.calls()
+        out[name + "_py_calls"] = (p1 - p0) / len(offs)
+        out[name + "_c_calls"] = (c1 - c0) / len(offs)
+    return out
+
+
 # ---------------------------------------------------------------------------- the run
 @dataclass
 class Result:
     specs: list[BackendSpec]
     samples: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     started: str = ""
+    calls: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> count_calls()
 
 
-def measure(specs: list[BackendSpec], samples: int, work: Path, *, seed: int = 7, log=print) -> Result:
+def measure(specs: list[BackendSpec], samples: int, work: Path, *, seed: int = 7, calls: bool = False,
+            log=print) -> Result:
+    """The samples (see the module docstring); with ``calls``, then each of our back-ends once
+    more, counted (:func:`count_calls`), on a fresh process and a fresh copy of the image."""
     rng = random.Random(seed)
     base = work / "image.raw"
     with open(base, "wb") as f:
@@ -330,6 +383,25 @@ def measure(specs: list[BackendSpec], samples: int, work: Path, *, seed: int = 7
                 fronts[s.label].close()
             if s.label in procs:
                 procs[s.label].stop()
+    for s in specs if calls else ():
+        if s.kind != "ours":
+            continue
+        image = work / f"{s.label}-counted.raw"
+        shutil.copyfile(base, image)
+        sock = str(work / f"{s.label}-counted.sock")
+        be = BackendProcess(s, sock, str(image), str(work / f"{s.label}-counted.log"),
+                            counted=str(work / f"{s.label}.calls"))
+        bf = None
+        try:
+            be.calls()  # up and counting
+            bf = BlkFrontend(sock)
+            res.calls[s.label] = count_calls(bf, be, random.Random(seed * 1000))
+            log(f"  counted {s.label:>10}: " + "  ".join(f"{m.split('_')[0]}{m.split('_')[1][-4:]}"
+                f" {res.calls[s.label][m + '_py_calls']:,.1f}" for m in METRICS))
+        finally:
+            if bf is not None:
+                bf.close()
+            be.stop()
     return res
 
 
@@ -352,6 +424,17 @@ def report(res: Result) -> list[str]:
             row = f"  {m:36}" + "".join(f"{_med([r[m + suffix] for r in res.samples[lab]]):>28}" for lab in labels)
             row += "".join(f"{(meds[lab] / meds[ref] if meds[ref] else float('nan')):>14.2f}" for lab in labels if lab != ref)
             lines.append(row)
+    if res.calls:
+        counted = [lab for lab in labels if lab in res.calls]
+        cref = "baseline" if "baseline" in counted else counted[0]
+        for what, suffix in (("back-end Python calls per request:", "_py_calls"),
+                             ("back-end C calls per request:", "_c_calls")):
+            lines.append(f"{what:38}" + "".join(f"{lab:>28}" for lab in counted)
+                         + "".join(f"{lab + '/' + cref:>14}" for lab in counted if lab != cref))
+            for m in METRICS:
+                vals = {lab: res.calls[lab][m + suffix] for lab in counted}
+                lines.append(f"  {m:36}" + "".join(f"{vals[lab]:28.1f}" for lab in counted)
+                             + "".join(f"{vals[lab] / vals[cref]:14.2f}" for lab in counted if lab != cref))
     return lines
 
 
@@ -368,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", type=parse_variant, default=[], help="LABEL=ARGS: ours with ARGS")
     p.add_argument("--baseline-src", default=None, help="also ours from this source tree ('baseline')")
     p.add_argument("--no-qsd", action="store_true", help="leave qemu-storage-daemon out")
+    p.add_argument("--calls", action="store_true",
+                   help="then count each of our back-ends' Python and C calls per request (a figure load does not move)")
     p.add_argument("--json", default=None, help="write every sample here")
     a = p.parse_args(argv)
     specs = [BackendSpec("ours", "ours")]
@@ -380,12 +465,12 @@ def main(argv: list[str] | None = None) -> int:
         specs.append(BackendSpec("baseline", "ours", (), a.baseline_src))
     specs += a.variant
     with tempfile.TemporaryDirectory(prefix="vhost-blk-bench-") as tmp:
-        res = measure(specs, a.samples, Path(tmp))
+        res = measure(specs, a.samples, Path(tmp), calls=a.calls)
     for line in report(res):
         print(line)
     if a.json:
         Path(a.json).write_text(json.dumps({"started": res.started, "specs": [s.__dict__ for s in specs],
-                                            "samples": res.samples}, indent=1))
+                                            "samples": res.samples, "calls": res.calls}, indent=1))
     return 0
 
 
