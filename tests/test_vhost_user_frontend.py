@@ -156,37 +156,24 @@ def memfd():
     m.close()
 
 
-def test_backend_closing_the_connection_is_a_driver_error(tmp_path, memfd) -> None:
-    fake = FakeBackend(str(tmp_path / "s"), lambda hdr: None)
+_NO_VERSION_1 = Header(int(Request.GET_FEATURES), 5, 8).encode() + bytes(8)  # features 0
+_OTHER_REPLY = Header(int(Request.GET_PROTOCOL_FEATURES), 5, 8).encode() + bytes(8)
+
+
+@pytest.mark.parametrize(
+    "answer,timeout,error,match",
+    [
+        (lambda hdr: None, 10, DriverError, "closed the connection"),  # closes the socket
+        (lambda hdr: b"", 0.5, CommandTimeoutError, "no reply"),  # says nothing
+        (lambda hdr: _OTHER_REPLY, 10, DriverError, "unexpected reply"),  # answers another request
+        (lambda hdr: _NO_VERSION_1, 10, DriverError, "VERSION_1"),  # offers no VERSION_1
+    ],
+    ids=["closes-connection", "never-answers", "reply-to-another-request", "no-version-1"],
+)
+def test_misbehaving_backend_at_get_features(tmp_path, memfd, answer, timeout, error, match) -> None:
+    fake = FakeBackend(str(tmp_path / "s"), answer)
     try:
-        with VhostUserFrontend(str(tmp_path / "s"), memfd, timeout=10) as fe, pytest.raises(DriverError, match="closed the connection"):
-            fe.negotiate(1 << Feature.VERSION_1)
-    finally:
-        fake.close()
-
-
-def test_backend_that_never_answers_times_out(tmp_path, memfd) -> None:
-    fake = FakeBackend(str(tmp_path / "s"), lambda hdr: b"")
-    try:
-        with VhostUserFrontend(str(tmp_path / "s"), memfd, timeout=0.5) as fe, pytest.raises(CommandTimeoutError, match="no reply"):
-            fe.negotiate(1 << Feature.VERSION_1)
-    finally:
-        fake.close()
-
-
-def test_reply_to_another_request_is_a_driver_error(tmp_path, memfd) -> None:
-    fake = FakeBackend(str(tmp_path / "s"), lambda hdr: Header(int(Request.GET_PROTOCOL_FEATURES), 5, 8).encode() + bytes(8))
-    try:
-        with VhostUserFrontend(str(tmp_path / "s"), memfd, timeout=10) as fe, pytest.raises(DriverError, match="unexpected reply"):
-            fe.negotiate(1 << Feature.VERSION_1)
-    finally:
-        fake.close()
-
-
-def test_backend_without_version_1_is_refused(tmp_path, memfd) -> None:
-    fake = FakeBackend(str(tmp_path / "s"), lambda hdr: Header(int(Request.GET_FEATURES), 5, 8).encode() + bytes(8))
-    try:
-        with VhostUserFrontend(str(tmp_path / "s"), memfd, timeout=10) as fe, pytest.raises(DriverError, match="VERSION_1"):
+        with VhostUserFrontend(str(tmp_path / "s"), memfd, timeout=timeout) as fe, pytest.raises(error, match=match):
             fe.negotiate(1 << Feature.VERSION_1)
     finally:
         fake.close()

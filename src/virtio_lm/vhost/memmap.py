@@ -343,16 +343,21 @@ class GuestMemoryMap:
         if n:
             writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
 
+    def _write_one(self, addr: int, src: Buffer, n: int, writer: Writer) -> bool:
+        """Write the ``n`` bytes of ``src`` at ``addr`` and mark their pages when they fall inside
+        one region; False, nothing written, otherwise (the general path decides)."""
+        with self.lock:
+            hit = self._one(addr, n)
+            if hit is None:
+                return False
+            mm, off = hit
+            mm[off : off + n] = src
+        writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
+        return True
+
     def write(self, addr: int, data: Buffer, writer: Writer) -> None:
-        if type(data) is bytes:  # the common case: bytes inside one region
-            n = len(data)
-            with self.lock:
-                hit = self._one(addr, n)
-                if hit is not None:
-                    hit[0][hit[1] : hit[1] + n] = data
-            if hit is not None:
-                writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
-                return
+        if type(data) is bytes and self._write_one(addr, data, len(data), writer):
+            return  # the common case: bytes inside one region
         src = memoryview(data).cast("B")
         with self.lock:
             at = 0
@@ -368,13 +373,7 @@ class GuestMemoryMap:
         if len(pieces) == 1:  # one piece inside one region: one slice assignment
             addr, data = pieces[0]
             src = memoryview(data).cast("B")
-            n = len(src)
-            with self.lock:
-                hit = self._one(addr, n)
-                if hit is not None:
-                    hit[0][hit[1] : hit[1] + n] = src
-            if hit is not None:
-                writer.written(addr >> PAGE_SHIFT, (addr + n - 1) >> PAGE_SHIFT, n)
+            if self._write_one(addr, src, len(src), writer):
                 return
         with self.lock:
             plans = [(self._pieces(addr, len(data)), memoryview(data).cast("B")) for addr, data in pieces]
