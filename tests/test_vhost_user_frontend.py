@@ -263,8 +263,8 @@ def test_bench_counts_calls_per_request_of_a_counted_backend(capsys, monkeypatch
     assert "back-end Python calls per request:" in out and "back-end C calls per request:" in out
     rows = [ln.split() for ln in out.split("back-end Python calls per request:")[1].splitlines()[1:7]]
     assert [r[0] for r in rows] == list(vb.METRICS)
-    for r in rows:  # a request is dozens of calls at least: the hook ran in the back-end's threads
-        assert 20 < float(r[1]) < 5000, r
+    for r in rows:  # the hook ran in the back-end's threads: a request's share of its batch's calls
+        assert 0 < float(r[1]) < 5000, r
 
 
 def test_a_counted_backend_that_dies_is_a_driver_error(tmp_path) -> None:

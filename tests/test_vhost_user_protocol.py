@@ -95,9 +95,10 @@ def g2u(gpa: int) -> int:
     return UADDR + gpa if gpa < MIB else UADDR2 + gpa - MIB
 
 
-def make(image: Path, *, log_writes: bool = True, direct: bool = False) -> VhostUserBackend:
+def make(image: Path, *, log_writes: bool = True, direct: bool = False, fast: bool = False) -> VhostUserBackend:
     dev = BlkDevice(image, queue_max_size=256)
     dev.direct_dma = direct  # reads (and writes) straight between the image and guest memory
+    dev.fast_path = fast  # the C fast path (tests/test_blk_fast_path.py compares it with the Python one)
     return VhostUserBackend(dev, log_writes=log_writes)
 
 
@@ -133,10 +134,10 @@ def read_request(dq: DriverQueue, sector: int, data_gpa: int, status_gpa: int, n
 
 
 # ============================================================================ data path + dirty log
-@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
+@pytest.mark.parametrize("path", ["buffered", "direct", "fast"])
 @pytest.mark.parametrize("log_writes", [True, False], ids=["logging", "negative-control-no-log"])
-def test_read_request_through_two_regions_sets_log_bits(image, guest, log_writes, direct) -> None:
-    be = make(image, log_writes=log_writes, direct=direct)
+def test_read_request_through_two_regions_sets_log_bits(image, guest, log_writes, path) -> None:
+    be = make(image, log_writes=log_writes, direct=path != "buffered", fast=path == "fast")
     try:
         dq, logmem, call = setup_ring(be, guest)
         data_gpa = MIB + 0x3000  # region 1: front-end address far from region 0
@@ -146,7 +147,8 @@ def test_read_request_through_two_regions_sets_log_bits(image, guest, log_writes
         assert dq.get_used() is not None
         assert guest.read(data_gpa, 4096) == image.read_bytes()[8 * 512 : 8 * 512 + 4096]
         assert guest.read(0x9000, 1)[0] == BlkStatus.OK
-        assert (be.device.direct_runs, be.device.buffered_runs) == ((1, 0) if direct else (0, 1))
+        runs = (be.device.direct_runs, be.device.buffered_runs, be.device.fast_served)
+        assert runs == {"buffered": (0, 1, 0), "direct": (1, 0, 0), "fast": (0, 0, 1)}[path]
         assert os.eventfd_read(call) >= 1  # the interrupt went to the call fd
         pages = unpack_bitmap(logmem.array.copy(), 4096 * 8)
         written = {data_gpa >> 12, 0x9000 >> 12, USED >> 12}

@@ -392,10 +392,13 @@ def report(quick: bool, out_dir: str, sections: tuple[str, ...]) -> None:
               help="Requests moving at most this many bytes run on the notification thread (0: all on the I/O pool).")
 @click.option("--buffered-io", is_flag=True,
               help="Read the image into a buffer and copy it to the guest, instead of straight into guest memory.")
+@click.option("--no-fast-path", is_flag=True,
+              help="Serve reads and writes in Python too, not in the C fast path (a baseline for benches).")
 @click.option("--unsafe-hold-after", type=int, default=None, hidden=True,
               help="Fault injection for tests: after N requests, take every further one and never execute it.")
 def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, stats_path: str | None,
-                   inline_max: int, buffered_io: bool, unsafe_no_dirty_log: bool, unsafe_hold_after: int | None) -> None:
+                   inline_max: int, buffered_io: bool, no_fast_path: bool, unsafe_no_dirty_log: bool,
+                   unsafe_hold_after: int | None) -> None:
     """Serve the virtio-blk device model to a vhost-user front-end (QEMU), with dirty logging."""
     from virtio_lm.devices.blk import BlkDevice
     from virtio_lm.vhost.server import VhostUserServer
@@ -404,6 +407,7 @@ def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, s
     device.hold_after = unsafe_hold_after
     device.inline_max = inline_max
     device.direct_dma = not buffered_io
+    device.fast_path = not no_fast_path
     server = VhostUserServer(socket_path, device, log_writes=not unsafe_no_dirty_log)
     server.listen()
     done = _stop_on_signals(server.stop)

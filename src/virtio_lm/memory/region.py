@@ -497,6 +497,14 @@ class Memory:
         return self._ro[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT]
 
     # ------------------------------------------------------------------ ports
+    def pinned(self) -> contextlib.AbstractContextManager[None]:
+        """Not offered (``None``; :meth:`MemoryPort.pinned`): reads of this memory pass the
+        read barriers above, which code moving the bytes itself would skip."""
+        return contextlib.nullcontext(None)
+
+    def tell_written(self, writer: Writer, written: bytes | None, nbytes: int) -> None:
+        raise TypeError("Memory offers no pinned regions, so nothing was written through them")
+
     def device_port(self, name: str) -> "MemoryPort":
         """A port for one device's DMA; its writer's ``tracker`` starts unset."""
         return MemoryPort(self, DeviceWriter(name))
@@ -589,6 +597,16 @@ class MemoryPort:
         if not self.bus_master and pieces:
             self._gate("read", pieces[0][0], sum(n for _, n in pieces))
         return self.memory.pwritev(fd, offset, pieces)
+
+    def pinned(self) -> contextlib.AbstractContextManager[tuple[tuple[int, np.ndarray], ...] | None]:
+        """The memory's regions as ``(gpa, writable bytes)`` pairs while the context lasts, for code
+        that moves data itself and then calls :meth:`tell_written`; ``None`` where the memory does
+        not offer them.  The caller checks :attr:`bus_master` first."""
+        return self.memory.pinned()
+
+    def tell_written(self, written: bytes | None, nbytes: int) -> None:
+        """Attribute writes made through :meth:`pinned` to :attr:`writer` (see the memory's own)."""
+        self.memory.tell_written(self.writer, written, nbytes)  # type: ignore[attr-defined]
 
     def fill(self, addr: int, length: int, value: int = 0) -> None:
         self._gate("write", addr, length)

@@ -247,6 +247,14 @@ class TrackedVirtqueue(Virtqueue):
                 t.take(chain.head)
         return chain
 
+    def served(self, taken: int, last_avail_idx: int, avail_cache: int, used_idx: int) -> None:
+        super().served(taken, last_avail_idx, avail_cache, used_idx)
+        self.taken += taken
+
+    def with_journal(self, run):  # type: ignore[no-untyped-def]
+        t = self.inflight
+        return super().with_journal(run) if t is None else t.served(run)
+
     def push_many(self, port: MemoryPort, items) -> None:  # type: ignore[no-untyped-def]
         t = self.inflight
         if t is None:

@@ -47,6 +47,16 @@ __all__ = ["InflightQueue", "InflightRegion"]
 
 U16 = 0xFFFF
 HDR = INFLIGHT_HEADER_DTYPE.itemsize
+#: where the fields are, for code that writes the region itself: offsets of the header's
+#: last_batch_head and used_idx, the descriptor stride, offsets of its inflight, next, counter
+JOURNAL_LAYOUT = (
+    INFLIGHT_HEADER_DTYPE.fields["last_batch_head"][1],
+    INFLIGHT_HEADER_DTYPE.fields["used_idx"][1],
+    INFLIGHT_DESC_DTYPE.itemsize,
+    INFLIGHT_DESC_DTYPE.fields["inflight"][1],
+    INFLIGHT_DESC_DTYPE.fields["next"][1],
+    INFLIGHT_DESC_DTYPE.fields["counter"][1],
+)
 
 
 class InflightQueue:
@@ -105,6 +115,15 @@ class InflightQueue:
         for h in heads:
             self.inflight[h] = 0
         self.hdr["used_idx"][0] = used_idx
+
+    def served(self, run):  # type: ignore[no-untyped-def]
+        """``run(journal)``'s result, for code that takes and returns chains itself (the C fast
+        path of :mod:`virtio_lm.devices.blk`), which records them in this queue's part as
+        :meth:`take`, :meth:`returning` and :meth:`returned` do.  ``journal`` is ``(header,
+        descriptors, next counter, *JOURNAL_LAYOUT)``; ``run`` returns ``(result, next counter)``."""
+        with self._lock:
+            result, self._counter = run((self.hdr, self.desc, self._counter, *JOURNAL_LAYOUT))
+        return result
 
     # ------------------------------------------------------------------ restart
     def recover(self, ring_used_idx: int) -> list[int]:

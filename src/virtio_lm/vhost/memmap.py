@@ -152,6 +152,7 @@ class GuestMemoryMap:
         self._starts: list[int] = []
         # per region, what an access inside it needs: (gpa end, its map, map offset of gpa 0)
         self._spans: list[tuple[int, mmap.mmap, int]] = []
+        self._pinned: tuple[tuple[int, np.ndarray], ...] = ()  # (gpa, writable bytes) per region
         self._atomic = threading.Lock()
 
     # ------------------------------------------------------------------ table
@@ -164,6 +165,37 @@ class GuestMemoryMap:
         self._regions.sort(key=lambda r: r.gpa)
         self._starts = [r.gpa for r in self._regions]
         self._spans = [(r.gpa_end, r.mm, r.delta - r.gpa) for r in self._regions]
+        self._pinned = tuple((r.gpa, r.view) for r in self._regions)
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[tuple[tuple[int, np.ndarray], ...]]:
+        """The regions as ``(gpa, writable bytes)`` pairs, for code that moves data in and out of
+        guest memory itself (the C fast path of :mod:`virtio_lm.devices.blk`).  The table is
+        held meanwhile: no region is unmapped under it.  Whoever writes through them tells the
+        writer afterwards (:meth:`tell_written`)."""
+        with self.lock:
+            yield self._pinned
+
+    def tell_written(self, writer: Writer, written: bytes | None, nbytes: int) -> None:
+        """Tell ``writer`` of writes made through :meth:`pinned`: ``written`` holds them as
+        little-endian u64 ``(addr, len)`` pairs, ``nbytes`` their total.  ``None`` (the list was
+        lost): every region counts as written."""
+        if written is None:
+            with self.lock:
+                spans = [(r.gpa, r.size) for r in self._regions]
+            for gpa, size in spans:
+                writer.written(gpa >> PAGE_SHIFT, (gpa + size - 1) >> PAGE_SHIFT, 0)
+            writer.written_bytes(nbytes)
+            return
+        if not writer.sinks():
+            writer.written_bytes(nbytes)
+            return
+        pairs = np.frombuffer(written, dtype="<u8").reshape(-1, 2)
+        first = (pairs[:, 0] >> PAGE_SHIFT).tolist()
+        last = ((pairs[:, 0] + pairs[:, 1] - 1) >> PAGE_SHIFT).tolist()
+        mark = writer.written
+        for a, b, n in zip(first, last, pairs[:, 1].tolist()):
+            mark(a, b, n)
 
     def _map(self, r: MemRegion, fd: int) -> MappedRegion:
         mm, delta = _map_fd(fd, r.mmap_offset, r.memory_size, f"region gpa {r.guest_phys_addr:#x}", VhostMemoryError)

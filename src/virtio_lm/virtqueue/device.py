@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from bisect import bisect_left, bisect_right
 from itertools import accumulate, repeat
 from operator import add, itemgetter
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 from virtio_lm.errors import (
     AvailIndexError,
@@ -64,6 +64,7 @@ from virtio_lm.wire.ring import (
 )
 
 U16 = 0xFFFF
+R = TypeVar("R")
 U32_MAX = 0xFFFF_FFFF
 U64_LIMIT = 1 << 64
 
@@ -550,6 +551,10 @@ class Virtqueue:
             err.__cause__ = exc
             self._fail(err)
             return
+        self._pushed(start, idx)
+
+    def _pushed(self, start: int, idx: int) -> None:
+        """The used idx went from ``start`` to ``idx`` (chains returned)."""
         self.used_idx = idx
         self.pending_notify = True
         # If the used idx ran so far past the last signalled value that u16
@@ -559,6 +564,36 @@ class Virtqueue:
             since = (idx - self.signalled_used) & U16
             if since < pushed or since >= 0x8000:
                 self.signalled_used = None
+
+    # ------------------------------------------------------------------ served elsewhere
+    def fast_state(self) -> tuple[int, int, int, int, int, int, int, bool, bool, bool] | None:
+        """The queue as code that serves chains itself takes it (the C fast path of
+        :mod:`virtio_lm.devices.blk`): ``(size, desc_addr, avail_addr, used_addr, last_avail_idx,
+        cached avail idx or -1, used_idx, event_idx, notifications, indirect_desc)``; ``None``
+        while the queue takes no chain (disabled, broken, a resync pending).  That code must take
+        only chains :meth:`pop` would, and report back through :meth:`served`."""
+        if self.broken or not self.enabled or self.resync_pending:
+            return None
+        cache = self._avail_cache
+        return (self.size, self.desc_addr, self.avail_addr, self.used_addr, self._last_avail_idx,
+                -1 if cache is None else cache, self.used_idx, self.event_idx, self.notifications,
+                self.indirect_desc)  # fmt: skip
+
+    def served(self, taken: int, last_avail_idx: int, avail_cache: int, used_idx: int) -> None:
+        """``taken`` chains were taken and returned elsewhere (see :meth:`fast_state`): the
+        indices it left, ``avail_cache`` -1 for unknown."""
+        if not (0 <= last_avail_idx <= U16 and -1 <= avail_cache <= U16 and 0 <= used_idx <= U16):
+            raise FieldValueError(self.name, "served indices", (last_avail_idx, avail_cache, used_idx), "u16s")
+        self._last_avail_idx = last_avail_idx
+        self._avail_cache = None if avail_cache < 0 else avail_cache
+        if taken:
+            self._pushed(self.used_idx, used_idx)
+
+    def with_journal(self, run: Callable[[tuple | None], tuple[R, int]]) -> R:
+        """``run(journal)``'s result, for code serving chains itself: ``journal`` is ``None``
+        here; a queue that records taken and returned heads elsewhere (vhost-user's inflight
+        region) passes its record, and ``run`` returns ``(result, next counter)``."""
+        return run(None)[0]
 
     def resync_from_ring(self, port: MemoryPort) -> None:
         """Take the ring indices from the used ring in memory: ``used_idx`` and

@@ -1,0 +1,613 @@
+/*
+ * virtio_lm.devices.blkfast -- the virtio-blk read/write fast path, in C.
+ *
+ * One call takes every chain the driver has made available on one split
+ * virtqueue (up to the queue size per call) and serves it -- walk, request
+ * header, preadv / pwritev between the image and guest memory, status byte,
+ * used element and used idx -- with the GIL released.  It serves only the
+ * common case, exactly as the Python path would:
+ *
+ *   a direct chain or one INDIRECT head descriptor; only NEXT / WRITE flags
+ *   inside; readable before writable; every buffer non-empty and inside one
+ *   guest-memory region; at most MAX_SEGS buffers per part; then a virtio-blk
+ *   IN with data, or an OUT with data and a one-byte writable part (FLUSH
+ *   negotiated, image writable), aligned, inside capacity, within
+ *   seg_max / size_max (when negotiated) and max_transfer.
+ *
+ * Anything else -- a malformed chain, any other request type, a request the
+ * device would refuse with IOERR, rings outside one region -- is left
+ * untouched: the call returns STOP_SLOW with last_avail_idx at that chain,
+ * and the Python path (virtio_lm.virtqueue.device.Virtqueue.pop and
+ * BlkDevice.handle) takes it and names the fault.  So the two paths accept
+ * the same chains and produce the same memory, image and ring contents;
+ * tests/test_blk_fast_path.py checks that differentially, and it is the
+ * only place that knows the layouts below:
+ *
+ *   struct virtq_desc  { le64 addr; le32 len; le16 flags; le16 next; }   16 bytes
+ *   avail ring         { le16 flags; le16 idx; le16 ring[size]; le16 used_event; }
+ *   used ring          { le16 flags; le16 idx; { le32 id; le32 len; } ring[size]; le16 avail_event; }
+ *   virtio_blk_outhdr  { le32 type; le32 reserved; le64 sector; }        16 bytes
+ *
+ * (virtio 1.x 2.7 and 5.2.6; the same layouts as virtio_lm.wire.ring and
+ * virtio_lm.wire.blk).  The inflight journal's field offsets come from the
+ * caller (virtio_lm.wire.vhost_user's dtypes), not from this file.
+ *
+ * Every guest-memory write is recorded as an (addr, len) pair in the
+ * returned `written` bytes (little-endian u64 pairs); the caller tells the
+ * device's writer of them, so the dirty trackers see every byte written here.
+ *
+ * Error returns: TypeError / ValueError / BufferError for arguments the
+ * caller got wrong; nothing is written in that case.  An I/O error on the
+ * image completes the request IOERR (zeros in the writable part, the status
+ * last), as BlkDevice.backend_failed does.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <endian.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define MAX_REGIONS 64
+#define MAX_SEGS 512 /* per part; IOV_MAX is 1024 */
+#define MAX_TABLE 32768
+#define F_NEXT 1u
+#define F_WRITE 2u
+#define F_INDIRECT 4u
+#define DESC_SIZE 16u
+#define OUTHDR 16u
+#define SECTOR_SHIFT 9
+#define T_IN 0u
+#define T_OUT 1u
+#define ST_OK 0
+#define ST_IOERR 1
+#define U32_MAX_ 0xFFFFFFFFull
+
+enum { STOP_EMPTY = 0, STOP_SLOW = 1, STOP_MORE = 2 };
+
+typedef struct {
+    uint64_t gpa, size;
+    uint8_t *host;
+} region_t;
+
+typedef struct {
+    uint8_t *host;
+    uint64_t addr;
+    uint32_t len;
+} seg_t;
+
+#define MAX_STEPS (2 * MAX_SEGS + 1) /* an indirect head, then at most both parts full */
+
+typedef struct {
+    seg_t r[MAX_SEGS], w[MAX_SEGS];
+    int nr, nw;
+    uint64_t rlen, wlen;
+    uint8_t seen[MAX_TABLE / 8]; /* entries visited in the table being walked; all clear between walks */
+    uint16_t visits[MAX_STEPS];
+    int nvisits;
+} chain_t;
+
+typedef struct {
+    uint64_t *v; /* addr, len, addr, len, ... */
+    size_t n, cap;
+    uint64_t bytes;
+    int oom;
+} log_t;
+
+typedef struct {
+    region_t r[MAX_REGIONS];
+    int n;
+} mem_t;
+
+static uint8_t *host_of(const mem_t *m, uint64_t gpa, uint64_t len)
+{
+    for (int i = 0; i < m->n; i++) {
+        const region_t *r = &m->r[i];
+        if (gpa >= r->gpa && gpa - r->gpa < r->size && len <= r->size - (gpa - r->gpa))
+            return r->host + (gpa - r->gpa);
+    }
+    return NULL;
+}
+
+static void note(log_t *lg, uint64_t addr, uint64_t len)
+{
+    if (len == 0)
+        return;
+    lg->bytes += len;
+    if (lg->n + 2 > lg->cap) {
+        size_t cap = lg->cap ? lg->cap * 2 : 256;
+        uint64_t *v = realloc(lg->v, cap * sizeof(uint64_t));
+        if (v == NULL) {
+            lg->oom = 1;
+            return;
+        }
+        lg->v = v;
+        lg->cap = cap;
+    }
+    lg->v[lg->n++] = htole64(addr);
+    lg->v[lg->n++] = htole64(len);
+}
+
+static inline uint16_t ld16(const uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return le16toh(v);
+}
+
+static inline uint16_t ld16_acquire(const uint8_t *p)
+{
+    return le16toh(__atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE));
+}
+
+static inline void st16(uint8_t *p, uint16_t v)
+{
+    v = htole16(v);
+    memcpy(p, &v, 2);
+}
+
+static inline void st16_release(uint8_t *p, uint16_t v)
+{
+    __atomic_store_n((uint16_t *)p, htole16(v), __ATOMIC_RELEASE);
+}
+
+static void unsee(chain_t *c)
+{
+    for (int i = 0; i < c->nvisits; i++)
+        c->seen[c->visits[i] >> 3] = 0;
+    c->nvisits = 0;
+}
+
+static int walk_(const mem_t *m, const uint8_t *dt, uint32_t qsize, int indirect_ok, uint16_t head, chain_t *c);
+
+/* Walk the chain at head; 0 when the fast path takes it, -1 otherwise (the chain is
+ * malformed -- a revisited entry included -- or simply not one the fast path serves). */
+static int walk(const mem_t *m, const uint8_t *dt, uint32_t qsize, int indirect_ok, uint16_t head, chain_t *c)
+{
+    int rc = walk_(m, dt, qsize, indirect_ok, head, c);
+    unsee(c);
+    return rc;
+}
+
+static int walk_(const mem_t *m, const uint8_t *dt, uint32_t qsize, int indirect_ok, uint16_t head, chain_t *c)
+{
+    const uint8_t *table = dt;
+    uint32_t tlen = qsize, idx = head, steps = 0;
+    int indirect = 0;
+    c->nr = c->nw = 0;
+    c->rlen = c->wlen = 0;
+    for (;;) {
+        uint8_t d[DESC_SIZE];
+        uint64_t addr;
+        uint32_t len;
+        uint16_t flags, next;
+        if (idx >= tlen || ++steps > tlen || c->nvisits == MAX_STEPS)
+            return -1;
+        if (c->seen[idx >> 3] & (1u << (idx & 7)))
+            return -1; /* a loop */
+        c->seen[idx >> 3] |= (uint8_t)(1u << (idx & 7));
+        c->visits[c->nvisits++] = (uint16_t)idx;
+        memcpy(d, table + (size_t)DESC_SIZE * idx, DESC_SIZE); /* each descriptor read once */
+        memcpy(&addr, d, 8);
+        memcpy(&len, d + 8, 4);
+        addr = le64toh(addr);
+        len = le32toh(len);
+        flags = ld16(d + 12);
+        next = ld16(d + 14);
+        if (flags & ~(F_NEXT | F_WRITE | F_INDIRECT))
+            return -1;
+        if (flags & F_INDIRECT) {
+            if (indirect || !indirect_ok || (flags & F_NEXT) || steps != 1)
+                return -1;
+            if (len == 0 || len % DESC_SIZE || len / DESC_SIZE > MAX_TABLE)
+                return -1;
+            table = host_of(m, addr, len);
+            if (table == NULL)
+                return -1;
+            tlen = len / DESC_SIZE;
+            unsee(c); /* a new table */
+            idx = 0;
+            steps = 0;
+            indirect = 1;
+            continue;
+        }
+        if (len == 0)
+            return -1;
+        uint8_t *h = host_of(m, addr, len);
+        if (h == NULL)
+            return -1;
+        if (flags & F_WRITE) {
+            if (c->nw == MAX_SEGS)
+                return -1;
+            c->w[c->nw++] = (seg_t){h, addr, len};
+            c->wlen += len;
+        } else {
+            if (c->nw || c->nr == MAX_SEGS)
+                return -1;
+            c->r[c->nr++] = (seg_t){h, addr, len};
+            c->rlen += len;
+        }
+        if (c->rlen + c->wlen > U32_MAX_)
+            return -1;
+        if (!(flags & F_NEXT))
+            return 0;
+        idx = next;
+    }
+}
+
+/* iovecs for bytes [start, start+len) of segs; their count, or -1 when a
+ * piece breaks seg_max / size_max (0 = not negotiated). */
+static int pieces(const seg_t *s, int n, uint64_t start, uint64_t len, struct iovec *iov,
+                  uint64_t seg_max, uint64_t size_max)
+{
+    int k = 0;
+    uint64_t pos = 0;
+    for (int i = 0; i < n && len; i++) {
+        uint64_t end = pos + s[i].len;
+        if (end > start) {
+            uint64_t off = start > pos ? start - pos : 0;
+            uint64_t take = s[i].len - off;
+            if (take > len)
+                take = len;
+            if (take) {
+                if (size_max && take > size_max)
+                    return -1;
+                iov[k].iov_base = s[i].host + off;
+                iov[k].iov_len = take;
+                k++;
+                len -= take;
+                start += take;
+            }
+        }
+        pos = end;
+    }
+    if (seg_max && (uint64_t)k > seg_max)
+        return -1;
+    return k;
+}
+
+/* The guest-physical address of byte `off` of segs (off inside them). */
+static uint64_t gpa_at(const seg_t *s, int n, uint64_t off, uint8_t **host)
+{
+    for (int i = 0; i < n; i++) {
+        if (off < s[i].len) {
+            *host = s[i].host + off;
+            return s[i].addr + off;
+        }
+        off -= s[i].len;
+    }
+    *host = NULL;
+    return 0;
+}
+
+static void note_iov(log_t *lg, const seg_t *s, int n, uint64_t start, uint64_t len)
+{
+    uint64_t pos = 0;
+    for (int i = 0; i < n && len; i++) {
+        uint64_t end = pos + s[i].len;
+        if (end > start) {
+            uint64_t off = start > pos ? start - pos : 0;
+            uint64_t take = s[i].len - off;
+            if (take > len)
+                take = len;
+            note(lg, s[i].addr + off, take);
+            len -= take;
+            start += take;
+        }
+        pos = end;
+    }
+}
+
+/* All of iov moved, or -1 (an error, or the file ended). */
+static int io_all(int fd, struct iovec *iov, int n, uint64_t offset, int write)
+{
+    while (n > 0) {
+        ssize_t k = write ? pwritev(fd, iov, n, (off_t)offset) : preadv(fd, iov, n, (off_t)offset);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (k == 0)
+            return -1;
+        offset += (uint64_t)k;
+        while (n > 0 && (size_t)k >= iov->iov_len) {
+            k -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + k;
+            iov->iov_len -= (size_t)k;
+        }
+    }
+    return 0;
+}
+
+typedef struct {
+    /* queue */
+    uint32_t size;
+    uint64_t desc, avail, used;
+    uint16_t last_avail, used_idx;
+    int avail_cache; /* -1: unknown */
+    int event_idx, notifications, indirect_ok;
+    /* device */
+    int fd;
+    uint64_t capacity, blk_size, seg_max, size_max, max_transfer;
+    int read_only, flush;
+    /* journal (inflight region), optional */
+    uint8_t *jhdr, *jdesc;
+    uint64_t counter;
+    Py_ssize_t j_lbh, j_used, j_stride, j_inflight, j_next, j_counter;
+    /* results */
+    uint64_t taken, reads, bytes_read, writes, bytes_written, ok, ioerr;
+} run_t;
+
+static int serve(run_t *t, const mem_t *m, chain_t *c, log_t *lg)
+{
+    uint32_t size = t->size;
+    uint64_t ev = t->event_idx ? 2 : 0;
+    uint8_t *dt = host_of(m, t->desc, (uint64_t)DESC_SIZE * size);
+    uint8_t *av = host_of(m, t->avail, 4 + 2ull * size + ev);
+    uint8_t *us = host_of(m, t->used, 4 + 8ull * size + ev);
+    struct iovec iov[MAX_SEGS];
+    if (dt == NULL || av == NULL || us == NULL)
+        return STOP_SLOW;
+    for (uint32_t done = 0;; done++) {
+        uint16_t last = t->last_avail;
+        if (done == size)
+            return STOP_MORE;
+        if (t->avail_cache < 0 || (uint16_t)t->avail_cache == last) {
+            __atomic_thread_fence(__ATOMIC_SEQ_CST); /* after our avail_event write */
+            uint16_t idx = ld16_acquire(av + 2);
+            if ((uint16_t)(idx - last) > size)
+                return STOP_SLOW; /* the Python path names it */
+            t->avail_cache = idx;
+            if (idx == last)
+                return STOP_EMPTY;
+        }
+        uint16_t head = ld16(av + 4 + 2u * (last % size));
+        if (head >= size)
+            return STOP_SLOW;
+        if (walk(m, dt, size, t->indirect_ok, head, c) < 0)
+            return STOP_SLOW;
+        if (c->wlen < 1 || c->rlen < OUTHDR)
+            return STOP_SLOW;
+        uint8_t hdr[OUTHDR];
+        {
+            uint64_t got = 0;
+            for (int i = 0; i < c->nr && got < OUTHDR; i++) {
+                uint64_t k = c->r[i].len < OUTHDR - got ? c->r[i].len : OUTHDR - got;
+                memcpy(hdr + got, c->r[i].host, k);
+                got += k;
+            }
+        }
+        uint32_t type;
+        uint64_t sector;
+        memcpy(&type, hdr, 4);
+        memcpy(&sector, hdr + 8, 8);
+        type = le32toh(type);
+        sector = le64toh(sector);
+        int out = type == T_OUT;
+        if (type != T_IN && !out)
+            return STOP_SLOW;
+        uint64_t n = out ? c->rlen - OUTHDR : c->wlen - 1;
+        if (n == 0 || n > t->max_transfer || n % t->blk_size || sector % (t->blk_size >> SECTOR_SHIFT) ||
+            sector > t->capacity || sector + (n >> SECTOR_SHIFT) > t->capacity)
+            return STOP_SLOW;
+        if (out && (c->wlen != 1 || t->read_only || !t->flush))
+            return STOP_SLOW;
+        int k = out ? pieces(c->r, c->nr, OUTHDR, n, iov, t->seg_max, t->size_max)
+                    : pieces(c->w, c->nw, 0, n, iov, t->seg_max, t->size_max);
+        if (k <= 0)
+            return STOP_SLOW;
+
+        /* --- taken: from here on the chain is ours --- */
+        t->last_avail = (uint16_t)(last + 1);
+        t->taken++;
+        if (t->event_idx && t->notifications) {
+            uint64_t a = t->used + 4 + 8ull * size;
+            st16(us + 4 + 8u * size, t->last_avail);
+            note(lg, a, 2);
+        }
+        if (t->jdesc) {
+            uint8_t *jd = t->jdesc + (size_t)t->j_stride * head;
+            uint64_t ctr = htole64(t->counter++);
+            memcpy(jd + t->j_counter, &ctr, 8);
+            jd[t->j_inflight] = 1;
+        }
+        uint8_t status = ST_OK;
+        uint64_t used_len = c->wlen;
+        if (io_all(t->fd, iov, k, sector << SECTOR_SHIFT, out) == 0) {
+            if (out) {
+                t->writes++;
+                t->bytes_written += n;
+            } else {
+                note_iov(lg, c->w, c->nw, 0, n);
+                t->reads++;
+                t->bytes_read += n;
+            }
+            t->ok++;
+        } else {
+            status = ST_IOERR;
+            t->ioerr++;
+            for (int i = 0; i < c->nw; i++) { /* the whole writable part: zeros, then the status */
+                memset(c->w[i].host, 0, c->w[i].len);
+                note(lg, c->w[i].addr, c->w[i].len - (i == c->nw - 1));
+            }
+        }
+        uint8_t *sp;
+        uint64_t sa = gpa_at(c->w, c->nw, c->wlen - 1, &sp);
+        *sp = status;
+        note(lg, sa, 1);
+        /* --- returned: the journal's batch list, the used element, the used idx --- */
+        if (t->jdesc) {
+            uint8_t *jd = t->jdesc + (size_t)t->j_stride * head;
+            st16(jd + t->j_next, ld16(t->jhdr + t->j_lbh));
+            st16(t->jhdr + t->j_lbh, head);
+        }
+        uint16_t u = t->used_idx;
+        uint8_t *e = us + 4 + 8u * (u % size);
+        uint32_t id = htole32(head), ln = htole32((uint32_t)used_len);
+        memcpy(e, &id, 4);
+        memcpy(e + 4, &ln, 4);
+        note(lg, t->used + 4 + 8ull * (u % size), 8);
+        t->used_idx = (uint16_t)(u + 1);
+        st16_release(us + 2, t->used_idx);
+        note(lg, t->used + 2, 2);
+        if (t->jdesc) {
+            t->jdesc[(size_t)t->j_stride * head + t->j_inflight] = 0;
+            st16(t->jhdr + t->j_used, t->used_idx);
+        }
+    }
+}
+
+static void release_views(Py_buffer *views, int n)
+{
+    for (int i = 0; i < n; i++)
+        PyBuffer_Release(&views[i]);
+}
+
+PyDoc_STRVAR(run_doc,
+"run(regions, queue, device, journal) -> (stop, taken, last_avail, avail_cache, used_idx, counter,\n"
+"    reads, bytes_read, writes, bytes_written, ok, ioerr, written_bytes, written)\n\n"
+"regions: ((gpa, writable buffer), ...)\n"
+"queue: (size, desc, avail, used, last_avail, avail_cache or -1, used_idx, event_idx, notifications, indirect_ok)\n"
+"device: (fd, capacity, blk_size, seg_max or 0, size_max or 0, max_transfer, read_only, flush)\n"
+"journal: None or (header buffer, desc buffer, counter, last_batch_head offset, used_idx offset,\n"
+"    desc stride, inflight offset, next offset, counter offset)\n"
+"stop: 0 the ring is empty, 1 the next chain takes the Python path, 2 a queue's worth was served.\n"
+"written: the guest-memory writes as little-endian u64 (addr, len) pairs.");
+
+static PyObject *run(PyObject *Py_UNUSED(self), PyObject *args)
+{
+    PyObject *regions, *journal;
+    run_t t;
+    memset(&t, 0, sizeof t);
+    unsigned long long desc, avail, used, capacity, blk_size, seg_max, size_max, max_transfer;
+    unsigned int size, last_avail, used_idx;
+    int avail_cache;
+    if (!PyArg_ParseTuple(args, "O!(IKKKIiIppp)(iKKKKKpp)O", &PyTuple_Type, &regions, &size, &desc, &avail, &used,
+                          &last_avail, &avail_cache, &used_idx, &t.event_idx, &t.notifications, &t.indirect_ok, &t.fd,
+                          &capacity, &blk_size, &seg_max, &size_max, &max_transfer, &t.read_only, &t.flush, &journal))
+        return NULL;
+    if (size == 0 || size > 32768 || (size & (size - 1)) || last_avail > 0xFFFF || used_idx > 0xFFFF ||
+        avail_cache < -1 || avail_cache > 0xFFFF || blk_size < 512 || (blk_size & (blk_size - 1)) ||
+        max_transfer > U32_MAX_) {
+        PyErr_SetString(PyExc_ValueError, "blkfast.run: queue or device parameters out of range");
+        return NULL;
+    }
+    t.size = size;
+    t.desc = desc;
+    t.avail = avail;
+    t.used = used;
+    t.last_avail = (uint16_t)last_avail;
+    t.avail_cache = avail_cache;
+    t.used_idx = (uint16_t)used_idx;
+    t.capacity = capacity;
+    t.blk_size = blk_size;
+    t.seg_max = seg_max;
+    t.size_max = size_max;
+    t.max_transfer = max_transfer;
+
+    Py_ssize_t nreg = PyTuple_GET_SIZE(regions);
+    if (nreg > MAX_REGIONS) {
+        PyErr_Format(PyExc_ValueError, "blkfast.run: %zd regions, at most %d", nreg, MAX_REGIONS);
+        return NULL;
+    }
+    mem_t m;
+    Py_buffer views[MAX_REGIONS + 2];
+    int nviews = 0;
+    m.n = 0;
+    for (Py_ssize_t i = 0; i < nreg; i++) {
+        PyObject *item = PyTuple_GET_ITEM(regions, i);
+        unsigned long long gpa;
+        PyObject *buf;
+        if (!PyArg_ParseTuple(item, "KO;a region is (gpa, buffer)", &gpa, &buf))
+            goto fail;
+        if (PyObject_GetBuffer(buf, &views[nviews], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto fail;
+        nviews++;
+        m.r[m.n++] = (region_t){gpa, (uint64_t)views[nviews - 1].len, views[nviews - 1].buf};
+    }
+    if (journal != Py_None) {
+        PyObject *jh, *jd;
+        unsigned long long counter;
+        if (!PyArg_ParseTuple(journal, "OOKnnnnnn;journal", &jh, &jd, &counter, &t.j_lbh, &t.j_used, &t.j_stride,
+                              &t.j_inflight, &t.j_next, &t.j_counter))
+            goto fail;
+        if (PyObject_GetBuffer(jh, &views[nviews], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto fail;
+        nviews++;
+        if (PyObject_GetBuffer(jd, &views[nviews], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+            goto fail;
+        nviews++;
+        Py_buffer *h = &views[nviews - 2], *d = &views[nviews - 1];
+        if (t.j_lbh < 0 || t.j_lbh + 2 > h->len || t.j_used < 0 || t.j_used + 2 > h->len || t.j_stride < 16 ||
+            t.j_inflight < 0 || t.j_inflight >= t.j_stride || t.j_next < 0 || t.j_next + 2 > t.j_stride ||
+            t.j_counter < 0 || t.j_counter + 8 > t.j_stride || d->len < t.j_stride * (Py_ssize_t)size) {
+            PyErr_SetString(PyExc_ValueError, "blkfast.run: the journal does not fit its layout and the queue size");
+            goto fail;
+        }
+        t.jhdr = h->buf;
+        t.jdesc = d->buf;
+        t.counter = counter;
+    }
+
+    chain_t *c = calloc(1, sizeof *c);
+    log_t lg = {0};
+    if (c == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    int stop;
+    Py_BEGIN_ALLOW_THREADS
+    stop = serve(&t, &m, c, &lg);
+    Py_END_ALLOW_THREADS
+    free(c);
+    release_views(views, nviews);
+    PyObject *written = lg.oom ? NULL : PyBytes_FromStringAndSize((const char *)lg.v, (Py_ssize_t)(lg.n * 8));
+    free(lg.v);
+    if (written == NULL) {
+        /* the chains were served; without their write list the caller cannot tell the
+         * dirty trackers, so it must treat all of guest memory as written */
+        PyErr_Clear();
+        written = Py_None;
+        Py_INCREF(written);
+    }
+    return Py_BuildValue("iKiiiKKKKKKKKN", stop, (unsigned long long)t.taken, (int)t.last_avail, t.avail_cache,
+                         (int)t.used_idx, (unsigned long long)t.counter, (unsigned long long)t.reads,
+                         (unsigned long long)t.bytes_read, (unsigned long long)t.writes,
+                         (unsigned long long)t.bytes_written, (unsigned long long)t.ok,
+                         (unsigned long long)t.ioerr, (unsigned long long)lg.bytes, written);
+fail:
+    release_views(views, nviews);
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"run", run, METH_VARARGS, run_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "blkfast", "The virtio-blk read/write fast path (see the source's header).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit_blkfast(void)
+{
+    PyObject *mod = PyModule_Create(&module);
+    if (mod == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(mod, "STOP_EMPTY", STOP_EMPTY) < 0 ||
+        PyModule_AddIntConstant(mod, "STOP_SLOW", STOP_SLOW) < 0 ||
+        PyModule_AddIntConstant(mod, "STOP_MORE", STOP_MORE) < 0 ||
+        PyModule_AddIntConstant(mod, "MAX_SEGS", MAX_SEGS) < 0) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}
