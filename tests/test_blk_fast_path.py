@@ -394,13 +394,29 @@ def test_hostile_chain_is_left_to_the_python_path(tmp_path, image_bytes, mutatio
     assert a["counters"][5] + int(a["needs_reset"]) >= 1
 
 
+@pytest.mark.parametrize("features", sorted(FEATURES))
+@pytest.mark.parametrize("inflight", [False, True], ids=["no-inflight", "inflight"])
+def test_a_batch_large_enough_for_threads_ends_the_same(tmp_path, image_bytes, features, inflight) -> None:
+    """Eight 64 KiB requests in one notification: their I/O runs on several threads."""
+    ind = bool(FEATURES[features] & bit(Feature.INDIRECT_DESC))
+    reqs = [Req(BlkReqType.IN if i % 2 else BlkReqType.OUT, 128 * (i % 4), 64 << 10, splits=1 + i % 4,
+                indirect=ind and i > 3) for i in range(8)]
+    before = blkfast.threaded_batches()
+    a, b, served = run_both(tmp_path, image_bytes, reqs, FEATURES[features], inflight)
+    assert differences(a, b) == []
+    if features != "no-flush":
+        assert served == 8 and blkfast.threaded_batches() > before
+    assert a["counters"][0][BlkStatus.OK] == 8
+
+
 # ============================================================================ I/O errors
-def test_a_read_past_the_images_end_completes_ioerr_the_same_way(tmp_path, image_bytes) -> None:
+@pytest.mark.parametrize("nbytes", [4096, 128 << 10], ids=["one-thread", "threads"])
+def test_a_read_past_the_images_end_completes_ioerr_the_same_way(tmp_path, image_bytes, nbytes) -> None:
     fast, slow = both(tmp_path, image_bytes, FEATURES["plain"], inflight=True)
     try:
         p = Planter()
-        p.add(Req(BlkReqType.IN, IMAGE_SECTORS - 8, 4096, splits=2), 0)
-        p.add(Req(BlkReqType.IN, 0, 4096), 1)
+        p.add(Req(BlkReqType.IN, IMAGE_SECTORS - nbytes // 512, nbytes, splits=2), 0)
+        p.add(Req(BlkReqType.IN, 0, nbytes), 1)
         for rig in (fast, slow):
             os.truncate(rig.path, (IMAGE_SECTORS - 4) * 512)  # the image shrank under the device
             rig.plant(p.publish())
