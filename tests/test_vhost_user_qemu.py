@@ -92,6 +92,7 @@ def test_guest_write_drop_caches_read_back_and_host_image(assets, image, tmp_pat
     out = be.output()
     assert "Traceback" not in out, out
     assert all(n > 0 for n in be.stats()["taken"]), be.stats()  # every queue carried requests
+    assert be.stats()["fast"] > 0, be.stats()  # the guest's reads and writes went through the C fast path
     for cpu in range(4):
         assert check_wver_image(image, 8192 + 64 * cpu, 64, 2) == []
 
@@ -197,6 +198,7 @@ def migrate_with_dma(assets, image: Path, tmp_path: Path, *, kind: str = "ours",
             if t is not None:
                 t.stop()
         result["backend_logs"] = (a.output() if a else "") + (b.output() if b else "")
+        result["source_stats"] = a.stats() if a and kind == "ours" else {}
 
 
 def test_live_migration_with_dma_during_precopy(assets, image, tmp_path) -> None:
@@ -208,6 +210,7 @@ def test_live_migration_with_dma_during_precopy(assets, image, tmp_path) -> None
     assert "VLM_LOOP_FAIL" not in r["console"] and "VLM_VERIFY_BAD" not in r["console"]
     assert r["iterations"][1] > r["iterations"][0]
     assert "Traceback" not in r["backend_logs"], r["backend_logs"][-3000:]
+    assert r["source_stats"]["fast"] > 0, r["source_stats"]  # DMA during pre-copy through the C fast path
 
 
 def test_negative_control_backend_that_does_not_log_is_caught(assets, image, tmp_path) -> None:
@@ -278,4 +281,5 @@ def test_backend_sigkilled_mid_io_restarts_with_inflight_region_no_lost_or_repea
     s2 = be2.stats()
     assert s2.get("resubmitted", 0) >= 2, s2  # the held requests, executed by the new back-end
     assert all(n > 0 for n in s2["taken"]), s2  # both queues carried requests
+    assert s2["fast"] > 0, s2  # the new back-end's C fast path kept the inflight region
     assert "Traceback" not in be2.output(), be2.output()[-3000:]

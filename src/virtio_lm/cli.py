@@ -416,7 +416,7 @@ def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, s
     _wait_for(done)
     stats = {"taken": [q.taken for q in server.backend.fn.queues], "resubmitted": server.backend.resubmitted,
              "held": device.held, "direct": device.direct_runs, "buffered": device.buffered_runs,
-             "connections": server.connections, "refusals": server.refusals}
+             "fast": device.fast_served, "connections": server.connections, "refusals": server.refusals}
     server.close()
     device.close()
     if stats_path:
