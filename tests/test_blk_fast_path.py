@@ -13,6 +13,7 @@ with the same result and leaves the rest to it, so equality is the whole contrac
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -407,6 +408,42 @@ def test_a_batch_large_enough_for_threads_ends_the_same(tmp_path, image_bytes, f
     if features != "no-flush":
         assert served == 8 and blkfast.threaded_batches() > before
     assert a["counters"][0][BlkStatus.OK] == 8
+
+
+@pytest.mark.parametrize("op", [BlkReqType.IN, BlkReqType.OUT], ids=["read", "write"])
+@pytest.mark.parametrize("splits", [1, 3, 5])
+def test_one_large_request_is_cut_into_units_the_same_way(tmp_path, image_bytes, op, splits) -> None:
+    """256 KiB in one request, its buffers cut where they fall: units of 128 KiB on several threads."""
+    before = blkfast.threaded_batches()
+    a, b, served = run_both(tmp_path, image_bytes, [Req(op, 0, 256 << 10, splits=splits)],
+                            FEATURES["event-idx+indirect"], inflight=True)
+    assert differences(a, b) == []
+    assert served == 1 and blkfast.threaded_batches() > before
+
+
+def test_a_forked_child_serves_threaded_batches_with_its_own_pool(tmp_path, image_bytes) -> None:
+    run_both(tmp_path, image_bytes, [Req(BlkReqType.IN, 0, 256 << 10)], FEATURES["plain"], inflight=False)
+    pid = os.fork()  # the parent's pool threads exist now; the child has none
+    if pid == 0:
+        code = 1
+        try:
+            (tmp_path / "child").mkdir()
+            a, b, served = run_both(tmp_path / "child", image_bytes, [Req(BlkReqType.IN, 0, 256 << 10)],
+                                    FEATURES["plain"], inflight=False)
+            code = 0 if differences(a, b) == [] and served == 1 else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child did not finish its batch in 60 s")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 # ============================================================================ I/O errors

@@ -5,10 +5,11 @@
  * virtqueue (up to 64, and at most the queue size) and serves them with the
  * GIL released, in three phases: take each chain (walk it, read the request
  * header, check it, record it in the inflight journal); do every request's
- * preadv / pwritev between the image and guest memory -- on up to 4 threads
- * when the batch moves 256 KiB or more (a guest's 1 MiB read arrives as a few
- * requests at once), else on the caller's; then complete them in the order
- * taken (status byte, used element, used idx, journal).  It serves only the
+ * preadv / pwritev between the image and guest memory, cut into units of at
+ * most 128 KiB that the caller and 3 pool threads share when the batch moves
+ * 256 KiB or more (a guest's 1 MiB read arrives as a few requests at once),
+ * else all on the caller's thread; then complete them in the order taken
+ * (status byte, used element, used idx, journal).  It serves only the
  * common case, exactly as the Python path would:
  *
  *   a direct chain or one INDIRECT head descriptor; only NEXT / WRITE flags
@@ -353,68 +354,174 @@ typedef struct {
 
 /* One request taken in phase 1, its I/O done in phase 2, completed in phase 3. */
 typedef struct {
-    uint64_t n, wlen, foff;
-    int iov0, niov; /* its data pieces, in the batch's iovec pool */
+    uint64_t n, wlen;
     int seg0, nseg; /* its writable segments, in the batch's segment pool */
-    int out, rc;
+    int out, rc;    /* rc: -1 once one of its units failed */
     uint16_t head;
 } op_t;
+
+/* A piece of an op's I/O: at most CHUNK bytes, its own iovecs in the batch's pool. */
+typedef struct {
+    int op, iov0, niov;
+    uint64_t foff;
+} unit_t;
 
 #define MAX_BATCH 64
 #define IOV_POOL 4096
 #define SEG_POOL 4096
-#define PAR_MIN (256u << 10) /* bytes in a batch before its I/O is spread over threads */
-#define PAR_THREADS 4
+#define MAX_UNITS 512
+#define CHUNK (128u << 10) /* an op's I/O is cut into units of at most this many bytes */
+#define PAR_MIN (256u << 10) /* bytes in a batch before its units are spread over threads */
+#define PAR_THREADS 4 /* the caller and 3 workers */
 
 typedef struct {
     chain_t chain;
     struct iovec iov[IOV_POOL];
     seg_t wseg[SEG_POOL];
     op_t ops[MAX_BATCH];
+    unit_t units[MAX_UNITS];
 } batch_t;
 
-typedef struct {
-    batch_t *b;
-    int fd, nops;
-    int next; /* the next op to take (atomic) */
-} io_job_t;
-
-static void do_op(io_job_t *j, int i)
+static void do_unit(batch_t *b, int fd, int i)
 {
-    op_t *o = &j->b->ops[i];
-    o->rc = io_all(j->fd, &j->b->iov[o->iov0], o->niov, o->foff, o->out);
+    unit_t *u = &b->units[i];
+    op_t *o = &b->ops[u->op];
+    if (io_all(fd, &b->iov[u->iov0], u->niov, u->foff, o->out) < 0)
+        __atomic_store_n(&o->rc, -1, __ATOMIC_RELAXED);
 }
 
-static void *io_worker(void *arg)
+/* The worker pool: 3 threads made at first need, kept for the process's life, serving one
+ * batch at a time (whoever finds it busy does its own units alone).  A worker copies the job
+ * under the lock and is counted in `active` until it has no unit left; a new job is set up only
+ * when no worker is active, so none can see half of one job and half of the next. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t work, idle;
+    int workers, active;
+    unsigned gen;
+    batch_t *b;
+    int fd, nunits;
+    int next, finished; /* atomics */
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+static pthread_mutex_t pool_user = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t threaded_batches; /* batches whose units were offered to the workers */
+
+/* A child of fork() has none of the parent's workers: it starts with an empty pool. */
+static void pool_after_fork(void)
 {
-    io_job_t *j = arg;
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.work, NULL);
+    pthread_cond_init(&pool.idle, NULL);
+    pthread_mutex_init(&pool_user, NULL);
+    pool.workers = pool.active = 0;
+}
+
+static void take_units(batch_t *b, int fd, int nunits)
+{
     int i;
-    while ((i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED)) < j->nops)
-        do_op(j, i);
+    while ((i = __atomic_fetch_add(&pool.next, 1, __ATOMIC_RELAXED)) < nunits) {
+        do_unit(b, fd, i);
+        __atomic_fetch_add(&pool.finished, 1, __ATOMIC_RELEASE);
+    }
+}
+
+static void *pool_worker(void *arg)
+{
+    unsigned seen = 0;
+    (void)arg;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        while (pool.gen == seen)
+            pthread_cond_wait(&pool.work, &pool.lock);
+        seen = pool.gen;
+        batch_t *b = pool.b;
+        int fd = pool.fd, nunits = pool.nunits;
+        pool.active++;
+        pthread_mutex_unlock(&pool.lock);
+        take_units(b, fd, nunits);
+        pthread_mutex_lock(&pool.lock);
+        if (--pool.active == 0)
+            pthread_cond_broadcast(&pool.idle);
+    }
     return NULL;
 }
 
-/* Phase 2: every op's I/O; on threads when the batch moves enough bytes to pay for them. */
-static uint64_t threaded_batches; /* batches whose I/O ran on more than one thread */
-
-static void run_io(batch_t *b, int fd, int nops, uint64_t bytes)
+/* Phase 2: every unit's I/O; offered to the workers when the batch moves enough bytes. */
+static void run_io(batch_t *b, int fd, int nunits, uint64_t bytes)
 {
-    io_job_t j = {b, fd, nops, 0};
-    pthread_t th[PAR_THREADS - 1];
-    int started = 0;
-    if (nops >= 2 && bytes >= PAR_MIN) {
-        int want = nops < PAR_THREADS ? nops : PAR_THREADS;
-        for (int k = 0; k < want - 1; k++) {
-            if (pthread_create(&th[started], NULL, io_worker, &j) != 0)
-                break; /* fewer helpers: this thread does the rest */
-            started++;
+    if (nunits < 2 || bytes < PAR_MIN || pthread_mutex_trylock(&pool_user) != 0) {
+        for (int i = 0; i < nunits; i++)
+            do_unit(b, fd, i);
+        return;
+    }
+    pthread_mutex_lock(&pool.lock);
+    while (pool.workers < PAR_THREADS - 1) {
+        pthread_t th;
+        pthread_attr_t attr;
+        int ok = pthread_attr_init(&attr) == 0;
+        if (ok) {
+            pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+            pthread_attr_setstacksize(&attr, 64u << 10);
+            ok = pthread_create(&th, &attr, pool_worker, NULL) == 0;
+            pthread_attr_destroy(&attr);
+        }
+        if (!ok)
+            break; /* fewer workers: the caller does more */
+        pool.workers++;
+    }
+    while (pool.active > 0)
+        pthread_cond_wait(&pool.idle, &pool.lock);
+    pool.b = b;
+    pool.fd = fd;
+    pool.nunits = nunits;
+    __atomic_store_n(&pool.next, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&pool.finished, 0, __ATOMIC_RELAXED);
+    pool.gen++;
+    if (pool.workers)
+        __atomic_fetch_add(&threaded_batches, 1, __ATOMIC_RELAXED);
+    pthread_cond_broadcast(&pool.work);
+    pthread_mutex_unlock(&pool.lock);
+    take_units(b, fd, nunits);
+    pthread_mutex_lock(&pool.lock);
+    while (pool.active > 0 || __atomic_load_n(&pool.finished, __ATOMIC_ACQUIRE) < nunits)
+        pthread_cond_wait(&pool.idle, &pool.lock);
+    pthread_mutex_unlock(&pool.lock);
+    pthread_mutex_unlock(&pool_user);
+}
+
+/* Cut pieces[0..k) (n bytes at file offset foff) into units of at most CHUNK bytes, appended to
+ * the batch's pools; 0, or -1 when the pools cannot take them all (nothing appended then). */
+static int add_units(batch_t *b, int *niov, int *nunits, int op, const struct iovec *piece, int k, uint64_t n,
+                     uint64_t foff)
+{
+    uint64_t cuts = n / CHUNK + 1;
+    if (*niov + k + (int)cuts > IOV_POOL || *nunits + (int)cuts > MAX_UNITS)
+        return -1;
+    int i = 0;
+    size_t at = 0; /* bytes of piece[i] already in a unit */
+    while (i < k) {
+        unit_t *u = &b->units[(*nunits)++];
+        u->op = op;
+        u->iov0 = *niov;
+        u->niov = 0;
+        u->foff = foff;
+        uint64_t room = CHUNK;
+        while (i < k && room) {
+            size_t take = piece[i].iov_len - at;
+            if (take > room)
+                take = (size_t)room;
+            b->iov[(*niov)++] = (struct iovec){(uint8_t *)piece[i].iov_base + at, take};
+            u->niov++;
+            room -= take;
+            foff += take;
+            at += take;
+            if (at == piece[i].iov_len) {
+                i++;
+                at = 0;
+            }
         }
     }
-    if (started)
-        __atomic_fetch_add(&threaded_batches, 1, __ATOMIC_RELAXED);
-    io_worker(&j);
-    for (int k = 0; k < started; k++)
-        pthread_join(th[k], NULL);
+    return 0;
 }
 
 static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
@@ -426,7 +533,7 @@ static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
     uint8_t *us = host_of(m, t->used, 4 + 8ull * size + ev);
     chain_t *c = &b->chain;
     struct iovec piece[MAX_SEGS];
-    int nops = 0, niov = 0, nseg = 0, stop;
+    int nops = 0, niov = 0, nseg = 0, nunits = 0, stop;
     uint64_t bytes = 0;
     if (dt == NULL || av == NULL || us == NULL)
         return STOP_SLOW;
@@ -484,7 +591,7 @@ static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
                     : pieces(c->w, c->nw, 0, n, piece, t->seg_max, t->size_max);
         if (k <= 0)
             break;
-        if (niov + k > IOV_POOL || nseg + c->nw > SEG_POOL) {
+        if (nseg + c->nw > SEG_POOL || add_units(b, &niov, &nunits, nops, piece, k, n, sector << SECTOR_SHIFT) < 0) {
             stop = STOP_MORE; /* not taken: the next call walks it again */
             break;
         }
@@ -502,16 +609,14 @@ static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
             jd[t->j_inflight] = 1;
         }
         op_t *o = &b->ops[nops++];
-        *o = (op_t){n, c->wlen, sector << SECTOR_SHIFT, niov, k, nseg, c->nw, out, 0, head};
-        memcpy(&b->iov[niov], piece, sizeof(struct iovec) * (size_t)k);
+        *o = (op_t){n, c->wlen, nseg, c->nw, out, 0, head};
         memcpy(&b->wseg[nseg], c->w, sizeof(seg_t) * (size_t)c->nw);
-        niov += k;
         nseg += c->nw;
         bytes += n;
     }
     /* --- phase 2: the I/O --- */
-    if (nops)
-        run_io(b, t->fd, nops, bytes);
+    if (nunits)
+        run_io(b, t->fd, nunits, bytes);
     /* --- phase 3: complete in the order taken --- */
     for (int i = 0; i < nops; i++) {
         op_t *o = &b->ops[i];
@@ -717,8 +822,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit_blkfast(void)
 {
-    if (pthread_key_create(&batch_key, free) != 0) {
-        PyErr_SetString(PyExc_OSError, "blkfast: pthread_key_create failed");
+    if (pthread_key_create(&batch_key, free) != 0 || pthread_atfork(NULL, NULL, pool_after_fork) != 0) {
+        PyErr_SetString(PyExc_OSError, "blkfast: pthread_key_create / pthread_atfork failed");
         return NULL;
     }
     PyObject *mod = PyModule_Create(&module);
