@@ -35,6 +35,7 @@ HARNESSES = (
     "vhost_user",
     "qmp_input",
     "vfio_user",
+    "blk_fast_path",
 )
 
 

@@ -34,6 +34,7 @@ from virtio_lm.wire.ctrl import (
     VfState,
 )
 from virtio_lm.wire.features import Feature, bit
+from virtio_lm.wire.blk import BlkOutHdr, BlkReqType
 from virtio_lm.wire.ring import DescFlags, VirtqDesc
 from virtio_lm.wire.state import InflightHeader, QueueRecord, Record, RecordType, decode_image, encode_image
 from virtio_lm.wire import vfio_user as VW
@@ -132,6 +133,36 @@ def virtqueue_chain() -> dict[str, bytes]:
         "two-descriptor-chain": chain_input([VirtqDesc(buf, 16, N, 1), VirtqDesc(buf + 16, 32, W, 0)], b"", [0]),
         "indirect-chain": chain_input([VirtqDesc(0x8000, len(table), I, 0)], table, [0, 0], 1),
         "loop": chain_input([VirtqDesc(buf, 16, N, 1), VirtqDesc(buf, 16, N, 0)], b"", [0]),
+    }
+
+
+# ------------------------------------------------------------------ blk_fast_path
+def blk_region(descs: list[VirtqDesc], heads: list[int], extra: dict[int, bytes]) -> bytes:
+    """Region A of blk_fast_path: descriptor table at 0, avail ring at 0x1000 (heads, idx), and
+    ``extra`` bytes at their offsets (headers, indirect tables)."""
+    mem = bytearray(0x4000)
+    for i, d in enumerate(descs):
+        mem[16 * i : 16 * i + 16] = d.encode()
+    mem[0x1002:0x1004] = u16(len(heads))
+    for k, h in enumerate(heads):
+        mem[0x1004 + 2 * k : 0x1006 + 2 * k] = u16(h)
+    for at, data in extra.items():
+        mem[at : at + len(data)] = data
+    return bytes(mem)
+
+
+def blk_fast_path() -> dict[str, bytes]:
+    N, W, I = DescFlags.NEXT, DescFlags.WRITE, DescFlags.INDIRECT
+    head = bytes([0b0100_0111, 4]) + u16(0) + u16(0) + u16(0) + bytes([0]) + u16(0)  # EVENT_IDX, FLUSH, size 16
+    rd = BlkOutHdr(BlkReqType.IN, 0, 8).encode()
+    wr = BlkOutHdr(BlkReqType.OUT, 0, 16).encode()
+    read = [VirtqDesc(0x3000, 16, N, 1), VirtqDesc(0x10000, 4096, W | N, 2), VirtqDesc(0x3020, 1, W, 0)]
+    write = [VirtqDesc(0x3040, 16, N, 5), VirtqDesc(0x11000, 1024, N, 6), VirtqDesc(0x3060, 1, W, 0)]
+    table = b"".join(d.encode() for d in read)
+    return {
+        "read-and-write": head + blk_region(read + [VirtqDesc(0, 0, 0, 0)] + write, [0, 4], {0x3000: rd, 0x3040: wr}),
+        "indirect-read": head + blk_region([VirtqDesc(0x3400, len(table), I, 0)], [0], {0x3000: rd, 0x3400: table}),
+        "loop": head + blk_region([VirtqDesc(0x3000, 16, N, 1), VirtqDesc(0x10000, 512, W | N, 0)], [0], {0x3000: rd}),
     }
 
 
@@ -257,7 +288,7 @@ def vfio_user() -> dict[str, bytes]:
 SEEDS = {
     "ctrl_queue": ctrl_queue, "state_image": state_image, "virtqueue_chain": virtqueue_chain,
     "stream_sections": stream_sections, "vhost_user": vhost_user, "qmp_input": qmp_input,
-    "vfio_user": vfio_user,
+    "vfio_user": vfio_user, "blk_fast_path": blk_fast_path,
 }
 
 

@@ -163,3 +163,19 @@ def test_vfio_user_catches_a_function_left_unserviceable(monkeypatch) -> None:
     monkeypatch.setattr(VfioUserDevice, "disconnect", forgets_version)
     with pytest.raises(Exception, match="second VERSION"):
         mod.TestOneInput(data)
+
+
+def test_blk_fast_path_catches_a_write_it_was_not_told_of(monkeypatch) -> None:
+    from virtio_lm.devices import blkfast
+
+    mod = harness("blk_fast_path")
+    real = blkfast.run
+
+    def run_and_write_unreported(regions, queue, dev, journal):
+        out = real(regions, queue, dev, journal)
+        regions[1][1][0x3000] ^= 0xFF  # a byte of region B no reported write covers
+        return out
+
+    monkeypatch.setattr(mod.blkfast, "run", run_and_write_unreported)
+    with pytest.raises(AssertionError, match="was not reported"):
+        mod.TestOneInput(seed("blk_fast_path", "read-and-write"))
