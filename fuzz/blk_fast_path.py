@@ -69,7 +69,8 @@ def TestOneInput(data: bytes) -> None:
     journal = (hdr, desc, 1, *JOURNAL_LAYOUT) if flags & 0x80 else None
 
     out = blkfast.run(((0, a), (GPA_B, b)), queue, dev, journal)
-    stop, taken, new_last, _, new_used, _, _, _, _, _, ok, ioerr, nbytes, written = out
+    stop, taken, new_last, _, new_used, _, _, _, _, _, ok, ioerr, nbytes, written, used_event = out
+    assert -1 <= used_event <= 0xFFFF and (used_event == -1 or (taken and flags & 1)), out
     assert stop in (blkfast.STOP_EMPTY, blkfast.STOP_SLOW, blkfast.STOP_MORE), out
     assert taken <= size and ok + ioerr == taken, out
     assert new_last == (last_avail + taken) & 0xFFFF and new_used == (used_idx + taken) & 0xFFFF, out

@@ -510,7 +510,7 @@ def test_run_refuses_bad_arguments_and_writes_nothing() -> None:
         blkfast.run(((0, mem),), q, dev, (np.zeros(16, np.uint8), np.zeros(16, np.uint8), 1, 12, 14, 16, 0, 6, 8))
     assert not mem.any()
     r = blkfast.run(((0, mem),), q, dev, None)  # an empty ring: nothing to do
-    assert r[:5] == (blkfast.STOP_EMPTY, 0, 0, 0, 0) and r[-1] == b""
+    assert r[:5] == (blkfast.STOP_EMPTY, 0, 0, 0, 0) and r[13:] == (b"", -1)
     assert not mem.any()
 
 

@@ -322,9 +322,9 @@ class BlkDevice(QueueDevice):
         header): on while :attr:`fast_path` and :attr:`direct_dma` are on, no fault injection
         runs and the memory offers its regions (vhost-user's does).  It takes only chains the
         Python path would serve with the same result, leaving every other one to it."""
-        if not (self.fast_path and self.direct_dma) or self.hold_after is not None or self.fd < 0:
+        fn = self.function
+        if not (self.fast_path and self.direct_dma) or self.hold_after is not None or self.fd < 0 or fn is None:
             return None
-        fn = self.fn
         vq = fn.queues[queue]
         qs = vq.fast_state()
         if qs is None:
@@ -343,10 +343,10 @@ class BlkDevice(QueueDevice):
                 return r, r[5]
 
             (stop, taken, last_avail, cache, used, _, reads, bread, writes, bwritten, ok, ioerr, nbytes,
-             written) = vq.with_journal(run)  # fmt: skip
+             written, used_event) = vq.with_journal(run)  # fmt: skip
             if nbytes:
                 port.tell_written(written, nbytes)
-        vq.served(taken, last_avail, cache, used)
+        vq.served(taken, last_avail, cache, used, used_event)
         if taken:
             self.fast_served += taken
             self.completed += taken

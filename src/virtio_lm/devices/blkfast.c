@@ -350,6 +350,7 @@ typedef struct {
     Py_ssize_t j_lbh, j_used, j_stride, j_inflight, j_next, j_counter;
     /* results */
     uint64_t taken, reads, bytes_read, writes, bytes_written, ok, ioerr;
+    int used_event; /* -1: not read */
 } run_t;
 
 /* One request taken in phase 1, its I/O done in phase 2, completed in phase 3. */
@@ -663,6 +664,10 @@ static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
             st16(t->jhdr + t->j_used, t->used_idx);
         }
     }
+    if (nops && t->event_idx) { /* the driver's used_event, read after the used idx it may answer */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        t->used_event = ld16_acquire(av + 4 + 2u * size);
+    }
     return stop;
 }
 
@@ -691,20 +696,22 @@ static void release_views(Py_buffer *views, int n)
 
 PyDoc_STRVAR(run_doc,
 "run(regions, queue, device, journal) -> (stop, taken, last_avail, avail_cache, used_idx, counter,\n"
-"    reads, bytes_read, writes, bytes_written, ok, ioerr, written_bytes, written)\n\n"
+"    reads, bytes_read, writes, bytes_written, ok, ioerr, written_bytes, written, used_event)\n\n"
 "regions: ((gpa, writable buffer), ...)\n"
 "queue: (size, desc, avail, used, last_avail, avail_cache or -1, used_idx, event_idx, notifications, indirect_ok)\n"
 "device: (fd, capacity, blk_size, seg_max or 0, size_max or 0, max_transfer, read_only, flush)\n"
 "journal: None or (header buffer, desc buffer, counter, last_batch_head offset, used_idx offset,\n"
 "    desc stride, inflight offset, next offset, counter offset)\n"
 "stop: 0 the ring is empty, 1 the next chain takes the Python path, 2 a queue's worth was served.\n"
-"written: the guest-memory writes as little-endian u64 (addr, len) pairs.");
+"written: the guest-memory writes as little-endian u64 (addr, len) pairs.\n"
+"used_event: the driver's used_event read after the last used idx written (EVENT_IDX), else -1.");
 
 static PyObject *run(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *regions, *journal;
     run_t t;
     memset(&t, 0, sizeof t);
+    t.used_event = -1;
     unsigned long long desc, avail, used, capacity, blk_size, seg_max, size_max, max_transfer;
     unsigned int size, last_avail, used_idx;
     int avail_cache;
@@ -795,11 +802,11 @@ static PyObject *run(PyObject *Py_UNUSED(self), PyObject *args)
         written = Py_None;
         Py_INCREF(written);
     }
-    return Py_BuildValue("iKiiiKKKKKKKKN", stop, (unsigned long long)t.taken, (int)t.last_avail, t.avail_cache,
+    return Py_BuildValue("iKiiiKKKKKKKKNi", stop, (unsigned long long)t.taken, (int)t.last_avail, t.avail_cache,
                          (int)t.used_idx, (unsigned long long)t.counter, (unsigned long long)t.reads,
                          (unsigned long long)t.bytes_read, (unsigned long long)t.writes,
                          (unsigned long long)t.bytes_written, (unsigned long long)t.ok,
-                         (unsigned long long)t.ioerr, (unsigned long long)lg.bytes, written);
+                         (unsigned long long)t.ioerr, (unsigned long long)lg.bytes, written, t.used_event);
 fail:
     release_views(views, nviews);
     return NULL;

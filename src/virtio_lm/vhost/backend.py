@@ -247,8 +247,8 @@ class TrackedVirtqueue(Virtqueue):
                 t.take(chain.head)
         return chain
 
-    def served(self, taken: int, last_avail_idx: int, avail_cache: int, used_idx: int) -> None:
-        super().served(taken, last_avail_idx, avail_cache, used_idx)
+    def served(self, taken: int, last_avail_idx: int, avail_cache: int, used_idx: int, used_event: int = -1) -> None:
+        super().served(taken, last_avail_idx, avail_cache, used_idx, used_event)
         self.taken += taken
 
     def with_journal(self, run):  # type: ignore[no-untyped-def]

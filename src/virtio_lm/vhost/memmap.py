@@ -137,6 +137,23 @@ def check_regions(regions: list[MemRegion], fds: list[int], *, max_regions: int)
                 raise VhostMemoryError(f"regions {a} and {b} overlap in {name} address space")
 
 
+class _Pinned:
+    """:meth:`GuestMemoryMap.pinned`'s context: the map's lock held, its regions handed out (a
+    class, not a generator: it runs once per notification on the vhost-user data path)."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self, gmap: GuestMemoryMap) -> None:
+        self._map = gmap
+
+    def __enter__(self) -> tuple[tuple[int, np.ndarray], ...]:
+        self._map.lock.acquire()
+        return self._map._pinned
+
+    def __exit__(self, *exc: object) -> None:
+        self._map.lock.release()
+
+
 class GuestMemoryMap:
     """Guest RAM from fds, addressed by guest-physical address (see the module docstring).
 
@@ -153,6 +170,7 @@ class GuestMemoryMap:
         # per region, what an access inside it needs: (gpa end, its map, map offset of gpa 0)
         self._spans: list[tuple[int, mmap.mmap, int]] = []
         self._pinned: tuple[tuple[int, np.ndarray], ...] = ()  # (gpa, writable bytes) per region
+        self._pin = _Pinned(self)
         self._atomic = threading.Lock()
 
     # ------------------------------------------------------------------ table
@@ -167,14 +185,12 @@ class GuestMemoryMap:
         self._spans = [(r.gpa_end, r.mm, r.delta - r.gpa) for r in self._regions]
         self._pinned = tuple((r.gpa, r.view) for r in self._regions)
 
-    @contextlib.contextmanager
-    def pinned(self) -> Iterator[tuple[tuple[int, np.ndarray], ...]]:
-        """The regions as ``(gpa, writable bytes)`` pairs, for code that moves data in and out of
-        guest memory itself (the C fast path of :mod:`virtio_lm.devices.blk`).  The table is
-        held meanwhile: no region is unmapped under it.  Whoever writes through them tells the
-        writer afterwards (:meth:`tell_written`)."""
-        with self.lock:
-            yield self._pinned
+    def pinned(self) -> _Pinned:
+        """The regions as ``(gpa, writable bytes)`` pairs while the context lasts, for code that
+        moves data in and out of guest memory itself (the C fast path of
+        :mod:`virtio_lm.devices.blk`).  The table is held meanwhile: no region is unmapped under
+        it.  Whoever writes through them tells the writer afterwards (:meth:`tell_written`)."""
+        return self._pin
 
     def tell_written(self, writer: Writer, written: bytes | None, nbytes: int) -> None:
         """Tell ``writer`` of writes made through :meth:`pinned`: ``written`` holds them as

@@ -305,6 +305,9 @@ class Virtqueue:
         self.error: VirtqueueError | None = None
         #: chains taken by the one-pass walk of their indirect table
         self.fast_walks = 0
+        #: used_event as read right after the last used idx was written, when that was done
+        #: elsewhere (:meth:`served`); None: notify_driver reads it
+        self._used_event_read: int | None = None
         #: the ring indices are to be taken from the used ring in memory when the
         #: device next runs (configured from virtio 1.4 device parts, which carry none)
         self.resync_pending = False
@@ -555,6 +558,7 @@ class Virtqueue:
 
     def _pushed(self, start: int, idx: int) -> None:
         """The used idx went from ``start`` to ``idx`` (chains returned)."""
+        self._used_event_read = None
         self.used_idx = idx
         self.pending_notify = True
         # If the used idx ran so far past the last signalled value that u16
@@ -579,15 +583,22 @@ class Virtqueue:
                 -1 if cache is None else cache, self.used_idx, self.event_idx, self.notifications,
                 self.indirect_desc)  # fmt: skip
 
-    def served(self, taken: int, last_avail_idx: int, avail_cache: int, used_idx: int) -> None:
+    def served(self, taken: int, last_avail_idx: int, avail_cache: int, used_idx: int,
+               used_event: int = -1) -> None:
         """``taken`` chains were taken and returned elsewhere (see :meth:`fast_state`): the
-        indices it left, ``avail_cache`` -1 for unknown."""
-        if not (0 <= last_avail_idx <= U16 and -1 <= avail_cache <= U16 and 0 <= used_idx <= U16):
-            raise FieldValueError(self.name, "served indices", (last_avail_idx, avail_cache, used_idx), "u16s")
+        indices it left, ``avail_cache`` -1 for unknown; ``used_event``, the driver's, read after
+        the last used idx written (-1: not read), serves the next :meth:`notify_driver` unless
+        another chain is returned first."""
+        if not (0 <= last_avail_idx <= U16 and -1 <= avail_cache <= U16 and 0 <= used_idx <= U16
+                and -1 <= used_event <= U16):  # fmt: skip
+            raise FieldValueError(self.name, "served indices", (last_avail_idx, avail_cache, used_idx, used_event),
+                                  "u16s")
         self._last_avail_idx = last_avail_idx
         self._avail_cache = None if avail_cache < 0 else avail_cache
         if taken:
             self._pushed(self.used_idx, used_idx)
+            if used_event >= 0:
+                self._used_event_read = used_event
 
     def with_journal(self, run: Callable[[tuple | None], tuple[R, int]]) -> R:
         """``run(journal)``'s result, for code serving chains itself: ``journal`` is ``None``
@@ -625,10 +636,12 @@ class Virtqueue:
         self.pending_notify = False
         new = self.used_idx
         old = self.signalled_used
+        seen, self._used_event_read = self._used_event_read, None
         try:
             if self.event_idx:
                 self.signalled_used = new
-                if old is not None and not need_event(self.used_event(port), new, old):
+                event = self.used_event(port) if seen is None else seen
+                if old is not None and not need_event(event, new, old):
                     return False
             else:
                 self.signalled_used = new
