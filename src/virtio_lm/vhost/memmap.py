@@ -141,17 +141,18 @@ class _Pinned:
     """:meth:`GuestMemoryMap.pinned`'s context: the map's lock held, its regions handed out (a
     class, not a generator: it runs once per notification on the vhost-user data path)."""
 
-    __slots__ = ("_map",)
+    __slots__ = ("lock", "regions")
 
-    def __init__(self, gmap: GuestMemoryMap) -> None:
-        self._map = gmap
+    def __init__(self, lock: threading.RLock) -> None:
+        self.lock = lock
+        self.regions: tuple[tuple[int, np.ndarray], ...] = ()  # (gpa, writable bytes) per region
 
     def __enter__(self) -> tuple[tuple[int, np.ndarray], ...]:
-        self._map.lock.acquire()
-        return self._map._pinned
+        self.lock.acquire()
+        return self.regions
 
     def __exit__(self, *exc: object) -> None:
-        self._map.lock.release()
+        self.lock.release()
 
 
 class GuestMemoryMap:
@@ -169,8 +170,7 @@ class GuestMemoryMap:
         self._starts: list[int] = []
         # per region, what an access inside it needs: (gpa end, its map, map offset of gpa 0)
         self._spans: list[tuple[int, mmap.mmap, int]] = []
-        self._pinned: tuple[tuple[int, np.ndarray], ...] = ()  # (gpa, writable bytes) per region
-        self._pin = _Pinned(self)
+        self._pin = _Pinned(self.lock)
         self._atomic = threading.Lock()
 
     # ------------------------------------------------------------------ table
@@ -183,7 +183,7 @@ class GuestMemoryMap:
         self._regions.sort(key=lambda r: r.gpa)
         self._starts = [r.gpa for r in self._regions]
         self._spans = [(r.gpa_end, r.mm, r.delta - r.gpa) for r in self._regions]
-        self._pinned = tuple((r.gpa, r.view) for r in self._regions)
+        self._pin.regions = tuple((r.gpa, r.view) for r in self._regions)
 
     def pinned(self) -> _Pinned:
         """The regions as ``(gpa, writable bytes)`` pairs while the context lasts, for code that
