@@ -65,12 +65,13 @@ def image_bytes() -> bytes:
 class Rig:
     """One back-end with its guest, image, log and (optionally) inflight region."""
 
-    def __init__(self, path: Path, content: bytes, *, fast: bool, features: int, inflight: bool) -> None:
+    def __init__(self, path: Path, content: bytes, *, fast: bool, features: int, inflight: bool,
+                 read_only: bool = False) -> None:
         path.write_bytes(content)
         self.path = path
         self.guest = Memory(2 * MIB, name="guest", backing="memfd")
         self.log = Memory(4096, name="log", backing="memfd")
-        dev = BlkDevice(path, queue_max_size=256)
+        dev = BlkDevice(path, queue_max_size=256, read_only=read_only)
         dev.direct_dma = True
         dev.fast_path = fast
         dev.inline_max = 1 << 30  # every request on the kick's path: completions in avail order on both
@@ -444,6 +445,25 @@ def test_a_forked_child_serves_threaded_batches_with_its_own_pool(tmp_path, imag
             pytest.fail("the forked child did not finish its batch in 60 s")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_read_only_image_refuses_writes_on_the_python_path_and_serves_reads_in_c(tmp_path, image_bytes) -> None:
+    p = Planter()
+    for i, r in enumerate([Req(BlkReqType.IN, 8, 4096), Req(BlkReqType.OUT, 16, 4096), Req(BlkReqType.IN, 24, 4096)]):
+        p.add(r, i)
+    feats = FEATURES["event-idx+indirect"] | bit(BlkFeature.RO)
+    fast = Rig(tmp_path / "fast.img", image_bytes, fast=True, features=feats, inflight=True, read_only=True)
+    slow = Rig(tmp_path / "python.img", image_bytes, fast=False, features=feats, inflight=True, read_only=True)
+    try:
+        for rig in (fast, slow):
+            rig.plant(p.publish())
+            rig.run()
+        a, b, served = fast.state(), slow.state(), fast.dev.fast_served
+    finally:
+        fast.close()
+        slow.close()
+    assert differences(a, b) == []
+    assert served == 2 and a["counters"][0][BlkStatus.IOERR] == 1 and a["image"] == image_bytes
 
 
 # ============================================================================ I/O errors
