@@ -289,24 +289,6 @@ static uint64_t gpa_at(const seg_t *s, int n, uint64_t off, uint8_t **host)
     return 0;
 }
 
-static void note_iov(log_t *lg, const seg_t *s, int n, uint64_t start, uint64_t len)
-{
-    uint64_t pos = 0;
-    for (int i = 0; i < n && len; i++) {
-        uint64_t end = pos + s[i].len;
-        if (end > start) {
-            uint64_t off = start > pos ? start - pos : 0;
-            uint64_t take = s[i].len - off;
-            if (take > len)
-                take = len;
-            note(lg, s[i].addr + off, take);
-            len -= take;
-            start += take;
-        }
-        pos = end;
-    }
-}
-
 /* All of iov moved, or -1 (an error, or the file ended). */
 static int io_all(int fd, struct iovec *iov, int n, uint64_t offset, int write)
 {
@@ -628,7 +610,6 @@ static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
                 t->writes++;
                 t->bytes_written += o->n;
             } else {
-                note_iov(lg, w, o->nseg, 0, o->n);
                 t->reads++;
                 t->bytes_read += o->n;
             }
@@ -636,11 +617,12 @@ static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
         } else {
             status = ST_IOERR;
             t->ioerr++;
-            for (int s = 0; s < o->nseg; s++) { /* the whole writable part: zeros, then the status */
+            for (int s = 0; s < o->nseg; s++) /* the whole writable part: zeros, then the status */
                 memset(w[s].host, 0, w[s].len);
-                note(lg, w[s].addr, w[s].len - (s == o->nseg - 1));
-            }
         }
+        if (!o->out || o->rc != 0) /* written: an IN's data (all writable bytes but the status), or zeros */
+            for (int s = 0; s < o->nseg; s++)
+                note(lg, w[s].addr, w[s].len - (s == o->nseg - 1));
         uint8_t *sp;
         uint64_t sa = gpa_at(w, o->nseg, o->wlen - 1, &sp);
         *sp = status;
