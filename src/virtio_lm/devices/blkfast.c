@@ -680,7 +680,8 @@ PyDoc_STRVAR(run_doc,
 "run(regions, queue, device, journal) -> (stop, taken, last_avail, avail_cache, used_idx, counter,\n"
 "    reads, bytes_read, writes, bytes_written, ok, ioerr, written_bytes, written, used_event)\n\n"
 "regions: ((gpa, writable buffer), ...)\n"
-"queue: (size, desc, avail, used, last_avail, avail_cache or -1, used_idx, event_idx, notifications, indirect_ok)\n"
+"queue: (size (a power of two <= 32768), desc (16-aligned), avail (2-aligned), used (4-aligned), last_avail,\n"
+"    avail_cache or -1, used_idx, event_idx, notifications, indirect_ok)\n"
 "device: (fd, capacity, blk_size, seg_max or 0, size_max or 0, max_transfer, read_only, flush)\n"
 "journal: None or (header buffer, desc buffer, counter, last_batch_head offset, used_idx offset,\n"
 "    desc stride, inflight offset, next offset, counter offset)\n"
@@ -703,7 +704,7 @@ static PyObject *run(PyObject *Py_UNUSED(self), PyObject *args)
         return NULL;
     if (size == 0 || size > 32768 || (size & (size - 1)) || last_avail > 0xFFFF || used_idx > 0xFFFF ||
         avail_cache < -1 || avail_cache > 0xFFFF || blk_size < 512 || (blk_size & (blk_size - 1)) ||
-        max_transfer > U32_MAX_) {
+        max_transfer > U32_MAX_ || desc % 16 || avail % 2 || used % 4) {
         PyErr_SetString(PyExc_ValueError, "blkfast.run: queue or device parameters out of range");
         return NULL;
     }
@@ -733,6 +734,10 @@ static PyObject *run(PyObject *Py_UNUSED(self), PyObject *args)
         PyObject *item = PyTuple_GET_ITEM(regions, i);
         unsigned long long gpa;
         PyObject *buf;
+        if (!PyTuple_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "blkfast.run: a region is a (gpa, buffer) tuple");
+            goto fail;
+        }
         if (!PyArg_ParseTuple(item, "KO;a region is (gpa, buffer)", &gpa, &buf))
             goto fail;
         if (PyObject_GetBuffer(buf, &views[nviews], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
