@@ -444,13 +444,16 @@ class QueueDevice(VirtioDevice):
         vq = fn.queues[queue]
         port = fn.port  # its bus_master is what `mastering` reads
         start = self._start
-        fast = self.fast_batch
+        fast: Callable[[int], int | None] | None = self.fast_batch
         while port.bus_master and not self.stopping:
-            stop = fast(queue)
-            if stop == FAST_EMPTY:
-                break
-            if stop == FAST_MORE:
-                continue
+            if fast is not None:
+                stop = fast(queue)
+                if stop is None:
+                    fast = None  # none now: not asked again for this notification's chains
+                elif stop == FAST_EMPTY:
+                    break
+                elif stop == FAST_MORE:
+                    continue
             chain = vq.pop(port)  # no fast path, or the next chain is not one it serves
             if chain is None:
                 break
