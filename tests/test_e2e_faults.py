@@ -511,10 +511,19 @@ def test_negative_control_a_torn_block_is_found() -> None:
 def test_an_overrun_is_reported_in_query_migrate_and_the_migration_event(setup: Setup) -> None:
     """downtime-limit 1 ms: no switch-over meets it.  The migration still completes (the host's
     scratch calibration alone does not refuse it) and says by how much and where it overran."""
-    _, dst = setup.destination()
-    setup.src.pull_events()
-    setup.src.events.clear()
-    info = migrate(setup.src, dst, {"downtime-limit": 1})
+    for _attempt in range(3):
+        _, dst = setup.destination()
+        setup.src.pull_events()
+        setup.src.events.clear()
+        info = migrate(setup.src, dst, {"downtime-limit": 1})
+        if info["status"] == "completed" or "not converging after" not in str(info.get("error-desc")):
+            break
+        # The policy gave up instead (max-rounds): the blk VF runs flat out, and its DMA -- which no
+        # vCPU throttle slows -- left 20-26 pages pending in every one of 100 rounds, more than
+        # the bandwidth measured on such small rounds sends in what 1 ms leaves after the fixed
+        # cost.  It did so in 2 to 3 runs of 10 on a quiet machine (at 81a5e34 too).  A give-up
+        # leaves the source running; the overrun report is this test's subject, so try again.
+        assert info["vm-status"] == "running", info
     assert info["status"] == "completed", (info.get("error-desc"), info)
     downtime = sum(info["downtime-phases"].values())
     assert info["downtime-limit"] == 1
