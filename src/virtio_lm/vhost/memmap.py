@@ -43,7 +43,7 @@ import numpy as np
 
 from virtio_lm.errors import MemoryAccessError, VhostLogError, VhostMemoryError
 from virtio_lm.memory.dirty import PAGE_SHIFT, PAGE_SIZE
-from virtio_lm.memory.region import Writer, read_file_into, write_file_from
+from virtio_lm.memory.region import Writer, mark_pieces, read_file_into, write_file_from
 from virtio_lm.wire.vhost_user import MemRegion
 
 __all__ = ["GuestMemoryMap", "LogMap", "MappedRegion", "check_regions"]
@@ -203,15 +203,7 @@ class GuestMemoryMap:
                 writer.written(gpa >> PAGE_SHIFT, (gpa + size - 1) >> PAGE_SHIFT, 0)
             writer.written_bytes(nbytes)
             return
-        if not writer.sinks():
-            writer.written_bytes(nbytes)
-            return
-        pairs = np.frombuffer(written, dtype="<u8").reshape(-1, 2)
-        first = (pairs[:, 0] >> PAGE_SHIFT).tolist()
-        last = ((pairs[:, 0] + pairs[:, 1] - 1) >> PAGE_SHIFT).tolist()
-        mark = writer.written
-        for a, b, n in zip(first, last, pairs[:, 1].tolist()):
-            mark(a, b, n)
+        mark_pieces(writer, np.frombuffer(written, dtype="<u8").reshape(-1, 2).tolist(), nbytes)
 
     def _map(self, r: MemRegion, fd: int) -> MappedRegion:
         mm, delta = _map_fd(fd, r.mmap_offset, r.memory_size, f"region gpa {r.guest_phys_addr:#x}", VhostMemoryError)
