@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
+import numpy as np
+
 from virtio_lm.errors import BlkIOError, CommandTimeoutError, DriverError, GuestStateError
 from virtio_lm.memory import MemoryPort
 from virtio_lm.pci.transport import PciDriverTransport, RegisterInterface
@@ -52,6 +54,7 @@ from virtio_lm.wire.blk import (
     BlkFeature,
     BlkOutHdr,
     BlkReqType,
+    REQ_BLOCK_DTYPE,
     BlkStatus,
     DiscardSegment,
     SegmentFlags,
@@ -60,7 +63,7 @@ from virtio_lm.wire.blk import (
 )
 from virtio_lm.wire.features import Feature, bit
 
-__all__ = ["BlkCompletion", "BlkDriver", "BlkDriverState", "BlkRequest", "DEFAULT_FEATURES"]
+__all__ = ["BlkCompletion", "BlkDriver", "BlkDriverState", "BlkRequest", "DEFAULT_FEATURES", "FixedRequests"]
 
 DEFAULT_FEATURES = (
     bit(Feature.VERSION_1)
@@ -165,6 +168,7 @@ class BlkDriver:
         self._parked: list[BlkCompletion] = []
         self._next_token = 1
         self._rr = 0
+        self._lent: set[int] = set()  # queues a FixedRequests owns for now
         self._irq = threading.Event()
         self.interrupts = 0
         if attach_interrupts and hasattr(fn, "on_interrupt"):
@@ -244,10 +248,18 @@ class BlkDriver:
     # ================================================================== placing requests
     def _pick_queue(self, queue: int | None) -> int:
         if queue is None:
-            queue = self._rr % len(self.queues)
+            if self._lent:
+                free = [q for q in self.queues if q not in self._lent]
+                if not free:
+                    raise DriverError("every queue is lent to fixed requests")
+                queue = free[self._rr % len(free)]
+            else:
+                queue = self._rr % len(self.queues)
             self._rr += 1
         if queue not in self.queues:
             raise DriverError(f"queue {queue} is not set up (queues {sorted(self.queues)})")
+        if queue in self._lent:
+            raise DriverError(f"queue {queue} is lent to fixed requests")
         return queue
 
     def _split(self, length: int, pieces: Sequence[int] | None) -> list[int]:
@@ -391,6 +403,23 @@ class BlkDriver:
         for q in [queue] if queue is not None else list(self.queues):
             self.transport.kick(q)
 
+    def lend_queue(self, queue: int) -> DriverQueue:
+        """Hand queue ``queue`` to another owner (:class:`FixedRequests`) until
+        :meth:`return_queue`: meanwhile the driver places nothing on it, :meth:`reap` leaves it
+        alone and :meth:`save` is refused.  Refused (DriverError) for a queue not set up, lent
+        already, or with requests of the driver's own in flight."""
+        if queue not in self.queues or queue in self._lent:
+            raise DriverError(f"queue {queue} is not set up or is already lent")
+        dq = self.queues[queue]
+        if dq.in_flight():
+            raise DriverError(f"queue {queue} has {dq.in_flight()} chains of the driver's own in flight")
+        self._lent.add(queue)
+        return dq
+
+    def return_queue(self, queue: int) -> None:
+        """End :meth:`lend_queue` (the borrower has nothing in flight on it)."""
+        self._lent.discard(queue)
+
     # typed conveniences ----------------------------------------------------------
     def submit_read(self, sector: int, nsectors: int, **kw: Any) -> int:
         return self.submit(BlkReqType.IN, sector, read_len=nsectors << SECTOR_SHIFT, **kw)
@@ -441,7 +470,9 @@ class BlkDriver:
             out, self._parked = self._parked, []
         else:
             out, self._parked = self._parked[:limit], self._parked[limit:]
-        for dq in self.queues.values():
+        for q, dq in self.queues.items():
+            if q in self._lent:
+                continue  # its FixedRequests reaps it
             while (limit is None or len(out) < limit) and (item := dq.get_used()) is not None:
                 token, used_len = item
                 out.append(self._complete(token, used_len))  # type: ignore[arg-type]
@@ -518,7 +549,10 @@ class BlkDriver:
 
     # ================================================================== migration of the guest
     def save(self) -> BlkDriverState:
-        """The driver's bookkeeping (the rest of its state is guest memory), detached from it."""
+        """The driver's bookkeeping (the rest of its state is guest memory), detached from it.
+        Refused (DriverError) while a queue is lent to :class:`FixedRequests`: close them first."""
+        if self._lent:
+            raise DriverError(f"queues {sorted(self._lent)} are lent to fixed requests: close them before saving")
         return BlkDriverState(
             features=self.features,
             config=self.config,
@@ -660,3 +694,141 @@ class BlkDriver:
         drv._next_token = state.next_token
         drv._rr = state.rr
         return drv
+
+
+class FixedRequests:
+    """``count`` requests of one kind (IN or OUT of ``size`` bytes) on one queue of ``drv``,
+    placed once and reused, as a load generator with fixed buffers places them (fio's
+    ``fixedbufs``): the device-level bench's driver, which must cost the device's own
+    figures little.
+
+    At construction each slot gets a request block (the 16-byte header and the status byte,
+    32 bytes; all slots' blocks side by side in one allocation, :data:`REQ_BLOCK_DTYPE`), a
+    data buffer of ``size`` bytes and a standing chain (:meth:`DriverQueue.add_standing`):
+    header, data (device-readable for OUT, device-writable for IN), status.  The queue is lent
+    to this object until :meth:`close`: the driver's own requests and :meth:`BlkDriver.reap`
+    leave it alone.
+
+    :meth:`submit` writes new sectors (and poisoned status bytes) into idle slots' headers in
+    one array store and posts their chains; :meth:`reap` takes every used entry and checks
+    each status byte and used length in one array read.  All guest-memory writes go through
+    the driver's CPU port, as :meth:`BlkDriver.submit`'s do.
+    """
+
+    def __init__(self, drv: BlkDriver, queue: int, count: int, size: int, op: BlkReqType,
+                 *, fill: bytes | None = None) -> None:
+        op = BlkReqType(op)
+        if op not in (BlkReqType.IN, BlkReqType.OUT):
+            raise DriverError(f"fixed requests are IN or OUT, not {op.name}")
+        if count < 1 or size < SECTOR_SIZE or size % SECTOR_SIZE:
+            raise DriverError(f"{count} requests of {size} bytes: need at least one, of whole sectors")
+        if fill is not None and len(fill) != size:
+            raise DriverError(f"fill of {len(fill)} bytes for buffers of {size}")
+        self.drv, self.queue, self.count, self.size, self.op = drv, queue, count, size, op
+        self._dq = dq = drv.lend_queue(queue)
+        port = drv.port
+        self._blocks = -1
+        self._bufs: int | None = None
+        heads: list[int] = []
+        try:
+            self._blocks = drv.alloc.alloc(count * REQ_BLOCK_DTYPE.itemsize, 4096)
+            self._bufs = drv.alloc.alloc(count * size, 4096)
+            with port.modify(self._blocks, count * REQ_BLOCK_DTYPE.itemsize) as raw:
+                blocks = raw.view(REQ_BLOCK_DTYPE)
+                blocks["type"] = int(op)
+                blocks["ioprio"] = 0
+                blocks["sector"] = 0
+                blocks["status"] = _POISON
+            if fill is not None:
+                port.write(self._bufs, fill * count)
+            indirect = drv.has(Feature.INDIRECT_DESC)
+            for i in range(count):
+                blk, buf = self._blocks + i * REQ_BLOCK_DTYPE.itemsize, self._bufs + i * size
+                data = [Segment(buf, size)]
+                status = [Segment(blk + STATUS_OFFSET, 1)]
+                readable = [Segment(blk, OUTHDR_SIZE)] + (data if op is BlkReqType.OUT else [])
+                writable = (data if op is BlkReqType.IN else []) + status
+                heads.append(dq.add_standing(readable, writable, indirect=indirect, token=i))
+        except BaseException:
+            for h in heads:
+                dq.release_standing(h)
+            if self._blocks >= 0:
+                drv.alloc.free(self._blocks)
+            if self._bufs is not None:
+                drv.alloc.free(self._bufs)
+            drv.return_queue(queue)
+            raise
+        self._heads = np.asarray(heads, dtype=np.int64)
+        self._idle: list[int] = list(range(count))
+        self.completed = 0
+        self.failed = 0
+        self._closed = False
+
+    def idle(self) -> int:
+        """Slots with no request in flight."""
+        return len(self._idle)
+
+    def buffer(self, slot: int) -> int:
+        """The guest address of slot ``slot``'s data buffer."""
+        if not 0 <= slot < self.count:
+            raise DriverError(f"slot {slot} outside 0..{self.count - 1}")
+        assert self._bufs is not None
+        return self._bufs + slot * self.size
+
+    def submit(self, sectors: Sequence[int], *, kick: bool = True) -> list[int]:
+        """Start requests at ``sectors`` in idle slots (as many as are idle, in order); returns
+        the slots used, in the order of ``sectors``."""
+        if self._closed:
+            raise DriverError("fixed requests are closed")
+        n = min(len(sectors), len(self._idle))
+        if not n:
+            return []
+        slots = self._idle[:n]
+        del self._idle[:n]
+        try:
+            with self.drv.port.modify(self._blocks, self.count * REQ_BLOCK_DTYPE.itemsize) as raw:
+                blocks = raw.view(REQ_BLOCK_DTYPE)
+                blocks["sector"][slots] = sectors[:n]
+                blocks["status"][slots] = _POISON
+            self._dq.post(self._heads[slots].tolist())
+        except BaseException:
+            self._idle[:0] = slots
+            raise
+        if kick:
+            self.drv.transport.kick(self.queue)
+        return slots
+
+    def reap(self) -> list[int]:
+        """Take every completed request: the slots that completed, now idle, in the order the device
+        returned them.  A status byte other than OK, or a used length other than the bytes the device
+        writes (IN: the data and the status; OUT: the status), counts in :attr:`failed`."""
+        done = self._dq.take_used()
+        if not done:
+            return []
+        slots = [t for t, _ in done]  # type: ignore[misc]
+        lens = np.fromiter((n for _, n in done), dtype=np.int64, count=len(done))
+        raw = self.drv.port.read(self._blocks, self.count * REQ_BLOCK_DTYPE.itemsize)
+        status = np.frombuffer(raw, dtype=REQ_BLOCK_DTYPE)["status"][slots]
+        want = self.size + 1 if self.op is BlkReqType.IN else 1
+        bad = int(np.count_nonzero((status != BlkStatus.OK) | (lens != want)))
+        self.failed += bad
+        self.completed += len(slots) - bad
+        self._idle.extend(slots)  # type: ignore[arg-type]
+        return slots  # type: ignore[return-value]
+
+    def in_flight(self) -> int:
+        return self.count - len(self._idle)
+
+    def close(self) -> None:
+        """Give the queue back and free the slots; refused (DriverError) while requests are in flight."""
+        if self._closed:
+            return
+        if self.in_flight():
+            raise DriverError(f"{self.in_flight()} fixed requests are in flight")
+        for h in self._heads.tolist():
+            self._dq.release_standing(h)
+        self.drv.alloc.free(self._blocks)
+        assert self._bufs is not None
+        self.drv.alloc.free(self._bufs)
+        self.drv.return_queue(self.queue)
+        self._closed = True

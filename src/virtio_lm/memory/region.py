@@ -497,13 +497,24 @@ class Memory:
         return self._ro[page << PAGE_SHIFT : (page + 1) << PAGE_SHIFT]
 
     # ------------------------------------------------------------------ ports
-    def pinned(self) -> contextlib.AbstractContextManager[None]:
-        """Not offered (``None``; :meth:`MemoryPort.pinned`): reads of this memory pass the
-        read barriers above, which code moving the bytes itself would skip."""
-        return contextlib.nullcontext(None)
+    def pinned(self) -> contextlib.AbstractContextManager[tuple[tuple[int, np.ndarray], ...] | None]:
+        """The whole memory as one region, ``((0, writable bytes),)``, for code that moves the
+        bytes itself and then calls :meth:`tell_written` -- or ``None`` while a read barrier is
+        registered: reads must pass it, and code moving the bytes itself would not.  The region
+        is a numpy view: while it lives the mapping cannot be closed under it."""
+        if self._barriers:
+            return contextlib.nullcontext(None)
+        return contextlib.nullcontext(((0, self._rw),))
 
     def tell_written(self, writer: Writer, written: bytes | None, nbytes: int) -> None:
-        raise TypeError("Memory offers no pinned regions, so nothing was written through them")
+        """Tell ``writer`` of writes made through :meth:`pinned`: ``written`` holds them as
+        little-endian u64 ``(addr, len)`` pairs, ``nbytes`` their total.  ``None`` (the list was
+        lost): every page counts as written."""
+        if written is None:
+            writer.written(0, self.num_pages - 1, 0)
+            writer.written_bytes(nbytes)
+            return
+        mark_pieces(writer, np.frombuffer(written, dtype="<u8").reshape(-1, 2).tolist(), nbytes)
 
     def device_port(self, name: str) -> "MemoryPort":
         """A port for one device's DMA; its writer's ``tracker`` starts unset."""

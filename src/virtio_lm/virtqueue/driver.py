@@ -29,6 +29,8 @@ import copy
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
 
+import numpy as np
+
 from virtio_lm.errors import (
     AllocationError,
     DriverError,
@@ -42,10 +44,12 @@ from virtio_lm.virtqueue.device import Segment
 from virtio_lm.wire.codec import read_u16, u16
 from virtio_lm.wire.ring import (
     AVAIL_ALIGN,
+    AVAIL_ENTRY_DTYPE,
     DESC_ALIGN,
     DESC_SIZE,
     MAX_QUEUE_SIZE,
     USED_ALIGN,
+    USED_ELEM_DTYPE,
     AvailFlags,
     DescFlags,
     UsedFlags,
@@ -269,6 +273,8 @@ class DriverQueue:
         self._kick_old = 0  # avail idx at the last kick_needed()
         self.last_used_idx = 0
         self.interrupts = True
+        self._standing: dict[int, ChainState] = {}  # standing chains not posted, by head
+        self._standing_heads: set[int] = set()  # every standing chain's head, posted or not
 
     @classmethod
     def allocate(cls, port: MemoryPort, alloc: Allocator, size: int, *, event_idx: bool = False) -> "DriverQueue":
@@ -301,6 +307,10 @@ class DriverQueue:
         return iter(self._inflight.values())
 
     def save(self) -> DriverQueueState:
+        """The bookkeeping; refused (DriverError) while standing chains exist (:meth:`add_standing`:
+        they are a bench driver's, and the state has no place for them -- release them first)."""
+        if self._standing_heads:
+            raise DriverError(f"{len(self._standing_heads)} standing chains: release them before saving the queue")
         return DriverQueueState(
             self.size, self.desc_addr, self.avail_addr, self.used_addr, self.event_idx, tuple(self._free),
             tuple(self._inflight.values()), self.avail_idx, self._pending, self._kick_old, self.last_used_idx,
@@ -407,6 +417,8 @@ class DriverQueue:
         dq._kick_old = st.kick_old
         dq.last_used_idx = st.last_used_idx
         dq.interrupts = st.interrupts
+        dq._standing = {}
+        dq._standing_heads = set()
         return dq
 
     @staticmethod
@@ -436,6 +448,8 @@ class DriverQueue:
         new.alloc = alloc
         new._free = list(self._free)
         new._inflight = dict(self._inflight)
+        new._standing = dict(self._standing)
+        new._standing_heads = set(self._standing_heads)
         return new
 
     def in_flight(self) -> int:
@@ -449,12 +463,14 @@ class DriverQueue:
         *,
         indirect: bool = False,
         token: object = None,
+        standing: bool = False,
     ) -> int:
-        """Place a chain (readable segments first) on the avail ring, unpublished; return its head."""
+        """Place a chain (readable segments first) on the avail ring, unpublished; return its head
+        (``standing``: see :meth:`add_standing`)."""
         n = len(readable) + len(writable)
         if n == 0:
             raise DriverError("a chain needs at least one segment")
-        if self._pending >= self.size:
+        if self._pending >= self.size and not standing:
             raise QueueFullError(f"{self._pending} chains added and not published (queue size {self.size})")
         segs = [(s, 0) for s in readable] + [(s, int(DescFlags.WRITE)) for s in writable]
         port = self.port
@@ -490,11 +506,101 @@ class DriverQueue:
                     VirtqDesc(s.addr, s.len, DescFlags(flags), 0 if last else descs[i + 1]).encode(),
                 )
             head = descs[0]
-        self._inflight[head] = ChainState(head, tuple(descs), table, token)
+        chain = ChainState(head, tuple(descs), table, token)
+        if standing:
+            self._standing[head] = chain
+            self._standing_heads.add(head)
+            return head
+        self._inflight[head] = chain
         slot = (self.avail_idx + self._pending) % self.size
         port.write(self.avail_addr + avail_entry_offset(slot), u16(head))
         self._pending += 1
         return head
+
+    # ------------------------------------------------------------------ standing chains
+    def add_standing(self, readable: Sequence[Segment], writable: Sequence[Segment], *, indirect: bool = False,
+                     token: object = None) -> int:
+        """Write a chain's descriptors once and keep them: the chain is not placed on the avail
+        ring, and after each use it stands again instead of its descriptors being freed.  Post it
+        (again) with :meth:`post`; :meth:`release_standing` frees it.  A load generator reusing
+        its requests' buffers (fio's fixed buffers) places each request this way: a new request
+        is a new header in the same buffers and one avail entry."""
+        return self.add(readable, writable, indirect=indirect, token=token, standing=True)
+
+    def post(self, heads: Sequence[int]) -> None:
+        """Place standing chains on the avail ring, unpublished, in one write per contiguous run
+        of ring slots (:meth:`publish` makes them visible).  Every head must be standing and not
+        posted (DriverError), and fit in the ring (QueueFullError); nothing is placed otherwise."""
+        n = len(heads)
+        if self._pending + n > self.size:
+            raise QueueFullError(f"{self._pending} chains added, {n} more to post (queue size {self.size})")
+        standing = self._standing
+        for h in heads:
+            if h not in standing:
+                posted = h in self._standing_heads
+                raise DriverError(f"head {h} is {'already posted' if posted else 'not a standing chain'}")
+        if len(set(heads)) != n:
+            raise DriverError("the same head twice in one post")
+        for h in heads:
+            self._inflight[h] = standing.pop(h)
+        entries = np.asarray(heads, dtype=AVAIL_ENTRY_DTYPE)
+        start = (self.avail_idx + self._pending) % self.size
+        first = min(n, self.size - start)
+        port = self.port
+        if first:
+            port.write(self.avail_addr + avail_entry_offset(start), entries[:first].tobytes())
+        if n > first:
+            port.write(self.avail_addr + avail_entry_offset(0), entries[first:].tobytes())
+        self._pending += n
+
+    def release_standing(self, head: int) -> None:
+        """Free a standing chain that is not posted: its descriptors (and indirect table) go back."""
+        chain = self._standing.pop(head, None)
+        if chain is None:
+            raise DriverError(f"head {head} is not a standing chain waiting to be posted")
+        self._standing_heads.discard(head)
+        self._free.extend(reversed(chain.descs))
+        if chain.table is not None and self.alloc is not None:
+            self.alloc.free(chain.table)
+
+    def take_used(self) -> list[tuple[object, int]]:
+        """``(token, written length)`` of every used entry there now, in ring order: the run of
+        the used ring read at once (two reads where it wraps).  A standing chain stands again;
+        another's descriptors are freed as :meth:`get_used` frees them.  The checks are
+        :meth:`get_used`'s; an entry that fails them raises after the entries before it are taken."""
+        used = self.used_idx()
+        last = self.last_used_idx
+        ahead = (used - last) & U16
+        if not ahead:
+            return []
+        if ahead > self.size:
+            raise UsedRingError(f"used idx {used} is {ahead} ahead of {last} (queue size {self.size})")
+        start = last % self.size
+        first = min(ahead, self.size - start)
+        raw = self.port.read(self.used_addr + used_elem_offset(start), first * USED_ELEM_DTYPE.itemsize)
+        if ahead > first:
+            raw += self.port.read(self.used_addr + used_elem_offset(0), (ahead - first) * USED_ELEM_DTYPE.itemsize)
+        elems = np.frombuffer(raw, dtype=USED_ELEM_DTYPE)
+        out: list[tuple[object, int]] = []
+        inflight, standing, standing_heads = self._inflight, self._standing, self._standing_heads
+        try:
+            for head, length in zip(elems["id"].tolist(), elems["len"].tolist()):
+                entry = inflight.pop(head, None)
+                if entry is None:
+                    raise UsedRingError(f"used entry {(last + len(out)) & U16} names head {head}, which is not in flight")
+                if head in standing_heads:
+                    standing[head] = entry
+                else:
+                    self._free.extend(reversed(entry.descs))
+                    if entry.table is not None and self.alloc is not None:
+                        self.alloc.free(entry.table)
+                out.append((entry.token, length))
+        finally:
+            if out:
+                self.last_used_idx = (last + len(out)) & U16
+                if self.event_idx and self.interrupts:
+                    self.port.write(self.avail_addr + used_event_offset(self.size), u16(self.last_used_idx))
+        return out
 
     def publish(self) -> None:
         """Make the added chains visible: write the avail idx (after the ring entries)."""
@@ -535,9 +641,12 @@ class DriverQueue:
         entry = self._inflight.pop(elem.id, None)
         if entry is None:
             raise UsedRingError(f"used entry {last} names head {elem.id}, which is not in flight")
-        self._free.extend(reversed(entry.descs))
-        if entry.table is not None and self.alloc is not None:
-            self.alloc.free(entry.table)
+        if elem.id in self._standing_heads:
+            self._standing[elem.id] = entry
+        else:
+            self._free.extend(reversed(entry.descs))
+            if entry.table is not None and self.alloc is not None:
+                self.alloc.free(entry.table)
         self.last_used_idx = (last + 1) & U16
         if self.event_idx and self.interrupts:
             self.port.write(self.avail_addr + used_event_offset(self.size), u16(self.last_used_idx))

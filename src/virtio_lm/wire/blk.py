@@ -33,6 +33,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numpy as np
+
 from virtio_lm.errors import FieldValueError, ShortBufferError
 from virtio_lm.wire.codec import enum_field, flags_field, layout, reserved
 
@@ -114,6 +116,13 @@ class BlkOutHdr:
 
 
 OUTHDR_SIZE = BlkOutHdr.SIZE  # type: ignore[attr-defined]
+
+#: A request block as a numpy record: the ``virtio_blk_outhdr`` (the device reads it), then the
+#: status byte (the device writes it), padded to 32 bytes -- the layout a driver placing many
+#: requests side by side writes and reads them in one array operation.
+REQ_BLOCK_DTYPE = np.dtype({"names": ["type", "ioprio", "sector", "status"],
+                            "formats": ["<u4", "<u4", "<u8", "u1"],
+                            "offsets": [0, 4, 8, OUTHDR_SIZE], "itemsize": 32})
 
 
 class SegmentFlags(enum.IntFlag):

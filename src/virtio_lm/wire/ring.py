@@ -30,6 +30,8 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from virtio_lm.errors import FieldValueError
 from virtio_lm.wire.codec import flags_field, layout
 
@@ -95,6 +97,12 @@ class VirtqUsedElem:
 
     id: int
     len: int
+
+
+#: ``struct virtq_used_elem`` as a numpy record (a run of the used ring read at once)
+USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
+#: an avail ring entry (a run of heads written at once)
+AVAIL_ENTRY_DTYPE = np.dtype("<u2")
 
 
 @layout("<HH")
