@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_devices_blk_migration import make_host
 
 from virtio_lm.devices.blk import BlkDevice
 from virtio_lm.drivers.blk_driver import BlkDriver, FixedRequests
@@ -13,6 +14,7 @@ from virtio_lm.memory import DirtyLog, Memory
 from virtio_lm.pci import VirtioPciFunction
 from virtio_lm.virtqueue import Allocator, DriverQueue, Segment
 from virtio_lm.wire.blk import BlkReqType
+from virtio_lm.wire.ctrl import TrackMode
 from virtio_lm.wire.codec import read_u16, u16
 from virtio_lm.wire.ring import VirtqUsedElem
 
@@ -343,3 +345,46 @@ def test_tell_written_without_a_list_marks_every_page():
         assert regions is not None and regions[0][0] == 0 and len(regions[0][1]) == mem.size
     port.tell_written(None, 10)
     assert log.collect().all() and port.writer.bytes_written == 10
+
+
+# ====================================================================== the proposal's tracking sees the fast path
+class DirectBlkDevice(BlkDevice):
+    """A blk VF with direct DMA: reads and writes served by the C fast path."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.direct_dma = True
+
+
+def tracked_read_pages(tmp_path, image, mode: TrackMode) -> tuple[np.ndarray, np.ndarray, int]:
+    """(dirty pages the PF reported, pages of the read buffers, chains served in C) after 16
+    reads of 8 KiB by a VF of a real PF, with ``mode`` tracking on."""
+    host = make_host("h", image, DirectBlkDevice)
+    try:
+        drv = BlkDriver(host.vf, host.guest.cpu, Allocator(0x1000, (16 << 20) - 0x1000))
+        fr = FixedRequests(drv, 0, 16, 8192, BlkReqType.IN)
+        host.pfd.start_tracking(1, mode)
+        host.pfd.collect_dirty(1)  # from here on: the reads only
+        run_all(fr, (np.arange(16) * 16).tolist())
+        dirty = host.pfd.collect_dirty(1)
+        bufs = np.zeros_like(dirty)
+        bufs[fr.buffer(0) >> 12 : (fr.buffer(15) + 8192) >> 12] = True
+        served = host.dev.fast_served
+        host.pfd.stop_tracking(1)
+        fr.close()
+        return dirty, bufs, served
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("mode", list(TrackMode), ids=lambda m: m.name)
+def test_the_pfs_dirty_tracking_sees_every_page_the_fast_path_writes(tmp_path, image, mode):
+    dirty, bufs, served = tracked_read_pages(tmp_path, image, mode)
+    assert served == 16
+    assert dirty[bufs].all()
+
+
+def test_negative_control_tracking_misses_the_pages_when_the_fast_path_tells_nothing(tmp_path, image, monkeypatch):
+    monkeypatch.setattr(Memory, "tell_written", lambda self, writer, written, nbytes: None)
+    dirty, bufs, served = tracked_read_pages(tmp_path, image, TrackMode.PULL_BITMAP)
+    assert served == 16 and not dirty[bufs].any()
