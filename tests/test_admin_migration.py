@@ -208,16 +208,19 @@ def _blk(src: Side, dst: Side, image, copy_platform_dirty: bool) -> list[str]:
     return problems
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_blk_round_trip_with_requests_in_flight_loses_nothing(tmp_path):
     assert blk_round_trip(tmp_path) == []
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_negative_control_a_stop_that_keeps_requests_is_caught(tmp_path):
     problems = blk_round_trip(tmp_path, StopForgetsBlkDevice)
     assert any("STOPPED with" in p for p in problems), problems
     assert any("wrote the image" in p for p in problems), problems  # it executed them after STOPPED
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_negative_control_skipping_the_platform_dirty_pages_is_caught(tmp_path):
     problems = blk_round_trip(tmp_path, copy_platform_dirty=False)
     assert any("wrong data in the guest buffer" in p for p in problems), problems

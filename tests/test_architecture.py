@@ -242,11 +242,13 @@ ALLOWLIST: dict[tuple[str, str], str] = {
 }
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_no_module_reaches_into_another():
     found = [f for f in scan() if (f.path, f.name) not in ALLOWLIST]
     assert not found, "private reach-throughs:\n" + "\n".join(map(str, found))
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_every_allowlist_entry_is_still_present():
     """The allowlist only shrinks: an entry whose reach-through is gone must be deleted."""
     present = {(f.path, f.name) for f in scan()}

@@ -339,6 +339,7 @@ def run_both(tmp: Path, content: bytes, reqs: list[Req], features: int, inflight
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(reqs=st.lists(requests(draw_mutation=True), min_size=1, max_size=8),
        features=st.sampled_from(sorted(FEATURES)), inflight=st.booleans(), seed=st.integers(0, 1000))
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_both_paths_leave_everything_the_same(tmp_path_factory, image_bytes, reqs, features, inflight, seed) -> None:
     tmp = tmp_path_factory.mktemp("d")
     a, b, served = run_both(tmp, image_bytes, reqs, FEATURES[features], inflight, seed)
@@ -498,6 +499,7 @@ FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
 @given(which=st.sampled_from(["read-and-write", "indirect-read", "loop"]),
        flips=st.lists(st.tuples(st.integers(0, 0x3FFF), st.integers(0, 255)), max_size=12),
        head=st.binary(min_size=11, max_size=11))
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_mutated_guest_memory_never_escapes_the_regions(which, flips, head) -> None:
     """The fuzz harness's invariants (fuzz/blk_fast_path.py: no crash, no write outside the
     regions or not reported) on its seeds with bytes changed anywhere in the rings, descriptors,

@@ -405,6 +405,7 @@ def _migrate(src: Host, dst: Host, image, copy_device_dirty: bool) -> Result:
 
 
 # ============================================================================ tests
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_migration_with_requests_in_flight(tmp_path):
     res = migrate(tmp_path)
     assert res.problems == []
@@ -413,6 +414,7 @@ def test_migration_with_requests_in_flight(tmp_path):
     assert res.kinds["RUNNING"] == 0
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_negative_forgetful_save_is_caught(tmp_path):
     res = migrate(tmp_path, ForgetfulBlkDevice)
     assert res.restore_error is None  # the lie passes validation ...
@@ -424,12 +426,14 @@ def test_negative_dropped_inflight_records_refused(tmp_path):
     assert res.restore_error is not None
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_negative_no_flush_at_freeze_is_caught(tmp_path):
     res = migrate(tmp_path, NoFlushBlkDevice)
     assert res.unsynced_at_freeze > 0
     assert any("not stable" in p for p in res.problems)
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_negative_without_device_dirty_pages_reads_are_wrong(tmp_path):
     res = migrate(tmp_path, copy_device_dirty=False)
     assert any("wrong data in the guest buffer" in p for p in res.problems), res.problems

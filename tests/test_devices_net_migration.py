@@ -163,6 +163,7 @@ def run_migration_with_traffic(p: Pair, tamper: Callable[[bytes], bytes] | None 
     return 60, held
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_migration_with_tx_and_rx_traffic_reconciles(pair: Pair) -> None:
     sent_tx, held = run_migration_with_traffic(pair)
     assert held == {"done": 10, "pending": 30}  # deterministic: credits decided it
@@ -189,6 +190,7 @@ def test_migration_with_tx_and_rx_traffic_reconciles(pair: Pair) -> None:
     assert pair.dst.dev.in_flight == 0 and not pair.dst.fn.needs_reset
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_negative_control_resending_held_tx_is_caught(pair: Pair) -> None:
     """A broken save that marks held (sent) TX as not executed makes them go out twice."""
 
@@ -339,6 +341,7 @@ BAD_IMAGES: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 @pytest.mark.parametrize("name", sorted(BAD_IMAGES))
 def test_bad_device_records_refused_without_change(pair: Pair, name: str) -> None:
     good = frozen_image(pair)

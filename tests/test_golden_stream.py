@@ -46,6 +46,7 @@ def _restore(tmp_path: Path, stream: Path, disk: Path, meta: dict) -> tuple[Host
     return host, info
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_the_golden_stream_restores_and_verifies(tmp_path: Path) -> None:
     stream, disk, meta = _unpack(tmp_path)
     summary = analyze_file(stream)

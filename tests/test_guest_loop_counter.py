@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 LOOP = Path(__file__).resolve().parent / "qemu" / "loop.sh"
 
 
@@ -50,6 +52,7 @@ def empty_reads(line: str, path: Path, *, seconds: float = 2.0, until_bad: bool 
         writer.wait()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_the_count_is_never_read_half_written(tmp_path):
     reads, bad = empty_reads(the_loops_line(), tmp_path / "iter")
     assert reads > 100 and bad == 0, (reads, bad)

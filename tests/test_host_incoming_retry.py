@@ -60,6 +60,7 @@ class SlowClose:
         self.f.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_retry_is_accepted_while_the_failed_runner_still_closes_its_file(incoming, monkeypatch):
     host, corrupt = incoming
     closing, release = threading.Event(), threading.Event()
@@ -78,6 +79,7 @@ def test_retry_is_accepted_while_the_failed_runner_still_closes_its_file(incomin
         release.set()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_fifty_immediate_retries_after_failed_are_all_accepted(incoming):
     host, corrupt = incoming
     host.table.call("migrate-incoming", {"uri": f"file:{corrupt}"})
@@ -91,6 +93,7 @@ def test_fifty_immediate_retries_after_failed_are_all_accepted(incoming):
     assert host.table.call("query-status")["status"] == "inmigrate"
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_cancel_of_a_listening_incoming_frees_its_port_for_an_immediate_retry(incoming):
     """migrate_cancel while migrate-incoming waits for its source: once query-migrate says
     'cancelled' the listener is closed, so a retry on the very same port is accepted."""

@@ -61,6 +61,7 @@ def migrate(src: Host, dst: Host, **params) -> dict:
 # one mode in the fast subset; the other three (1.5 s each) with the slow tests
 @pytest.mark.parametrize("mode", ["pull-bitmap"] + [pytest.param(m, marks=pytest.mark.slow)
                                                     for m in ("push-bitmap", "push-bytemap", "pull-bytemap")])
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_migration_in_each_tracking_mode_loses_nothing(tmp_path, switch, mode):
     src, dst = make_hosts(tmp_path, switch)
     try:
@@ -81,6 +82,7 @@ def test_migration_in_each_tracking_mode_loses_nothing(tmp_path, switch, mode):
         dst.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_negative_control_untracked_device_dma_is_caught(tmp_path, switch):
     """With VF dirty tracking off, device DMA during pre-copy is not re-sent: verification fails."""
     src, dst = make_hosts(tmp_path, switch, memory=64, blocks=32)
@@ -133,6 +135,7 @@ def test_dma_window_covers_every_vf_area_and_grows_to_the_end_of_memory():
         vm.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_refused_configuration_leaves_the_source_running(tmp_path, switch):
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
@@ -151,6 +154,7 @@ def test_refused_configuration_leaves_the_source_running(tmp_path, switch):
         dst.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 @pytest.mark.parametrize("limit", [1, 300])
 def test_downtime_overrun_is_consistent_with_downtime_and_limit(tmp_path, switch, limit):
     """limit 1 ms: whatever happens is over it (completed with an overrun, or a clean give-up);
@@ -261,6 +265,7 @@ def test_virtio_1_4_migration_verifies_only_with_platform_tracking(tmp_path, swi
         dst.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_x_device_profile_names_the_pfs_profile_and_cannot_switch_it(tmp_path, switch):
     from virtio_lm.errors import QmpError
 

@@ -875,6 +875,7 @@ _REACHABLE_PAIRS = [
 ]
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 @pytest.mark.parametrize("phase,inp", _REACHABLE_PAIRS)
 def test_source_follows_its_table_for_every_external_input(phase, inp):
     link = _reach(phase)
@@ -1034,6 +1035,7 @@ _CANCEL_PHASES = [SourcePhase.SETUP, SourcePhase.PRECOPY, SourcePhase.SWITCHOVER
                   SourcePhase.COMMITTED]
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 @pytest.mark.parametrize("side", ["source", "destination"])
 @pytest.mark.parametrize("seed", range(10))
 def test_cancel_at_a_random_moment_of_each_phase(seed, side):

@@ -115,6 +115,7 @@ def test_migration_over_loopback_tcp_with_a_running_vm():
     assert info["ram"]["transferred"] > MEM // 2 and "downtime" in info
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_max_bandwidth_over_tcp():
     rate = 20 * MiB
     vm = MemoryVm(MEM, fill="random", seed=2)
@@ -193,6 +194,7 @@ def test_destination_vanishing_mid_stream_rolls_back():
     lst.close()
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_silent_destination_times_out_to_peer_gone():
     vm = MemoryVm(MEM)
     lst = listen()

@@ -51,6 +51,7 @@ def _blast(*args: str) -> tuple[int, int, float]:
     return int(m.group(1)), int(m.group(2)), float(m.group(3))
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_hostblast_sends_what_the_sink_counts_at_about_its_rate() -> None:
     sink = HostSink()
     try:
@@ -103,6 +104,7 @@ def _free_udp_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_usink_counts_hostblast_datagrams_and_nothing_else(usink: Path, tmp_path: Path) -> None:
     port, out = _free_udp_port(), tmp_path / "s.out"
     p = subprocess.Popen([str(usink), str(port), str(out)])

@@ -174,6 +174,7 @@ def test_switch_stops_by_itself_when_idle() -> None:
     s.stop()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_switch_as_a_process_stops_by_itself() -> None:
     env = dict(os.environ)
     proc = subprocess.Popen(

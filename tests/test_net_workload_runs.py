@@ -33,6 +33,7 @@ def naive_stats(rx: list[int]) -> dict[str, int]:
             "rx-reordered": sum(1 for a, b in zip(rx, rx[1:]) if b < a), "rx-highest": max(rx) if rx else -1}
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 60), max_size=80))
 def test_runs_keep_the_arrival_order_exactly_and_the_stats_match_the_plain_list(seqs):

@@ -61,6 +61,7 @@ def test_device_locked_holds_the_in_flight_table(fn):
     assert not _runs_while(dev.locked(), lambda: dev.in_flight)
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_vhost_function_offers_both_locks():
     from virtio_lm.vhost.backend import VhostFunction
 

@@ -415,6 +415,7 @@ def test_status_table_matches_spec_oracle_for_every_pair():
         assert (got is not None) == (exp is not None), (hex(cur), hex(written))
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_status_transitions_on_a_function_for_every_pair(mem):
     for cur in STATES:
         for written in range(256):

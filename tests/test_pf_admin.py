@@ -825,6 +825,7 @@ def test_while_stopped_no_dma_no_interrupt_and_notifications_are_accepted(h):
     assert len(reqs) == 3
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_stop_that_cannot_finish_is_eagain_and_the_member_runs_on():
     h = make_host(freeze_timeout=0.3)
     try:

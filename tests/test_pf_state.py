@@ -297,3 +297,4 @@ class VfStateModel(RuleBasedStateMachine):
 
 TestVfStateModel = VfStateModel.TestCase
 TestVfStateModel.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+TestVfStateModel.pytestmark = [pytest.mark.slow]  # over 1 s: out of the one-minute fast subset (CI runs it)

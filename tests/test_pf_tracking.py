@@ -164,6 +164,7 @@ def pull_case(draw):
 
 
 # --------------------------------------------------------------------------- exactness
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 @settings(max_examples=150, deadline=None)
 @given(push_case(), st.booleans())
 def test_push_reports_exactly_the_marked_pages(case, buffered):
@@ -177,6 +178,7 @@ def test_push_reports_exactly_the_marked_pages(case, buffered):
         rig.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 @settings(max_examples=150, deadline=None)
 @given(pull_case(), st.booleans())
 def test_pull_reports_exactly_the_marked_pages(case, buffered):

@@ -57,6 +57,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_migration_progress_into_a_pipe_is_whole_lines():
     res = subprocess.run([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          timeout=60)

@@ -49,6 +49,7 @@ def test_a_number_split_across_reads_is_read_whole(console: QemuProcess) -> None
     assert m.group(1) == "86"
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_a_partial_line_is_not_matched_until_it_ends(console: QemuProcess) -> None:
     console.send("@@END 1 13")
     _until_console_has(console, "@@END 1 13")

@@ -33,6 +33,7 @@ def small_report(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_one_section_writes_json_markdown_html_and_the_plot(small_report):
     doc = json.loads((small_report / "report.json").read_text())
     meta = doc["meta"]
@@ -148,6 +149,7 @@ def test_index_html_renders_in_chromium(small_report, tmp_path):
     check_rendered(seen, ["slow-commands", "profiles"], ["slow-commands.png"])
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_a_missing_image_is_seen_by_the_chromium_check(small_report, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(small_report, broken)

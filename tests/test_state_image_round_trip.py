@@ -102,6 +102,7 @@ edits = st.lists(st.tuples(st.integers(0, 63), st.integers(0, 127), st.integers(
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=edits, order=st.none() | st.permutations(range(64)), drop=st.none() | st.integers(0, 63),
        repeat=st.none() | st.integers(0, 63))
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_any_accepted_image_saves_back_byte_identical(rig, edits, order, drop, repeat):
     base, dst = rig
     img = decode_image(base)

@@ -91,6 +91,7 @@ def _map(fd_memory: Memory, regions: list[MemRegion]) -> GuestMemoryMap:
 accesses = st.tuples(st.integers(-4, 11 * PAGE), st.sampled_from([0, 1, 2, 8, 16, 100, PAGE - 1, PAGE, PAGE + 1, 3 * PAGE]))
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(regions=tables(), acc=st.lists(accesses, min_size=1, max_size=8))
 def test_read_agrees_with_the_model(fd_memory, regions, acc) -> None:
@@ -103,6 +104,7 @@ def test_read_agrees_with_the_model(fd_memory, regions, acc) -> None:
         gm.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(regions=tables(), acc=accesses, as_bytearray=st.booleans())
 def test_write_agrees_with_the_model_and_marks_its_pages(regions, acc, as_bytearray) -> None:

@@ -40,6 +40,7 @@ def ours(tmp_path: Path, image: Path):
     be.stop()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_blk_frontend_against_our_backend_process(ours, image) -> None:
     bf = vb.BlkFrontend(ours_sock(ours))
     try:
@@ -58,6 +59,7 @@ def ours_sock(be: vb.BackendProcess) -> str:
     return be.proc.args[be.proc.args.index("--socket") + 1]
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_a_request_the_backend_fails_is_a_blk_io_error(ours) -> None:
     """A read past the capacity: the back-end says IOERR, the front-end names type and sector."""
     import time
@@ -73,6 +75,7 @@ def test_a_request_the_backend_fails_is_a_blk_io_error(ours) -> None:
         bf.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_data_check_fails_when_the_image_is_not_the_one_written(ours, image, tmp_path) -> None:
     """Negative control: the image file the check reads is another copy, not what the back-end writes."""
     other = tmp_path / "other.raw"
@@ -85,6 +88,7 @@ def test_data_check_fails_when_the_image_is_not_the_one_written(ours, image, tmp
         bf.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_data_check_fails_when_the_data_read_back_differs(ours, image, monkeypatch) -> None:
     """Negative control: one byte of what the back-end returns is flipped on the way."""
     bf = vb.BlkFrontend(ours_sock(ours))
@@ -170,6 +174,7 @@ _OTHER_REPLY = Header(int(Request.GET_PROTOCOL_FEATURES), 5, 8).encode() + bytes
     ],
     ids=["closes-connection", "never-answers", "reply-to-another-request", "no-version-1"],
 )
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_misbehaving_backend_at_get_features(tmp_path, memfd, answer, timeout, error, match) -> None:
     fake = FakeBackend(str(tmp_path / "s"), answer)
     try:
@@ -179,6 +184,7 @@ def test_misbehaving_backend_at_get_features(tmp_path, memfd, answer, timeout, e
         fake.close()
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_nobody_listening_times_out(tmp_path, memfd) -> None:
     with pytest.raises(CommandTimeoutError, match="not listening"):
         VhostUserFrontend(str(tmp_path / "nobody"), memfd, timeout=0.3)
@@ -193,6 +199,7 @@ def test_memory_the_backend_cannot_map_is_refused(tmp_path) -> None:
         m.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_refused_ring_is_a_driver_error_and_the_backend_keeps_serving(ours, memfd) -> None:
     """A ring larger than the back-end's maximum: the REPLY_ACK says no, at that message."""
     with VhostUserFrontend(ours_sock(ours), memfd, timeout=30) as fe:
@@ -205,6 +212,7 @@ def test_refused_ring_is_a_driver_error_and_the_backend_keeps_serving(ours, memf
     bf.close()
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_call_that_never_comes_times_out(ours, memfd) -> None:
     import time
 
@@ -216,6 +224,7 @@ def test_call_that_never_comes_times_out(ours, memfd) -> None:
             fe.wait_call(0, time.monotonic() + 0.2)  # nothing was submitted
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_bench_main_prints_every_metric_for_ours(capsys, monkeypatch) -> None:
     monkeypatch.setattr(vb, "RAND_COUNT", {1: 20, 16: 40})
     monkeypatch.setattr(vb, "SEQ_COUNT", 4)
@@ -255,6 +264,7 @@ def test_counter_counts_python_and_c_calls() -> None:
     assert 50 <= c.py <= 55 and 50 <= c.c <= 60  # f, len (and setprofile itself)
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_bench_counts_calls_per_request_of_a_counted_backend(capsys, monkeypatch) -> None:
     monkeypatch.setattr(vb, "RAND_COUNT", {1: 20, 16: 40})
     monkeypatch.setattr(vb, "SEQ_COUNT", 4)

@@ -662,6 +662,7 @@ def _get_features(s: socket.socket) -> int:
     return decode_u64(reply[12:])
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_silent_front_end_holds_only_its_own_socket(image, tmp_path) -> None:
     """Issue 12: a front-end that connects and says nothing.  Another back-end (its own
     socket, its own device) serves its front-end as usual; on the silent one's socket a

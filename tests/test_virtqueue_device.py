@@ -409,6 +409,7 @@ segment_sizes = st.lists(st.integers(min_value=0, max_value=300), min_size=0, ma
     start=st.sampled_from([0, 65530, 65535, 1234]),
     event_idx=st.booleans(),
 )
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_random_chains_device_sees_exactly_what_driver_added(chains, start, event_idx):
     pair = Pair(16, event_idx=event_idx)
     pair.start_at(start)

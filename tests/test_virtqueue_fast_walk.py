@@ -208,6 +208,7 @@ def tables(draw):
     return entries
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tables())
 def test_the_one_pass_and_the_walk_agree_on_every_table(entries):

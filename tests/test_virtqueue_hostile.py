@@ -112,6 +112,7 @@ def test_descriptor_self_loop():
     env.assert_rejected(DescriptorLoopError)
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_descriptor_loop_through_whole_large_queue_terminates():
     """A loop over every entry of a 32768-entry queue is still found (bounded walk)."""
     env = Env(32768, mem_size=4 << 20)

@@ -470,6 +470,7 @@ def mutation(draw, doc: dict[str, Any]) -> dict[str, Any]:  # type: ignore[no-un
     return doc
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_tree_mutation_decodes_exactly_or_raises_guest_state_error(docs: dict[str, Any], data: Any) -> None:
@@ -485,6 +486,7 @@ def test_any_tree_mutation_decodes_exactly_or_raises_guest_state_error(docs: dic
     assert encode_guest_state(back) == raw  # a decoded document re-encodes to itself
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_byte_mutation_decodes_exactly_or_raises_guest_state_error(docs: dict[str, Any], data: Any) -> None:
@@ -831,6 +833,7 @@ _JSON = st.recursive(
 )
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 @given(doc=_JSON)
 @settings(max_examples=300, deadline=None)
 def test_text_depth_is_the_parsed_depth_with_brackets_quotes_and_backslashes_in_strings(doc) -> None:

@@ -40,6 +40,7 @@ def test_the_registry_lists_kinds_in_stream_order(tmp_path):
     assert kinds_of(_spec(tmp_path, dmatest=0, net_mac=None)) == ["blk"]
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_a_vm_with_a_dma_test_vf_migrates_and_verifies(tmp_path):
     spec = _spec(tmp_path)
     src = Host(HostConfig(name="src", qmp=f"unix:{tmp_path}/src.qmp", vms=[spec], calibrate=False))

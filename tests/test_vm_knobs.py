@@ -38,6 +38,7 @@ def test_sweep_and_fill_regions():
     assert vm2.vcpu.region_pages == (64 - 4) * MIB // 4096 - SWEEP_START // 4096
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 def test_rate_zero_writes_nothing():
     vm = _vm(dirty_rate_mbps=0.0, sweep_mib=4)
     vm.boot()

@@ -121,6 +121,7 @@ def test_state_for_another_region_refused(mem):
         SweepVcpu(mem, 0, PAGES, state=VcpuState.decode(blob))
 
 
+@pytest.mark.slow  # over 0.4 s: out of the one-minute fast subset (CI runs it)
 def test_guest_threads_reuse_the_pools_parked_os_threads():
     """prepare/close cycles take OS threads from the pool and give them back: no thread
     is created inside them once the pool is warm, and a crashed loop returns its thread."""

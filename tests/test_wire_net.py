@@ -114,6 +114,7 @@ def test_hdr_reserved_flag_bits() -> None:
 
 
 # ------------------------------------------------------------------ config
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 @settings(max_examples=200, deadline=None)
 @given(configs)
 def test_config_round_trip(c: NetConfig) -> None:

@@ -126,6 +126,7 @@ def test_need_event_table(event: int, new: int, old: int, expected: bool) -> Non
     assert need_event(event, new, old) is expected
 
 
+@pytest.mark.slow  # 0.3 s or more: out of the one-minute fast subset (CI runs it)
 @settings(max_examples=200, deadline=None)
 @given(old=u16, step=st.integers(0, 0x7FFF), event=u16)
 def test_need_event_is_crossing(old: int, step: int, event: int) -> None:
