@@ -30,6 +30,13 @@ def test_rate_parsing():
         parse_vm_spec("name=a,memory=64,sweep=40,fill=16")  # 56 MiB > the 48 after the fixed areas
 
 
+def test_blk_dma_knob():
+    assert parse_vm_spec("name=a").blk_dma == "buffered"
+    assert parse_vm_spec("name=a,blk-dma=direct").blk_dma == "direct"
+    with pytest.raises(click.BadParameter):
+        parse_vm_spec("name=a,blk-dma=fast")
+
+
 def test_sweep_and_fill_regions():
     vm = _vm(sweep_mib=8, fill_mib=4)
     assert vm.vcpu.region_start == SWEEP_START and vm.vcpu.region_pages == 8 * MIB // 4096

@@ -549,6 +549,8 @@ class Host:
                         "in-flight": getattr(dev, "in_flight", 0),
                         "completed": getattr(dev, "completed", 0),
                         "dma-bytes-written": fn.port.writer.bytes_written,
+                        # requests served by the C fast path (a blk VF with blk-dma=direct)
+                        "x-fast-served": getattr(dev, "fast_served", 0),
                         # the device's own counters where it keeps them (net: frames, drops by reason)
                         "x-stats": dict(getattr(dev, "stats", None) or {}),
                     }

@@ -89,7 +89,9 @@ def _blk_device(spec: "VmSpec", ctx: DeviceContext) -> Any:
     from virtio_lm.devices.blk import BlkDevice
 
     assert spec.blk_image is not None
-    return BlkDevice(spec.blk_image, num_queues=2)
+    dev = BlkDevice(spec.blk_image, num_queues=2)
+    dev.direct_dma = spec.blk_dma == "direct"
+    return dev
 
 
 def _blk_workload(vm: "VirtualMachine", drv: BlkDriver) -> BlkWorkload:
