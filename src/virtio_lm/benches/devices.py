@@ -1,14 +1,20 @@
 """Device benchmarks: virtio-blk (``bench_blk``) and virtio-net (``bench_net``, when present).
 
-Run: ``python -m virtio_lm.benches.devices [--seconds S] [blk|net ...]`` (default: every section defined).
+Run: ``python -m virtio_lm.benches.devices [--seconds S] [--samples N] [blk|net ...]`` (default: every
+section defined).
 
 blk: 4 KiB random read / write IOPS and 128 KiB sequential throughput through
-the VF -- the guest driver (:class:`~virtio_lm.drivers.blk_driver.BlkDriver`)
-keeping 32 requests in flight, the device model doing pread/pwrite on its
-pool -- against the same I/O done directly on the image file with
-os.pread/os.pwrite in one thread (ratio = VF / direct); then the migration
-calls of the device (quiesce, freeze, save, validate+restore on a second
-device, resume) with 0 and with 64 requests submitted just before the
+the VF, 32 requests kept in flight over its two queues, against the same I/O
+done directly on the image file with os.pread/os.pwrite in one thread (ratio =
+VF / direct).  Each workload runs four ways: the VF with direct DMA (the C fast
+path serves reads and writes on the notification) or buffered (the VF default:
+the back-end pool, through bounce buffers), each driven by
+:class:`~virtio_lm.drivers.blk_driver.FixedRequests` (requests placed once and
+reposted: the driver costs little, so the figure is the device's) or by the
+general :class:`~virtio_lm.drivers.blk_driver.BlkDriver` (every request
+allocated and placed anew, all in Python).  Then the migration calls of the
+(buffered) device -- quiesce, freeze, save, validate+restore on a second
+device, resume -- with 0 and with 64 requests submitted just before the
 quiesce.
 """
 
@@ -34,6 +40,7 @@ BLK_IMAGE = 64 << 20
 BLK_GUEST = 64 << 20
 QD = 32
 SECONDS = 1.0
+SAMPLES = 1
 
 
 def _blk_rig(path: str, name: str, *, direct: bool = True):
@@ -207,24 +214,37 @@ def bench_blk() -> list[str]:
         drvs = {mode: BlkDriver(fn, mem.cpu, Allocator(0x1000, BLK_GUEST - 0x1000), queue_size=128)
                 for mode, (_, mem, fn) in rigs.items()}
         try:
-            lines.append(f"  {'workload':<26}{'VF mode':<10}{'driver':<9}{'VF':>14}{'direct':>14}{'ratio':>8}")
+            lines.append(f"  {SAMPLES} samples of {SECONDS:g} s each, interleaved: median [min-max]; ratio = median / "
+                         f"median of the direct pread/pwrite run in the same rounds")
+            lines.append(f"  {'workload':<26}{'VF mode':<10}{'driver':<9}{'VF':>28}{'direct':>16}{'ratio':>8}")
             for label, op, size, seq in (
                 ("4 KiB random read", "r", 4096, False),
                 ("4 KiB random write", "w", 4096, False),
                 ("128 KiB sequential read", "r", 128 << 10, True),
                 ("128 KiB sequential write", "w", 128 << 10, True),
             ):
-                dn, ddt = _direct_run(fd, op, size, seq, SECONDS)
-                direct = dn / ddt
-                for mode, run, drv_name in (("direct", _vf_fixed_run, "fixed"), ("direct", _vf_run, "general"),
-                                            ("buffered", _vf_fixed_run, "fixed"), ("buffered", _vf_run, "general")):
-                    n, dt = run(drvs[mode], op, size, seq, SECONDS)
-                    vf = n / dt
-                    if size == 4096:
-                        a, b = f"{vf:,.0f} IOPS", f"{direct:,.0f} IOPS"
-                    else:
-                        a, b = f"{vf * size / 2**20:,.0f} MiB/s", f"{direct * size / 2**20:,.0f} MiB/s"
-                    lines.append(f"  {label:<26}{mode:<10}{drv_name:<9}{a:>14}{b:>14}{vf / direct:>8.3f}")
+                cases = (("direct", _vf_fixed_run, "fixed"), ("direct", _vf_run, "general"),
+                         ("buffered", _vf_fixed_run, "fixed"), ("buffered", _vf_run, "general"))
+                got: dict[int, list[float]] = {i: [] for i in range(len(cases))}
+                base: list[float] = []
+                for _ in range(SAMPLES):
+                    dn, ddt = _direct_run(fd, op, size, seq, SECONDS)
+                    base.append(dn / ddt)
+                    for i, (mode, run, _) in enumerate(cases):
+                        n, dt = run(drvs[mode], op, size, seq, SECONDS)
+                        got[i].append(n / dt)
+                direct = float(np.median(base))
+
+                def fmt(v: float) -> str:
+                    return f"{v:,.0f}" if size == 4096 else f"{v * size / 2**20:,.0f}"
+
+                unit = "IOPS" if size == 4096 else "MiB/s"
+                for i, (mode, _, drv_name) in enumerate(cases):
+                    vals = got[i]
+                    med = float(np.median(vals))
+                    spread = f"{fmt(med)} [{fmt(min(vals))}-{fmt(max(vals))}] {unit}"
+                    lines.append(f"  {label:<26}{mode:<10}{drv_name:<9}{spread:>28}{fmt(direct) + ' ' + unit:>16}"
+                                 f"{med / direct:>8.3f}")
             served = {mode: rigs[mode][0].fast_served for mode in rigs}
             lines.append(f"  requests served by the C fast path: direct {served['direct']:,}, buffered "
                          f"{served['buffered']:,}")
@@ -290,8 +310,9 @@ def _raw_udp_pps(size: int, seconds: float) -> tuple[int, float]:
     return got[0], dt
 
 
-def _vf_to_peer(size: int, seconds: float) -> tuple[int, int, float]:
-    """(frames sent by the guest, frames received by the peer, elapsed s) VF -> switch -> peer."""
+def _vf_to_peer(size: int, seconds: float, inline_max: int = 0) -> tuple[int, int, float]:
+    """(frames sent by the guest, frames received by the peer, elapsed s) VF -> switch -> peer;
+    ``inline_max``: the device's (0, the VF default: every send on its back-end thread)."""
     from virtio_lm.net.backends import UdpSwitchPort
     from virtio_lm.net.peer import NetPeer, seq_frame
     from virtio_lm.net.switch import L2Switch
@@ -304,6 +325,7 @@ def _vf_to_peer(size: int, seconds: float) -> tuple[int, int, float]:
     peer.send_raw(announce_frame(peer_mac))
     sw.wait_learned(peer_mac, peer.address)
     vm = make_vm(UdpSwitchPort(sw.address, name="vf"), with_pf=False)
+    vm.dev.inline_max = inline_max
     try:
         drv = vm.bring_up(queue_size=256)
         seq = 0
@@ -327,6 +349,76 @@ def _vf_to_peer(size: int, seconds: float) -> tuple[int, int, float]:
         vm.close()
         peer.close()
         sw.stop()
+
+
+def _net_hop_costs(n: int = 20000) -> dict[str, float]:
+    """CPU per 64 B frame of each hop of the VF -> switch -> peer path, in microseconds, each measured
+    alone in this process: the loopback ``sendto`` and ``recv`` of one datagram, the switch's
+    forwarding of a learned unicast frame (its rules and its ``sendto``), and the VF's driver and
+    device per frame (32 frames a kick) with a plain socket as the switch."""
+    import socket
+
+    from virtio_lm.net.backends import UdpSwitchPort
+    from virtio_lm.net.peer import seq_frame
+    from virtio_lm.net.switch import L2Switch, frame_message
+    from virtio_lm.net.testbed import make_vm
+
+    out: dict[str, float] = {}
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sw = L2Switch()  # not started: handle() is called here, its sendto is real
+    try:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        b.setblocking(False)
+        dst = b.getsockname()
+        vf_mac, peer_mac = bytes.fromhex("525400123456"), bytes.fromhex("02aabbccdd01")
+        msg = frame_message(seq_frame(peer_mac, vf_mac, 9, 0, 64))
+
+        def drain() -> int:
+            k = 0
+            while True:
+                try:
+                    b.recv(2048)
+                except BlockingIOError:
+                    return k
+                k += 1
+
+        t = time.perf_counter()
+        for _ in range(n):
+            a.sendto(msg, dst)
+        out["sendto"] = (time.perf_counter() - t) / n * 1e6
+        t = time.perf_counter()
+        got = drain()
+        out["recv"] = (time.perf_counter() - t) / max(got, 1) * 1e6
+        sw.handle(frame_message(seq_frame(b"\xff" * 6, peer_mac, 9, 0, 64)), dst)  # the peer's MAC is at b
+        src = a.getsockname()
+        t = time.perf_counter()
+        for _ in range(n):
+            sw.handle(msg, src)
+        out["switch"] = (time.perf_counter() - t) / n * 1e6
+        drain()
+        vm = make_vm(UdpSwitchPort(dst, name="hop"), with_pf=False)
+        vm.dev.inline_max = 2048  # sent on the kick's path, as vhost-user-net does
+        try:
+            drv = vm.bring_up(queue_size=256)
+            frames = [seq_frame(peer_mac, drv.mac, 9, i, 64) for i in range(32)]
+            rounds = max(1, n // 320)
+            t = time.perf_counter()
+            for _ in range(rounds):
+                drv.send_many(frames)
+                while drv.tx_in_flight():
+                    drv.reap_tx()
+                    drain()
+            out["vf"] = (time.perf_counter() - t) / (rounds * 32) * 1e6
+        finally:
+            vm.close()
+    finally:
+        sw.stop()
+        a.close()
+        b.close()
+    return out
 
 
 def _net_mig_times(inflight: int) -> dict[str, float | int]:
@@ -383,16 +475,28 @@ def _net_mig_times(inflight: int) -> dict[str, float | int]:
 
 
 def bench_net() -> list[str]:
-    lines = ["virtio-net VF -> embedded UDP switch -> peer (guest driver, 1 TX queue of 256, batches of 32)"]
-    lines.append(f"  {'frame':<10}{'VF pps':>12}{'VF Mbit/s':>12}{'delivered':>11}{'raw UDP pps':>14}{'ratio':>8}")
+    lines = ["virtio-net VF -> embedded UDP switch -> peer (guest driver, 1 TX queue of 256, batches of 32;",
+             "  the switch and the peer on threads of this process; TX 'pool': each send on the device's back-end",
+             "  thread, the VF default; 'inline': sent on the kick's path, as vhost-user-net runs it)"]
+    lines.append(f"  {'frame':<10}{'TX':<8}{'VF pps':>12}{'VF Mbit/s':>12}{'delivered':>11}{'raw UDP pps':>14}{'ratio':>8}")
     for size in (64, 1514):
-        sent, got, dt = _vf_to_peer(size, NET_SECONDS)
         raw, rdt = _raw_udp_pps(size, NET_SECONDS)
-        pps, raw_pps = got / dt, raw / rdt
-        lines.append(
-            f"  {size:>4} B    {pps:>12,.0f}{pps * size * 8 / 1e6:>12.1f}{got / max(sent, 1):>10.1%}"
-            f"{raw_pps:>14,.0f}{pps / raw_pps:>8.3f}"
-        )
+        raw_pps = raw / rdt
+        for tx, inline in (("pool", 0), ("inline", 2048)):
+            sent, got, dt = _vf_to_peer(size, NET_SECONDS, inline)
+            pps = got / dt
+            lines.append(
+                f"  {size:>4} B    {tx:<8}{pps:>12,.0f}{pps * size * 8 / 1e6:>12.1f}{got / max(sent, 1):>10.1%}"
+                f"{raw_pps:>14,.0f}{pps / raw_pps:>8.3f}"
+            )
+    h = _net_hop_costs()
+    floor = 2 * h["sendto"] + 2 * h["recv"]
+    cores = os.cpu_count() or 1
+    lines.append(f"  CPU per 64 B frame, us: loopback sendto {h['sendto']:.1f}, recv {h['recv']:.1f}; switch forward "
+                 f"{h['switch']:.1f} (rules + its sendto); VF driver + device {h['vf']:.1f} (inline TX, incl. its sendto)")
+    lines.append(f"  the path's kernel work alone (2 sendto + 2 recv) is {floor:.1f} us a frame: at most "
+                 f"{cores / floor * 1e6:,.0f} pps on this machine's {cores} cores with no user-space work; with it "
+                 f"(VF + switch + peer recv), {cores / (h['vf'] + h['switch'] + h['recv']) * 1e6:,.0f} pps")
     lines.append("  migration through the PF control path (controller calls, two PFs, two guest memories)")
     for inflight in (0, 64):
         t = _net_mig_times(inflight)
@@ -404,12 +508,19 @@ def bench_net() -> list[str]:
     return lines
 
 def main(argv: list[str] | None = None) -> None:
-    """``[--seconds S] [SECTION...]``: the sections (blk, net), each measurement S seconds
-    long (default 1)."""
-    global SECONDS, NET_SECONDS
+    """``[--seconds S] [--samples N] [SECTION...]``: the sections (blk, net), each measurement S
+    seconds long (default 1), the blk table from N interleaved samples (default 1)."""
+    global SECONDS, NET_SECONDS, SAMPLES
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--seconds"]:
-        SECONDS = NET_SECONDS = float(argv[1])
+    while argv[:1] in (["--seconds"], ["--samples"]):
+        if len(argv) < 2:
+            raise SystemExit(f"{argv[0]} needs a value")
+        if argv[0] == "--seconds":
+            SECONDS = NET_SECONDS = float(argv[1])
+        else:
+            SAMPLES = int(argv[1])
+            if SAMPLES < 1:
+                raise SystemExit("--samples must be at least 1")
         argv = argv[2:]
     sections = {name[len("bench_"):]: fn for name, fn in globals().items() if name.startswith("bench_") and callable(fn)}
     for name in argv or sorted(sections):
