@@ -27,7 +27,19 @@ import threading
 from typing import Callable
 
 from virtio_lm.errors import BackendError, BackendUnavailableError
-from virtio_lm.net.switch import KIND_BYE, KIND_FRAME, KIND_HELLO, MAX_FRAME, POLL, Addr, big_buffers, frame_message
+from virtio_lm.errors import WireError
+from virtio_lm.net.switch import POLL, Addr, big_buffers
+from virtio_lm.wire.switch import (
+    CAP_BATCHES,
+    KIND_BYE,
+    KIND_FRAME,
+    KIND_FRAMES,
+    MAX_FRAME,
+    decode_frames,
+    frame_message,
+    hello_message,
+    pack_frames,
+)
 
 Deliver = Callable[[bytes], None]
 
@@ -114,15 +126,26 @@ class NetBackend:
                 continue
             if frame is None:
                 continue
-            self.stats["rx_frames"] += 1
             assert self._deliver is not None
+            if isinstance(frame, list):  # a burst, in order
+                self.stats["rx_frames"] += len(frame)
+                for f in frame:
+                    self._deliver(f)
+                continue
+            self.stats["rx_frames"] += 1
             self._deliver(frame)
 
-    def _recv(self) -> bytes | None:  # one frame, or None after a poll timeout
+    def _recv(self) -> bytes | list[bytes] | None:  # a frame or a burst, or None after a poll timeout
         raise NotImplementedError
 
     def send(self, frame: bytes) -> None:
         raise NotImplementedError
+
+    def send_many(self, frames: list[bytes]) -> None:
+        """Send ``frames`` in order (as few system calls as the back-end can); raises BackendError
+        at the first that cannot go (those before it went)."""
+        for f in frames:
+            self.send(f)
 
     def close(self) -> None:
         self._closed.set()
@@ -145,16 +168,22 @@ class UdpSwitchPort(NetBackend):
         self.sock.bind((host, 0))
         self.sock.settimeout(POLL)
         self.local_addr: Addr = self.sock.getsockname()
-        self.sock.sendto(bytes((KIND_HELLO,)), self.switch)
+        self.sock.sendto(hello_message(CAP_BATCHES), self.switch)  # bursts welcome
 
-    def _recv(self) -> bytes | None:
+    def _recv(self) -> bytes | list[bytes] | None:
         try:
             data, src = self.sock.recvfrom(65536)
         except socket.timeout:
             return None
-        if src != self.switch or not data or data[0] != KIND_FRAME:
+        if src != self.switch or not data or data[0] not in (KIND_FRAME, KIND_FRAMES):
             self.stats["rx_foreign"] += 1
             return None
+        if data[0] == KIND_FRAMES:
+            try:
+                return decode_frames(memoryview(data)[1:])
+            except WireError:
+                self.stats["rx_bad_batch"] += 1
+                return None
         return data[1:]
 
     def send(self, frame: bytes) -> None:
@@ -166,6 +195,20 @@ class UdpSwitchPort(NetBackend):
             raise BackendError(f"{self.name}: send to switch {self.switch} failed: {exc}") from exc
         self.stats["tx_frames"] += 1
         self.stats["tx_bytes"] += len(frame)
+
+    def send_many(self, frames: list[bytes]) -> None:
+        """A burst: FRAMES datagrams of as many frames as fit (:func:`~virtio_lm.wire.switch.pack_frames`)."""
+        try:
+            msgs = pack_frames(frames)
+        except WireError as exc:
+            raise BackendError(f"{self.name}: {exc}") from exc
+        for m in msgs:
+            try:
+                self.sock.sendto(m, self.switch)
+            except OSError as exc:
+                raise BackendError(f"{self.name}: send to switch {self.switch} failed: {exc}") from exc
+        self.stats["tx_frames"] += len(frames)
+        self.stats["tx_bytes"] += sum(len(f) for f in frames)
 
     def close(self) -> None:
         if not self._closed.is_set():

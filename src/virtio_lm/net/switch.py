@@ -2,13 +2,20 @@
 
 Needs nothing from the system but a UDP socket.  The switch listens on
 ``127.0.0.1:PORT``; every attached *port* is a UDP endpoint (the VF back-ends
-of both hosts, an outside peer).  One datagram carries one message::
+of both hosts, an outside peer).  One datagram carries one message
+(:mod:`virtio_lm.wire.switch`)::
 
-    u8 kind   0 FRAME: an Ethernet frame follows (14..MAX_FRAME bytes)
-              1 HELLO: attach the sending endpoint as a port (no body)
-              2 BYE:   detach it (its learned MACs are forgotten)
+    u8 kind   0 FRAME:  an Ethernet frame follows (14..MAX_FRAME bytes)
+              1 HELLO:  attach the sending endpoint as a port (optional u8 of
+                        capabilities: bit 0, the port takes FRAMES)
+              2 BYE:    detach it (its learned MACs are forgotten)
+              3 FRAMES: several frames, each a le16 length and the frame
 
-A FRAME from an endpoint that never said HELLO attaches it implicitly.
+A FRAME or FRAMES from an endpoint that never said HELLO attaches it
+implicitly (without capabilities).  The frames of a FRAMES datagram are
+forwarded one by one, in order, by the rules below; what goes to one port is
+sent as FRAMES datagrams if the port takes them, else as one FRAME each.  A
+FRAMES datagram that does not decode is dropped whole.
 Forwarding is the classic learning bridge: the source MAC of every frame
 (unicast only) is learned at the sender's port (a MAC seen at a new port is
 a *move*: how the switch learns a migrated VM's new place); a frame to a
@@ -34,12 +41,24 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
+from virtio_lm.errors import WireError
 from virtio_lm.wire.net import ETH_HLEN, format_mac, is_multicast
+from virtio_lm.wire.switch import (
+    CAP_BATCHES,
+    KIND_BYE,
+    KIND_FRAME,
+    KIND_FRAMES,
+    KIND_HELLO,
+    MAX_FRAME,
+    decode_frames,
+    frame_message,
+    hello_caps,
+    pack_frames,
+)
 
-KIND_FRAME = 0
-KIND_HELLO = 1
-KIND_BYE = 2
-MAX_FRAME = 65535 - 64  # one UDP datagram on loopback, with room for the kind byte
+__all__ = ["KIND_BYE", "KIND_FRAME", "KIND_FRAMES", "KIND_HELLO", "MAX_FRAME", "Addr", "L2Switch", "big_buffers",
+           "frame_message", "read_moves"]
+
 SOCK_BUF = 4 << 20
 POLL = 0.05
 
@@ -56,10 +75,6 @@ def big_buffers(sock: socket.socket) -> None:
             sock.setsockopt(socket.SOL_SOCKET, force, SOCK_BUF)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, plain, SOCK_BUF)
-
-
-def frame_message(frame: bytes | bytearray | memoryview) -> bytes:
-    return bytes((KIND_FRAME,)) + bytes(frame)
 
 
 class L2Switch:
@@ -85,7 +100,7 @@ class L2Switch:
         self.sock.bind((host, port))
         self.sock.settimeout(POLL)
         self.address: Addr = self.sock.getsockname()
-        self._ports: dict[Addr, None] = {}
+        self._ports: dict[Addr, int] = {}  # port -> its HELLO's capabilities
         self._macs: OrderedDict[bytes, Addr] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -144,13 +159,16 @@ class L2Switch:
             self.stopped_because = "stopped"
 
     # ------------------------------------------------------------------ forwarding
-    def _attach(self, src: Addr) -> bool:
+    def _attach(self, src: Addr, caps: int | None = None) -> bool:
+        """Attach ``src`` (a HELLO sets its capabilities, ``caps``; a frame leaves them)."""
         if src in self._ports:
+            if caps is not None:
+                self._ports[src] = caps
             return True
         if len(self._ports) >= self.max_ports:
             self.stats["dropped_port_limit"] += 1
             return False
-        self._ports[src] = None
+        self._ports[src] = caps or 0
         self.stats["ports_attached"] += 1
         return True
 
@@ -160,12 +178,15 @@ class L2Switch:
             self.stats["dropped_empty"] += 1
             return
         kind = data[0]
+        if kind == KIND_FRAMES:
+            self._handle_frames(data, src)
+            return
         with self._lock:
             if kind == KIND_HELLO:
-                self._attach(src)
+                self._attach(src, hello_caps(data))
                 return
             if kind == KIND_BYE:
-                if self._ports.pop(src, 0) is None:
+                if self._ports.pop(src, None) is not None:
                     self.stats["ports_detached"] += 1
                 for mac in [m for m, a in self._macs.items() if a == src]:
                     del self._macs[mac]
@@ -173,41 +194,65 @@ class L2Switch:
             if kind != KIND_FRAME:
                 self.stats["dropped_bad_kind"] += 1
                 return
-            frame = data[1:]
-            if len(frame) < ETH_HLEN or len(frame) > MAX_FRAME:
-                self.stats["dropped_bad_length"] += 1
-                return
-            if not self._attach(src):
-                return
-            self.stats["frames"] += 1
-            dst, smac = frame[0:6], frame[6:12]
-            if not is_multicast(smac):
-                old = self._macs.get(smac)
-                if old is not None and old != src:
-                    self.stats["moves"] += 1
-                    if self._moves is not None:
-                        self._moves.write(f"{time.time():.6f} {format_mac(smac)} {src[0]}:{src[1]}\n")
-                        self._moves.flush()
-                self._macs[smac] = src
-                self._macs.move_to_end(smac)
-                while len(self._macs) > self.max_macs:
-                    self._macs.popitem(last=False)
-                    self.stats["evicted"] += 1
-            out = None if is_multicast(dst) else self._macs.get(dst)
-            if out is None:
-                targets = [p for p in self._ports if p != src]
-                self.stats["flooded"] += 1
-            elif out == src:
-                self.stats["dropped_hairpin"] += 1
-                return
-            else:
-                targets = [out]
-                self.stats["forwarded"] += 1
+            targets = self._route(data[1:], src)
         for t in targets:
             try:
                 self.sock.sendto(data, t)
             except OSError:
                 self.stats["send_errors"] += 1
+
+    def _handle_frames(self, data: bytes, src: Addr) -> None:
+        """A FRAMES datagram: each frame routed in order; one send per port (per datagram that fits)."""
+        try:
+            frames = decode_frames(memoryview(data)[1:])
+        except WireError:
+            self.stats["dropped_bad_batch"] += 1
+            return
+        out: dict[Addr, list[bytes]] = {}
+        with self._lock:
+            self.stats["batches"] += 1
+            for frame in frames:
+                for t in self._route(frame, src):
+                    out.setdefault(t, []).append(frame)
+            batches = {t: self._ports.get(t, 0) & CAP_BATCHES for t in out}
+        for t, fs in out.items():
+            msgs = pack_frames(fs) if batches[t] else [frame_message(f) for f in fs]
+            for m in msgs:
+                try:
+                    self.sock.sendto(m, t)
+                except OSError:
+                    self.stats["send_errors"] += 1
+
+    def _route(self, frame: bytes, src: Addr) -> list[Addr]:
+        """Where one frame from ``src`` goes (learning its source MAC on the way); the lock held."""
+        if len(frame) < ETH_HLEN or len(frame) > MAX_FRAME:
+            self.stats["dropped_bad_length"] += 1
+            return []
+        if not self._attach(src):
+            return []
+        self.stats["frames"] += 1
+        dst, smac = frame[0:6], frame[6:12]
+        if not is_multicast(smac):
+            old = self._macs.get(smac)
+            if old is not None and old != src:
+                self.stats["moves"] += 1
+                if self._moves is not None:
+                    self._moves.write(f"{time.time():.6f} {format_mac(smac)} {src[0]}:{src[1]}\n")
+                    self._moves.flush()
+            self._macs[smac] = src
+            self._macs.move_to_end(smac)
+            while len(self._macs) > self.max_macs:
+                self._macs.popitem(last=False)
+                self.stats["evicted"] += 1
+        out = None if is_multicast(dst) else self._macs.get(dst)
+        if out is None:
+            self.stats["flooded"] += 1
+            return [p for p in self._ports if p != src]
+        if out == src:
+            self.stats["dropped_hairpin"] += 1
+            return []
+        self.stats["forwarded"] += 1
+        return [out]
 
     # ------------------------------------------------------------------ inspection
     def lookup(self, mac: bytes) -> Addr | None:
