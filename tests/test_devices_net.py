@@ -459,11 +459,13 @@ def test_tx_inline_when_small_and_the_backend_ready(net, inline_max) -> None:  #
         v.close()
 
 
-def test_tx_inline_send_error_is_counted_and_the_chain_completes(net, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("fast", [True, False], ids=["c-fast-path", "python"])
+def test_tx_inline_send_error_is_counted_and_the_chain_completes(net, monkeypatch, fast) -> None:  # type: ignore[no-untyped-def]
     sw, peer = net
     port = UdpSwitchPort(sw.address, name="vm")
     v = make_vm(port)
     v.dev.inline_max = 2048
+    v.dev.fast_path = fast
 
     def broken(frame: bytes) -> None:
         raise BackendError("vm: send to switch failed: [Errno 105] No buffer space available")
@@ -471,9 +473,11 @@ def test_tx_inline_send_error_is_counted_and_the_chain_completes(net, monkeypatc
     try:
         drv = v.bring_up(queue_size=64)
         monkeypatch.setattr(port, "send", broken)
+        monkeypatch.setattr(port, "send_many", broken)
         drv.send(seq_frame(PEER_MAC, drv.mac, 7, 0, size=60))
         wait_until(lambda: (drv.reap_tx(), drv.tx_in_flight() == 0)[1], "the chain completed")
         assert v.dev.stats["tx_errors"] == 1 and v.dev.stats["tx_frames"] == 0 and v.dev.in_flight == 0
+        assert v.dev.fast_served == (1 if fast else 0)
     finally:
         v.close()
 

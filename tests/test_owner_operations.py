@@ -152,7 +152,8 @@ def test_the_net_back_ends_are_what_the_net_device_is_given():
     from virtio_lm.devices.net import FramePort
     from virtio_lm.net.backends import NetBackend, TapBackend, UdpSwitchPort
 
-    assert _unmet(FramePort, object) == ["attach", "wait_tx_ready", "try_tx_ready", "send", "wake_tx", "close"]
+    assert _unmet(FramePort, object) == ["attach", "wait_tx_ready", "try_tx_ready", "send", "tx_unmetered", "send_many",
+                                         "wake_tx", "close"]
     for cls in (NetBackend, UdpSwitchPort, TapBackend):
         assert _unmet(FramePort, cls) == [], cls
 
@@ -163,4 +164,4 @@ def test_the_net_back_ends_are_what_the_net_device_is_given():
         def send(self, data, flags): ...
         def close(self): ...
 
-    assert _unmet(FramePort, Partial) == ["send", "wake_tx"]
+    assert _unmet(FramePort, Partial) == ["send", "tx_unmetered", "send_many", "wake_tx"]

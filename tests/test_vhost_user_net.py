@@ -58,6 +58,12 @@ class Port:
     def send(self, frame: bytes) -> None:
         self.sent.append(frame)
 
+    def tx_unmetered(self, abort: threading.Event) -> bool:
+        return not abort.is_set()
+
+    def send_many(self, frames: list[bytes]) -> None:
+        self.sent.extend(frames)
+
     def wake_tx(self) -> None:
         pass
 

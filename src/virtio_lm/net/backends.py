@@ -93,6 +93,10 @@ class NetBackend:
                 self._credits -= 1
             return True
 
+    def tx_unmetered(self, abort: threading.Event) -> bool:
+        """Whether any number of frames may go now: no pause or credit limit, ``abort`` clear, open."""
+        return self._credits is None and not abort.is_set() and not self._closed.is_set()
+
     def wait_tx_ready(self, abort: threading.Event) -> bool:
         """Wait until one frame may go (taking a credit); False if ``abort`` is set first (or closed)."""
         with self._tx_cond:
