@@ -20,8 +20,10 @@ quiesce.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -310,45 +312,85 @@ def _raw_udp_pps(size: int, seconds: float) -> tuple[int, float]:
     return got[0], dt
 
 
-def _vf_to_peer(size: int, seconds: float, inline_max: int = 0) -> tuple[int, int, float]:
-    """(frames sent by the guest, frames received by the peer, elapsed s) VF -> switch -> peer;
-    ``inline_max``: the device's (0, the VF default: every send on its back-end thread)."""
+def _switch_process() -> tuple[subprocess.Popen[str], tuple[str, int]]:
+    """The embedded switch as its own process (as ``virtio-lm demo`` runs it) and its address."""
+    p = subprocess.Popen([sys.executable, "-m", "virtio_lm.net.switch", "--idle-timeout", "30"],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    line = p.stdout.readline().split()
+    if line[:2] != ["listening", "on"]:
+        p.kill()
+        raise RuntimeError(f"the switch did not start: {line}")
+    host, _, port = line[2].rpartition(":")
+    return p, (host, int(port))
+
+
+def _vf_to_peer(size: int, seconds: float, inline_max: int = 0, driver: str = "general") -> tuple[int, int, float]:
+    """(frames sent by the guest, frames the peer counted, elapsed s): VF -> switch -> peer, the
+    switch and the peer (:mod:`virtio_lm.net.seqsink`) each its own process.  ``inline_max``: the
+    device's (0, the VF default: every send on its back-end thread; else sent on the kick's path,
+    by the C fast path when it can).  ``driver``: "general" (NetDriver.send_many, every frame
+    placed anew) or "fixed" (FixedFrames: frames placed once, reposted with new numbers).  A
+    duplicated or reordered frame fails the run."""
+    from virtio_lm.drivers.net_driver import FixedFrames
     from virtio_lm.net.backends import UdpSwitchPort
-    from virtio_lm.net.peer import NetPeer, seq_frame
-    from virtio_lm.net.switch import L2Switch
+    from virtio_lm.net.peer import seq_frame
     from virtio_lm.net.testbed import make_vm
-    from virtio_lm.wire.net import announce_frame
+    from virtio_lm.wire.net import format_mac
 
     peer_mac = bytes.fromhex("02aabbccdd01")
-    sw = L2Switch(idle_timeout=30).start()
-    peer = NetPeer(sw.address, peer_mac)
-    peer.send_raw(announce_frame(peer_mac))
-    sw.wait_learned(peer_mac, peer.address)
-    vm = make_vm(UdpSwitchPort(sw.address, name="vf"), with_pf=False)
+    sw, addr = _switch_process()
+    vm = make_vm(UdpSwitchPort(addr, name="vf"), with_pf=False)
     vm.dev.inline_max = inline_max
+    sink: subprocess.Popen[str] | None = None
     try:
         drv = vm.bring_up(queue_size=256)
+        sink = subprocess.Popen([sys.executable, "-m", "virtio_lm.net.seqsink", "--switch", f"{addr[0]}:{addr[1]}",
+                                 "--src", format_mac(drv.mac), "--mac", format_mac(peer_mac), "--quiet", "30"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert sink.stdout is not None
+        if sink.stdout.readline().strip() != "ready":
+            raise RuntimeError("the peer did not start")
         seq = 0
         t0 = time.perf_counter()
         end = t0 + seconds
-        while time.perf_counter() < end:
-            drv.reap_tx()
-            room = drv.tr.queues[1].num_free()
-            if room >= 32:
-                drv.send_many([seq_frame(peer_mac, drv.mac, 9, seq + i, size) for i in range(32)])
-                seq += 32
-            else:
-                time.sleep(0.0002)  # a guest would wait for the used-buffer interrupt; let the device run
-        while drv.tx_in_flight():
-            drv.reap_tx()
-            time.sleep(0.0002)
+        if driver == "fixed":
+            ff = FixedFrames(drv, 256, size, peer_mac)
+            while time.perf_counter() < end:
+                ff.reap()
+                if ff.idle() >= 32:
+                    ff.send()
+                else:
+                    time.sleep(0.0001)  # (the device runs on the kick: nothing to wait for but the pool, if any)
+            while ff.in_flight():
+                ff.reap()
+                time.sleep(0.0001)
+            seq = ff.sent
+            ff.close()
+        else:
+            while time.perf_counter() < end:
+                drv.reap_tx()
+                room = drv.tr.queues[1].num_free()
+                if room >= 32:
+                    drv.send_many([seq_frame(peer_mac, drv.mac, 9, seq + i, size) for i in range(32)])
+                    seq += 32
+                else:
+                    time.sleep(0.0002)  # a guest would wait for the used-buffer interrupt; let the device run
+            while drv.tx_in_flight():
+                drv.reap_tx()
+                time.sleep(0.0002)
         dt = time.perf_counter() - t0
-        peer.wait_count(drv.mac, seq, 2.0)
-        return seq, peer.count_from(drv.mac), dt
+        out, _ = sink.communicate(timeout=60)  # stdin closes: it counts what is still coming, then reports
+        report = json.loads(out.strip().splitlines()[-1])
+        if report["duplicates"] or report["reordered"]:
+            raise RuntimeError(f"the peer saw frames twice or out of order: {report}")
+        return seq, int(report["frames"]), dt
     finally:
+        if sink is not None and sink.poll() is None:
+            sink.kill()
         vm.close()
-        peer.close()
-        sw.stop()
+        sw.terminate()
+        sw.wait(10)
 
 
 def _net_hop_costs(n: int = 20000) -> dict[str, float]:
@@ -475,23 +517,26 @@ def _net_mig_times(inflight: int) -> dict[str, float | int]:
 
 
 def bench_net() -> list[str]:
-    lines = ["virtio-net VF -> embedded UDP switch -> peer (guest driver, 1 TX queue of 256, batches of 32;",
-             "  the switch and the peer on threads of this process; TX 'pool': each send on the device's back-end",
-             "  thread, the VF default; 'inline': sent on the kick's path, as vhost-user-net runs it)"]
-    lines.append(f"  {'frame':<10}{'TX':<8}{'VF pps':>12}{'VF Mbit/s':>12}{'delivered':>11}{'raw UDP pps':>14}{'ratio':>8}")
+    lines = ["virtio-net VF -> embedded UDP switch -> peer (1 TX queue of 256; the switch and the peer each its own",
+             "  process; TX 'pool': each send on the device's back-end thread, the VF default; 'inline': sent on the",
+             "  kick's path, as vhost-user-net runs it -- by the C fast path, as one burst a kick; driver 'general':",
+             "  NetDriver.send_many, every frame placed anew; 'fixed': FixedFrames, placed once, reposted)"]
+    lines.append(f"  {'frame':<8}{'TX':<8}{'driver':<9}{'VF sent pps':>13}{'peer pps':>11}{'Mbit/s':>9}{'delivered':>11}"
+                 f"{'raw UDP pps':>13}{'ratio':>7}")
     for size in (64, 1514):
         raw, rdt = _raw_udp_pps(size, NET_SECONDS)
         raw_pps = raw / rdt
-        for tx, inline in (("pool", 0), ("inline", 2048)):
-            sent, got, dt = _vf_to_peer(size, NET_SECONDS, inline)
+        for tx, inline, driver in (("pool", 0, "general"), ("inline", 2048, "general"), ("inline", 2048, "fixed")):
+            sent, got, dt = _vf_to_peer(size, NET_SECONDS, inline, driver)
             pps = got / dt
             lines.append(
-                f"  {size:>4} B    {tx:<8}{pps:>12,.0f}{pps * size * 8 / 1e6:>12.1f}{got / max(sent, 1):>10.1%}"
-                f"{raw_pps:>14,.0f}{pps / raw_pps:>8.3f}"
+                f"  {size:>4} B  {tx:<8}{driver:<9}{sent / dt:>13,.0f}{pps:>11,.0f}{pps * size * 8 / 1e6:>9.1f}"
+                f"{got / max(sent, 1):>10.1%}{raw_pps:>13,.0f}{pps / raw_pps:>7.3f}"
             )
     h = _net_hop_costs()
     floor = 2 * h["sendto"] + 2 * h["recv"]
     cores = os.cpu_count() or 1
+    lines.append("  one frame a datagram (what the Python path sends):")
     lines.append(f"  CPU per 64 B frame, us: loopback sendto {h['sendto']:.1f}, recv {h['recv']:.1f}; switch forward "
                  f"{h['switch']:.1f} (rules + its sendto); VF driver + device {h['vf']:.1f} (inline TX, incl. its sendto)")
     lines.append(f"  the path's kernel work alone (2 sendto + 2 recv) is {floor:.1f} us a frame: at most "

@@ -34,6 +34,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from virtio_lm.errors import (
     CommandTimeoutError,
     ControlCommandError,
@@ -51,6 +53,7 @@ from virtio_lm.wire.ctrl import Ack, decode_response
 from virtio_lm.wire.features import Feature, ProposalFeature, bit
 from virtio_lm.wire.net import (
     ETH_ALEN,
+    ETH_HLEN,
     NET_HDR_SIZE,
     AnnounceCmd,
     CtrlClass,
@@ -69,7 +72,9 @@ from virtio_lm.wire.net import (
     encode_mq_pairs,
     encode_rx_onoff,
     encode_vlan_id,
+    eth_header,
 )
+from virtio_lm.wire.netstate import ETHERTYPE_SEQ, SEQ_MAGIC, SEQ_PAYLOAD_DTYPE, SeqPayload
 
 _F = NetFeature
 DEFAULT_WANTED = (
@@ -132,6 +137,7 @@ class NetDriver:
         self.counters: dict[str, int] = {}
         self._config_changed = threading.Event()
         self.interrupts: dict[int, int] = {}
+        self._lent: set[int] = set()  # transmit queues a FixedFrames owns for now
 
     # ================================================================== helpers
     def has(self, feature: int) -> bool:
@@ -213,9 +219,33 @@ class NetDriver:
         return False
 
     # ================================================================== transmit
+    def lend_tx(self, pair: int) -> DriverQueue:
+        """Hand transmitq ``pair`` to another owner (:class:`FixedFrames`) until :meth:`return_tx`:
+        meanwhile :meth:`send` refuses it, :meth:`reap_tx` leaves it alone and :meth:`save` is
+        refused.  Refused (DriverError) for a pair not set up, lent already, or with frames of the
+        driver's own in flight."""
+        q = self.tx_queue(pair)
+        if not 0 <= pair < self.max_pairs or q not in self.tr.queues or q in self._lent:
+            raise DriverError(f"transmitq{pair + 1} is not set up or is already lent")
+        dq = self.tr.queues[q]
+        if dq.in_flight():
+            raise DriverError(f"transmitq{pair + 1} has {dq.in_flight()} frames of the driver's own in flight")
+        self._lent.add(q)
+        return dq
+
+    def return_tx(self, pair: int) -> None:
+        """End :meth:`lend_tx` (the borrower has nothing in flight on it)."""
+        self._lent.discard(self.tx_queue(pair))
+
+    def _own_tx(self, pair: int) -> int:
+        q = self.tx_queue(pair)
+        if q in self._lent:
+            raise DriverError(f"transmitq{pair + 1} is lent to fixed frames")
+        return q
+
     def send(self, frame: bytes, *, pair: int = 0, hdr: NetHdrV1 | None = None) -> int:
         """Queue one frame on transmitq ``pair`` and kick; returns the chain head."""
-        q = self.tx_queue(pair)
+        q = self._own_tx(pair)
         dq = self.tr.queues[q]
         if dq.num_free() == 0:
             self.reap_tx()
@@ -231,7 +261,7 @@ class NetDriver:
 
     def send_many(self, frames: list[bytes], *, pair: int = 0) -> None:
         """Queue several frames with one publish + kick."""
-        q = self.tx_queue(pair)
+        q = self._own_tx(pair)
         dq = self.tr.queues[q]
         for frame in frames:
             if dq.num_free() == 0:
@@ -249,6 +279,8 @@ class NetDriver:
     def reap_tx(self) -> int:
         n = 0
         for p in range(self.max_pairs):
+            if self.tx_queue(p) in self._lent:
+                continue  # its FixedFrames reaps it
             for token, _ in self.tr.queues[self.tx_queue(p)].get_all_used():
                 kind, buf = token  # type: ignore[misc]
                 if kind != "tx":
@@ -360,7 +392,10 @@ class NetDriver:
 
     # ================================================================== migration handover
     def save(self) -> NetDriverState:
-        """The driver's bookkeeping, detached from memory (it moves with the VM)."""
+        """The driver's bookkeeping, detached from memory (it moves with the VM).  Refused
+        (DriverError) while a transmit queue is lent to :class:`FixedFrames`: close them first."""
+        if self._lent:
+            raise DriverError("transmit queues are lent to fixed frames: close them before saving")
         ring_alloc = self.ring_alloc.clone()
         return NetDriverState(
             features=self.features,
@@ -452,3 +487,101 @@ class NetDriver:
         drv.curr_pairs = state.curr_pairs
         drv.counters = dict(state.counters)
         return drv
+
+
+class FixedFrames:
+    """``count`` sequence-numbered frames of ``size`` bytes from this driver's MAC to ``dst`` on
+    transmitq ``pair``, placed once and reused (a traffic generator's fixed buffers): the device
+    bench's driver, which must cost the device's own figures little.
+
+    At construction each slot gets a buffer -- the ``virtio_net_hdr_v1`` (all zero) and the frame,
+    an Ethernet header (ethertype ETHERTYPE_SEQ) and a :class:`~virtio_lm.wire.netstate.SeqPayload`
+    (``stream``), zero-padded -- all slots side by side in one allocation, and a standing chain
+    (:meth:`DriverQueue.add_standing`).  The queue is lent to this object until :meth:`close`.
+    :meth:`send` writes the next sequence numbers into idle slots' frames in one array store and
+    posts their chains; :meth:`reap` takes the completed ones back.  Every write goes through the
+    driver's CPU port, as :meth:`NetDriver.send`'s do.
+    """
+
+    def __init__(self, drv: NetDriver, count: int, size: int, dst: bytes, *, stream: int = 9, pair: int = 0) -> None:
+        if count < 1 or not ETH_HLEN + SeqPayload.SIZE <= size <= 65535 - 64:  # type: ignore[attr-defined]
+            raise DriverError(f"{count} frames of {size} bytes: need at least one, of {ETH_HLEN + 16}..65471 bytes")
+        if len(dst) != ETH_ALEN:
+            raise DriverError("dst must be a 6-byte MAC")
+        self.drv, self.count, self.size, self.pair = drv, count, size, pair
+        self._dq = dq = drv.lend_tx(pair)
+        self._stride = (NET_HDR_SIZE + size + 15) & ~15
+        self._bufs = -1
+        heads: list[int] = []
+        try:
+            self._bufs = drv.buf_alloc.alloc(count * self._stride, 4096)
+            frame = (NetHdrV1().encode() + eth_header(bytes(dst), drv.mac, ETHERTYPE_SEQ)
+                     + SeqPayload(SEQ_MAGIC, stream, 0).encode()).ljust(self._stride, b"\0")
+            drv.port.write(self._bufs, frame * count)
+            for i in range(count):
+                heads.append(dq.add_standing([Segment(self._bufs + i * self._stride, NET_HDR_SIZE + size)], [], token=i))
+        except BaseException:
+            for h in heads:
+                dq.release_standing(h)
+            if self._bufs >= 0:
+                drv.buf_alloc.free(self._bufs)
+            drv.return_tx(pair)
+            raise
+        self._heads = np.asarray(heads, dtype=np.int64)
+        self._idle: list[int] = list(range(count))
+        self.next_seq = 0
+        self.sent = 0
+        self.completed = 0
+        self._closed = False
+        # the records a send writes: each slot's SeqPayload, at the same offset in every stride
+        self._seq_dtype = np.dtype({"names": ["seq"], "formats": [SEQ_PAYLOAD_DTYPE["seq"]],
+                                    "offsets": [NET_HDR_SIZE + ETH_HLEN + SEQ_PAYLOAD_DTYPE.fields["seq"][1]],
+                                    "itemsize": self._stride})
+
+    def idle(self) -> int:
+        return len(self._idle)
+
+    def in_flight(self) -> int:
+        return self.count - len(self._idle)
+
+    def send(self, n: int | None = None, *, kick: bool = True) -> int:
+        """Send the next sequence numbers in up to ``n`` idle slots (all idle ones by default);
+        how many went."""
+        if self._closed:
+            raise DriverError("fixed frames are closed")
+        k = len(self._idle) if n is None else min(n, len(self._idle))
+        if not k:
+            return 0
+        slots = self._idle[:k]
+        del self._idle[:k]
+        try:
+            with self.drv.port.modify(self._bufs, self.count * self._stride) as raw:
+                raw.view(self._seq_dtype)["seq"][slots] = np.arange(self.next_seq, self.next_seq + k, dtype=np.uint64)
+            self._dq.post(self._heads[slots].tolist())
+        except BaseException:
+            self._idle[:0] = slots
+            raise
+        self.next_seq += k
+        self.sent += k
+        if kick:
+            self.drv.tr.kick(self.drv.tx_queue(self.pair))
+        return k
+
+    def reap(self) -> int:
+        """Take every completed frame's slot back; how many."""
+        done = self._dq.take_used()
+        self._idle.extend(t for t, _ in done)  # type: ignore[misc]
+        self.completed += len(done)
+        return len(done)
+
+    def close(self) -> None:
+        """Give the queue back and free the slots; refused (DriverError) while frames are in flight."""
+        if self._closed:
+            return
+        if self.in_flight():
+            raise DriverError(f"{self.in_flight()} fixed frames are in flight")
+        for h in self._heads.tolist():
+            self._dq.release_standing(h)
+        self.drv.buf_alloc.free(self._bufs)
+        self.drv.return_tx(self.pair)
+        self._closed = True

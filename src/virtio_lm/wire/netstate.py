@@ -22,6 +22,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import numpy as np
+
 from virtio_lm.errors import FieldValueError, ShortBufferError
 from virtio_lm.wire.codec import layout, read_u16, reserved, u16
 from virtio_lm.wire.net import VLAN_ID_LIMIT
@@ -105,6 +107,10 @@ def decode_vlans(data: bytes | bytearray | memoryview) -> frozenset[int]:
 # ------------------------------------------------------------------ test traffic
 SEQ_MAGIC = 0x564C4D53  # "SMLV"
 ETHERTYPE_SEQ = 0x88B5  # IEEE 802 local experimental ethertype 1
+
+
+#: :class:`SeqPayload` as a numpy record (many frames' sequence numbers written at once)
+SEQ_PAYLOAD_DTYPE = np.dtype([("magic", "<u4"), ("stream", "<u4"), ("seq", "<u8")])
 
 
 @layout("<IIQ")

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from virtio_lm.errors import FieldValueError, ShortBufferError
 from virtio_lm.wire.codec import read_u16, u16
 from virtio_lm.wire.net import ETH_HLEN
@@ -37,6 +39,7 @@ __all__ = [
     "MAX_DATAGRAM",
     "MAX_FRAME",
     "decode_frames",
+    "frames_array",
     "frame_message",
     "hello_message",
     "pack_frames",
@@ -127,3 +130,18 @@ def decode_frames(body: bytes | bytearray | memoryview) -> list[bytes]:
         out.append(bytes(mv[pos : pos + length]))
         pos += length
     return out
+
+
+def frames_array(body: bytes | bytearray | memoryview, size: int) -> np.ndarray | None:
+    """A FRAMES body whose records all carry ``size``-byte frames, as an ``(n, size)`` uint8 array
+    (a view of ``body``: a burst decoded in one step); ``None`` when it is not one (other lengths,
+    or not whole records -- :func:`decode_frames` then decodes or refuses it)."""
+    stride = RECORD_HDR + size
+    n = len(body)
+    if size < ETH_HLEN or n == 0 or n % stride:
+        return None
+    rec = np.frombuffer(body, dtype=np.uint8).reshape(-1, stride)
+    lengths = rec[:, :RECORD_HDR].copy().view("<u2").ravel()
+    if not (lengths == size).all():
+        return None
+    return rec[:, RECORD_HDR:]
