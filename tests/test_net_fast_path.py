@@ -275,3 +275,68 @@ def test_tx_refuses_bad_arguments() -> None:
         assert r[:2] == (netfast.STOP_EMPTY, 0) and r[5] == [] and r[6] == 0
     finally:
         mem.close()
+
+
+# ====================================================================== FixedFrames, the bench's driver
+@pytest.mark.parametrize("fast", [True, False], ids=["c-fast-path", "python"])
+def test_fixed_frames_go_out_numbered_in_order(fast) -> None:
+    from virtio_lm.drivers.net_driver import FixedFrames
+    from virtio_lm.net.peer import parse_seq
+
+    vf = Vf(fast=fast)
+    try:
+        ff = FixedFrames(vf.drv, 16, 64, PEER, stream=5)
+        for _ in range(5):
+            ff.send()
+            assert vf.dev.wait_idle(10)
+            assert ff.reap() == 16
+        got = [parse_seq(f) for f in vf.port.sent]
+        assert [g[3] for g in got] == list(range(80))  # type: ignore[index]
+        assert all(g[:3] == (PEER, vf.drv.mac, 5) for g in got)  # type: ignore[index]
+        assert all(len(f) == 64 for f in vf.port.sent)
+        assert (vf.dev.fast_served == 80) is fast
+        ff.close()
+    finally:
+        vf.close()
+
+
+def test_a_lent_transmit_queue_is_left_alone_until_closed() -> None:
+    from virtio_lm.drivers.net_driver import FixedFrames
+    from virtio_lm.errors import DriverError
+
+    vf = Vf(fast=True)
+    try:
+        drv = vf.drv
+        ff = FixedFrames(drv, 4, 64, PEER)
+        with pytest.raises(DriverError):
+            FixedFrames(drv, 4, 64, PEER)
+        with pytest.raises(DriverError):
+            drv.send(bytes(64))
+        ff.send(2, kick=False)
+        with pytest.raises(DriverError):
+            drv.save()
+        with pytest.raises(DriverError):
+            ff.close()  # two in flight
+        drv.tr.kick(TXQ)
+        assert drv.reap_tx() == 0  # the lent queue's completions are ff's
+        assert ff.reap() == 2 and ff.in_flight() == 0
+        ff.close()
+        drv.save()
+        drv.send(PEER + drv.mac + bytes(52))  # the queue is the driver's again
+        assert vf.port.sent[-1][:6] == PEER
+    finally:
+        vf.close()
+
+
+@pytest.mark.parametrize("count, size, dst", [(0, 64, PEER), (4, 20, PEER), (4, 65472, PEER), (4, 64, b"\x01")])
+def test_fixed_frames_refuse_bad_shapes_and_lend_nothing(count, size, dst) -> None:
+    from virtio_lm.drivers.net_driver import FixedFrames
+    from virtio_lm.errors import DriverError
+
+    vf = Vf(fast=True)
+    try:
+        with pytest.raises(DriverError):
+            FixedFrames(vf.drv, count, size, dst)
+        FixedFrames(vf.drv, 4, 64, PEER).close()
+    finally:
+        vf.close()
