@@ -184,3 +184,5 @@ def test_udp_both_ways_multiqueue_and_live_migration_with_traffic(assets, tmp_pa
     assert sb.get("rarps", 0) >= 1 and sb["device"].get("self_announce", 0) >= 1, sb
     assert sb["device"].get("tx_q3", 0) > 0 and sb["device"].get("rx_q2", 0) > 0, sb
     assert not sa.get("refusals") and not sb.get("refusals"), (sa, sb)
+    # the guest's frames were sent by the C transmit fast path (inline, as --inline-max allows)
+    assert sa.get("fast", 0) > 0 and sb.get("fast", 0) > 0, (sa, sb)

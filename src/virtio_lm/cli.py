@@ -456,10 +456,12 @@ def _wait_for(done: threading.Event) -> None:
               help="Offer VIRTIO_NET_F_GUEST_ANNOUNCE (the guest announces itself; QEMU then sends no SEND_RARP).")
 @click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False),
               help="Write the device's counters (JSON) here at exit.")
+@click.option("--no-fast-path", is_flag=True,
+              help="Send every frame through the Python path, not the C transmit fast path (a baseline for benches).")
 @click.option("--unsafe-no-dirty-log", is_flag=True, hidden=True,
               help="Negative control for tests: offer LOG_ALL but never write the dirty log.")
 def vhost_user_net(socket_path: str, switch_: str | None, tap: str | None, queues: int, inline_max: int,
-                   guest_announce: bool, stats_path: str | None, unsafe_no_dirty_log: bool) -> None:
+                   guest_announce: bool, stats_path: str | None, no_fast_path: bool, unsafe_no_dirty_log: bool) -> None:
     """Serve the virtio-net device model to a vhost-user front-end (QEMU), with dirty logging."""
     from virtio_lm.devices.net import NetDevice
     from virtio_lm.net.backends import NetBackend, TapBackend, UdpSwitchPort
@@ -480,6 +482,7 @@ def vhost_user_net(socket_path: str, switch_: str | None, tap: str | None, queue
     without = 0 if guest_announce else bit(NetFeature.GUEST_ANNOUNCE)
     device = NetDevice(port, max_pairs=queues, queue_max_size=1024, without=without)
     device.inline_max = inline_max
+    device.fast_path = not no_fast_path
     backend = VhostUserNetBackend(device, log_writes=not unsafe_no_dirty_log)
     server = VhostUserServer(socket_path, device, backend=backend)
     server.listen()
@@ -488,7 +491,8 @@ def vhost_user_net(socket_path: str, switch_: str | None, tap: str | None, queue
     server.start()
     _wait_for(done)
     server.close()
-    stats = {"device": dict(device.stats), "rarps": backend.rarps, "connections": server.connections,
+    stats = {"device": dict(device.stats), "fast": device.fast_served, "rarps": backend.rarps,
+             "connections": server.connections,
              "refusals": server.refusals}
     device.close()
     if stats_path:
