@@ -36,6 +36,7 @@ HARNESSES = (
     "qmp_input",
     "vfio_user",
     "blk_fast_path",
+    "net_fast_path",
 )
 
 

@@ -166,6 +166,23 @@ def blk_fast_path() -> dict[str, bytes]:
     }
 
 
+# ------------------------------------------------------------------ net_fast_path
+def net_fast_path() -> dict[str, bytes]:
+    N, I = DescFlags.NEXT, DescFlags.INDIRECT
+    head = bytes([0b0000_0111, 4]) + u16(0) + u16(0) + u16(0) + u16(2048) + bytes([255])  # EVENT_IDX, size 16
+    frame = bytes(12) + bytes.fromhex("02aabbccdd01525400123456") + b"\x88\xb5" + bytes(50)
+    two = [VirtqDesc(0x3000, len(frame), 0, 0), VirtqDesc(0x3100, 12, N, 2), VirtqDesc(0x10000, 100, 0, 0)]
+    table = VirtqDesc(0x3000, 12, N, 1).encode() + VirtqDesc(0x300C, len(frame) - 12, 0, 0).encode()
+    offload = bytes([1]) + frame[1:]
+    return {
+        "two-frames": head + blk_region(two, [0, 1], {0x3000: frame}),
+        "indirect-frame": head + blk_region([VirtqDesc(0x3400, len(table), I, 0)], [0], {0x3000: frame, 0x3400: table}),
+        "offload-then-frame": head + blk_region([VirtqDesc(0x3200, len(offload), 0, 0), VirtqDesc(0x3000, len(frame), 0, 0)],
+                                                [1, 0], {0x3000: frame, 0x3200: offload}),
+        "loop": head + blk_region([VirtqDesc(0x3000, 12, N, 1), VirtqDesc(0x3000, 64, N, 0)], [0], {0x3000: frame}),
+    }
+
+
 # ------------------------------------------------------------------ stream_sections
 class Clock:
     def __init__(self) -> None:
@@ -288,7 +305,7 @@ def vfio_user() -> dict[str, bytes]:
 SEEDS = {
     "ctrl_queue": ctrl_queue, "state_image": state_image, "virtqueue_chain": virtqueue_chain,
     "stream_sections": stream_sections, "vhost_user": vhost_user, "qmp_input": qmp_input,
-    "vfio_user": vfio_user, "blk_fast_path": blk_fast_path,
+    "vfio_user": vfio_user, "blk_fast_path": blk_fast_path, "net_fast_path": net_fast_path,
 }
 
 

@@ -179,3 +179,19 @@ def test_blk_fast_path_catches_a_write_it_was_not_told_of(monkeypatch) -> None:
     monkeypatch.setattr(mod.blkfast, "run", run_and_write_unreported)
     with pytest.raises(AssertionError, match="was not reported"):
         mod.TestOneInput(seed("blk_fast_path", "read-and-write"))
+
+
+def test_net_fast_path_catches_a_write_it_was_not_told_of(monkeypatch) -> None:
+    from virtio_lm.devices import netfast
+
+    mod = harness("net_fast_path")
+    real = netfast.tx
+
+    def tx_and_write_unreported(regions, queue, max_frame, max_chains):
+        out = real(regions, queue, max_frame, max_chains)
+        regions[1][1][0x3000] ^= 0xFF  # a byte of region B no reported write covers
+        return out
+
+    monkeypatch.setattr(mod.netfast, "tx", tx_and_write_unreported)
+    with pytest.raises(AssertionError, match="was not reported"):
+        mod.TestOneInput(seed("net_fast_path", "two-frames"))
