@@ -521,17 +521,30 @@ def bench_net() -> list[str]:
              "  process; TX 'pool': each send on the device's back-end thread, the VF default; 'inline': sent on the",
              "  kick's path, as vhost-user-net runs it -- by the C fast path, as one burst a kick; driver 'general':",
              "  NetDriver.send_many, every frame placed anew; 'fixed': FixedFrames, placed once, reposted)"]
-    lines.append(f"  {'frame':<8}{'TX':<8}{'driver':<9}{'VF sent pps':>13}{'peer pps':>11}{'Mbit/s':>9}{'delivered':>11}"
+    lines.append(f"  {SAMPLES} sample(s) of {NET_SECONDS:g} s each, interleaved: median [min-max] of the peer's pps; the "
+                 f"other columns are medians")
+    lines.append(f"  {'frame':<8}{'TX':<8}{'driver':<9}{'VF sent pps':>13}{'peer pps':>30}{'Mbit/s':>9}{'delivered':>11}"
                  f"{'raw UDP pps':>13}{'ratio':>7}")
+    cases = (("pool", 0, "general"), ("inline", 2048, "general"), ("inline", 2048, "fixed"))
     for size in (64, 1514):
-        raw, rdt = _raw_udp_pps(size, NET_SECONDS)
-        raw_pps = raw / rdt
-        for tx, inline, driver in (("pool", 0, "general"), ("inline", 2048, "general"), ("inline", 2048, "fixed")):
-            sent, got, dt = _vf_to_peer(size, NET_SECONDS, inline, driver)
-            pps = got / dt
+        raws: list[float] = []
+        runs: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(cases))}
+        for _ in range(SAMPLES):
+            raw, rdt = _raw_udp_pps(size, NET_SECONDS)
+            raws.append(raw / rdt)
+            for i, (_, inline, driver) in enumerate(cases):
+                sent, got, dt = _vf_to_peer(size, NET_SECONDS, inline, driver)
+                runs[i].append((sent / dt, got / dt, got / max(sent, 1)))
+        raw_pps = float(np.median(raws))
+        for i, (tx, _, driver) in enumerate(cases):
+            sent_pps = float(np.median([r[0] for r in runs[i]]))
+            peer = [r[1] for r in runs[i]]
+            pps = float(np.median(peer))
+            spread = f"{pps:,.0f} [{min(peer):,.0f}-{max(peer):,.0f}]"
+            delivered = float(np.median([r[2] for r in runs[i]]))
             lines.append(
-                f"  {size:>4} B  {tx:<8}{driver:<9}{sent / dt:>13,.0f}{pps:>11,.0f}{pps * size * 8 / 1e6:>9.1f}"
-                f"{got / max(sent, 1):>10.1%}{raw_pps:>13,.0f}{pps / raw_pps:>7.3f}"
+                f"  {size:>4} B  {tx:<8}{driver:<9}{sent_pps:>13,.0f}{spread:>30}{pps * size * 8 / 1e6:>9.1f}"
+                f"{delivered:>10.1%}{raw_pps:>13,.0f}{pps / raw_pps:>7.3f}"
             )
     h = _net_hop_costs()
     floor = 2 * h["sendto"] + 2 * h["recv"]
@@ -554,7 +567,7 @@ def bench_net() -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """``[--seconds S] [--samples N] [SECTION...]``: the sections (blk, net), each measurement S
-    seconds long (default 1), the blk table from N interleaved samples (default 1)."""
+    seconds long (default 1), the throughput tables from N interleaved samples (default 1)."""
     global SECONDS, NET_SECONDS, SAMPLES
     argv = list(sys.argv[1:] if argv is None else argv)
     while argv[:1] in (["--seconds"], ["--samples"]):
