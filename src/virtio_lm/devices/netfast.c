@@ -116,7 +116,7 @@ static int serve(tx_t *t, const mem_t *m, chain_t *c, log_t *lg)
             break;
         }
         /* the header's first two bytes (flags, gso_type), then the frame */
-        uint8_t hdr[2];
+        uint8_t hdr[2] = {0xFF, 0xFF}; /* (always filled: rlen >= NETHDR) */
         int got = 0;
         uint8_t *dst = t->buf + t->fill;
         for (int i = 0; i < c->nr && got < 2; i++)
