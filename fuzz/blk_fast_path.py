@@ -65,7 +65,7 @@ def TestOneInput(data: bytes) -> None:
     queue = (size, 0x0, 0x1000, 0x2000, last_avail, cache if flags & 0x80 else -1, used_idx,
              bool(flags & 1), bool(flags & 2), bool(flags & 4))
     dev = (image_fd(), IMAGE // 512, 512, seg_max if flags & 8 else 0, size_max if flags & 16 else 0,
-           (1 << 20) - 1, bool(flags & 32), bool(flags & 64))
+           (1 << 20) - 1, bool(flags & 32), bool(flags & 64), 256 << 10)
     journal = (hdr, desc, 1, *JOURNAL_LAYOUT) if flags & 0x80 else None
 
     out = blkfast.run(((0, a), (GPA_B, b)), queue, dev, journal)

@@ -75,6 +75,7 @@ class Rig:
         dev.direct_dma = True
         dev.fast_path = fast
         dev.inline_max = 1 << 30  # every request on the kick's path: completions in avail order on both
+        dev.fast_threads_min = 256 << 10  # batches of this test's small image reach the pool too
         self.dev = dev
         self.be = be = VhostUserBackend(dev, log_writes=True)
         be.handle(msg(Request.SET_FEATURES, u64b(bit(Feature.VERSION_1) | PROTO | LOG_ALL | features)))
@@ -522,11 +523,11 @@ def test_mutated_guest_memory_never_escapes_the_regions(which, flips, head) -> N
 def test_run_refuses_bad_arguments_and_writes_nothing() -> None:
     mem = np.zeros(1 << 16, np.uint8)
     q = (16, 0x0, 0x1000, 0x2000, 0, -1, 0, False, True, True)
-    dev = (-1, 100, 512, 0, 0, 1 << 20, False, True)
+    dev = (-1, 100, 512, 0, 0, 1 << 20, False, True, 256 << 10)
     with pytest.raises(ValueError, match="out of range"):
         blkfast.run(((0, mem),), (12,) + q[1:], dev, None)  # not a power of two
     with pytest.raises(ValueError, match="out of range"):
-        blkfast.run(((0, mem),), q, (-1, 100, 1000, 0, 0, 1 << 20, False, True), None)
+        blkfast.run(((0, mem),), q, (-1, 100, 1000, 0, 0, 1 << 20, False, True, 256 << 10), None)
     with pytest.raises(BufferError):
         blkfast.run(((0, bytes(1 << 16)),), q, dev, None)  # a read-only buffer
     with pytest.raises(TypeError):
@@ -547,6 +548,6 @@ def test_run_refuses_bad_arguments_and_writes_nothing() -> None:
 def test_rings_outside_the_regions_leave_everything_to_the_python_path() -> None:
     mem = np.zeros(1 << 12, np.uint8)
     q = (16, 0x0, 0x1000, 0x2000, 0, -1, 0, False, True, True)  # avail and used past the region's end
-    r = blkfast.run(((0, mem),), q, (-1, 100, 512, 0, 0, 1 << 20, False, True), None)
+    r = blkfast.run(((0, mem),), q, (-1, 100, 512, 0, 0, 1 << 20, False, True, 256 << 10), None)
     assert r[0] == blkfast.STOP_SLOW and r[1] == 0
     assert not mem.any()

@@ -262,6 +262,11 @@ class BlkDevice(QueueDevice):
         #: serve reads and writes in C where it can (:meth:`fast_batch`); off: every chain
         #: takes the Python path (the bench's baseline, the fast path's differential tests)
         self.fast_path = True
+        #: a fast-path batch moving at least this many bytes shares its I/O with a pool of 3
+        #: threads; smaller ones run on the notification's thread.  4 MiB: measured on
+        #: 2026-12-04 (rotated A/B runs), threads from 256 KiB up made a guest's 1 MiB
+        #: sequential dd 6-14 % slower than none (docs/decisions.md)
+        self.fast_threads_min = 4 << 20
         self.fast_served = 0  # chains the C fast path served
 
     # ================================================================== features / config
@@ -333,7 +338,7 @@ class BlkDevice(QueueDevice):
         neg = fn.negotiated
         dev = (self.fd, self.capacity, self.blk_size, self.seg_max if neg & _SEG_MAX_BIT else 0,
                self.size_max if neg & _SIZE_MAX_BIT else 0, MAX_TRANSFER, self.read_only,
-               bool(neg & _FLUSH_BIT))  # fmt: skip
+               bool(neg & _FLUSH_BIT), self.fast_threads_min)  # fmt: skip
         with port.pinned() as regions:
             if regions is None:
                 return None

@@ -7,7 +7,7 @@
  * header, check it, record it in the inflight journal); do every request's
  * preadv / pwritev between the image and guest memory, cut into units of at
  * most 128 KiB that the caller and 3 pool threads share when the batch moves
- * 256 KiB or more (a guest's 1 MiB read arrives as a few requests at once),
+ * at least the caller's threads_min bytes (BlkDevice.fast_threads_min),
  * else all on the caller's thread; then complete them in the order taken
  * (status byte, used element, used idx, journal).  It serves only the
  * common case, exactly as the Python path would:
@@ -148,6 +148,7 @@ typedef struct {
     int fd;
     uint64_t capacity, blk_size, seg_max, size_max, max_transfer;
     int read_only, flush;
+    uint64_t par_min; /* bytes in a batch before its units are spread over threads */
     /* journal (inflight region), optional */
     uint8_t *jhdr, *jdesc;
     uint64_t counter;
@@ -176,7 +177,6 @@ typedef struct {
 #define SEG_POOL 4096
 #define MAX_UNITS 512
 #define CHUNK (128u << 10) /* an op's I/O is cut into units of at most this many bytes */
-#define PAR_MIN (256u << 10) /* bytes in a batch before its units are spread over threads */
 #define PAR_THREADS 4 /* the caller and 3 workers */
 
 typedef struct {
@@ -252,9 +252,9 @@ static void *pool_worker(void *arg)
 }
 
 /* Phase 2: every unit's I/O; offered to the workers when the batch moves enough bytes. */
-static void run_io(batch_t *b, int fd, int nunits, uint64_t bytes)
+static void run_io(batch_t *b, int fd, int nunits, uint64_t bytes, uint64_t par_min)
 {
-    if (nunits < 2 || bytes < PAR_MIN || pthread_mutex_trylock(&pool_user) != 0) {
+    if (nunits < 2 || bytes < par_min || pthread_mutex_trylock(&pool_user) != 0) {
         for (int i = 0; i < nunits; i++)
             do_unit(b, fd, i);
         return;
@@ -421,7 +421,7 @@ static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
     }
     /* --- phase 2: the I/O --- */
     if (nunits)
-        run_io(b, t->fd, nunits, bytes);
+        run_io(b, t->fd, nunits, bytes, t->par_min);
     /* --- phase 3: complete in the order taken --- */
     for (int i = 0; i < nops; i++) {
         op_t *o = &b->ops[i];
@@ -498,7 +498,8 @@ PyDoc_STRVAR(run_doc,
 "regions: ((gpa, writable buffer), ...)\n"
 "queue: (size (a power of two <= 32768), desc (16-aligned), avail (2-aligned), used (4-aligned), last_avail,\n"
 "    avail_cache or -1, used_idx, event_idx, notifications, indirect_ok)\n"
-"device: (fd, capacity, blk_size, seg_max or 0, size_max or 0, max_transfer, read_only, flush)\n"
+"device: (fd, capacity, blk_size, seg_max or 0, size_max or 0, max_transfer, read_only, flush, threads_min)\n"
+"    threads_min: a batch moving at least this many bytes shares its I/O with the pool's threads\n"
 "journal: None or (header buffer, desc buffer, counter, last_batch_head offset, used_idx offset,\n"
 "    desc stride, inflight offset, next offset, counter offset)\n"
 "stop: 0 the ring is empty, 1 the next chain takes the Python path, 2 a queue's worth was served.\n"
@@ -511,12 +512,13 @@ static PyObject *run(PyObject *Py_UNUSED(self), PyObject *args)
     run_t t;
     memset(&t, 0, sizeof t);
     t.used_event = -1;
-    unsigned long long desc, avail, used, capacity, blk_size, seg_max, size_max, max_transfer;
+    unsigned long long desc, avail, used, capacity, blk_size, seg_max, size_max, max_transfer, par_min;
     unsigned int size, last_avail, used_idx;
     int avail_cache;
-    if (!PyArg_ParseTuple(args, "O!(IKKKIiIppp)(iKKKKKpp)O", &PyTuple_Type, &regions, &size, &desc, &avail, &used,
+    if (!PyArg_ParseTuple(args, "O!(IKKKIiIppp)(iKKKKKppK)O", &PyTuple_Type, &regions, &size, &desc, &avail, &used,
                           &last_avail, &avail_cache, &used_idx, &t.event_idx, &t.notifications, &t.indirect_ok, &t.fd,
-                          &capacity, &blk_size, &seg_max, &size_max, &max_transfer, &t.read_only, &t.flush, &journal))
+                          &capacity, &blk_size, &seg_max, &size_max, &max_transfer, &t.read_only, &t.flush, &par_min,
+                          &journal))
         return NULL;
     if (size == 0 || size > 32768 || (size & (size - 1)) || last_avail > 0xFFFF || used_idx > 0xFFFF ||
         avail_cache < -1 || avail_cache > 0xFFFF || blk_size < 512 || (blk_size & (blk_size - 1)) ||
@@ -536,6 +538,7 @@ static PyObject *run(PyObject *Py_UNUSED(self), PyObject *args)
     t.seg_max = seg_max;
     t.size_max = size_max;
     t.max_transfer = max_transfer;
+    t.par_min = par_min;
 
     mem_t m;
     Py_buffer views[MAX_REGIONS + 2];
