@@ -26,13 +26,13 @@ def switch():
     sw.stop()
 
 
-def make_hosts(tmp_path, switch, *, memory=32, blocks=64, profile="seed", blk_dma="buffered"):
+def make_hosts(tmp_path, switch, *, memory=32, blocks=64, profile="seed", blk_dma="buffered", net_tx="pool"):
     image = tmp_path / "disk.img"
     if not image.exists():
         with open(image, "wb") as f:
             f.truncate(4 << 20)
     spec = dict(name="vm0", memory_mib=memory, blk_image=str(image), blk_blocks=blocks, net_mac=MAC,
-                dirty_rate_mbps=16.0, blk_rate=300.0, net_rate=100.0, blk_dma=blk_dma)
+                dirty_rate_mbps=16.0, blk_rate=300.0, net_rate=100.0, blk_dma=blk_dma, net_tx=net_tx)
     src = Host(HostConfig(name="src", qmp=f"unix:{tmp_path}/src.qmp", vms=[VmSpec(**spec)], switch=switch,
                           profile=profile))
     dst = Host(HostConfig(name="dst", qmp=f"unix:{tmp_path}/dst.qmp", vms=[VmSpec(**spec)], switch=switch, incoming=True,
@@ -58,13 +58,15 @@ def migrate(src: Host, dst: Host, **params) -> dict:
     return info
 
 
-@pytest.mark.parametrize("blk_dma", ["buffered", "direct"])
+@pytest.mark.parametrize("fast", [False, True], ids=["python", "c-fast-paths"])
 @pytest.mark.parametrize("mode", ["pull-bitmap", "push-bitmap", "push-bytemap", "pull-bytemap"])
 @pytest.mark.slow  # 1.5 s each: out of the one-minute fast subset (CI runs it)
-def test_migration_in_each_tracking_mode_loses_nothing(tmp_path, switch, mode, blk_dma):
-    """Direct: the blk VF's reads and writes are served by the C fast path, whose writes of guest
-    memory reach the proposal's tracker through MemoryPort.tell_written."""
-    src, dst = make_hosts(tmp_path, switch, blk_dma=blk_dma)
+def test_migration_in_each_tracking_mode_loses_nothing(tmp_path, switch, mode, fast):
+    """C fast paths: the blk VF's reads and writes (blk-dma=direct) and the net VF's transmits
+    (net-tx=inline) are served in C; the blk path's writes of guest memory reach the proposal's
+    tracker through MemoryPort.tell_written, and the net VF's frames leave in bursts."""
+    blk_dma = "direct" if fast else "buffered"
+    src, dst = make_hosts(tmp_path, switch, blk_dma=blk_dma, net_tx="inline" if fast else "pool")
     try:
         time.sleep(0.5)
         info = migrate(src, dst, **{"x-tracking-mode": mode})
@@ -78,8 +80,8 @@ def test_migration_in_each_tracking_mode_loses_nothing(tmp_path, switch, mode, b
         assert report["passed"], report
         stats = report["checks"]["blk"]["stats"]
         assert stats["writes"] > 0 and stats["reads"] > 0
-        served = [v["x-fast-served"] for v in src.table.call("query-vfs") if v["kind"] == "blk"]
-        assert (served[0] > 0) is (blk_dma == "direct"), served
+        served = {v["kind"]: v["x-fast-served"] for v in src.table.call("query-vfs")}
+        assert (served["blk"] > 0) is fast and (served["net"] > 0) is fast, served
     finally:
         src.close()
         dst.close()

@@ -35,6 +35,9 @@ def test_blk_dma_knob():
     assert parse_vm_spec("name=a,blk-dma=direct").blk_dma == "direct"
     with pytest.raises(click.BadParameter):
         parse_vm_spec("name=a,blk-dma=fast")
+    assert parse_vm_spec("name=a").net_tx == "pool" and parse_vm_spec("name=a,net-tx=inline").net_tx == "inline"
+    with pytest.raises(click.BadParameter):
+        parse_vm_spec("name=a,net-tx=fast")
 
 
 def test_sweep_and_fill_regions():

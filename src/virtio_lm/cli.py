@@ -76,6 +76,7 @@ def parse_vm_spec(text: str) -> "VmSpec":
         "qd": ("blk_qd", int),
         "blk-rate": ("blk_rate", float),
         "blk-dma": ("blk_dma", str),
+        "net-tx": ("net_tx", str),
         "mac": ("net_mac", str),
         "peer": ("peer_mac", str),
         "net-rate": ("net_rate", float),
@@ -117,7 +118,7 @@ def switch_address(text: str) -> tuple[str, int]:
 @main.command()
 @click.option("--name", default="host", help="Host name (logs, memory names).")
 @click.option("--qmp", "qmp", default="tcp:127.0.0.1:4444", show_default=True, help="Monitor: unix:PATH or tcp:HOST:PORT.")
-@click.option("--vm", "vms", multiple=True, required=True, help="A VM: name=,memory=MiB,blk=IMAGE,blocks=,qd=,blk-rate=,blk-dma=buffered|direct,mac=,peer=,net-rate=,dirty-rate=MB/s|0|max,seed=,sweep=MiB,fill=MiB,dmatest=N (a DMA test VF with N FILLs in flight)")
+@click.option("--vm", "vms", multiple=True, required=True, help="A VM: name=,memory=MiB,blk=IMAGE,blocks=,qd=,blk-rate=,blk-dma=buffered|direct,mac=,peer=,net-rate=,net-tx=pool|inline,dirty-rate=MB/s|0|max,seed=,sweep=MiB,fill=MiB,dmatest=N (a DMA test VF with N FILLs in flight)")
 @click.option("--switch", default=None, help="The embedded switch, HOST:PORT (for net VFs).")
 @click.option("--incoming", is_flag=True, help="Start the VMs as shells waiting for migrate-incoming.")
 @click.option("--total-vfs", default=16, show_default=True, help="TotalVFs of the PF.")

@@ -164,7 +164,9 @@ def _net_device(spec: "VmSpec", ctx: DeviceContext) -> Any:
     backend = None
     if ctx.switch and not ctx.scratch:
         backend = UdpSwitchPort(ctx.switch, name=f"{spec.name}.net", host=ctx.bind)
-    return NetDevice(backend, mac=parse_mac(spec.net_mac))
+    dev = NetDevice(backend, mac=parse_mac(spec.net_mac))
+    dev.inline_max = 2048 if spec.net_tx == "inline" else 0
+    return dev
 
 
 def _net_boot(vm: "VirtualMachine", fn: VirtioPciFunction) -> GuestPart:

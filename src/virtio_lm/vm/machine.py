@@ -75,6 +75,10 @@ class VmSpec:
     #: buffer; QUIESCE never waits for it) or "direct" (zero-copy DMA: reads and writes served by
     #: the C fast path on the notification, QUIESCE waits for the batch running)
     blk_dma: str = "buffered"
+    #: how the net VF sends: "pool" (every frame on its back-end thread) or "inline" (frames up to
+    #: 2048 bytes on the kick's path when the back-end is ready: the C transmit fast path, a
+    #: kick's frames as one burst to the switch)
+    net_tx: str = "pool"
     net_mac: str | None = None
     peer_mac: str = "52:54:00:00:00:fe"
     net_rate: float = 200.0
@@ -90,6 +94,8 @@ class VmSpec:
             raise ValueError(f"a VM needs at least {MIN_MEMORY_MIB} MiB of memory")
         if not 1 <= self.blk_blocks <= MAX_BLOCKS:
             raise ValueError(f"blk_blocks must be in 1..{MAX_BLOCKS}")
+        if self.net_tx not in ("pool", "inline"):
+            raise ValueError(f"net_tx must be 'pool' or 'inline', not {self.net_tx!r}")
         if self.blk_dma not in ("buffered", "direct"):
             raise ValueError(f"blk_dma must be 'buffered' or 'direct', not {self.blk_dma!r}")
         if not self.dirty_rate_mbps >= 0:
