@@ -157,3 +157,26 @@ def main(test_one_input: Callable[[bytes], None]) -> None:
     atheris.instrument_all()
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
+
+
+def check_reported_writes(regions: Sequence[tuple[int, Any, Any]], written: bytes, nbytes: int) -> None:
+    """The invariant of the C fast paths' harnesses: ``written`` (little-endian u64 ``(addr, len)``
+    pairs) adds up to ``nbytes``, every pair lies inside one region, and no byte of a region
+    changed outside them -- a write the dirty trackers would not hear of.  ``regions``:
+    ``(gpa, bytes now, bytes before)`` per region, numpy uint8 arrays."""
+    import numpy as np
+
+    pairs = np.frombuffer(written, "<u8").reshape(-1, 2)
+    assert int(pairs[:, 1].sum()) == nbytes, (int(pairs[:, 1].sum()), nbytes)
+    covered = [np.zeros(len(now), bool) for _, now, _ in regions]
+    for addr, n in pairs.tolist():
+        for (gpa, now, _), cov in zip(regions, covered):
+            if gpa <= addr and addr + n <= gpa + len(now):
+                cov[addr - gpa : addr - gpa + n] = True
+                break
+        else:
+            raise AssertionError(f"a reported write ({addr:#x}, {n}) lies in no region")
+    for (_, now, before), cov in zip(regions, covered):
+        # numpy calls, not `!=` / `==`: atheris hooks comparison operators, and on large arrays
+        # its hook's memory grows with every input
+        assert not np.logical_and(np.not_equal(now, before), ~cov).any(), "a guest-memory write was not reported"

@@ -138,12 +138,7 @@ static int io_all(int fd, struct iovec *iov, int n, uint64_t offset, int write)
 }
 
 typedef struct {
-    /* queue */
-    uint32_t size;
-    uint64_t desc, avail, used;
-    uint16_t last_avail, used_idx;
-    int avail_cache; /* -1: unknown */
-    int event_idx, notifications, indirect_ok;
+    ring_t q;
     /* device */
     int fd;
     uint64_t capacity, blk_size, seg_max, size_max, max_transfer;
@@ -154,8 +149,7 @@ typedef struct {
     uint64_t counter;
     Py_ssize_t j_lbh, j_used, j_stride, j_inflight, j_next, j_counter;
     /* results */
-    uint64_t taken, reads, bytes_read, writes, bytes_written, ok, ioerr;
-    int used_event; /* -1: not read */
+    uint64_t reads, bytes_read, writes, bytes_written, ok, ioerr;
 } run_t;
 
 /* One request taken in phase 1, its I/O done in phase 2, completed in phase 3. */
@@ -331,40 +325,25 @@ static int add_units(batch_t *b, int *niov, int *nunits, int op, const struct io
 
 static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
 {
-    uint32_t size = t->size;
-    uint64_t ev = t->event_idx ? 2 : 0;
-    uint8_t *dt = host_of(m, t->desc, (uint64_t)DESC_SIZE * size);
-    uint8_t *av = host_of(m, t->avail, 4 + 2ull * size + ev);
-    uint8_t *us = host_of(m, t->used, 4 + 8ull * size + ev);
+    ring_t *q = &t->q;
+    uint32_t size = q->size;
     chain_t *c = &b->chain;
     struct iovec piece[MAX_SEGS];
     int nops = 0, niov = 0, nseg = 0, nunits = 0, stop;
     uint64_t bytes = 0;
-    if (dt == NULL || av == NULL || us == NULL)
+    if (ring_map(q, m) < 0)
         return STOP_SLOW;
     /* --- phase 1: take chains (walk, check, record) --- */
     for (;;) {
-        uint16_t last = t->last_avail;
-        if (t->taken == size || nops == MAX_BATCH) {
+        uint16_t head;
+        if (q->taken == size || nops == MAX_BATCH) {
             stop = STOP_MORE;
             break;
         }
-        if (t->avail_cache < 0 || (uint16_t)t->avail_cache == last) {
-            __atomic_thread_fence(__ATOMIC_SEQ_CST); /* after our avail_event write */
-            uint16_t idx = ld16_acquire(av + 2);
-            if ((uint16_t)(idx - last) > size) {
-                stop = STOP_SLOW; /* the Python path names it */
-                break;
-            }
-            t->avail_cache = idx;
-            if (idx == last) {
-                stop = STOP_EMPTY;
-                break;
-            }
-        }
-        uint16_t head = ld16(av + 4 + 2u * (last % size));
+        if ((stop = ring_peek(q, &head)) != RING_HEAD)
+            break;
         stop = STOP_SLOW;
-        if (head >= size || walk(m, dt, size, t->indirect_ok, head, c) < 0)
+        if (head >= size || walk(m, q->dt, size, q->indirect_ok, head, c) < 0)
             break;
         if (c->wlen < 1 || c->rlen < OUTHDR)
             break;
@@ -401,12 +380,7 @@ static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
             break;
         }
         /* taken: from here on the chain is ours */
-        t->last_avail = (uint16_t)(last + 1);
-        t->taken++;
-        if (t->event_idx && t->notifications) {
-            st16(us + 4 + 8u * size, t->last_avail);
-            note(lg, t->used + 4 + 8ull * size, 2);
-        }
+        ring_take(q, lg);
         if (t->jdesc) {
             uint8_t *jd = t->jdesc + (size_t)t->j_stride * head;
             uint64_t ctr = htole64(t->counter++);
@@ -454,24 +428,13 @@ static int serve(run_t *t, const mem_t *m, batch_t *b, log_t *lg)
             st16(jd + t->j_next, ld16(t->jhdr + t->j_lbh));
             st16(t->jhdr + t->j_lbh, o->head);
         }
-        uint16_t u = t->used_idx;
-        uint8_t *e = us + 4 + 8u * (u % size);
-        uint32_t id = htole32(o->head), ln = htole32((uint32_t)o->wlen);
-        memcpy(e, &id, 4);
-        memcpy(e + 4, &ln, 4);
-        note(lg, t->used + 4 + 8ull * (u % size), 8);
-        t->used_idx = (uint16_t)(u + 1);
-        st16_release(us + 2, t->used_idx);
-        note(lg, t->used + 2, 2);
+        ring_push(q, lg, o->head, (uint32_t)o->wlen);
         if (t->jdesc) {
             t->jdesc[(size_t)t->j_stride * o->head + t->j_inflight] = 0;
-            st16(t->jhdr + t->j_used, t->used_idx);
+            st16(t->jhdr + t->j_used, q->used_idx);
         }
     }
-    if (nops && t->event_idx) { /* the driver's used_event, read after the used idx it may answer */
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        t->used_event = ld16_acquire(av + 4 + 2u * size);
-    }
+    ring_done(q);
     return stop;
 }
 
@@ -509,30 +472,19 @@ PyDoc_STRVAR(run_doc,
 static PyObject *run(PyObject *Py_UNUSED(self), PyObject *args)
 {
     PyObject *regions, *journal;
+    PyObject *queue;
     run_t t;
     memset(&t, 0, sizeof t);
-    t.used_event = -1;
-    unsigned long long desc, avail, used, capacity, blk_size, seg_max, size_max, max_transfer, par_min;
-    unsigned int size, last_avail, used_idx;
-    int avail_cache;
-    if (!PyArg_ParseTuple(args, "O!(IKKKIiIppp)(iKKKKKppK)O", &PyTuple_Type, &regions, &size, &desc, &avail, &used,
-                          &last_avail, &avail_cache, &used_idx, &t.event_idx, &t.notifications, &t.indirect_ok, &t.fd,
-                          &capacity, &blk_size, &seg_max, &size_max, &max_transfer, &t.read_only, &t.flush, &par_min,
-                          &journal))
+    unsigned long long capacity, blk_size, seg_max, size_max, max_transfer, par_min;
+    if (!PyArg_ParseTuple(args, "O!O(iKKKKKppK)O", &PyTuple_Type, &regions, &queue, &t.fd, &capacity, &blk_size,
+                          &seg_max, &size_max, &max_transfer, &t.read_only, &t.flush, &par_min, &journal))
         return NULL;
-    if (size == 0 || size > 32768 || (size & (size - 1)) || last_avail > 0xFFFF || used_idx > 0xFFFF ||
-        avail_cache < -1 || avail_cache > 0xFFFF || blk_size < 512 || (blk_size & (blk_size - 1)) ||
-        max_transfer > U32_MAX_ || desc % 16 || avail % 2 || used % 4) {
-        PyErr_SetString(PyExc_ValueError, "blkfast.run: queue or device parameters out of range");
+    if (parse_ring("blkfast.run", queue, &t.q) < 0)
+        return NULL;
+    if (blk_size < 512 || (blk_size & (blk_size - 1)) || max_transfer > U32_MAX_) {
+        PyErr_SetString(PyExc_ValueError, "blkfast.run: device parameters out of range");
         return NULL;
     }
-    t.size = size;
-    t.desc = desc;
-    t.avail = avail;
-    t.used = used;
-    t.last_avail = (uint16_t)last_avail;
-    t.avail_cache = avail_cache;
-    t.used_idx = (uint16_t)used_idx;
     t.capacity = capacity;
     t.blk_size = blk_size;
     t.seg_max = seg_max;
@@ -560,7 +512,7 @@ static PyObject *run(PyObject *Py_UNUSED(self), PyObject *args)
         Py_buffer *h = &views[nviews - 2], *d = &views[nviews - 1];
         if (t.j_lbh < 0 || t.j_lbh + 2 > h->len || t.j_used < 0 || t.j_used + 2 > h->len || t.j_stride < 16 ||
             t.j_inflight < 0 || t.j_inflight >= t.j_stride || t.j_next < 0 || t.j_next + 2 > t.j_stride ||
-            t.j_counter < 0 || t.j_counter + 8 > t.j_stride || d->len < t.j_stride * (Py_ssize_t)size) {
+            t.j_counter < 0 || t.j_counter + 8 > t.j_stride || d->len < t.j_stride * (Py_ssize_t)t.q.size) {
             PyErr_SetString(PyExc_ValueError, "blkfast.run: the journal does not fit its layout and the queue size");
             goto fail;
         }
@@ -589,11 +541,11 @@ static PyObject *run(PyObject *Py_UNUSED(self), PyObject *args)
         written = Py_None;
         Py_INCREF(written);
     }
-    return Py_BuildValue("iKiiiKKKKKKKKNi", stop, (unsigned long long)t.taken, (int)t.last_avail, t.avail_cache,
-                         (int)t.used_idx, (unsigned long long)t.counter, (unsigned long long)t.reads,
+    return Py_BuildValue("iKiiiKKKKKKKKNi", stop, (unsigned long long)t.q.taken, (int)t.q.last_avail,
+                         t.q.avail_cache, (int)t.q.used_idx, (unsigned long long)t.counter, (unsigned long long)t.reads,
                          (unsigned long long)t.bytes_read, (unsigned long long)t.writes,
                          (unsigned long long)t.bytes_written, (unsigned long long)t.ok,
-                         (unsigned long long)t.ioerr, (unsigned long long)lg.bytes, written, t.used_event);
+                         (unsigned long long)t.ioerr, (unsigned long long)lg.bytes, written, t.q.used_event);
 fail:
     release_views(views, nviews);
     return NULL;

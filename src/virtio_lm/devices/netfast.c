@@ -43,15 +43,10 @@
 #define MAX_CHAINS 1024
 
 typedef struct {
-    uint32_t size;
-    uint64_t desc, avail, used;
-    uint16_t last_avail, used_idx;
-    int avail_cache; /* -1: unknown */
-    int event_idx, notifications, indirect_ok;
+    ring_t q;
     uint64_t max_frame, max_chains;
     /* results */
-    uint64_t taken, bytes;
-    int used_event; /* -1: not read */
+    uint64_t bytes;
     /* frames: their bytes back to back in buf, their lengths in lens */
     uint8_t *buf;
     size_t fill, cap;
@@ -76,36 +71,21 @@ static int room(tx_t *t, size_t n)
 
 static int serve(tx_t *t, const mem_t *m, chain_t *c, log_t *lg)
 {
-    uint32_t size = t->size;
-    uint64_t ev = t->event_idx ? 2 : 0;
-    uint8_t *dt = host_of(m, t->desc, (uint64_t)DESC_SIZE * size);
-    uint8_t *av = host_of(m, t->avail, 4 + 2ull * size + ev);
-    uint8_t *us = host_of(m, t->used, 4 + 8ull * size + ev);
+    ring_t *q = &t->q;
+    uint32_t size = q->size;
     int stop;
-    if (dt == NULL || av == NULL || us == NULL)
+    if (ring_map(q, m) < 0)
         return STOP_SLOW;
     for (;;) {
-        uint16_t last = t->last_avail;
-        if (t->taken == size || t->taken == t->max_chains) {
+        uint16_t head;
+        if (q->taken == size || q->taken == t->max_chains) {
             stop = STOP_MORE;
             break;
         }
-        if (t->avail_cache < 0 || (uint16_t)t->avail_cache == last) {
-            __atomic_thread_fence(__ATOMIC_SEQ_CST); /* after our avail_event write */
-            uint16_t idx = ld16_acquire(av + 2);
-            if ((uint16_t)(idx - last) > size) {
-                stop = STOP_SLOW; /* the Python path names it */
-                break;
-            }
-            t->avail_cache = idx;
-            if (idx == last) {
-                stop = STOP_EMPTY;
-                break;
-            }
-        }
-        uint16_t head = ld16(av + 4 + 2u * (last % size));
+        if ((stop = ring_peek(q, &head)) != RING_HEAD)
+            break;
         stop = STOP_SLOW;
-        if (head >= size || walk(m, dt, size, t->indirect_ok, head, c) < 0)
+        if (head >= size || walk(m, q->dt, size, q->indirect_ok, head, c) < 0)
             break;
         if (c->nw != 0 || c->rlen < NETHDR + ETH_HLEN_ || c->rlen - NETHDR > t->max_frame)
             break;
@@ -136,29 +116,13 @@ static int serve(tx_t *t, const mem_t *m, chain_t *c, log_t *lg)
             dst += s->len - from;
         }
         /* taken and sent: complete it */
-        t->lens[t->taken] = (uint32_t)n;
+        t->lens[q->taken] = (uint32_t)n;
         t->fill += n;
         t->bytes += n;
-        t->last_avail = (uint16_t)(last + 1);
-        t->taken++;
-        if (t->event_idx && t->notifications) {
-            st16(us + 4 + 8u * size, t->last_avail);
-            note(lg, t->used + 4 + 8ull * size, 2);
-        }
-        uint16_t u = t->used_idx;
-        uint8_t *e = us + 4 + 8u * (u % size);
-        uint32_t id = htole32(head), ln = 0;
-        memcpy(e, &id, 4);
-        memcpy(e + 4, &ln, 4);
-        note(lg, t->used + 4 + 8ull * (u % size), 8);
-        t->used_idx = (uint16_t)(u + 1);
-        st16_release(us + 2, t->used_idx);
-        note(lg, t->used + 2, 2);
+        ring_take(q, lg);
+        ring_push(q, lg, head, 0);
     }
-    if (t->taken && t->event_idx) { /* the driver's used_event, read after the used idx it may answer */
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        t->used_event = ld16_acquire(av + 4 + 2u * size);
-    }
+    ring_done(q);
     return stop;
 }
 
@@ -188,27 +152,16 @@ static PyObject *tx(PyObject *Py_UNUSED(self), PyObject *args)
         free(c);
         return PyErr_NoMemory();
     }
-    t->used_event = -1;
-    unsigned long long desc, avail, used, max_frame, max_chains;
-    unsigned int size, last_avail, used_idx;
-    int avail_cache;
-    if (!PyArg_ParseTuple(args, "O!(IKKKIiIppp)KK", &PyTuple_Type, &regions, &size, &desc, &avail, &used, &last_avail,
-                          &avail_cache, &used_idx, &t->event_idx, &t->notifications, &t->indirect_ok, &max_frame,
-                          &max_chains))
+    PyObject *queue;
+    unsigned long long max_frame, max_chains;
+    if (!PyArg_ParseTuple(args, "O!OKK", &PyTuple_Type, &regions, &queue, &max_frame, &max_chains))
         goto fail;
-    if (size == 0 || size > 32768 || (size & (size - 1)) || last_avail > 0xFFFF || used_idx > 0xFFFF ||
-        avail_cache < -1 || avail_cache > 0xFFFF || desc % 16 || avail % 2 || used % 4 || max_frame < ETH_HLEN_ ||
-        max_frame > 0xFFFF || max_chains < 1 || max_chains > MAX_CHAINS) {
-        PyErr_SetString(PyExc_ValueError, "netfast.tx: queue parameters out of range");
+    if (parse_ring("netfast.tx", queue, &t->q) < 0)
+        goto fail;
+    if (max_frame < ETH_HLEN_ || max_frame > 0xFFFF || max_chains < 1 || max_chains > MAX_CHAINS) {
+        PyErr_SetString(PyExc_ValueError, "netfast.tx: frame or chain limits out of range");
         goto fail;
     }
-    t->size = size;
-    t->desc = desc;
-    t->avail = avail;
-    t->used = used;
-    t->last_avail = (uint16_t)last_avail;
-    t->avail_cache = avail_cache;
-    t->used_idx = (uint16_t)used_idx;
     t->max_frame = max_frame;
     t->max_chains = max_chains;
     if (parse_regions("netfast.tx", regions, &m, views, &nviews) < 0)
@@ -227,9 +180,9 @@ static PyObject *tx(PyObject *Py_UNUSED(self), PyObject *args)
         written = Py_None;
         Py_INCREF(written);
     }
-    frames = PyList_New((Py_ssize_t)t->taken);
+    frames = PyList_New((Py_ssize_t)t->q.taken);
     size_t off = 0;
-    for (uint64_t i = 0; frames != NULL && i < t->taken; i++) {
+    for (uint64_t i = 0; frames != NULL && i < t->q.taken; i++) {
         PyObject *f = PyBytes_FromStringAndSize((const char *)t->buf + off, (Py_ssize_t)t->lens[i]);
         if (f == NULL)
             Py_CLEAR(frames);
@@ -242,8 +195,9 @@ static PyObject *tx(PyObject *Py_UNUSED(self), PyObject *args)
         frames = Py_None;
         Py_INCREF(frames);
     }
-    PyObject *res = Py_BuildValue("iKiiiNKNi", stop, (unsigned long long)t->taken, (int)t->last_avail, t->avail_cache,
-                                  (int)t->used_idx, frames, (unsigned long long)lg.bytes, written, t->used_event);
+    PyObject *res = Py_BuildValue("iKiiiNKNi", stop, (unsigned long long)t->q.taken, (int)t->q.last_avail,
+                                  t->q.avail_cache, (int)t->q.used_idx, frames, (unsigned long long)lg.bytes, written,
+                                  t->q.used_event);
     free(t->buf);
     free(t);
     free(c);

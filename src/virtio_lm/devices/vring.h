@@ -194,6 +194,114 @@ static int walk_(const mem_t *m, const uint8_t *dt, uint32_t qsize, int indirect
     }
 }
 
+/* One split virtqueue as a fast path takes it: the caller's indices in, the results out. */
+typedef struct {
+    uint32_t size;
+    uint64_t desc, avail, used;
+    uint16_t last_avail, used_idx;
+    int avail_cache; /* -1: unknown */
+    int event_idx, notifications, indirect_ok;
+    uint8_t *dt, *av, *us; /* the three parts in host memory (ring_map) */
+    uint64_t taken;        /* chains taken by this call */
+    int used_event;        /* the driver's, read after the last used idx written; -1: not read */
+} ring_t;
+
+#define RING_HEAD (-1) /* ring_peek: a chain is there */
+
+/* Parse ``(size, desc, avail, used, last_avail, avail_cache, used_idx, event_idx, notifications,
+ * indirect_ok)``: 0, or -1 with a Python error set (ValueError "... out of range" for values no
+ * queue has: a size not a power of two up to 32768, indices past u16, misaligned parts). */
+static int parse_ring(const char *who, PyObject *tuple, ring_t *q)
+{
+    unsigned long long desc, avail, used;
+    unsigned int size, last_avail, used_idx;
+    int avail_cache;
+    memset(q, 0, sizeof *q);
+    q->used_event = -1;
+    if (!PyTuple_Check(tuple)) {
+        PyErr_Format(PyExc_TypeError, "%s: the queue is a tuple", who);
+        return -1;
+    }
+    if (!PyArg_ParseTuple(tuple, "IKKKIiIppp;queue", &size, &desc, &avail, &used, &last_avail, &avail_cache,
+                          &used_idx, &q->event_idx, &q->notifications, &q->indirect_ok))
+        return -1;
+    if (size == 0 || size > 32768 || (size & (size - 1)) || last_avail > 0xFFFF || used_idx > 0xFFFF ||
+        avail_cache < -1 || avail_cache > 0xFFFF || desc % 16 || avail % 2 || used % 4) {
+        PyErr_Format(PyExc_ValueError, "%s: queue parameters out of range", who);
+        return -1;
+    }
+    q->size = size;
+    q->desc = desc;
+    q->avail = avail;
+    q->used = used;
+    q->last_avail = (uint16_t)last_avail;
+    q->avail_cache = avail_cache;
+    q->used_idx = (uint16_t)used_idx;
+    return 0;
+}
+
+/* Find the three parts in guest memory: 0, or -1 when one is not inside a region. */
+static int ring_map(ring_t *q, const mem_t *m)
+{
+    uint64_t ev = q->event_idx ? 2 : 0;
+    q->dt = host_of(m, q->desc, (uint64_t)DESC_SIZE * q->size);
+    q->av = host_of(m, q->avail, 4 + 2ull * q->size + ev);
+    q->us = host_of(m, q->used, 4 + 8ull * q->size + ev);
+    return q->dt != NULL && q->av != NULL && q->us != NULL ? 0 : -1;
+}
+
+/* The head of the next available chain, not taken (RING_HEAD, *head set); STOP_EMPTY when the
+ * ring is empty; STOP_SLOW when the avail idx is more than a queue ahead (the Python path names it). */
+static int ring_peek(ring_t *q, uint16_t *head)
+{
+    uint16_t last = q->last_avail;
+    if (q->avail_cache < 0 || (uint16_t)q->avail_cache == last) {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST); /* after our avail_event write */
+        uint16_t idx = ld16_acquire(q->av + 2);
+        if ((uint16_t)(idx - last) > q->size)
+            return STOP_SLOW;
+        q->avail_cache = idx;
+        if (idx == last)
+            return STOP_EMPTY;
+    }
+    *head = ld16(q->av + 4 + 2u * (last % q->size));
+    return RING_HEAD;
+}
+
+/* The chain ring_peek returned is taken: last_avail moves on (and avail_event with EVENT_IDX). */
+static void ring_take(ring_t *q, log_t *lg)
+{
+    q->last_avail = (uint16_t)(q->last_avail + 1);
+    q->taken++;
+    if (q->event_idx && q->notifications) {
+        st16(q->us + 4 + 8u * q->size, q->last_avail);
+        note(lg, q->used + 4 + 8ull * q->size, 2);
+    }
+}
+
+/* Return a chain: its used element, then the used idx (a release store). */
+static void ring_push(ring_t *q, log_t *lg, uint16_t head, uint32_t len)
+{
+    uint16_t u = q->used_idx;
+    uint8_t *e = q->us + 4 + 8u * (u % q->size);
+    uint32_t id = htole32(head), ln = htole32(len);
+    memcpy(e, &id, 4);
+    memcpy(e + 4, &ln, 4);
+    note(lg, q->used + 4 + 8ull * (u % q->size), 8);
+    q->used_idx = (uint16_t)(u + 1);
+    st16_release(q->us + 2, q->used_idx);
+    note(lg, q->used + 2, 2);
+}
+
+/* After the call's last push: with EVENT_IDX, the driver's used_event (a full barrier first). */
+static void ring_done(ring_t *q)
+{
+    if (q->taken && q->event_idx) {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        q->used_event = ld16_acquire(q->av + 4 + 2u * q->size);
+    }
+}
+
 /* Parse ``((gpa, writable buffer), ...)`` into m, holding a view of each buffer in views
  * (*nviews counts them, for release_views).  0, or -1 with a Python error set. */
 static int parse_regions(const char *who, PyObject *regions, mem_t *m, Py_buffer *views, int *nviews)
