@@ -73,7 +73,11 @@ class Peer:
     def finish(self) -> dict[str, Any]:
         """Stop the peer (it writes its report on SIGTERM) and read the report."""
         self.proc.stop()
-        return json.loads(self.report_path.read_text())
+        try:
+            return json.loads(self.report_path.read_text())
+        except FileNotFoundError:  # say how the peer ended (seen once in CI: no report, an empty log)
+            raise AssertionError(f"the peer wrote no report: exit status {self.proc.p.returncode} (-9: killed after "
+                                 f"not stopping within 15 s of SIGTERM); log: {self.proc.log_tail()!r}") from None
 
 
 @dataclass
