@@ -187,9 +187,7 @@ def peer(switch_: str, mac: str, vm_mac: str, rate: float, report_path: str, lif
     from virtio_lm.net.peer import NetPeer
     from virtio_lm.wire.net import parse_mac
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    signal.signal(signal.SIGINT, lambda *a: stop.set())
+    stop = _stop_on_signals()
     p = NetPeer(switch_address(switch_), parse_mac(mac), name="peer")
     dst = parse_mac(vm_mac)
     sent: list[tuple[int, float]] = []
@@ -427,13 +425,19 @@ def vhost_user_blk(socket_path: str, image: str, read_only: bool, queues: int, s
 
 
 def _stop_on_signals(then: Callable[[], None] | None = None) -> threading.Event:
-    """SIGTERM / SIGINT set the returned event (and call ``then``): how a serving command ends."""
+    """SIGTERM / SIGINT set the returned event (and call ``then``): how a serving command ends.
+    The handler does it on a new thread: a handler runs on the main thread between two bytecodes,
+    and one that set the event itself while the main thread was inside ``done.wait`` -- holding
+    the event's lock -- would wait for that lock forever (a peer hung so once in CI)."""
     done = threading.Event()
 
-    def stop(signum: int, frame: object) -> None:
+    def finish() -> None:
         done.set()
         if then is not None:
             then()
+
+    def stop(signum: int, frame: object) -> None:
+        threading.Thread(target=finish, name="signal", daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
