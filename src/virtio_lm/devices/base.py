@@ -283,6 +283,7 @@ class QueueDevice(VirtioDevice):
         self.kicks_while_quiesced = 0
         self.deferred = 0  # work that raised NotExecuted
         self.completed = 0
+        self.fast_served = 0  # chains a C fast path served (serve_in_c)
         self._permits = 0  # DMA permits held by DirectWork (see the module docstring)
         self._no_permits = False  # QUIESCE / FREEZE is waiting for the permits held to end
         self.direct_runs = 0  # DirectWork run with a permit
@@ -468,6 +469,38 @@ class QueueDevice(VirtioDevice):
         :data:`FAST_MORE` after a batch with more to come; ``None``: no fast path now.  Every
         chain served must end exactly as :meth:`_start` would end it."""
         return None
+
+    def serve_in_c(self, queue: int, call: Callable[[tuple, tuple, tuple | None], tuple[tuple | None, int]]
+                   ) -> tuple | None:
+        """What every C fast path of a :meth:`fast_batch` shares: ``call(regions, queue_state,
+        journal)`` runs the C over the queue's state (:meth:`Virtqueue.fast_state`) and guest
+        memory's regions (:meth:`MemoryPort.pinned`, held for the call) and returns ``(result, next
+        journal counter)``, ``result`` laid out ``(stop, taken, last_avail, avail_cache, used_idx,
+        ..., written_bytes, written, used_event)`` -- or ``(None, counter)``: not run.  Every
+        guest-memory write it reports is told to the port's writer (the dirty trackers), the
+        queue takes its indices back, and :attr:`fast_served` and :attr:`completed` count the
+        chains taken.  ``None``: not run (the queue takes no chain, the memory offers no regions,
+        or ``call`` declined)."""
+        fn = self.fn
+        vq = fn.queues[queue]
+        qs = vq.fast_state()
+        if qs is None:
+            return None
+        port = fn.port
+        with port.pinned() as regions:
+            if regions is None:
+                return None
+            r = vq.with_journal(lambda journal: call(regions, qs, journal))
+            if r is None:
+                return None
+            nbytes, written, used_event = r[-3:]
+            if nbytes:
+                port.tell_written(written, nbytes)
+        _, taken, last_avail, cache, used = r[:5]
+        vq.served(taken, last_avail, cache, used, used_event)
+        self.fast_served += taken
+        self.completed += taken
+        return r
 
     def _start(self, req: Request) -> None:
         key = (req.queue, req.head)

@@ -267,7 +267,6 @@ class BlkDevice(QueueDevice):
         #: 2026-12-04 (rotated A/B runs), threads from 256 KiB up made a guest's 1 MiB
         #: sequential dd 6-14 % slower than none (docs/decisions.md)
         self.fast_threads_min = 4 << 20
-        self.fast_served = 0  # chains the C fast path served
 
     # ================================================================== features / config
     def offered_features(self) -> int:
@@ -330,31 +329,20 @@ class BlkDevice(QueueDevice):
         fn = self.function
         if not (self.fast_path and self.direct_dma) or self.hold_after is not None or self.fd < 0 or fn is None:
             return None
-        vq = fn.queues[queue]
-        qs = vq.fast_state()
-        if qs is None:
-            return None
-        port = fn.port
         neg = fn.negotiated
         dev = (self.fd, self.capacity, self.blk_size, self.seg_max if neg & _SEG_MAX_BIT else 0,
                self.size_max if neg & _SIZE_MAX_BIT else 0, MAX_TRANSFER, self.read_only,
                bool(neg & _FLUSH_BIT), self.fast_threads_min)  # fmt: skip
-        with port.pinned() as regions:
-            if regions is None:
-                return None
 
-            def run(journal: tuple | None) -> tuple[tuple, int]:
-                r = blkfast.run(regions, qs, dev, journal)
-                return r, r[5]
+        def run(regions: tuple, qs: tuple, journal: tuple | None) -> tuple[tuple, int]:
+            r = blkfast.run(regions, qs, dev, journal)
+            return r, r[5]
 
-            (stop, taken, last_avail, cache, used, _, reads, bread, writes, bwritten, ok, ioerr, nbytes,
-             written, used_event) = vq.with_journal(run)  # fmt: skip
-            if nbytes:
-                port.tell_written(written, nbytes)
-        vq.served(taken, last_avail, cache, used, used_event)
+        r = self.serve_in_c(queue, run)
+        if r is None:
+            return None
+        stop, taken, *_, reads, bread, writes, bwritten, ok, ioerr = r[:12]
         if taken:
-            self.fast_served += taken
-            self.completed += taken
             with self._stats:
                 self.reads += reads
                 self.bytes_read += bread

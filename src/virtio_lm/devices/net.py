@@ -273,9 +273,8 @@ class NetDevice(QueueDevice):
         self.stats: collections.Counter[str] = collections.Counter()
         self.last_ctrl_error: str | None = None
         self._tx_abort = threading.Event()
-        #: serve transmits in C (:meth:`fast_batch`); ``fast_served`` counts the chains it took
+        #: serve transmits in C (:meth:`fast_batch`; ``fast_served`` counts the chains it took)
         self.fast_path = True
-        self.fast_served = 0
         self._announce_due = False
         self._flows: collections.OrderedDict[bytes, int] = collections.OrderedDict()
         self._reset_net_state()
@@ -411,36 +410,22 @@ class NetDevice(QueueDevice):
         notification's path and the memory offers its regions.  It takes only chains the Python
         path would send the same way (as :meth:`handle` does inline), leaving every other one to it."""
         backend = self.backend
-        fn = self.function
         max_frame = min(self.inline_max, MAX_TX_FRAME)
-        if (not self.fast_path or self.hold_after is not None or fn is None or backend is None
+        if (not self.fast_path or self.hold_after is not None or self.function is None or backend is None
                 or max_frame < ETH_HLEN or self.queue_kind(queue) != "tx"
                 or not backend.tx_unmetered(self._tx_abort)):  # fmt: skip
             return None
-        vq = fn.queues[queue]
-        qs = vq.fast_state()
-        if qs is None:
+
+        def run(regions: tuple, qs: tuple, journal: tuple | None) -> tuple[tuple | None, int]:
+            if journal is not None:  # a vhost-user inflight region: the Python path records it
+                return None, journal[2]
+            return netfast.tx(regions, qs, max_frame, FAST_TX_BATCH), 0
+
+        r = self.serve_in_c(queue, run)
+        if r is None:
             return None
-        port = fn.port
-        with port.pinned() as regions:
-            if regions is None:
-                return None
-
-            def run(journal: tuple | None) -> tuple[tuple | None, int]:
-                if journal is not None:  # a vhost-user inflight region: the Python path records it
-                    return None, journal[2]
-                return netfast.tx(regions, qs, max_frame, FAST_TX_BATCH), 0
-
-            r = vq.with_journal(run)
-            if r is None:
-                return None
-            stop, taken, last_avail, cache, used, frames, nbytes, written, used_event = r
-            if nbytes:
-                port.tell_written(written, nbytes)
-        vq.served(taken, last_avail, cache, used, used_event)
+        stop, taken, _, _, _, frames = r[:6]
         if taken:
-            self.fast_served += taken
-            self.completed += taken
             self._sent_burst(queue, frames, taken)
         return stop
 

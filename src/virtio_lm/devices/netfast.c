@@ -226,10 +226,7 @@ PyMODINIT_FUNC PyInit_netfast(void)
     PyObject *mod = PyModule_Create(&module);
     if (mod == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(mod, "STOP_EMPTY", STOP_EMPTY) < 0 ||
-        PyModule_AddIntConstant(mod, "STOP_SLOW", STOP_SLOW) < 0 ||
-        PyModule_AddIntConstant(mod, "STOP_MORE", STOP_MORE) < 0 ||
-        PyModule_AddIntConstant(mod, "MAX_CHAINS", MAX_CHAINS) < 0) {
+    if (add_constants(mod, "MAX_CHAINS", MAX_CHAINS) < 0) {
         Py_DECREF(mod);
         return NULL;
     }

@@ -336,4 +336,15 @@ static void release_views(Py_buffer *views, int n)
         PyBuffer_Release(&views[i]);
 }
 
+/* The stop codes as module constants, and one more (name, value): 0, or -1 with an error set. */
+static int add_constants(PyObject *mod, const char *name, long value)
+{
+    return PyModule_AddIntConstant(mod, "STOP_EMPTY", STOP_EMPTY) < 0 ||
+                   PyModule_AddIntConstant(mod, "STOP_SLOW", STOP_SLOW) < 0 ||
+                   PyModule_AddIntConstant(mod, "STOP_MORE", STOP_MORE) < 0 ||
+                   PyModule_AddIntConstant(mod, name, value) < 0
+               ? -1
+               : 0;
+}
+
 #endif

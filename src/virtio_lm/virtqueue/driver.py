@@ -559,9 +559,7 @@ class DriverQueue:
         if chain is None:
             raise DriverError(f"head {head} is not a standing chain waiting to be posted")
         self._standing_heads.discard(head)
-        self._free.extend(reversed(chain.descs))
-        if chain.table is not None and self.alloc is not None:
-            self.alloc.free(chain.table)
+        self._free_chain(chain)
 
     def take_used(self) -> list[tuple[object, int]]:
         """``(token, written length)`` of every used entry there now, in ring order: the run of
@@ -582,24 +580,17 @@ class DriverQueue:
             raw += self.port.read(self.used_addr + used_elem_offset(0), (ahead - first) * USED_ELEM_DTYPE.itemsize)
         elems = np.frombuffer(raw, dtype=USED_ELEM_DTYPE)
         out: list[tuple[object, int]] = []
-        inflight, standing, standing_heads = self._inflight, self._standing, self._standing_heads
+        inflight = self._inflight
         try:
             for head, length in zip(elems["id"].tolist(), elems["len"].tolist()):
                 entry = inflight.pop(head, None)
                 if entry is None:
                     raise UsedRingError(f"used entry {(last + len(out)) & U16} names head {head}, which is not in flight")
-                if head in standing_heads:
-                    standing[head] = entry
-                else:
-                    self._free.extend(reversed(entry.descs))
-                    if entry.table is not None and self.alloc is not None:
-                        self.alloc.free(entry.table)
+                self._returned(entry)
                 out.append((entry.token, length))
         finally:
             if out:
-                self.last_used_idx = (last + len(out)) & U16
-                if self.event_idx and self.interrupts:
-                    self.port.write(self.avail_addr + used_event_offset(self.size), u16(self.last_used_idx))
+                self._reaped_to((last + len(out)) & U16)
         return out
 
     def publish(self) -> None:
@@ -641,16 +632,29 @@ class DriverQueue:
         entry = self._inflight.pop(elem.id, None)
         if entry is None:
             raise UsedRingError(f"used entry {last} names head {elem.id}, which is not in flight")
-        if elem.id in self._standing_heads:
-            self._standing[elem.id] = entry
-        else:
-            self._free.extend(reversed(entry.descs))
-            if entry.table is not None and self.alloc is not None:
-                self.alloc.free(entry.table)
-        self.last_used_idx = (last + 1) & U16
-        if self.event_idx and self.interrupts:
-            self.port.write(self.avail_addr + used_event_offset(self.size), u16(self.last_used_idx))
+        self._returned(entry)
+        self._reaped_to((last + 1) & U16)
         return entry.token, elem.len
+
+    def _returned(self, chain: ChainState) -> None:
+        """A chain the device returned: a standing one stands again, another is freed."""
+        if chain.head in self._standing_heads:
+            self._standing[chain.head] = chain
+        else:
+            self._free_chain(chain)
+
+    def _free_chain(self, chain: ChainState) -> None:
+        """Its descriptors back on the free list, its indirect table (if any) back to the allocator."""
+        self._free.extend(reversed(chain.descs))
+        if chain.table is not None and self.alloc is not None:
+            self.alloc.free(chain.table)
+
+    def _reaped_to(self, last_used_idx: int) -> None:
+        """Entries up to ``last_used_idx`` are reaped; with EVENT_IDX and interrupts wanted, the
+        driver's used_event follows."""
+        self.last_used_idx = last_used_idx
+        if self.event_idx and self.interrupts:
+            self.port.write(self.avail_addr + used_event_offset(self.size), u16(last_used_idx))
 
     def get_all_used(self) -> list[tuple[object, int]]:
         out = []
